@@ -1,0 +1,5 @@
+import sys
+
+from avkernels.cli import main
+
+sys.exit(main())

@@ -1,0 +1,88 @@
+"""Swap ``nn.BatchNorm2d`` layers for ``TrackedBN`` and back, sharing parameters and buffers."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from avkernels.modules import TrackedBN
+
+_SHARED_STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+def _move_state(source: nn.BatchNorm2d, target: nn.BatchNorm2d) -> nn.BatchNorm2d:
+    """Give ``target`` the very Parameter and buffer objects of ``source`` (no copies)."""
+    for name in _SHARED_STATE:
+        value = getattr(source, name, None)
+        if name in source._parameters:
+            target._parameters[name] = value
+        elif name in source._buffers:
+            target._buffers[name] = value
+    target.train(source.training)
+    if hasattr(source, "qconfig"):
+        target.qconfig = source.qconfig
+    return target
+
+
+def convert(module: nn.Module, **kwargs) -> nn.Module:
+    """Replace every ``nn.BatchNorm2d`` in ``module`` by :class:`TrackedBN`; return the new root.
+
+    Like ``nn.SyncBatchNorm.convert_sync_batchnorm``: the new layers reuse the same Parameter
+    and buffer objects, so optimizers built before the conversion keep working. ``kwargs`` go
+    to ``TrackedBN`` (``activation``, ``track_dead``). Layers that already are TrackedBN are
+    kept as they are.
+    """
+    if isinstance(module, nn.BatchNorm2d) and not isinstance(module, TrackedBN):
+        reference = module.weight if module.affine else module.running_mean
+        tracked = TrackedBN(
+            module.num_features,
+            module.eps,
+            module.momentum,
+            module.affine,
+            module.track_running_stats,
+            device=None if reference is None else reference.device,
+            **kwargs,
+        )
+        return _move_state(module, tracked)
+    for name, child in module.named_children():
+        converted = convert(child, **kwargs)
+        if converted is not child:
+            module.add_module(name, converted)
+    return module
+
+
+def revert(module: nn.Module) -> nn.Module:
+    """Turn every :class:`TrackedBN` of ``module`` back into ``nn.BatchNorm2d``; return the root.
+
+    Raises ``ValueError`` for layers a plain BatchNorm2d cannot represent: a fused activation
+    or (for ABRi) a second BN, which ``avkernels.abri.fold`` merges instead.
+    """
+    if isinstance(module, TrackedBN):
+        if module.activation is not None:
+            raise ValueError(
+                f"cannot revert a TrackedBN with activation={module.activation!r}: "
+                "nn.BatchNorm2d has no fused activation; set layer.activation = None and add "
+                "an nn.ReLU after it first"
+            )
+        if module.affine and module.bias is None:
+            raise ValueError(
+                "cannot revert a TrackedBN built with bias=False: nn.BatchNorm2d always has a bias"
+            )
+        if module._abri_tensors()[2] is not None:
+            raise ValueError(
+                "cannot revert an ABRi layer to one nn.BatchNorm2d; use avkernels.abri.fold(model)"
+            )
+        reference = module.weight if module.affine else module.running_mean
+        plain = nn.BatchNorm2d(
+            module.num_features,
+            module.eps,
+            module.momentum,
+            module.affine,
+            module.track_running_stats,
+            device=None if reference is None else reference.device,
+        )
+        return _move_state(module, plain)
+    for name, child in module.named_children():
+        reverted = revert(child)
+        if reverted is not child:
+            module.add_module(name, reverted)
+    return module

@@ -1,0 +1,43 @@
+"""Build: ``pip install --no-build-isolation .`` in an environment that already has torch.
+
+The C++ CPU kernels in ``csrc/`` become the extension ``avkernels._C`` (ops registered with
+TORCH_LIBRARY); the Triton GPU kernels are plain Python and need no build step.
+"""
+
+import glob
+import os
+
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+extension = CppExtension(
+    "avkernels._C",
+    sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, "csrc", "*.cpp"))),
+    extra_compile_args={"cxx": ["-O3", "-fopenmp", "-std=c++17"]},
+    extra_link_args=["-fopenmp"],
+    py_limited_api=False,
+)
+
+setup(
+    name="avkernels",
+    version="0.1.0",
+    description="Fused kernels for audio-visual learning with pre-trained encoders: "
+    "dead-channel tracking BatchNorm, ABRi and Fusion Tuning",
+    long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
+    if os.path.exists(os.path.join(HERE, "README.md"))
+    else "",
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["avkernels", "avkernels.*"]),
+    ext_modules=[extension],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    python_requires=">=3.10",
+    install_requires=["torch>=2.4", "numpy", "tqdm"],
+    extras_require={
+        "av": ["torchaudio", "torchvision", "soundfile", "matplotlib"],
+        "test": ["pytest", "pytest-benchmark", "torchvision", "matplotlib", "expecttest"],
+    },
+    entry_points={"console_scripts": ["avkernels = avkernels.cli:main"]},
+    license="MIT",
+)
