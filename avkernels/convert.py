@@ -7,6 +7,8 @@ from torch import nn
 from avkernels.modules import TrackedBN
 
 _SHARED_STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+# TrackedBN options convert() may set; the BatchNorm2d settings come from each converted layer.
+CONVERT_OPTIONS = {"activation", "track_dead"}
 
 
 def _move_state(source: nn.BatchNorm2d, target: nn.BatchNorm2d) -> nn.BatchNorm2d:
@@ -31,6 +33,12 @@ def convert(module: nn.Module, **kwargs) -> nn.Module:
     to ``TrackedBN`` (``activation``, ``track_dead``). Layers that already are TrackedBN are
     kept as they are.
     """
+    unknown = set(kwargs) - CONVERT_OPTIONS
+    if unknown:
+        raise TypeError(
+            f"convert() got unexpected options {sorted(unknown)}; it takes "
+            f"{sorted(CONVERT_OPTIONS)} (the other BatchNorm2d settings come from each layer)"
+        )
     if isinstance(module, nn.BatchNorm2d) and not isinstance(module, TrackedBN):
         reference = module.weight if module.affine else module.running_mean
         tracked = TrackedBN(

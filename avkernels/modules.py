@@ -10,6 +10,16 @@ from torch import Tensor, nn
 from avkernels.ops.batch_norm import TrackedBNFunction
 
 ACTIVATIONS = (None, "relu")
+ABRI_GRANULARITIES = ("layer", "channel")
+# ABRi's added BN and blend weight: registered (persistent) only while ABRi is on.
+ABRI_STATE = (
+    "abri_weight",
+    "abri_bias",
+    "abri_alpha",
+    "abri_running_mean",
+    "abri_running_var",
+    "abri_num_batches_tracked",
+)
 
 
 class TrackedBN(nn.BatchNorm2d):
@@ -27,6 +37,10 @@ class TrackedBN(nn.BatchNorm2d):
             :meth:`reset_dead_stats`. The counters are non-persistent int64 buffers
             (``dead_count``, ``dead_sample_count``, ``seen`` = [elements per channel, samples]).
 
+    ABRi (Adaptive BatchNorm Re-initialization): :meth:`enable_abri` adds a freshly initialised
+    BN next to this one and blends the two, ``y = a * BN_orig(x) + (1 - a) * BN_new(x)``, at the
+    cost of one BN (same kernels; the fused ReLU and the dead counters see the blended output).
+
     Shape: input (N, C, H, W), output the same shape, dtype and memory format (channels_last
     stays channels_last without a copy).
     """
@@ -38,18 +52,17 @@ class TrackedBN(nn.BatchNorm2d):
         momentum: Optional[float] = 0.1,
         affine: bool = True,
         track_running_stats: bool = True,
+        device=None,
+        dtype=None,
         *,
         bias: bool = True,
         activation: Optional[str] = None,
         track_dead: bool = True,
-        device=None,
-        dtype=None,
     ) -> None:
         if activation not in ACTIVATIONS:
             raise ValueError(
                 f"TrackedBN: activation must be one of {ACTIVATIONS}, got {activation!r}"
             )
-        self._has_bias = bias
         super().__init__(
             num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
         )
@@ -57,6 +70,8 @@ class TrackedBN(nn.BatchNorm2d):
             self.register_parameter("bias", None)
         self.activation = activation
         self.track_dead = track_dead
+        self.abri_granularity: Optional[str] = None
+        self.abri_alpha_init: Optional[float] = None
         counter = {"dtype": torch.long, "device": device}
         self.register_buffer("dead_count", torch.zeros(num_features, **counter), persistent=False)
         self.register_buffer(
@@ -77,7 +92,91 @@ class TrackedBN(nn.BatchNorm2d):
             extra += ", bias=False"
         if self.activation is not None:
             extra += f", activation={self.activation!r}"
+        if self.abri_enabled:
+            extra += f", abri={self.abri_granularity!r}"
         return extra + f", track_dead={self.track_dead}"
+
+    # -- ABRi -------------------------------------------------------------------------------
+
+    @property
+    def abri_enabled(self) -> bool:
+        return self.abri_granularity is not None
+
+    def enable_abri(self, alpha: float = 0.5, granularity: str = "layer") -> "TrackedBN":
+        """Turn this layer into an ABRi layer; return ``self``.
+
+        The existing ``weight``/``bias``/running statistics stay the original (pre-trained) BN.
+        The added BN gets parameters ``abri_weight`` (ones) and ``abri_bias`` (zeros, absent when
+        the layer has no bias), buffers ``abri_running_mean`` (zeros), ``abri_running_var`` (ones)
+        and ``abri_num_batches_tracked`` (absent without running statistics). The blend weight
+        ``abri_alpha`` is a learnable, unconstrained parameter filled with ``alpha``, of shape (1,)
+        for ``granularity="layer"`` or (C,) for ``"channel"``. The new tensors are persistent
+        state; a plain-BN state dict loaded later re-initialises them as here. Build the optimizer
+        after this call: it must see the new parameters.
+        """
+        if granularity not in ABRI_GRANULARITIES:
+            raise ValueError(
+                f"TrackedBN.enable_abri: granularity must be one of {ABRI_GRANULARITIES}, "
+                f"got {granularity!r}"
+            )
+        if not self.affine:
+            raise ValueError(
+                "TrackedBN.enable_abri: ABRi blends two affine BNs; this layer was built with "
+                "affine=False"
+            )
+        if self.abri_enabled:
+            raise RuntimeError("TrackedBN.enable_abri: ABRi is already enabled on this layer")
+        channels = self.num_features
+        factory = {"device": self.weight.device, "dtype": self.weight.dtype}
+        self.abri_weight = nn.Parameter(torch.empty(channels, **factory))
+        bias = None if self.bias is None else nn.Parameter(torch.empty(channels, **factory))
+        self.register_parameter("abri_bias", bias)
+        alpha_shape = 1 if granularity == "layer" else channels
+        self.abri_alpha = nn.Parameter(torch.empty(alpha_shape, **factory))
+        for name, like in (
+            ("abri_running_mean", self.running_mean),
+            ("abri_running_var", self.running_var),
+            ("abri_num_batches_tracked", self.num_batches_tracked),
+        ):
+            self.register_buffer(name, None if like is None else torch.empty_like(like))
+        self.abri_granularity = granularity
+        self.abri_alpha_init = float(alpha)
+        self.reset_abri_parameters()
+        return self
+
+    @torch.no_grad()
+    def reset_abri_parameters(self) -> None:
+        """Re-initialise ABRi's added BN (1, 0, running 0/1) and fill ``abri_alpha`` with its
+        initial value."""
+        self.abri_weight.fill_(1)
+        self.abri_alpha.fill_(self.abri_alpha_init)
+        for name, value in (
+            ("abri_bias", 0),
+            ("abri_running_mean", 0),
+            ("abri_running_var", 1),
+            ("abri_num_batches_tracked", 0),
+        ):
+            tensor = getattr(self, name)
+            if tensor is not None:
+                tensor.fill_(value)
+
+    def _abri_state_names(self) -> list[str]:
+        """Names of the ABRi tensors this layer holds (empty while ABRi is off)."""
+        if not self.abri_enabled:
+            return []
+        return [name for name in ABRI_STATE if getattr(self, name) is not None]
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        abri_keys = [prefix + name for name in self._abri_state_names()]
+        if abri_keys and not any(key in state_dict for key in abri_keys):
+            # A plain-BN checkpoint: it is the original BN; the added one starts fresh.
+            missing_keys[:] = [key for key in missing_keys if key not in abri_keys]
+            self.reset_abri_parameters()
 
     # -- dead-channel statistics ------------------------------------------------------------
 
@@ -101,18 +200,30 @@ class TrackedBN(nn.BatchNorm2d):
     # -- forward ----------------------------------------------------------------------------
 
     def _abri_tensors(self) -> tuple[Optional[Tensor], ...]:
-        """(abri_weight, abri_bias, abri_alpha, abri_running_mean, abri_running_var)."""
-        return (None,) * 5
+        """(abri_weight, abri_bias, abri_alpha, abri_running_mean, abri_running_var), all None
+        while ABRi is off."""
+        if not self.abri_enabled:
+            return (None,) * 5
+        return (
+            self.abri_weight,
+            self.abri_bias,
+            self.abri_alpha,
+            self.abri_running_mean,
+            self.abri_running_var,
+        )
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
         self._check_input(input)
         # Momentum and running-statistics rules exactly as nn.BatchNorm2d.forward.
         factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+        counting = (
+            self.training and self.track_running_stats and self.num_batches_tracked is not None
+        )
+        if counting:
             self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                factor = 1.0 / float(self.num_batches_tracked)
+            if self.abri_enabled:
+                self.abri_num_batches_tracked.add_(1)
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         if use_batch_stats:
             size = input.shape
@@ -122,24 +233,49 @@ class TrackedBN(nn.BatchNorm2d):
                 )
         keep_running = not self.training or self.track_running_stats
         abri_weight, abri_bias, abri_alpha, abri_mean, abri_var = self._abri_tensors()
+        running = [self.running_mean, self.running_var, abri_mean, abri_var]
+        if not keep_running:
+            running = [None] * 4
+        cumulative = counting and self.momentum is None
+        if cumulative:
+            # Cumulative averages over each BN's own batch count, as nn.BatchNorm2d keeps them:
+            # the kernel writes this batch's statistics (momentum 1 on zeros), averaged below with
+            # tensor arithmetic (1 / num_batches_tracked as a Python float is a data-dependent
+            # scalar that torch.compile(fullgraph=True) cannot pass to the op).
+            batch_stats = [torch.zeros_like(self.running_mean), torch.zeros_like(self.running_var)]
+            running, factor = batch_stats + [None, None], 1.0
         dead = (self.dead_count, self.dead_sample_count, self.seen) if self.track_dead else (None,) * 3
-        return TrackedBNFunction.apply(
+        output = TrackedBNFunction.apply(
             input,
             self.weight,
             self.bias,
             abri_weight,
             abri_bias,
             abri_alpha,
-            self.running_mean if keep_running else None,
-            self.running_var if keep_running else None,
-            abri_mean if keep_running else None,
-            abri_var if keep_running else None,
+            *running,
             *dead,
             use_batch_stats,
             factor,
             self.eps,
             self.activation == "relu",
         )
+        if cumulative:
+            self._average_running_stats(*batch_stats)
+        return output
+
+    @torch.no_grad()
+    def _average_running_stats(self, batch_mean: Tensor, batch_var: Tensor) -> None:
+        """Fold one batch's statistics into the running set(s) with weight 1 / batch count
+        (momentum=None)."""
+        running_sets = [(self.running_mean, self.running_var, self.num_batches_tracked)]
+        if self.abri_enabled:
+            running_sets.append(
+                (self.abri_running_mean, self.abri_running_var, self.abri_num_batches_tracked)
+            )
+        for mean, var, count in running_sets:
+            weight = count.reciprocal().to(mean.dtype)
+            mean.lerp_(batch_mean, weight)
+            var.lerp_(batch_var, weight)
 
     def _check_input(self, input: Tensor) -> None:
         if not input.is_floating_point():

@@ -246,7 +246,9 @@ def _batch_norm_fwd_fake(x, weight, bias, abri_weight, abri_bias, abri_alpha, ru
 def _batch_norm_bwd_fake(grad_y, x, weight, bias, abri_weight, abri_bias, abri_alpha, mean, invstd,
                          use_batch_stats, relu):
     grad_x = torch.empty_like(x, memory_format=output_memory_format(x))
-    params = (weight, bias, abri_weight, abri_bias, abri_alpha)
+    # The added BN's parameters only count in ABRi mode (abri_alpha given), as in the reference.
+    abri = abri_alpha is not None
+    params = (weight, bias, abri_weight if abri else None, abri_bias if abri else None, abri_alpha)
     return (grad_x, *(mean.new_empty(0) if p is None else torch.empty_like(p) for p in params))
 
 

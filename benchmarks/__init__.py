@@ -1,0 +1,1 @@
+"""avkernels benchmarks (pytest-benchmark): run with `pytest benchmarks/ --benchmark-only`."""

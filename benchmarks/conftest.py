@@ -1,0 +1,235 @@
+"""pytest glue for the avkernels benchmarks: one test per (case, implementation), ratio report.
+
+A test marked ``@pytest.mark.bench_cases(factory=f)`` (``f(quick: bool) -> list[Case]``,
+see ``benchmarks/harness.py``) is parametrised over every (case, implementation) pair and calls
+the ``compare`` fixture, which
+
+1. checks the implementation's result against the case's reference (a benchmark that checks
+   nothing would time a wrong answer as happily as a right one),
+2. warms it up outside the timed region (``torch.compile`` compiles here),
+3. times it with pytest-benchmark, grouped by case (CUDA: synchronised at the end of every round),
+4. records the per-call timing for the ratio report.
+
+At the end of the session each benchmark module's comparisons are printed as a ratio table
+(candidate / baseline, medians from this run) and saved as ``<module>_<device>.json/.md/.png``
+under ``benchmarks/results/``. Targets are reported as met or **MISSED**; they never fail the run.
+
+Options: ``--bench-quick`` (small smoke-test shapes; nothing saved unless ``--bench-results-dir``
+is given), ``--bench-results-dir DIR``, ``--bench-no-save``, ``--bench-tag TAG`` (file-name
+device part), ``--bench-threads N`` (CPU threads). pytest-benchmark's own options
+(``--benchmark-min-rounds``, ``--benchmark-max-time``, ``--benchmark-disable`` to run every check
+once without timing, ...) apply as usual.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import statistics
+from pathlib import Path
+from typing import Optional
+
+import pytest
+import torch
+import torch._dynamo
+import torch._functorch.config
+import torch._inductor.config
+
+from benchmarks import report
+from benchmarks.harness import Case
+
+RESULTS_DIR = Path(__file__).parent / "results"
+COPY_BYTES = 256 * 2**20  # well beyond any GPU's L2, so the copy streams from HBM
+COPY_REPEATS = 20
+
+
+class _BenchSession:
+    """Everything the ratio report needs, filled in as the benchmarks run."""
+
+    def __init__(self) -> None:
+        self.load_at_start = os.getloadavg()
+        self.cases: dict[str, dict[str, Case]] = {}  # module stem -> case id -> case, run order
+        self.timings: dict[str, dict[tuple[str, str], report.Timing]] = {}
+        self.copy_bandwidth: dict[str, float] = {}  # CUDA device -> bytes/s (read + written)
+
+    def record(self, suite: str, case: Case, implementation: str, timing: report.Timing) -> None:
+        self.cases.setdefault(suite, {}).setdefault(case.id, case)
+        self.timings.setdefault(suite, {})[case.id, implementation] = timing
+
+    def device_copy_bandwidth(self, device: torch.device) -> float:
+        """Bytes per second (read + written) of a large device-to-device copy, measured once."""
+        key = str(device)
+        if key not in self.copy_bandwidth:
+            self.copy_bandwidth[key] = _measure_copy_bandwidth(device)
+        return self.copy_bandwidth[key]
+
+
+_SESSION = pytest.StashKey[_BenchSession]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("avkernels benchmarks")
+    group.addoption("--bench-quick", action="store_true",
+                    help="small smoke-test shapes; results are not saved unless "
+                         "--bench-results-dir is given")
+    group.addoption("--bench-results-dir", default=None,
+                    help=f"where to write the ratio files (default {RESULTS_DIR})")
+    group.addoption("--bench-no-save", action="store_true",
+                    help="print the ratio table only, write no files")
+    group.addoption("--bench-tag", default=None,
+                    help="device part of the result file names (default: 'cpu' or the GPU name)")
+    group.addoption("--bench-threads", type=int, default=None,
+                    help="torch.set_num_threads for the run (default: torch's own choice)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "bench_cases(factory): parametrise a benchmark over "
+                                       "every (case, implementation) of factory(quick)")
+    config.stash[_SESSION] = _BenchSession()
+    config.addinivalue_line(  # raised inside Inductor's compile, not by the code measured
+        "filterwarnings", "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+    if config.getoption("bench_threads"):
+        torch.set_num_threads(config.getoption("bench_threads"))
+    # One function (e.g. BN -> ReLU) is compiled for many static shapes: past Dynamo's default
+    # limit of 8 it would silently run eagerly and be timed as "compiled". Raise the limit and
+    # make hitting it an error.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 1024)
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+    # Inductor's graph caches do not key on the thread count: a kernel compiled in an earlier
+    # 2-thread run keeps `omp parallel num_threads(2)` under --bench-threads=1 (measured here:
+    # 20-40 ms instead of 0.08 ms on a loaded machine). Recompile instead; the C++ code cache
+    # keys on the generated source, thread count included, so that stays.
+    torch._inductor.config.fx_graph_cache = False
+    torch._functorch.config.enable_autograd_cache = False
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    marker = metafunc.definition.get_closest_marker("bench_cases")
+    if marker is None:
+        return
+    names = ("case", "implementation")
+    if _skipped(metafunc):  # one skipped placeholder instead of one skip line per case
+        metafunc.parametrize(names, [pytest.param(None, None, id="skipped")])
+        return
+    cases = marker.kwargs["factory"](metafunc.config.getoption("bench_quick"))
+    metafunc.parametrize(names, [
+        pytest.param(case, key, id=f"{case.id}-{key}")
+        for case in cases for key in case.implementations
+    ])
+
+
+def _skipped(metafunc: pytest.Metafunc) -> bool:
+    return any(mark.args and mark.args[0] is True
+               for mark in metafunc.definition.iter_markers("skipif"))
+
+
+@pytest.fixture
+def compare(benchmark, request):
+    """``compare(case, implementation)``: check, warm up, time and record one implementation."""
+    session = request.config.stash[_SESSION]
+    suite = _suite_name(request.node.path)
+
+    def run(case: Case, implementation: str) -> None:
+        step = _checked_step(case, implementation)
+        calls = case.calls_per_round
+
+        def timed_round() -> None:
+            for _ in range(calls):
+                step()
+            _synchronize(case.device)
+
+        if benchmark.enabled:
+            for _ in range(case.warmup_calls):
+                step()
+            _synchronize(case.device)
+        benchmark.group = case.title
+        benchmark.extra_info.update(
+            implementation=case.implementations[implementation].label, calls_per_round=calls)
+        benchmark(timed_round)
+        if benchmark.stats is None:  # --benchmark-disable: checked and run once, not timed
+            return
+        roofline_seconds = None
+        if case.roofline_bytes is not None and case.device.type == "cuda":
+            roofline_seconds = case.roofline_bytes / session.device_copy_bandwidth(case.device)
+        timing = report.Timing.from_stats(benchmark.stats.stats, calls, roofline_seconds)
+        session.record(suite, case, implementation, timing)
+
+    return run
+
+
+def _checked_step(case: Case, implementation: str):
+    """Build the implementation's step and check its first result against the reference."""
+    expected = case.reference()()
+    step = case.implementations[implementation].build()
+    actual = step()
+    _synchronize(case.device)
+    try:
+        case.check(actual, expected)
+    except AssertionError as error:
+        label = case.implementations[implementation].label
+        raise AssertionError(f"{label} on {case.title} does not match the reference: {error}") \
+            from None
+    return step
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _measure_copy_bandwidth(device: torch.device) -> float:
+    source = torch.empty(COPY_BYTES, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    for _ in range(3):
+        target.copy_(source)
+    seconds = []
+    for _ in range(COPY_REPEATS):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        target.copy_(source)
+        end.record()
+        end.synchronize()
+        seconds.append(start.elapsed_time(end) / 1e3)
+    return 2 * COPY_BYTES / statistics.median(seconds)
+
+
+def _suite_name(path: Path) -> str:
+    """``test_bench_batch_norm.py`` -> ``batch_norm``."""
+    return re.sub(r"^test_(bench_)?", "", path.stem)
+
+
+def _results_dir(config: pytest.Config) -> Optional[Path]:
+    if config.getoption("bench_no_save"):
+        return None
+    explicit = config.getoption("bench_results_dir")
+    if explicit:
+        return Path(explicit)
+    return None if config.getoption("bench_quick") else RESULTS_DIR
+
+
+def _device_tag(config: pytest.Config) -> str:
+    tag = config.getoption("bench_tag")
+    if tag:
+        return tag
+    if not torch.cuda.is_available():
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
+    session = config.stash.get(_SESSION, None)
+    if session is None or not session.timings:
+        return
+    env = report.environment(config, session.load_at_start, session.copy_bandwidth)
+    directory = _results_dir(config)
+    for suite, cases in session.cases.items():
+        timings = session.timings[suite]
+        rows = report.comparison_rows(cases.values(), timings)
+        terminalreporter.write_sep("=", f"ratios: {suite} (candidate / baseline, this run)")
+        for warning in report.load_warnings(env):
+            terminalreporter.write_line(f"Warning: {warning}", yellow=True)
+        terminalreporter.write_line(report.markdown(rows))
+        if directory is not None:
+            written = report.write(directory, f"{suite}_{_device_tag(config)}", suite, env, rows,
+                                   report.timing_rows(cases.values(), timings))
+            terminalreporter.write_line("written: " + ", ".join(map(str, written)))

@@ -1,0 +1,612 @@
+// Batch-norm CPU kernels, written once and compiled once per instruction set: batch_norm.cpp
+// includes this file several times, each time inside its own namespace and under its own
+// `#pragma GCC target`, then picks one build at run time. Hence no include guard and no
+// #include here: everything it uses (batch_norm_layout.h, <utility>, <vector>, c10 types) is
+// included before.
+//
+// Vectors are GCC/Clang vector extensions of a fixed 64 bytes (16 float32 or 8 float64 lanes);
+// the compiler lowers them to one AVX-512, two AVX2 or four SSE registers. Because the lane
+// count and the order of every operation are fixed in the source, all builds give bitwise
+// identical results. Build with -ffp-contract=off: x * scale + shift must round like PyTorch's
+// separate multiply and add so the ReLU mask and the dead counts match the reference exactly.
+
+#define AVK_INLINE inline __attribute__((always_inline))
+
+template <typename acc_t>
+struct Lanes;
+// Vec: the vector; Mask: what comparing two Vec gives; Count: the per-lane counter type (a run
+// never covers 2^31 values); Unaligned*: the same vectors at any element-aligned address,
+// used for loads and stores (they alias only their element type, so accumulators stay in
+// registers).
+template <>
+struct Lanes<float> {
+  typedef float Vec __attribute__((vector_size(64)));
+  typedef float UnalignedVec __attribute__((vector_size(64), aligned(4)));
+  typedef int32_t Mask __attribute__((vector_size(64)));
+  typedef int32_t UnalignedMask __attribute__((vector_size(64), aligned(4)));
+  typedef int32_t Count;
+};
+template <>
+struct Lanes<double> {
+  typedef double Vec __attribute__((vector_size(64)));
+  typedef double UnalignedVec __attribute__((vector_size(64), aligned(8)));
+  typedef int64_t Mask __attribute__((vector_size(64)));
+  typedef int64_t UnalignedMask __attribute__((vector_size(64), aligned(8)));
+  typedef int64_t Count;
+};
+template <typename acc_t>
+using Vec = typename Lanes<acc_t>::Vec;
+template <typename acc_t>
+using Count = typename Lanes<acc_t>::Count;
+template <typename acc_t>
+constexpr int64_t kLanes = 64 / sizeof(acc_t);
+
+// --- stepping through a contiguous range ----------------------------------------------------
+// for_each_step(n, body) calls body(i, step) over [0, n): whole vectors first (two per
+// iteration, alternating accumulator slots 0 and 1 to hide addition latency), then scalars.
+
+struct ScalarStep {
+  static constexpr bool vector = false;
+  static constexpr int slot = 0;
+};
+template <int k>
+struct VectorStep {
+  static constexpr bool vector = true;
+  static constexpr int slot = k;
+};
+
+template <typename Step, typename acc_t>
+using Value = std::conditional_t<Step::vector, Vec<acc_t>, acc_t>;
+
+template <typename acc_t, typename Body>
+AVK_INLINE void for_each_step(int64_t n, Body&& body) {
+  constexpr int64_t L = kLanes<acc_t>;
+  int64_t i = 0;
+  for (; i + 2 * L <= n; i += 2 * L) {
+    body(i, VectorStep<0>{});
+    body(i + L, VectorStep<1>{});
+  }
+  if (i + L <= n) {
+    body(i, VectorStep<0>{});
+    i += L;
+  }
+  for (; i < n; ++i) body(i, ScalarStep{});
+}
+
+template <typename Step, typename T>
+AVK_INLINE Value<Step, T> load(Step, const T* p) {
+  if constexpr (Step::vector) {
+    return *reinterpret_cast<const typename Lanes<T>::UnalignedVec*>(p);
+  } else {
+    return *p;
+  }
+}
+
+template <typename Step, typename T>
+AVK_INLINE void store(Step, T* p, Value<Step, T> v) {
+  if constexpr (Step::vector) {
+    *reinterpret_cast<typename Lanes<T>::UnalignedVec*>(p) = v;
+  } else {
+    *p = v;
+  }
+}
+
+// Works for scalars and vectors alike; NaN stays NaN, as with torch.clamp_min.
+template <typename T>
+AVK_INLINE T relu(T z) {
+  return z < T{} ? T{} : z;
+}
+
+// dy where the pre-activation z is positive, else 0 (the fused ReLU's backward).
+template <typename T>
+AVK_INLINE T mask_by_relu(T z, T dy) {
+  return z > T{} ? dy : T{};
+}
+
+// Sum of a vector's lanes by halving (lanes [0, n/2) + [n/2, n), and again): a fixed order
+// that takes log2(lanes) vector additions rather than a chain of scalar ones. I indexes the
+// lower half of v.
+template <typename T, typename V, std::size_t... I>
+AVK_INLINE T fold_lanes(V v, std::index_sequence<I...>) {
+  constexpr std::size_t half = sizeof...(I);
+  if constexpr (half == 0) {
+    return v[0];
+  } else {
+    typedef T Half __attribute__((vector_size(sizeof(T) * half)));
+    const Half sum = Half{v[I]...} + Half{v[I + half]...};
+    return fold_lanes<T>(sum, std::make_index_sequence<half / 2>{});
+  }
+}
+
+template <typename T, typename V>
+AVK_INLINE T horizontal_sum(V v) {
+  return fold_lanes<T>(v, std::make_index_sequence<sizeof(V) / sizeof(T) / 2>{});
+}
+
+// A running sum over for_each_step: two vector accumulators and a scalar one, combined in a
+// fixed order.
+template <typename acc_t>
+struct Sum {
+  Vec<acc_t> lanes[2] = {};
+  acc_t tail = 0;
+
+  template <typename Step>
+  AVK_INLINE void add(Step, Value<Step, acc_t> v) {
+    if constexpr (Step::vector) {
+      lanes[Step::slot] += v;
+    } else {
+      tail += v;
+    }
+  }
+  AVK_INLINE acc_t total() const { return horizontal_sum<acc_t>(lanes[0] + lanes[1]) + tail; }
+};
+
+// Counting values <= 0 (NaN is not counted, as `z <= 0` in PyTorch): per-lane counters of
+// type CountValue, a true vector comparison being -1.
+template <typename Step, typename acc_t>
+using CountValue = std::conditional_t<Step::vector, typename Lanes<acc_t>::Mask, Count<acc_t>>;
+
+template <typename Step, typename acc_t>
+AVK_INLINE void add_if_non_positive(Step, CountValue<Step, acc_t>& count, Value<Step, acc_t> z) {
+  if constexpr (Step::vector) {
+    count -= (z <= Vec<acc_t>{});
+  } else {
+    count += z <= 0;
+  }
+}
+
+template <typename Step, typename acc_t>
+AVK_INLINE CountValue<Step, acc_t> load_count(Step, const Count<acc_t>* p) {
+  if constexpr (Step::vector) {
+    return *reinterpret_cast<const typename Lanes<acc_t>::UnalignedMask*>(p);
+  } else {
+    return *p;
+  }
+}
+
+template <typename Step, typename acc_t>
+AVK_INLINE void store_count(Step, Count<acc_t>* p, CountValue<Step, acc_t> v) {
+  if constexpr (Step::vector) {
+    *reinterpret_cast<typename Lanes<acc_t>::UnalignedMask*>(p) = v;
+  } else {
+    *p = v;
+  }
+}
+
+// A count over for_each_step.
+template <typename acc_t>
+struct NonPositiveCount {
+  typename Lanes<acc_t>::Mask lanes = {};
+  Count<acc_t> tail = 0;
+
+  template <typename Step>
+  AVK_INLINE void add(Step step, Value<Step, acc_t> z) {
+    if constexpr (Step::vector) {
+      add_if_non_positive<Step, acc_t>(step, lanes, z);
+    } else {
+      add_if_non_positive<Step, acc_t>(step, tail, z);
+    }
+  }
+  AVK_INLINE int64_t total() const {
+    return int64_t(tail) + horizontal_sum<Count<acc_t>>(lanes);
+  }
+};
+
+// --- dtype conversion -------------------------------------------------------------------------
+// Kernels compute on contiguous accumulation-type arrays. float32/float64 input is used in place;
+// bfloat16/float16 spans are converted through a per-thread buffer.
+
+template <typename scalar_t, typename acc_t>
+AVK_INLINE const acc_t* as_acc(const scalar_t* src, int64_t n, acc_t* buffer) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return src;
+  } else {
+    for (int64_t i = 0; i < n; ++i) buffer[i] = static_cast<acc_t>(src[i]);
+    return buffer;
+  }
+}
+
+// Where a kernel writes its output: dst itself, or the buffer that store_output converts.
+template <typename scalar_t, typename acc_t>
+AVK_INLINE acc_t* output_span(scalar_t* dst, acc_t* buffer) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return dst;
+  } else {
+    return buffer;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+AVK_INLINE void store_output(scalar_t* dst, const acc_t* values, int64_t n) {
+  if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(values[i]);
+  }
+}
+
+// --- span kernels: one contiguous run of a single channel (NCHW planes) ----------------------
+
+template <typename acc_t>
+acc_t span_sum(const acc_t* x, int64_t n) {
+  Sum<acc_t> sum;
+  for_each_step<acc_t>(n, [&](int64_t i, auto step) { sum.add(step, load(step, x + i)); });
+  return sum.total();
+}
+
+// Adds sum((x - center)^2) to m2 and sum(x - center) to residual.
+template <typename acc_t>
+void span_deviations(const acc_t* x, int64_t n, acc_t center, acc_t& m2, acc_t& residual) {
+  Sum<acc_t> squares, deviations;
+  for_each_step<acc_t>(n, [&](int64_t i, auto step) {
+    const auto d = load(step, x + i) - center;
+    squares.add(step, d * d);
+    deviations.add(step, d);
+  });
+  m2 += squares.total();
+  residual += deviations.total();
+}
+
+template <bool RELU, bool COUNT, typename acc_t>
+int64_t span_normalise(const acc_t* x, acc_t* y, int64_t n, acc_t scale, acc_t shift) {
+  NonPositiveCount<acc_t> count;
+  for_each_step<acc_t>(n, [&](int64_t i, auto step) {
+    const auto z = load(step, x + i) * scale + shift;
+    if constexpr (COUNT) count.add(step, z);
+    store(step, y + i, RELU ? relu(z) : z);
+  });
+  return count.total();
+}
+
+// Adds sum(dy') to sum_dy and sum(dy' * (x - mean)) to sum_dy_xc.
+template <bool RELU, typename acc_t>
+void span_grad_sums(const acc_t* x, const acc_t* dy, int64_t n, acc_t scale, acc_t shift,
+                    acc_t mean, acc_t& sum_dy, acc_t& sum_dy_xc) {
+  Sum<acc_t> s1, s2;
+  for_each_step<acc_t>(n, [&](int64_t i, auto step) {
+    const auto xv = load(step, x + i);
+    auto g = load(step, dy + i);
+    if constexpr (RELU) g = mask_by_relu(xv * scale + shift, g);
+    s1.add(step, g);
+    s2.add(step, g * (xv - mean));
+  });
+  sum_dy += s1.total();
+  sum_dy_xc += s2.total();
+}
+
+// grad_x of one span; without batch statistics also adds the grad sums (one pass in eval).
+template <bool RELU, bool BATCH_STATS, typename acc_t>
+void span_grad_input(const acc_t* x, const acc_t* dy, acc_t* dx, int64_t n, acc_t scale,
+                     acc_t shift, acc_t mean, acc_t coef_dy, acc_t coef_xc, acc_t coef_const,
+                     acc_t& sum_dy, acc_t& sum_dy_xc) {
+  Sum<acc_t> s1, s2;
+  for_each_step<acc_t>(n, [&](int64_t i, auto step) {
+    const auto xv = load(step, x + i);
+    auto g = load(step, dy + i);
+    if constexpr (RELU) g = mask_by_relu(xv * scale + shift, g);
+    if constexpr (BATCH_STATS) {
+      store(step, dx + i, g * coef_dy + (xv - mean) * coef_xc + coef_const);
+    } else {
+      store(step, dx + i, g * coef_dy);
+      s1.add(step, g);
+      s2.add(step, g * (xv - mean));
+    }
+  });
+  if constexpr (!BATCH_STATS) {
+    sum_dy += s1.total();
+    sum_dy_xc += s2.total();
+  }
+}
+
+// --- row kernels: rows of C channels (channels_last); per-channel arrays of C values ----------
+// Reductions take rows in blocks of kReduceRows: per-channel values (parameters, running sums)
+// are loaded once per block and kept in registers while the block's rows are visited in order,
+// so every sum still adds the rows one by one. Kernels that write a row-shaped output go row by
+// row: interleaving the stores of several rows with the loads of the next ones makes 4 KiB
+// load/store aliasing stalls likely (measured ~1.5x slower at C = 128).
+
+constexpr int64_t kReduceRows = 4;
+
+// Calls body(c, step, r, block) for the channels of each block of rows [r, r + block), block
+// being a std::integral_constant of at most BLOCK.
+template <typename acc_t, int64_t BLOCK, typename Body>
+AVK_INLINE void for_each_row_block(int64_t rows, int64_t C, Body&& body) {
+  int64_t r = 0;
+  for (; r + BLOCK <= rows; r += BLOCK) {
+    for_each_step<acc_t>(C, [&](int64_t c, auto step) {
+      body(c, step, r, std::integral_constant<int64_t, BLOCK>{});
+    });
+  }
+  for (; r < rows; ++r) {
+    for_each_step<acc_t>(C, [&](int64_t c, auto step) {
+      body(c, step, r, std::integral_constant<int64_t, 1>{});
+    });
+  }
+}
+
+// Adds the column sums of x to sum.
+template <typename acc_t>
+void rows_sum(const acc_t* x, int64_t rows, int64_t C, acc_t* sum) {
+  for_each_row_block<acc_t, kReduceRows>(rows, C, [&](int64_t c, auto step, int64_t r, auto block) {
+    auto acc = load(step, sum + c);
+    for (int64_t j = 0; j < decltype(block)::value; ++j) acc += load(step, x + (r + j) * C + c);
+    store(step, sum + c, acc);
+  });
+}
+
+// Adds sum((x - center)^2) to m2 and sum(x - center) to residual, per column.
+template <typename acc_t>
+void rows_deviations(const acc_t* x, int64_t rows, int64_t C, const acc_t* center, acc_t* m2,
+                     acc_t* residual) {
+  for_each_row_block<acc_t, kReduceRows>(rows, C, [&](int64_t c, auto step, int64_t r, auto block) {
+    const auto mid = load(step, center + c);
+    auto squares = load(step, m2 + c), deviations = load(step, residual + c);
+    for (int64_t j = 0; j < decltype(block)::value; ++j) {
+      const auto d = load(step, x + (r + j) * C + c) - mid;
+      squares += d * d;
+      deviations += d;
+    }
+    store(step, m2 + c, squares);
+    store(step, residual + c, deviations);
+  });
+}
+
+// y = act(x * scale + shift); adds the per-column count of x * scale + shift <= 0 to counts.
+template <bool RELU, bool COUNT, typename acc_t>
+void rows_normalise(const acc_t* x, acc_t* y, int64_t rows, int64_t C, const acc_t* scale,
+                    const acc_t* shift, Count<acc_t>* counts) {
+  for_each_row_block<acc_t, 1>(rows, C, [&](int64_t c, auto step, int64_t r, auto block) {
+    using Step = decltype(step);
+    const auto s = load(step, scale + c), t = load(step, shift + c);
+    CountValue<Step, acc_t> count{};
+    if constexpr (COUNT) count = load_count<Step, acc_t>(step, counts + c);
+    for (int64_t j = 0; j < decltype(block)::value; ++j) {
+      const auto z = load(step, x + (r + j) * C + c) * s + t;
+      if constexpr (COUNT) add_if_non_positive<Step, acc_t>(step, count, z);
+      store(step, y + (r + j) * C + c, RELU ? relu(z) : z);
+    }
+    if constexpr (COUNT) store_count<Step, acc_t>(step, counts + c, count);
+  });
+}
+
+// Adds sum(dy') to sum_dy and sum(dy' * (x - mean)) to sum_dy_xc, per column.
+template <bool RELU, typename acc_t>
+void rows_grad_sums(const acc_t* x, const acc_t* dy, int64_t rows, int64_t C,
+                    const GradCoefficients<acc_t>& k, acc_t* sum_dy, acc_t* sum_dy_xc) {
+  for_each_row_block<acc_t, kReduceRows>(rows, C, [&](int64_t c, auto step, int64_t r, auto block) {
+    const auto s = load(step, k.scale + c), t = load(step, k.shift + c);
+    const auto mean = load(step, k.mean + c);
+    auto s1 = load(step, sum_dy + c), s2 = load(step, sum_dy_xc + c);
+    for (int64_t j = 0; j < decltype(block)::value; ++j) {
+      const auto xv = load(step, x + (r + j) * C + c);
+      auto g = load(step, dy + (r + j) * C + c);
+      if constexpr (RELU) g = mask_by_relu(xv * s + t, g);
+      s1 += g;
+      s2 += g * (xv - mean);
+    }
+    store(step, sum_dy + c, s1);
+    store(step, sum_dy_xc + c, s2);
+  });
+}
+
+// grad_x per row; without batch statistics also the grad sums, as rows_grad_sums.
+template <bool RELU, bool BATCH_STATS, typename acc_t>
+void rows_grad_input(const acc_t* x, const acc_t* dy, acc_t* dx, int64_t rows, int64_t C,
+                     const GradCoefficients<acc_t>& k, acc_t* sum_dy, acc_t* sum_dy_xc) {
+  for_each_row_block<acc_t, 1>(rows, C, [&](int64_t c, auto step, int64_t r, auto block) {
+    using V = decltype(load(step, x));
+    const auto s = load(step, k.scale + c), t = load(step, k.shift + c);
+    const auto mean = load(step, k.mean + c), coef_dy = load(step, k.coef_dy + c);
+    V coef_xc{}, coef_const{}, s1{}, s2{};
+    if constexpr (BATCH_STATS) {
+      coef_xc = load(step, k.coef_xc + c);
+      coef_const = load(step, k.coef_const + c);
+    } else {
+      s1 = load(step, sum_dy + c);
+      s2 = load(step, sum_dy_xc + c);
+    }
+    for (int64_t j = 0; j < decltype(block)::value; ++j) {
+      const auto xv = load(step, x + (r + j) * C + c);
+      auto g = load(step, dy + (r + j) * C + c);
+      if constexpr (RELU) g = mask_by_relu(xv * s + t, g);
+      const auto xc = xv - mean;
+      if constexpr (BATCH_STATS) {
+        store(step, dx + (r + j) * C + c, g * coef_dy + xc * coef_xc + coef_const);
+      } else {
+        store(step, dx + (r + j) * C + c, g * coef_dy);
+        s1 += g;
+        s2 += g * xc;
+      }
+    }
+    if constexpr (!BATCH_STATS) {
+      store(step, sum_dy + c, s1);
+      store(step, sum_dy_xc + c, s2);
+    }
+  });
+}
+
+// --- run drivers ----------------------------------------------------------------------------
+
+// Per-thread scratch: conversion buffers (bfloat16/float16 input only) and per-channel arrays.
+template <typename acc_t>
+struct Scratch {
+  std::vector<acc_t> a, b, c;  // max_run_elements each
+  std::vector<acc_t> channel[3];
+
+  Scratch(const Geometry& g, bool convert, int64_t channel_arrays) {
+    if (convert) {
+      a.resize(g.max_run_elements());
+      b.resize(g.max_run_elements());
+      c.resize(g.max_run_elements());
+    }
+    for (int64_t i = 0; i < channel_arrays; ++i) channel[i].resize(g.channels);
+  }
+  void clear_channel_arrays() {
+    for (auto& v : channel) std::fill(v.begin(), v.end(), acc_t(0));
+  }
+};
+
+// Calls f(std::bool_constant<a>, std::bool_constant<b>): run-time flags to template flags.
+template <typename F>
+AVK_INLINE void with_flags(bool a, bool b, F&& f) {
+  if (a) {
+    if (b) f(std::true_type{}, std::true_type{}); else f(std::true_type{}, std::false_type{});
+  } else {
+    if (b) f(std::false_type{}, std::true_type{}); else f(std::false_type{}, std::false_type{});
+  }
+}
+
+template <typename scalar_t>
+struct Kernels {
+  using acc_t = acc_type_t<scalar_t>;
+  static constexpr bool kConvert = !std::is_same_v<scalar_t, acc_t>;
+
+  // Statistics from two passes over a run while it is in cache: the sum gives a first mean
+  // (center), then the squared deviations about it, corrected by the residual sum(x - center).
+  static void batch_stats(const Geometry& g, const scalar_t* x, int64_t begin, int64_t end,
+                          double* run_mean, double* run_m2) {
+    Scratch<acc_t> scratch(g, kConvert, g.rows ? 3 : 0);
+    Run k = g.run(begin);
+    for (int64_t r = begin; r < end; ++r, g.next(k)) {
+      const int64_t len = k.positions();
+      const double count = static_cast<double>(len);
+      const acc_t* xa = as_acc(x + g.offset(k), g.elements(k), scratch.a.data());
+      if (g.rows) {
+        scratch.clear_channel_arrays();
+        acc_t* center = scratch.channel[0].data();
+        acc_t* m2 = scratch.channel[1].data();
+        acc_t* residual = scratch.channel[2].data();
+        rows_sum(xa, len, g.channels, center);
+        for (int64_t c = 0; c < g.channels; ++c) center[c] /= static_cast<acc_t>(len);
+        rows_deviations(xa, len, g.channels, center, m2, residual);
+        for (int64_t c = 0; c < g.channels; ++c) {
+          const double res = residual[c];
+          run_mean[g.value_index(r, c)] = center[c] + res / count;
+          run_m2[g.value_index(r, c)] = m2[c] - res * res / count;
+        }
+      } else {
+        const acc_t center = span_sum(xa, len) / static_cast<acc_t>(len);
+        acc_t m2 = 0, residual = 0;
+        span_deviations(xa, len, center, m2, residual);
+        const double res = residual;
+        run_mean[r] = center + res / count;
+        run_m2[r] = m2 - res * res / count;
+      }
+    }
+  }
+
+  template <bool RELU, bool COUNT>
+  static void normalise_runs(const Geometry& g, const scalar_t* x, scalar_t* y,
+                             const acc_t* scale, const acc_t* shift, int64_t* counts,
+                             int64_t begin, int64_t end) {
+    Scratch<acc_t> scratch(g, kConvert, 0);
+    std::vector<Count<acc_t>> channel_counts(g.rows && COUNT ? g.channels : 0);
+    Run k = g.run(begin);
+    for (int64_t r = begin; r < end; ++r, g.next(k)) {
+      const int64_t offset = g.offset(k), size = g.elements(k);
+      const acc_t* xa = as_acc(x + offset, size, scratch.a.data());
+      acc_t* ya = output_span(y + offset, scratch.b.data());
+      if (g.rows) {
+        std::fill(channel_counts.begin(), channel_counts.end(), Count<acc_t>(0));
+        rows_normalise<RELU, COUNT>(xa, ya, k.positions(), g.channels, scale, shift,
+                                    channel_counts.data());
+        if constexpr (COUNT) {
+          for (int64_t c = 0; c < g.channels; ++c) counts[g.value_index(r, c)] = channel_counts[c];
+        }
+      } else {
+        const int64_t dead =
+            span_normalise<RELU, COUNT>(xa, ya, size, scale[k.channel], shift[k.channel]);
+        if constexpr (COUNT) counts[r] = dead;
+      }
+      store_output(y + offset, ya, size);
+    }
+  }
+
+  static void normalise(const Geometry& g, const scalar_t* x, scalar_t* y, const acc_t* scale,
+                        const acc_t* shift, bool relu, int64_t* counts, int64_t begin,
+                        int64_t end) {
+    with_flags(relu, counts != nullptr, [&](auto relu_flag, auto count_flag) {
+      normalise_runs<decltype(relu_flag)::value, decltype(count_flag)::value>(
+          g, x, y, scale, shift, counts, begin, end);
+    });
+  }
+
+  // One pass over (x, dy) per run: the grad sums only (SUMS_ONLY), or grad_x (with, when
+  // normalising with running statistics, the grad sums of the same pass).
+  template <bool RELU, bool SUMS_ONLY, bool BATCH_STATS>
+  static void grad_runs(const Geometry& g, const scalar_t* dy, const scalar_t* x, scalar_t* dx,
+                        const GradCoefficients<acc_t>& k, int64_t begin, int64_t end,
+                        double* run_sum_dy, double* run_sum_dy_xc) {
+    constexpr bool kSums = SUMS_ONLY || !BATCH_STATS;
+    Scratch<acc_t> scratch(g, kConvert, g.rows && kSums ? 2 : 0);
+    Run run = g.run(begin);
+    for (int64_t r = begin; r < end; ++r, g.next(run)) {
+      const int64_t offset = g.offset(run), size = g.elements(run);
+      const acc_t* xa = as_acc(x + offset, size, scratch.a.data());
+      const acc_t* dya = as_acc(dy + offset, size, scratch.b.data());
+      acc_t* dxa = SUMS_ONLY ? nullptr : output_span(dx + offset, scratch.c.data());
+      if (g.rows) {
+        scratch.clear_channel_arrays();
+        acc_t* s1 = kSums ? scratch.channel[0].data() : nullptr;
+        acc_t* s2 = kSums ? scratch.channel[1].data() : nullptr;
+        if constexpr (SUMS_ONLY) {
+          rows_grad_sums<RELU>(xa, dya, run.positions(), g.channels, k, s1, s2);
+        } else {
+          rows_grad_input<RELU, BATCH_STATS>(xa, dya, dxa, run.positions(), g.channels, k, s1,
+                                             s2);
+        }
+        if constexpr (kSums) {
+          for (int64_t c = 0; c < g.channels; ++c) {
+            run_sum_dy[g.value_index(r, c)] = s1[c];
+            run_sum_dy_xc[g.value_index(r, c)] = s2[c];
+          }
+        }
+      } else {
+        const int64_t c = run.channel;
+        acc_t s1 = 0, s2 = 0;
+        if constexpr (SUMS_ONLY) {
+          span_grad_sums<RELU>(xa, dya, size, k.scale[c], k.shift[c], k.mean[c], s1, s2);
+        } else {
+          const acc_t coef_xc = BATCH_STATS ? k.coef_xc[c] : acc_t(0);
+          const acc_t coef_const = BATCH_STATS ? k.coef_const[c] : acc_t(0);
+          span_grad_input<RELU, BATCH_STATS>(xa, dya, dxa, size, k.scale[c], k.shift[c],
+                                             k.mean[c], k.coef_dy[c], coef_xc, coef_const, s1,
+                                             s2);
+        }
+        if constexpr (kSums) {
+          run_sum_dy[r] = s1;
+          run_sum_dy_xc[r] = s2;
+        }
+      }
+      if constexpr (!SUMS_ONLY) store_output(dx + offset, dxa, size);
+    }
+  }
+
+  static void grad_sums(const Geometry& g, const scalar_t* dy, const scalar_t* x,
+                        const GradCoefficients<acc_t>& k, bool relu, int64_t begin, int64_t end,
+                        double* run_sum_dy, double* run_sum_dy_xc) {
+    with_flags(relu, true, [&](auto relu_flag, auto) {
+      grad_runs<decltype(relu_flag)::value, true, true>(g, dy, x, nullptr, k, begin, end,
+                                                        run_sum_dy, run_sum_dy_xc);
+    });
+  }
+
+  static void grad_input(const Geometry& g, const scalar_t* dy, const scalar_t* x, scalar_t* dx,
+                         const GradCoefficients<acc_t>& k, bool relu, bool batch_stats,
+                         int64_t begin, int64_t end, double* run_sum_dy,
+                         double* run_sum_dy_xc) {
+    with_flags(relu, batch_stats, [&](auto relu_flag, auto batch_stats_flag) {
+      grad_runs<decltype(relu_flag)::value, false, decltype(batch_stats_flag)::value>(
+          g, dy, x, dx, k, begin, end, run_sum_dy, run_sum_dy_xc);
+    });
+  }
+
+  static KernelTable<scalar_t> table() {
+    return {&batch_stats, &normalise, &grad_sums, &grad_input};
+  }
+};
+
+template struct Kernels<float>;
+template struct Kernels<double>;
+template struct Kernels<c10::BFloat16>;
+template struct Kernels<c10::Half>;
+
+#undef AVK_INLINE
