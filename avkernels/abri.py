@@ -20,6 +20,7 @@ from typing import Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
+from avkernels.checkpoints import shorten_keys
 from avkernels.convert import convert
 from avkernels.modules import TrackedBN
 from avkernels.ops.batch_norm import effective_affine
@@ -34,7 +35,6 @@ _ADDED_BN_FIELDS = {
 }
 # torchvision's downsample Sequential vs the official DownSample module.
 _DOWNSAMPLE_RENAMES = {"0": "conv", "1": "bn"}
-_KEYS_SHOWN = 8
 
 
 def abri_layers(model: nn.Module) -> Iterator[tuple[str, TrackedBN]]:
@@ -184,9 +184,9 @@ def load_official_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor])
     if unexpected or missing:
         problems = []
         if missing:
-            problems.append(f"missing official keys {_shorten(missing)}")
+            problems.append(f"missing official keys {shorten_keys(missing)}")
         if unexpected:
-            problems.append(f"unexpected keys {_shorten(unexpected)}")
+            problems.append(f"unexpected keys {shorten_keys(unexpected)}")
         hint = ""
         if any(key.startswith("fc.") for key in missing):
             hint = " (the official backbone has no classifier: set model.fc = nn.Identity())"
@@ -215,15 +215,11 @@ def load_official_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor])
         if any("fusion_weight" in problem for problem in mismatched):
             hint = " (a fusion_weight of C values needs granularity='channel', a scalar 'layer')"
         raise ValueError(
-            f"load_official_state_dict: shape mismatch for {_shorten(mismatched, '; ')}{hint}"
+            f"load_official_state_dict: shape mismatch for {shorten_keys(mismatched, '; ')}{hint}"
         )
     model.load_state_dict(translated, strict=True)
     return model
 
-
-def _shorten(keys: list[str], separator: str = ", ") -> str:
-    shown = separator.join(keys[:_KEYS_SHOWN])
-    return shown + (f" (and {len(keys) - _KEYS_SHOWN} more)" if len(keys) > _KEYS_SHOWN else "")
 
 
 # --- the official code's baselines --------------------------------------------------------------

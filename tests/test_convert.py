@@ -153,3 +153,9 @@ def test_convert_forwards_keyword_arguments():
     assert layers and all(m.activation == "relu" and not m.track_dead for m in layers)
     model(_input())
     assert all(not m.seen.any() for m in layers)
+
+
+@pytest.mark.parametrize("option", ["bias", "eps", "affine"])
+def test_convert_refuses_options_that_belong_to_each_layer(option):
+    with pytest.raises(TypeError, match=rf"unexpected options \['{option}'\]"):
+        convert(nn.Sequential(nn.BatchNorm2d(3)), **{option: False})

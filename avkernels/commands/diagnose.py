@@ -10,21 +10,25 @@ a ``model``/``state_dict`` key, with or without a DDP ``module.`` prefix. Writes
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
-from torch import nn
 
+from avkernels.checkpoints import (
+    BLOCKS,
+    CheckpointError,
+    build_resnet,
+    describe,
+    first_line,
+    load_state_dict,
+    select_encoder,
+)
 from avkernels.cli import CommandError
 
 NAME = "diagnose"
 HELP = "report the dead BatchNorm channels of a ResNet-18/34 checkpoint"
 
-BLOCKS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
-_WRAPPER_KEYS = ("model", "state_dict")
-_KEYS_SHOWN = 5
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,14 +65,17 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise CommandError("--batch-size must be >= 1")
-    state_dict = load_state_dict(args.checkpoint)
-    state_dict, prefix_note = select_encoder(state_dict, args.prefix)
-    model, description = build_resnet(state_dict, args.arch, args.in_channels)
+    try:
+        state_dict = load_state_dict(args.checkpoint)
+        state_dict, prefix_note = select_encoder(state_dict, args.prefix)
+        model, description = build_resnet(state_dict, args.arch, args.in_channels)
+    except CheckpointError as error:
+        raise CommandError(str(error)) from None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         model.to(torch.device(device))
     except (RuntimeError, AssertionError) as error:
-        raise CommandError(f"cannot use --device {device}: {_first_line(error)}") from None
+        raise CommandError(f"cannot use --device {device}: {first_line(error)}") from None
     in_channels = model.conv1.in_channels
     batches = None
     if args.data is not None:
@@ -105,183 +112,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-# --- checkpoint -> model ------------------------------------------------------------------------
-
-
-def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """The state dict in ``path`` (unwrapped from ``model``/``state_dict``), or a CommandError."""
-    if not path.exists():
-        raise CommandError(f"{path}: no such file")
-    if not path.is_file():
-        raise CommandError(f"{path}: not a file")
-    try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - torch.load raises many types for foreign files
-        raise CommandError(
-            f"{path} is not a PyTorch checkpoint that can be loaded safely ({_first_line(error)})"
-        ) from None
-    for _ in range(2):  # e.g. {"model": {"state_dict": ...}}
-        if isinstance(content, dict):
-            wrapped = [key for key in _WRAPPER_KEYS if isinstance(content.get(key), dict)]
-            if wrapped and not _is_state_dict(content):
-                content = content[wrapped[0]]
-    if not _is_state_dict(content):
-        raise CommandError(
-            f"{path} holds no state dict (expected a dict of tensors, possibly under a "
-            f"'model' or 'state_dict' key; found {_describe(content)})"
-        )
-    if all(key.startswith("module.") for key in content):  # saved from DistributedDataParallel
-        content = {key[len("module."):]: value for key, value in content.items()}
-    return content
-
-
-def _is_state_dict(content: Any) -> bool:
-    return (
-        isinstance(content, dict)
-        and bool(content)
-        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in content.items())
-    )
-
-
-def _describe(content: Any) -> str:
-    if isinstance(content, dict):
-        keys = list(content)[:_KEYS_SHOWN]
-        return f"a dict with keys {keys}" if keys else "an empty dict"
-    return f"a {type(content).__name__}"
-
-
-def select_encoder(
-    state_dict: dict[str, torch.Tensor], prefix: Optional[str]
-) -> tuple[dict[str, torch.Tensor], str]:
-    """Keys of the ResNet stored under ``prefix`` (found when None), and a note saying so."""
-    if prefix is None:
-        candidates = sorted(
-            key[: -len("layer1.0.conv1.weight")]
-            for key in state_dict
-            if key.endswith("layer1.0.conv1.weight")
-        )
-        if len(candidates) > 1:
-            raise CommandError(
-                f"the checkpoint holds several ResNets (prefixes {candidates}); choose one "
-                "with --prefix"
-            )
-        prefix = candidates[0] if candidates else ""
-    if not prefix:
-        return state_dict, ""
-    selected = {
-        key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)
-    }
-    if not selected:
-        raise CommandError(f"no key of the checkpoint starts with --prefix {prefix!r}")
-    ignored = len(state_dict) - len(selected)
-    note = f" (the encoder under {prefix!r}"
-    note += f"; {ignored} other keys ignored)" if ignored else ")"
-    return selected, note
-
-
-def detect_arch(state_dict: dict[str, torch.Tensor]) -> Optional[str]:
-    """``resnet18``/``resnet34`` from the number of blocks per stage, or None."""
-    blocks = [0, 0, 0, 0]
-    for key in state_dict:
-        match = re.match(r"layer([1-4])\.(\d+)\.", key)
-        if match:
-            stage, block = int(match.group(1)) - 1, int(match.group(2))
-            blocks[stage] = max(blocks[stage], block + 1)
-    if any(key.startswith("layer") and ".conv3." in key for key in state_dict):
-        return None  # bottleneck blocks: ResNet-50 and deeper
-    return next((arch for arch, counts in BLOCKS.items() if tuple(blocks) == counts), None)
-
-
-def _abri_layout(state_dict: dict[str, torch.Tensor]) -> Optional[str]:
-    if any(re.search(r"(^|\.)(bn\d*_addition\.|fusion_weight\d*$)", key) for key in state_dict):
-        return "official ABRi"
-    if any(".abri_" in key for key in state_dict):
-        return "avkernels ABRi"
-    return None
-
-
-def _abri_granularity(state_dict: dict[str, torch.Tensor], layout: str) -> str:
-    pattern = r"(^|\.)fusion_weight\d*$" if layout == "official ABRi" else r"\.abri_alpha$"
-    sizes = {value.numel() == 1 for key, value in state_dict.items() if re.search(pattern, key)}
-    if len(sizes) != 1:
-        raise CommandError(
-            "the checkpoint mixes per-layer and per-channel ABRi weights; not supported"
-        )
-    return "layer" if sizes.pop() else "channel"
-
-
-def build_resnet(
-    state_dict: dict[str, torch.Tensor], arch: Optional[str], in_channels: Optional[int]
-) -> tuple[nn.Module, str]:
-    """A torchvision-layout ResNet holding ``state_dict`` (loaded strictly), and a description."""
-    try:
-        import torchvision
-    except ImportError as error:
-        raise CommandError(
-            f"torchvision is needed to build the ResNet ({error}); "
-            "install it with `pip install 'avkernels[av]'`"
-        ) from None
-    from avkernels import abri
-
-    detected = detect_arch(state_dict)
-    if detected is None:
-        raise CommandError(
-            "the checkpoint's keys are not those of a ResNet-18 or ResNet-34 "
-            f"(first keys: {', '.join(list(state_dict)[:_KEYS_SHOWN])})"
-        )
-    if arch is not None and arch != detected:
-        raise CommandError(
-            f"the checkpoint's keys are those of a {detected}, not of --arch {arch}; "
-            f"use --arch {detected}"
-        )
-    conv1 = state_dict.get("conv1.weight")
-    if conv1 is None or conv1.dim() != 4:
-        raise CommandError("the checkpoint has no 4-D 'conv1.weight': not a ResNet stem")
-    stored_channels = conv1.shape[1]
-    if in_channels is not None and in_channels != stored_channels:
-        raise CommandError(
-            f"--in-channels {in_channels} but the checkpoint's first convolution takes "
-            f"{stored_channels} channels"
-        )
-    fc = state_dict.get("fc.weight")
-    classes = fc.shape[0] if fc is not None else 1000
-    model = getattr(torchvision.models, detected)(num_classes=classes)
-    model.conv1 = nn.Conv2d(stored_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
-    if fc is None:
-        model.fc = nn.Identity()
-    layout = _abri_layout(state_dict)
-    if layout is not None:
-        model = abri.apply(model, granularity=_abri_granularity(state_dict, layout))
-    try:
-        if layout == "official ABRi":
-            abri.load_official_state_dict(model, state_dict)
-        else:
-            _load_strict(model, state_dict, detected)
-    except (KeyError, ValueError, RuntimeError) as error:
-        raise CommandError(_one_line(error.args[0] if error.args else error)) from None
-    kind = layout or ("torchvision layout" if fc is not None else "torchvision layout, no fc")
-    return model, f"{detected}, {kind}, {stored_channels} input channel(s)"
-
-
-def _load_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], arch: str) -> None:
-    expected = set(model.state_dict())
-    missing = sorted(expected - set(state_dict))
-    unexpected = sorted(set(state_dict) - expected)
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {_shorten(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {_shorten(unexpected)}")
-        raise KeyError(f"the checkpoint does not match a {arch}: " + "; ".join(parts))
-    model.load_state_dict(state_dict, strict=True)
-
-
-def _shorten(keys: list[str]) -> str:
-    extra = f" (+{len(keys) - _KEYS_SHOWN} more)" if len(keys) > _KEYS_SHOWN else ""
-    return ", ".join(keys[:_KEYS_SHOWN]) + extra
-
-
 # --- data -------------------------------------------------------------------------------------
 
 
@@ -304,7 +134,7 @@ def load_batches(path: Path, in_channels: int, batch_size: int) -> list[torch.Te
     except CommandError:
         raise
     except Exception as error:  # noqa: BLE001 - foreign files raise many error types
-        raise CommandError(f"--data {path}: cannot read it ({_first_line(error)})") from None
+        raise CommandError(f"--data {path}: cannot read it ({first_line(error)})") from None
     inputs = _input_tensor(inputs, path)
     if inputs.dim() == 3 and in_channels == 1:
         inputs = inputs.unsqueeze(1)
@@ -328,7 +158,7 @@ def _input_tensor(content: Any, path: Path) -> torch.Tensor:
     if not isinstance(content, torch.Tensor):
         raise CommandError(
             f"--data {path}: expected a tensor (or a dict/tuple holding one), found "
-            f"{_describe(content)}"
+            f"{describe(content)}"
         )
     return content
 
@@ -340,15 +170,5 @@ def _read_report(path: Path, report_class):
         raise CommandError(f"--before {path}: {error.strerror or error}") from None
     except (ValueError, KeyError, TypeError) as error:
         raise CommandError(
-            f"--before {path}: not a diagnosis report ({_first_line(error)})"
+            f"--before {path}: not a diagnosis report ({first_line(error)})"
         ) from None
-
-
-def _one_line(message: Any, limit: int = 400) -> str:
-    text = " ".join(str(message).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__

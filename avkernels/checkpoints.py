@@ -1,0 +1,219 @@
+"""Reading checkpoints strictly: state dicts from files, key checks with readable errors, and
+torchvision-layout ResNets built from torchvision, official or avkernels (ABRi) checkpoints.
+
+Every problem raises :class:`CheckpointError` with a one-line message that names the file or the
+keys at fault; the CLI prints it and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import torch
+from torch import nn
+
+BLOCKS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
+_WRAPPER_KEYS = ("model", "state_dict")
+_KEYS_SHOWN = 5
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model: a one-line message."""
+
+
+def shorten_keys(keys: Iterable[str], separator: str = ", ") -> str:
+    """The first few keys, and how many more there are."""
+    keys = list(keys)
+    extra = f" (+{len(keys) - _KEYS_SHOWN} more)" if len(keys) > _KEYS_SHOWN else ""
+    return separator.join(keys[:_KEYS_SHOWN]) + extra
+
+
+def first_line(error: BaseException) -> str:
+    """``Type: first line of the message`` of an exception."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
+def one_line(message: Any, limit: int = 400) -> str:
+    """``message`` on one line, cut to ``limit`` characters."""
+    text = " ".join(str(message).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict in ``path`` (unwrapped from ``model``/``state_dict``), or a CheckpointError."""
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not a file")
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - torch.load raises many types for foreign files
+        raise CheckpointError(
+            f"{path} is not a PyTorch checkpoint that can be loaded safely ({first_line(error)})"
+        ) from None
+    for _ in range(2):  # e.g. {"model": {"state_dict": ...}}
+        if isinstance(content, dict):
+            wrapped = [key for key in _WRAPPER_KEYS if isinstance(content.get(key), dict)]
+            if wrapped and not _is_state_dict(content):
+                content = content[wrapped[0]]
+    if not _is_state_dict(content):
+        raise CheckpointError(
+            f"{path} holds no state dict (expected a dict of tensors, possibly under a "
+            f"'model' or 'state_dict' key; found {describe(content)})"
+        )
+    if all(key.startswith("module.") for key in content):  # saved from DistributedDataParallel
+        content = {key[len("module."):]: value for key, value in content.items()}
+    return content
+
+
+def _is_state_dict(content: Any) -> bool:
+    return (
+        isinstance(content, dict)
+        and bool(content)
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in content.items())
+    )
+
+
+def describe(content: Any) -> str:
+    if isinstance(content, dict):
+        keys = list(content)[:_KEYS_SHOWN]
+        return f"a dict with keys {keys}" if keys else "an empty dict"
+    return f"a {type(content).__name__}"
+
+
+def select_encoder(
+    state_dict: dict[str, torch.Tensor], prefix: Optional[str]
+) -> tuple[dict[str, torch.Tensor], str]:
+    """Keys of the ResNet stored under ``prefix`` (found when None), and a note saying so."""
+    if prefix is None:
+        candidates = sorted(
+            key[: -len("layer1.0.conv1.weight")]
+            for key in state_dict
+            if key.endswith("layer1.0.conv1.weight")
+        )
+        if len(candidates) > 1:
+            raise CheckpointError(
+                f"the checkpoint holds several ResNets (prefixes {candidates}); choose one "
+                "(--prefix)"
+            )
+        prefix = candidates[0] if candidates else ""
+    if not prefix:
+        return state_dict, ""
+    selected = {
+        key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)
+    }
+    if not selected:
+        raise CheckpointError(f"no key of the checkpoint starts with the prefix {prefix!r}")
+    ignored = len(state_dict) - len(selected)
+    note = f" (the encoder under {prefix!r}"
+    note += f"; {ignored} other keys ignored)" if ignored else ")"
+    return selected, note
+
+
+def detect_arch(state_dict: dict[str, torch.Tensor]) -> Optional[str]:
+    """``resnet18``/``resnet34`` from the number of blocks per stage, or None."""
+    blocks = [0, 0, 0, 0]
+    for key in state_dict:
+        match = re.match(r"layer([1-4])\.(\d+)\.", key)
+        if match:
+            stage, block = int(match.group(1)) - 1, int(match.group(2))
+            blocks[stage] = max(blocks[stage], block + 1)
+    if any(key.startswith("layer") and ".conv3." in key for key in state_dict):
+        return None  # bottleneck blocks: ResNet-50 and deeper
+    return next((arch for arch, counts in BLOCKS.items() if tuple(blocks) == counts), None)
+
+
+def _abri_layout(state_dict: dict[str, torch.Tensor]) -> Optional[str]:
+    if any(re.search(r"(^|\.)(bn\d*_addition\.|fusion_weight\d*$)", key) for key in state_dict):
+        return "official ABRi"
+    if any(".abri_" in key for key in state_dict):
+        return "avkernels ABRi"
+    return None
+
+
+def _abri_granularity(state_dict: dict[str, torch.Tensor], layout: str) -> str:
+    pattern = r"(^|\.)fusion_weight\d*$" if layout == "official ABRi" else r"\.abri_alpha$"
+    sizes = {value.numel() == 1 for key, value in state_dict.items() if re.search(pattern, key)}
+    if len(sizes) != 1:
+        raise CheckpointError(
+            "the checkpoint mixes per-layer and per-channel ABRi weights; not supported"
+        )
+    return "layer" if sizes.pop() else "channel"
+
+
+def build_resnet(
+    state_dict: dict[str, torch.Tensor],
+    arch: Optional[str] = None,
+    in_channels: Optional[int] = None,
+) -> tuple[nn.Module, str]:
+    """A torchvision-layout ResNet holding ``state_dict`` (loaded strictly), and a description.
+
+    ``arch`` (resnet18/resnet34) and ``in_channels`` are recognised from the keys when None and
+    checked against them otherwise. ABRi checkpoints (official or avkernels layout) give a model
+    converted with :func:`avkernels.abri.apply`.
+    """
+    try:
+        import torchvision
+    except ImportError as error:
+        raise CheckpointError(
+            f"torchvision is needed to build the ResNet ({error}); "
+            "install it with `pip install 'avkernels[av]'`"
+        ) from None
+    from avkernels import abri
+
+    detected = detect_arch(state_dict)
+    if detected is None:
+        raise CheckpointError(
+            "the checkpoint's keys are not those of a ResNet-18 or ResNet-34 "
+            f"(first keys: {', '.join(list(state_dict)[:_KEYS_SHOWN])})"
+        )
+    if arch is not None and arch != detected:
+        raise CheckpointError(
+            f"the checkpoint's keys are those of a {detected}, not of --arch {arch}; "
+            f"use {detected}"
+        )
+    conv1 = state_dict.get("conv1.weight")
+    if conv1 is None or conv1.dim() != 4:
+        raise CheckpointError("the checkpoint has no 4-D 'conv1.weight': not a ResNet stem")
+    stored_channels = conv1.shape[1]
+    if in_channels is not None and in_channels != stored_channels:
+        raise CheckpointError(
+            f"in_channels={in_channels} but the checkpoint's first convolution takes "
+            f"{stored_channels} channels"
+        )
+    fc = state_dict.get("fc.weight")
+    classes = fc.shape[0] if fc is not None else 1000
+    model = getattr(torchvision.models, detected)(num_classes=classes)
+    model.conv1 = nn.Conv2d(stored_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
+    if fc is None:
+        model.fc = nn.Identity()
+    layout = _abri_layout(state_dict)
+    if layout is not None:
+        model = abri.apply(model, granularity=_abri_granularity(state_dict, layout))
+    try:
+        if layout == "official ABRi":
+            abri.load_official_state_dict(model, state_dict)
+        else:
+            load_strict(model, state_dict, detected)
+    except (KeyError, ValueError, RuntimeError) as error:
+        raise CheckpointError(one_line(error.args[0] if error.args else error)) from None
+    kind = layout or ("torchvision layout" if fc is not None else "torchvision layout, no fc")
+    return model, f"{detected}, {kind}, {stored_channels} input channel(s)"
+
+
+def load_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], arch: str) -> None:
+    """``model.load_state_dict(state_dict, strict=True)``, with the key mismatch named first."""
+    expected = set(model.state_dict())
+    missing = sorted(expected - set(state_dict))
+    unexpected = sorted(set(state_dict) - expected)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {shorten_keys(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {shorten_keys(unexpected)}")
+        raise KeyError(f"the checkpoint does not match a {arch}: " + "; ".join(parts))
+    model.load_state_dict(state_dict, strict=True)
