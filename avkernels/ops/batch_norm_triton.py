@@ -179,6 +179,26 @@ def _effective_affine(c_offsets, c_mask, mean, invstd, abri_mean, abri_invstd,
     return scale, shift
 
 
+@triton.jit
+def _saved_affine(mean_pointer, invstd_pointer, abri_row_offset, c_offsets, c_mask,
+                  weight_pointer, bias_pointer, abri_weight_pointer, abri_bias_pointer,
+                  alpha_pointer, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  HAS_ABRI_WEIGHT: tl.constexpr, HAS_ABRI_BIAS: tl.constexpr,
+                  ABRI: tl.constexpr, ALPHA_PER_CHANNEL: tl.constexpr, ACC: tl.constexpr):
+    """The forward's saved mean and invstd (row 0), mean of row K - 1 (``abri_row_offset`` =
+    (K - 1) * C), and the per-channel (scale, shift) built from both rows: what the backward
+    kernels need."""
+    mean = tl.load(mean_pointer + c_offsets, mask=c_mask, other=0)
+    invstd = tl.load(invstd_pointer + c_offsets, mask=c_mask, other=1)
+    abri_mean = tl.load(mean_pointer + abri_row_offset + c_offsets, mask=c_mask, other=0)
+    abri_invstd = tl.load(invstd_pointer + abri_row_offset + c_offsets, mask=c_mask, other=1)
+    scale, shift = _effective_affine(
+        c_offsets, c_mask, mean, invstd, abri_mean, abri_invstd, weight_pointer, bias_pointer,
+        abri_weight_pointer, abri_bias_pointer, alpha_pointer, HAS_WEIGHT, HAS_BIAS,
+        HAS_ABRI_WEIGHT, HAS_ABRI_BIAS, ABRI, ALPHA_PER_CHANNEL, ACC)
+    return mean, invstd, abri_mean, scale, shift
+
+
 # --- forward kernels -----------------------------------------------------------------------------
 
 
@@ -495,13 +515,9 @@ def _bwd_partial_sums_kernel(
     pid_rows = tl.program_id(0)
     c_offsets = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c_offsets < C
-    mean = tl.load(mean_pointer + c_offsets, mask=c_mask, other=0)
-    invstd = tl.load(invstd_pointer + c_offsets, mask=c_mask, other=1)
-    abri_mean = tl.load(mean_pointer + abri_row_offset + c_offsets, mask=c_mask, other=0)
-    abri_invstd = tl.load(invstd_pointer + abri_row_offset + c_offsets, mask=c_mask, other=1)
-    scale, shift = _effective_affine(
-        c_offsets, c_mask, mean, invstd, abri_mean, abri_invstd, weight_pointer, bias_pointer,
-        abri_weight_pointer, abri_bias_pointer, alpha_pointer, HAS_WEIGHT, HAS_BIAS,
+    mean, invstd, abri_mean, scale, shift = _saved_affine(
+        mean_pointer, invstd_pointer, abri_row_offset, c_offsets, c_mask, weight_pointer,
+        bias_pointer, abri_weight_pointer, abri_bias_pointer, alpha_pointer, HAS_WEIGHT, HAS_BIAS,
         HAS_ABRI_WEIGHT, HAS_ABRI_BIAS, ABRI, ALPHA_PER_CHANNEL, ACC)
 
     n_start, n_end, hw_start, hw_end = _row_program_range(
@@ -676,13 +692,9 @@ def _bwd_grad_x_kernel(
     pid_rows = tl.program_id(0)
     c_offsets = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c_offsets < C
-    mean = tl.load(mean_pointer + c_offsets, mask=c_mask, other=0)
-    invstd = tl.load(invstd_pointer + c_offsets, mask=c_mask, other=1)
-    abri_mean = tl.load(mean_pointer + abri_row_offset + c_offsets, mask=c_mask, other=0)
-    abri_invstd = tl.load(invstd_pointer + abri_row_offset + c_offsets, mask=c_mask, other=1)
-    scale, shift = _effective_affine(
-        c_offsets, c_mask, mean, invstd, abri_mean, abri_invstd, weight_pointer, bias_pointer,
-        abri_weight_pointer, abri_bias_pointer, alpha_pointer, HAS_WEIGHT, HAS_BIAS,
+    mean, invstd, abri_mean, scale, shift = _saved_affine(
+        mean_pointer, invstd_pointer, abri_row_offset, c_offsets, c_mask, weight_pointer,
+        bias_pointer, abri_weight_pointer, abri_bias_pointer, alpha_pointer, HAS_WEIGHT, HAS_BIAS,
         HAS_ABRI_WEIGHT, HAS_ABRI_BIAS, ABRI, ALPHA_PER_CHANNEL, ACC)
     count = (tl.cast(N, tl.int64) * HW).to(ACC)
     mean_dy = tl.load(sums_pointer + c_offsets, mask=c_mask, other=0) / count
