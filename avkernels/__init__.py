@@ -3,7 +3,9 @@
 ``TrackedBN`` is a drop-in ``nn.BatchNorm2d`` that counts dead channels inside its kernel;
 ``convert``/``revert`` swap it into and out of a model; ``abri`` repairs dead channels with
 ABRi (a mode of TrackedBN) and ``diagnose`` reports them; ``fust`` (confidences, mask policy),
-``mask_patches`` and ``MaskedConcatFusion`` implement two-stage Fusion Tuning.
+``mask_patches`` and ``MaskedConcatFusion`` implement two-stage Fusion Tuning; ``models`` (the
+audio-visual ResNet classifier, encoder loading) and ``train`` (the resumable FusT/baseline
+training loop) put them together.
 """
 
 from avkernels._extension import HAS_EXTENSION
@@ -14,6 +16,7 @@ from avkernels.diagnosis import DiagnosisReport, diagnose
 from avkernels import fust
 from avkernels.fusion import FusionOutput, MaskedConcatFusion
 from avkernels.ops.masking import mask_patches
+from avkernels import models, train  # cheap: torchvision is imported only when a model needs it
 
 __version__ = "0.1.0"
 
@@ -28,6 +31,8 @@ __all__ = [
     "diagnose",
     "fust",
     "mask_patches",
+    "models",
     "revert",
+    "train",
     "__version__",
 ]

@@ -126,7 +126,8 @@ def detect_arch(state_dict: dict[str, torch.Tensor]) -> Optional[str]:
     return next((arch for arch, counts in BLOCKS.items() if tuple(blocks) == counts), None)
 
 
-def _abri_layout(state_dict: dict[str, torch.Tensor]) -> Optional[str]:
+def abri_layout(state_dict: dict[str, torch.Tensor]) -> Optional[str]:
+    """``"official ABRi"``, ``"avkernels ABRi"`` or None (no ABRi key) from the keys."""
     if any(re.search(r"(^|\.)(bn\d*_addition\.|fusion_weight\d*$)", key) for key in state_dict):
         return "official ABRi"
     if any(".abri_" in key for key in state_dict):
@@ -134,7 +135,8 @@ def _abri_layout(state_dict: dict[str, torch.Tensor]) -> Optional[str]:
     return None
 
 
-def _abri_granularity(state_dict: dict[str, torch.Tensor], layout: str) -> str:
+def abri_granularity(state_dict: dict[str, torch.Tensor], layout: str) -> str:
+    """``"layer"`` or ``"channel"``: the size of the ABRi mixing weights of ``layout``."""
     pattern = r"(^|\.)fusion_weight\d*$" if layout == "official ABRi" else r"\.abri_alpha$"
     sizes = {value.numel() == 1 for key, value in state_dict.items() if re.search(pattern, key)}
     if len(sizes) != 1:
@@ -190,9 +192,9 @@ def build_resnet(
     model.conv1 = nn.Conv2d(stored_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
     if fc is None:
         model.fc = nn.Identity()
-    layout = _abri_layout(state_dict)
+    layout = abri_layout(state_dict)
     if layout is not None:
-        model = abri.apply(model, granularity=_abri_granularity(state_dict, layout))
+        model = abri.apply(model, granularity=abri_granularity(state_dict, layout))
     try:
         if layout == "official ABRi":
             abri.load_official_state_dict(model, state_dict)
@@ -204,16 +206,35 @@ def build_resnet(
     return model, f"{detected}, {kind}, {stored_channels} input channel(s)"
 
 
-def load_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], arch: str) -> None:
-    """``model.load_state_dict(state_dict, strict=True)``, with the key mismatch named first."""
-    expected = set(model.state_dict())
-    missing = sorted(expected - set(state_dict))
-    unexpected = sorted(set(state_dict) - expected)
+def load_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], arch: str, *,
+                description: Optional[str] = None, caller: str = "") -> None:
+    """``model.load_state_dict(state_dict, strict=True)``, with the problem named first.
+
+    Missing and unexpected keys, then mis-shaped ones, raise :class:`CheckpointError`
+    (``"{caller}: the checkpoint does not match a {description}: ..."``, ``description``
+    defaulting to ``arch``; a hint names the arch the checkpoint's blocks are those of when it
+    is not ``arch``). ABRi's added BN keys (``abri_*``) are optional when the state dict has
+    none: a plain checkpoint loaded into an ABRi model is its original BNs and the added ones
+    start fresh (as :class:`avkernels.TrackedBN` loads it).
+    """
+    context = f"{caller}: " if caller else ""
+    expected = model.state_dict()
+    required = set(expected)
+    abri_keys = {key for key in expected if re.search(r"(^|\.)abri_\w+$", key)}
+    if not abri_keys & set(state_dict):
+        required -= abri_keys
+    missing = sorted(required - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
     if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing {shorten_keys(missing)}")
-        if unexpected:
-            parts.append(f"unexpected {shorten_keys(unexpected)}")
-        raise KeyError(f"the checkpoint does not match a {arch}: " + "; ".join(parts))
+        parts = [f"{name} {shorten_keys(keys)}" for name, keys in
+                 (("missing", missing), ("unexpected", unexpected)) if keys]
+        detected = detect_arch(state_dict)
+        hint = (f" (its blocks are those of a {detected}: build the model with arch="
+                f"{detected!r})" if detected not in (None, arch) else "")
+        raise CheckpointError(f"{context}the checkpoint does not match a {description or arch}: "
+                              + "; ".join(parts) + hint)
+    mismatched = [f"{key}: checkpoint {tuple(value.shape)}, model {tuple(expected[key].shape)}"
+                  for key, value in state_dict.items() if value.shape != expected[key].shape]
+    if mismatched:
+        raise CheckpointError(f"{context}shape mismatch for " + shorten_keys(mismatched, "; "))
     model.load_state_dict(state_dict, strict=True)

@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("demo", "diagnose")
+COMMANDS = ("demo", "diagnose", "prepare", "data_stats", "train", "fust")
 
 
 class CommandError(Exception):

@@ -29,23 +29,22 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from functools import partial
+from pathlib import Path
 from typing import Mapping, Optional, Union
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from avkernels import checkpoints
+from avkernels.checkpoints import BLOCKS, CheckpointError
 from avkernels.fusion import FusionOutput, MaskedConcatFusion
 from avkernels.modules import TrackedBN
 
 logger = logging.getLogger(__name__)
 
-BLOCKS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
 ADAPT_MODES = ("sum", "mean")
-_WRAPPER_KEYS = ("model", "state_dict")
-_KEYS_SHOWN = 5
 
 
 def _basic_block_class():
@@ -143,35 +142,11 @@ class ResNetEncoder(nn.Module):
 
 
 def read_state_dict(source: Union[str, os.PathLike, Mapping[str, Tensor]]) -> dict[str, Tensor]:
-    """The state dict in a file (unwrapped from ``model``/``state_dict``, DDP ``module.``
-    prefix removed) or a mapping; ``ValueError``/``FileNotFoundError`` naming the problem."""
+    """The state dict of a file (see :func:`avkernels.checkpoints.load_state_dict`: unwrapped
+    from ``model``/``state_dict``, DDP prefix removed) or of a mapping."""
     if isinstance(source, Mapping):
-        content = dict(source)
-    else:
-        if not os.path.isfile(source):
-            raise FileNotFoundError(f"no checkpoint file at {source}")
-        try:
-            content = torch.load(source, map_location="cpu", weights_only=True)
-        except Exception as error:  # foreign files raise many error types
-            raise ValueError(f"{source} is not a PyTorch checkpoint that loads safely "
-                             f"({type(error).__name__}: {str(error).splitlines()[0]})") from None
-    for _ in range(2):  # e.g. {"model": {"state_dict": ...}}
-        if isinstance(content, dict) and not _is_state_dict(content):
-            wrapped = [key for key in _WRAPPER_KEYS if isinstance(content.get(key), dict)]
-            if wrapped:
-                content = content[wrapped[0]]
-    if not _is_state_dict(content):
-        raise ValueError(f"{source if not isinstance(source, Mapping) else 'the mapping'} holds "
-                         "no state dict (a dict of tensors, possibly under 'model' or "
-                         "'state_dict')")
-    if all(key.startswith("module.") for key in content):
-        content = {key[len("module."):]: value for key, value in content.items()}
-    return content
-
-
-def _is_state_dict(content) -> bool:
-    return (isinstance(content, dict) and bool(content)
-            and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in content.items()))
+        return dict(source)
+    return checkpoints.load_state_dict(Path(source))
 
 
 def adapt_first_conv(weight: Tensor, in_channels: int, mode: str = "sum") -> Tensor:
@@ -201,12 +176,14 @@ def load_encoder(encoder: ResNetEncoder, source, *, prefix: str = "",
             the encoder does not have, are dropped and logged), the official backbone's
             (the same without ``fc``), the official ABRi backbone's (``bn1_addition``...: ABRi
             is turned on in the encoder, see :func:`avkernels.abri.load_official_state_dict`),
-            or avkernels' (``abri_*`` keys: ABRi turned on likewise).
+            or avkernels' (``abri_*`` keys: ABRi turned on likewise). A plain checkpoint
+            loaded into an ABRi encoder is its original BNs; the added ones start fresh.
         prefix: take the keys under this prefix (e.g. ``"audio_net."`` of a full model).
         adapt: ``"sum"``/``"mean"``: a 3-channel stem weight is moved to the encoder's one
             channel (:func:`adapt_first_conv`); without it a channel mismatch is an error.
 
-    Every other missing, unexpected or mis-shaped key raises ``KeyError``/``ValueError``.
+    Every problem (unreadable file, missing, unexpected or mis-shaped keys) raises
+    :class:`avkernels.checkpoints.CheckpointError` (a ``ValueError``) naming it.
     """
     from avkernels import abri
 
@@ -214,7 +191,7 @@ def load_encoder(encoder: ResNetEncoder, source, *, prefix: str = "",
     if prefix:
         state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
         if not state_dict:
-            raise KeyError(f"load_encoder: no key of the checkpoint starts with {prefix!r}")
+            raise CheckpointError(f"load_encoder: no key of the checkpoint starts with {prefix!r}")
     dropped = sorted(key for key in state_dict if key.startswith("fc."))
     if dropped:
         logger.info("load_encoder: dropped the checkpoint's classifier %s", dropped)
@@ -222,40 +199,23 @@ def load_encoder(encoder: ResNetEncoder, source, *, prefix: str = "",
     stem = state_dict.get("conv1.weight")
     if stem is not None and stem.dim() == 4 and stem.shape[1] != encoder.in_channels:
         if adapt is None:
-            raise ValueError(
+            raise CheckpointError(
                 f"load_encoder: the checkpoint's stem takes {stem.shape[1]} channels, the "
                 f"encoder {encoder.in_channels}; pass adapt='sum' or 'mean' to move RGB weights "
                 "to one channel")
         state_dict["conv1.weight"] = adapt_first_conv(stem, encoder.in_channels, adapt)
-    official_abri = any(re.search(r"(^|\.)(bn\d*_addition\.|fusion_weight\d*$)", k)
-                        for k in state_dict)
-    if official_abri or any(".abri_" in k or k.startswith("abri_") for k in state_dict):
-        pattern = r"fusion_weight\d*$" if official_abri else r"abri_alpha$"
-        per_channel = any(re.search(pattern, k) and v.numel() > 1 for k, v in state_dict.items())
-        if not any(True for _ in abri.abri_layers(encoder)):
-            abri.apply(encoder, granularity="channel" if per_channel else "layer")
-    if official_abri:
-        abri.load_official_state_dict(encoder, state_dict)
+    layout = checkpoints.abri_layout(state_dict)
+    if layout is not None and not any(True for _ in abri.abri_layers(encoder)):
+        abri.apply(encoder, granularity=checkpoints.abri_granularity(state_dict, layout))
+    if layout == "official ABRi":
+        try:
+            abri.load_official_state_dict(encoder, state_dict)
+        except (KeyError, ValueError) as error:
+            raise CheckpointError(checkpoints.one_line(error.args[0])) from None
         return encoder
-    expected = encoder.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    if missing or unexpected:
-        parts = [f"{name} {_shorten(keys)}" for name, keys in
-                 (("missing", missing), ("unexpected", unexpected)) if keys]
-        raise KeyError(f"load_encoder: the checkpoint does not match a {encoder.arch} of width "
-                       f"{encoder.width}: " + "; ".join(parts))
-    mismatched = [f"{k}: checkpoint {tuple(v.shape)}, encoder {tuple(expected[k].shape)}"
-                  for k, v in state_dict.items() if v.shape != expected[k].shape]
-    if mismatched:
-        raise ValueError("load_encoder: shape mismatch for " + _shorten(mismatched))
-    encoder.load_state_dict(state_dict, strict=True)
+    checkpoints.load_strict(encoder, state_dict, encoder.arch, caller="load_encoder",
+                            description=f"{encoder.arch} of width {encoder.width}")
     return encoder
-
-
-def _shorten(items: list[str]) -> str:
-    extra = f" (+{len(items) - _KEYS_SHOWN} more)" if len(items) > _KEYS_SHOWN else ""
-    return ", ".join(items[:_KEYS_SHOWN]) + extra
 
 
 # --- the audio-visual classifier ----------------------------------------------------------------
@@ -311,9 +271,9 @@ class AVClassifier(nn.Module):
         if visual.dim() != 5 or visual.shape[1] != channels:
             hint = ""
             if visual.dim() == 5 and visual.shape[2] == channels:
-                hint = (f"; it looks like (B, T, C, H, W): permute it with "
-                        f"visual.permute(0, 2, 1, 3, 4) (or each sample's (T, C, H, W) frames "
-                        f"with .permute(1, 0, 2, 3) in the dataset)")
+                hint = ("; it looks like (B, T, C, H, W): permute it with "
+                        "visual.permute(0, 2, 1, 3, 4) (or each sample's (T, C, H, W) frames "
+                        "with .permute(1, 0, 2, 3) in the dataset)")
             raise ValueError(f"AVClassifier: visual must be (B, C={channels}, T, H, W), got "
                              f"{tuple(visual.shape)}{hint}")
         batch, _, frames, height, width = visual.shape

@@ -18,6 +18,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <string>
@@ -38,13 +39,13 @@ namespace baseline {
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define AVKERNELS_X86_BUILDS 1
 #pragma GCC push_options
-#pragma GCC target("avx2,fma")
+#pragma GCC target("avx2")
 namespace avx2 {
 #include "batch_norm_kernels.h"
 }  // namespace avx2
 #pragma GCC pop_options
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2")
 namespace avx512 {
 #include "batch_norm_kernels.h"
 }  // namespace avx512
@@ -70,11 +71,10 @@ Isa runtime_isa() {
     __builtin_cpu_init();
     if (aten == "AVX512" && __builtin_cpu_supports("avx512f") &&
         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma")) {
+        __builtin_cpu_supports("avx512dq")) {
       return Isa::kAvx512;
     }
-    if ((aten == "AVX512" || aten == "AVX2") && __builtin_cpu_supports("avx2") &&
-        __builtin_cpu_supports("fma")) {
+    if ((aten == "AVX512" || aten == "AVX2") && __builtin_cpu_supports("avx2")) {
       return Isa::kAvx2;
     }
     return Isa::kBaseline;

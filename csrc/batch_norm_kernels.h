@@ -1,8 +1,8 @@
 // Batch-norm CPU kernels, written once and compiled once per instruction set: batch_norm.cpp
 // includes this file several times, each time inside its own namespace and under its own
 // `#pragma GCC target`, then picks one build at run time. Hence no include guard and no
-// #include here: everything it uses (batch_norm_layout.h, <utility>, <vector>, c10 types) is
-// included before.
+// #include here: everything it uses (batch_norm_layout.h, <cstring>, <utility>, <vector>, c10 types)
+// is included before.
 //
 // Vectors are GCC/Clang vector extensions of a fixed 64 bytes (16 float32 or 8 float64 lanes);
 // the compiler lowers them to one AVX-512, two AVX2 or four SSE registers. Because the lane
@@ -14,16 +14,14 @@
 
 template <typename acc_t>
 struct Lanes;
-// Vec: the vector; Mask: what comparing two Vec gives; Count: the per-lane counter type (a run
-// never covers 2^31 values); Unaligned*: the same vectors at any element-aligned address,
-// used for loads and stores (they alias only their element type, so accumulators stay in
-// registers).
+// Vec: the vector; Mask: what comparing two Vec gives; Count: its lane type; UnalignedVec: Vec
+// at any element-aligned address, for loads and stores (it aliases only its element type, so
+// accumulators stay in registers).
 template <>
 struct Lanes<float> {
   typedef float Vec __attribute__((vector_size(64)));
   typedef float UnalignedVec __attribute__((vector_size(64), aligned(4)));
   typedef int32_t Mask __attribute__((vector_size(64)));
-  typedef int32_t UnalignedMask __attribute__((vector_size(64), aligned(4)));
   typedef int32_t Count;
 };
 template <>
@@ -31,7 +29,6 @@ struct Lanes<double> {
   typedef double Vec __attribute__((vector_size(64)));
   typedef double UnalignedVec __attribute__((vector_size(64), aligned(8)));
   typedef int64_t Mask __attribute__((vector_size(64)));
-  typedef int64_t UnalignedMask __attribute__((vector_size(64), aligned(8)));
   typedef int64_t Count;
 };
 template <typename acc_t>
@@ -97,10 +94,20 @@ AVK_INLINE T relu(T z) {
   return z < T{} ? T{} : z;
 }
 
-// dy where the pre-activation z is positive, else 0 (the fused ReLU's backward).
+// dy where the pre-activation z is positive, else 0 (the fused ReLU's backward). The scalar
+// form masks bits: compilers turn the plain ternary into an unpredictable branch.
 template <typename T>
 AVK_INLINE T mask_by_relu(T z, T dy) {
-  return z > T{} ? dy : T{};
+  if constexpr (std::is_floating_point_v<T>) {
+    using Bits = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+    Bits bits;
+    std::memcpy(&bits, &dy, sizeof bits);
+    bits &= Bits(0) - static_cast<Bits>(z > T{});
+    std::memcpy(&dy, &bits, sizeof bits);
+    return dy;
+  } else {
+    return z > T{} ? dy : T{};
+  }
 }
 
 // Sum of a vector's lanes by halving (lanes [0, n/2) + [n/2, n), and again): a fixed order
@@ -141,56 +148,44 @@ struct Sum {
   AVK_INLINE acc_t total() const { return horizontal_sum<acc_t>(lanes[0] + lanes[1]) + tail; }
 };
 
-// Counting values <= 0 (NaN is not counted, as `z <= 0` in PyTorch): per-lane counters of
-// type CountValue, a true vector comparison being -1.
-template <typename Step, typename acc_t>
-using CountValue = std::conditional_t<Step::vector, typename Lanes<acc_t>::Mask, Count<acc_t>>;
+// Counting values <= 0 (NaN is not counted, as `z <= 0` in PyTorch); a true vector comparison
+// is -1 in every lane.
 
-template <typename Step, typename acc_t>
-AVK_INLINE void add_if_non_positive(Step, CountValue<Step, acc_t>& count, Value<Step, acc_t> z) {
-  if constexpr (Step::vector) {
-    count -= (z <= Vec<acc_t>{});
-  } else {
-    count += z <= 0;
-  }
-}
-
-template <typename Step, typename acc_t>
-AVK_INLINE CountValue<Step, acc_t> load_count(Step, const Count<acc_t>* p) {
-  if constexpr (Step::vector) {
-    return *reinterpret_cast<const typename Lanes<acc_t>::UnalignedMask*>(p);
-  } else {
-    return *p;
-  }
-}
-
-template <typename Step, typename acc_t>
-AVK_INLINE void store_count(Step, Count<acc_t>* p, CountValue<Step, acc_t> v) {
-  if constexpr (Step::vector) {
-    *reinterpret_cast<typename Lanes<acc_t>::UnalignedMask*>(p) = v;
-  } else {
-    *p = v;
-  }
-}
-
-// A count over for_each_step.
+// A count over for_each_step, in registers.
 template <typename acc_t>
 struct NonPositiveCount {
   typename Lanes<acc_t>::Mask lanes = {};
-  Count<acc_t> tail = 0;
+  int64_t tail = 0;
 
   template <typename Step>
-  AVK_INLINE void add(Step step, Value<Step, acc_t> z) {
+  AVK_INLINE void add(Step, Value<Step, acc_t> z) {
     if constexpr (Step::vector) {
-      add_if_non_positive<Step, acc_t>(step, lanes, z);
+      lanes -= (z <= Vec<acc_t>{});
     } else {
-      add_if_non_positive<Step, acc_t>(step, tail, z);
+      tail += z <= 0;
     }
   }
-  AVK_INLINE int64_t total() const {
-    return int64_t(tail) + horizontal_sum<Count<acc_t>>(lanes);
-  }
+  AVK_INLINE int64_t total() const { return tail + horizontal_sum<Count<acc_t>>(lanes); }
 };
+
+// Per-channel counters in memory (rows layout), 16-bit because a run never covers more than
+// kRunElements positions: narrower counters halve the memory operations the count adds to the
+// normalise loop.
+using RowCount = int16_t;
+static_assert(kRunElements <= 32767, "a run's per-channel count must fit RowCount");
+
+template <typename Step, typename acc_t>
+AVK_INLINE void count_non_positive(Step, RowCount* counts, Value<Step, acc_t> z) {
+  if constexpr (Step::vector) {
+    typedef RowCount Counts __attribute__((vector_size(kLanes<acc_t> * sizeof(RowCount))));
+    typedef RowCount UnalignedCounts
+        __attribute__((vector_size(kLanes<acc_t> * sizeof(RowCount)), aligned(sizeof(RowCount))));
+    *reinterpret_cast<UnalignedCounts*>(counts) -=
+        __builtin_convertvector(z <= Vec<acc_t>{}, Counts);
+  } else {
+    *counts += z <= 0;
+  }
+}
 
 // --- dtype conversion -------------------------------------------------------------------------
 // Kernels compute on contiguous accumulation-type arrays. float32/float64 input is used in place;
@@ -352,18 +347,11 @@ void rows_deviations(const acc_t* x, int64_t rows, int64_t C, const acc_t* cente
 // y = act(x * scale + shift); adds the per-column count of x * scale + shift <= 0 to counts.
 template <bool RELU, bool COUNT, typename acc_t>
 void rows_normalise(const acc_t* x, acc_t* y, int64_t rows, int64_t C, const acc_t* scale,
-                    const acc_t* shift, Count<acc_t>* counts) {
-  for_each_row_block<acc_t, 1>(rows, C, [&](int64_t c, auto step, int64_t r, auto block) {
-    using Step = decltype(step);
-    const auto s = load(step, scale + c), t = load(step, shift + c);
-    CountValue<Step, acc_t> count{};
-    if constexpr (COUNT) count = load_count<Step, acc_t>(step, counts + c);
-    for (int64_t j = 0; j < decltype(block)::value; ++j) {
-      const auto z = load(step, x + (r + j) * C + c) * s + t;
-      if constexpr (COUNT) add_if_non_positive<Step, acc_t>(step, count, z);
-      store(step, y + (r + j) * C + c, RELU ? relu(z) : z);
-    }
-    if constexpr (COUNT) store_count<Step, acc_t>(step, counts + c, count);
+                    const acc_t* shift, RowCount* counts) {
+  for_each_row_block<acc_t, 1>(rows, C, [&](int64_t c, auto step, int64_t r, auto) {
+    const auto z = load(step, x + r * C + c) * load(step, scale + c) + load(step, shift + c);
+    if constexpr (COUNT) count_non_positive<decltype(step), acc_t>(step, counts + c, z);
+    store(step, y + r * C + c, RELU ? relu(z) : z);
   });
 }
 
@@ -444,14 +432,27 @@ struct Scratch {
   }
 };
 
-// Calls f(std::bool_constant<a>, std::bool_constant<b>): run-time flags to template flags.
+// Run-time flags to template flags: f(std::bool_constant<a>) / f(std::bool_constant<a>,
+// std::bool_constant<b>).
+template <typename F>
+AVK_INLINE void with_flag(bool a, F&& f) {
+  if (a) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
 template <typename F>
 AVK_INLINE void with_flags(bool a, bool b, F&& f) {
-  if (a) {
-    if (b) f(std::true_type{}, std::true_type{}); else f(std::true_type{}, std::false_type{});
-  } else {
-    if (b) f(std::false_type{}, std::true_type{}); else f(std::false_type{}, std::false_type{});
-  }
+  with_flag(a, [&](auto a_flag) { with_flag(b, [&](auto b_flag) { f(a_flag, b_flag); }); });
+}
+
+// Calls fn(r, run) for the runs [begin, end), in memory order.
+template <typename F>
+AVK_INLINE void for_each_run(const Geometry& g, int64_t begin, int64_t end, F&& fn) {
+  Run k = g.run(begin);
+  for (int64_t r = begin; r < end; ++r, g.next(k)) fn(r, k);
 }
 
 template <typename scalar_t>
@@ -464,8 +465,7 @@ struct Kernels {
   static void batch_stats(const Geometry& g, const scalar_t* x, int64_t begin, int64_t end,
                           double* run_mean, double* run_m2) {
     Scratch<acc_t> scratch(g, kConvert, g.rows ? 3 : 0);
-    Run k = g.run(begin);
-    for (int64_t r = begin; r < end; ++r, g.next(k)) {
+    for_each_run(g, begin, end, [&](int64_t r, const Run& k) {
       const int64_t len = k.positions();
       const double count = static_cast<double>(len);
       const acc_t* xa = as_acc(x + g.offset(k), g.elements(k), scratch.a.data());
@@ -490,7 +490,7 @@ struct Kernels {
         run_mean[r] = center + res / count;
         run_m2[r] = m2 - res * res / count;
       }
-    }
+    });
   }
 
   template <bool RELU, bool COUNT>
@@ -498,14 +498,13 @@ struct Kernels {
                              const acc_t* scale, const acc_t* shift, int64_t* counts,
                              int64_t begin, int64_t end) {
     Scratch<acc_t> scratch(g, kConvert, 0);
-    std::vector<Count<acc_t>> channel_counts(g.rows && COUNT ? g.channels : 0);
-    Run k = g.run(begin);
-    for (int64_t r = begin; r < end; ++r, g.next(k)) {
+    std::vector<RowCount> channel_counts(g.rows && COUNT ? g.channels : 0);
+    for_each_run(g, begin, end, [&](int64_t r, const Run& k) {
       const int64_t offset = g.offset(k), size = g.elements(k);
       const acc_t* xa = as_acc(x + offset, size, scratch.a.data());
       acc_t* ya = output_span(y + offset, scratch.b.data());
       if (g.rows) {
-        std::fill(channel_counts.begin(), channel_counts.end(), Count<acc_t>(0));
+        std::fill(channel_counts.begin(), channel_counts.end(), RowCount(0));
         rows_normalise<RELU, COUNT>(xa, ya, k.positions(), g.channels, scale, shift,
                                     channel_counts.data());
         if constexpr (COUNT) {
@@ -517,7 +516,7 @@ struct Kernels {
         if constexpr (COUNT) counts[r] = dead;
       }
       store_output(y + offset, ya, size);
-    }
+    });
   }
 
   static void normalise(const Geometry& g, const scalar_t* x, scalar_t* y, const acc_t* scale,
@@ -537,8 +536,7 @@ struct Kernels {
                         double* run_sum_dy, double* run_sum_dy_xc) {
     constexpr bool kSums = SUMS_ONLY || !BATCH_STATS;
     Scratch<acc_t> scratch(g, kConvert, g.rows && kSums ? 2 : 0);
-    Run run = g.run(begin);
-    for (int64_t r = begin; r < end; ++r, g.next(run)) {
+    for_each_run(g, begin, end, [&](int64_t r, const Run& run) {
       const int64_t offset = g.offset(run), size = g.elements(run);
       const acc_t* xa = as_acc(x + offset, size, scratch.a.data());
       const acc_t* dya = as_acc(dy + offset, size, scratch.b.data());
@@ -577,13 +575,13 @@ struct Kernels {
         }
       }
       if constexpr (!SUMS_ONLY) store_output(dx + offset, dxa, size);
-    }
+    });
   }
 
   static void grad_sums(const Geometry& g, const scalar_t* dy, const scalar_t* x,
                         const GradCoefficients<acc_t>& k, bool relu, int64_t begin, int64_t end,
                         double* run_sum_dy, double* run_sum_dy_xc) {
-    with_flags(relu, true, [&](auto relu_flag, auto) {
+    with_flag(relu, [&](auto relu_flag) {
       grad_runs<decltype(relu_flag)::value, true, true>(g, dy, x, nullptr, k, begin, end,
                                                         run_sum_dy, run_sum_dy_xc);
     });

@@ -59,8 +59,7 @@ struct Geometry {
     const int64_t unit = r / parts;  // the sample (rows) or the plane (planes)
     k.sample = rows ? unit : unit / channels;
     k.channel = rows ? 0 : unit % channels;
-    k.position_begin = k.part * part_len;
-    k.position_end = std::min(spatial, k.position_begin + part_len);
+    set_positions(k);
     return k;
   }
   // Moves k to the next run without divisions.
@@ -72,6 +71,9 @@ struct Geometry {
         ++k.sample;
       }
     }
+    set_positions(k);
+  }
+  void set_positions(Run& k) const {
     k.position_begin = k.part * part_len;
     k.position_end = std::min(spatial, k.position_begin + part_len);
   }

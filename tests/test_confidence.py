@@ -116,6 +116,53 @@ def test_crash_mid_write_keeps_the_old_file(tmp_path, monkeypatch, suffix):
     assert ConfidenceTracker.load(path).num_epochs == 1
 
 
+def record_epoch(tracker, epoch: int, batches: list[list[int]]) -> None:
+    """Update ``tracker`` with one batch per entry of ``batches`` (logits a function of the
+    epoch and the ids, so two trackers fed the same calls see the same values)."""
+    for ids in batches:
+        generator = torch.Generator().manual_seed(1000 * epoch + sum(ids))
+        logits = torch.randn(len(ids), 4, generator=generator, dtype=torch.float64)
+        tracker.update(ids, logits, torch.tensor(ids) % 4)
+
+
+def test_state_dict_round_trip_mid_epoch_then_continue_equals_never_stopping(tmp_path):
+    batches = [[3, 0], [4, 1], [2]]  # epoch 1 sees 5 samples in 3 batches
+    uninterrupted = ConfidenceTracker(5)
+    interrupted = ConfidenceTracker(5)
+    for tracker in (uninterrupted, interrupted):
+        record_epoch(tracker, 0, batches)
+        tracker.end_epoch()
+        record_epoch(tracker, 1, batches[:2])  # stopped after two batches of epoch 2
+    path = tmp_path / "tracker.pt"
+    torch.save(interrupted.state_dict(), path)
+    del interrupted
+    resumed = ConfidenceTracker(5)
+    resumed.load_state_dict(torch.load(path, weights_only=True))
+    assert resumed.ids == uninterrupted.ids and resumed.num_epochs == 1
+    for tracker in (uninterrupted, resumed):
+        record_epoch(tracker, 1, batches[2:])
+        tracker.end_epoch()
+        record_epoch(tracker, 2, batches[::-1])
+        tracker.end_epoch()
+    assert torch.equal(resumed.per_epoch(), uninterrupted.per_epoch())
+    assert resumed.mean().ids == uninterrupted.mean().ids
+    assert torch.equal(resumed.mean().values, uninterrupted.mean().values)
+    # the unfinished epoch was restored: without it, samples 3, 0, 4, 1 would be NaN in epoch 2
+    assert not resumed.per_epoch()[1].isnan().any()
+
+
+def test_state_dict_is_a_copy_and_load_state_dict_checks_the_state():
+    tracker = ConfidenceTracker(2)
+    record_epoch(tracker, 0, [[0, 1]])
+    state = tracker.state_dict()
+    tracker.end_epoch()
+    assert state["epochs"] == [] and state["count"].tolist() == [1, 1]
+    with pytest.raises(ValueError, match="num_samples=2, this one has 3"):
+        ConfidenceTracker(3).load_state_dict(state)
+    with pytest.raises(ValueError, match=r"lacks \['sum'\]"):
+        ConfidenceTracker(2).load_state_dict({k: v for k, v in state.items() if k != "sum"})
+
+
 def test_errors(tmp_path):
     tracker = ConfidenceTracker(3)
     with pytest.raises(RuntimeError, match="no update"):

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from avkernels._io import atomic_write_text
 from avkernels.checkpoints import (
     BLOCKS,
     CheckpointError,
@@ -92,8 +93,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         out.mkdir(parents=True, exist_ok=True)
         written = [out / "report.md", out / "report.json"]
-        written[0].write_text(report.to_markdown(), encoding="utf-8")
-        written[1].write_text(report.to_json(), encoding="utf-8")
+        atomic_write_text(written[0], report.to_markdown())
+        atomic_write_text(written[1], report.to_json())
         written += report.plot(out)
         if args.before is not None:
             before = _read_report(args.before, DiagnosisReport)
@@ -101,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
                 comparison = compare(before, report, labels=("before", "now"))
             except ValueError as error:
                 raise CommandError(f"{args.before}: {error}") from None
-            (out / "comparison.md").write_text(comparison.to_markdown(), encoding="utf-8")
+            atomic_write_text(out / "comparison.md", comparison.to_markdown())
             written += [out / "comparison.md", comparison.plot(out / "comparison.png")]
     except OSError as error:
         reason = error.strerror or error

@@ -10,12 +10,13 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Optional, Union
+from typing import Iterable, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from avkernels._io import atomic_write_text
 from avkernels.data.errors import DataError
 
 # Kinetics-Sounds statistics of the official loader (unnormalised 128-bin fbank, 1024 frames).
@@ -142,7 +143,7 @@ class FbankStats:
     target_length: int
 
     def save(self, path: Union[str, Path]) -> None:
-        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8")
+        atomic_write_text(path, json.dumps(asdict(self), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: Union[str, Path]) -> "FbankStats":

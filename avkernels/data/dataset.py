@@ -58,12 +58,16 @@ class AVDataset(Dataset):
             later, while decoding, always raises.
         modalities: the inputs to load (``("audio",)`` for an audio-only stage-1 run).
         check_files: set False to skip the up-front check (for manifests known to be sound).
+        cache_audio: keep each clip's normalised fbank in memory after its first load (exact:
+            the audio input has no random augmentation); saves the fbank, the costliest step,
+            on every later epoch. Each DataLoader worker keeps its own cache.
     """
 
     def __init__(self, manifest: Union[str, Path, Sequence[ClipRecord]], split: Optional[str] = None,
                  audio: AudioConfig = AudioConfig(), visual: VisualConfig = VisualConfig(),
                  train: Optional[bool] = None, on_error: str = "raise",
-                 modalities: Sequence[str] = MODALITIES, check_files: bool = True):
+                 modalities: Sequence[str] = MODALITIES, check_files: bool = True,
+                 cache_audio: bool = False):
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
         modalities = tuple(modalities)
@@ -81,6 +85,7 @@ class AVDataset(Dataset):
         self.modalities = modalities
         self.num_classes = max(r.label for r in all_records) + 1
         self.skipped: list[DataError] = []
+        self._audio_cache: Optional[dict] = {} if cache_audio else None
         if check_files:
             records = self._checked(records, on_error)
         self.records = records
@@ -119,11 +124,18 @@ class AVDataset(Dataset):
     def labels(self) -> list[int]:
         return [r.label for r in self.records]
 
+    def _audio(self, record: ClipRecord) -> torch.Tensor:
+        if self._audio_cache is None:
+            return audio_input(record.audio, self.audio_config)
+        if record.id not in self._audio_cache:
+            self._audio_cache[record.id] = audio_input(record.audio, self.audio_config)
+        return self._audio_cache[record.id].clone()
+
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]
         item = {}
         if "audio" in self.modalities:
-            item["audio"] = audio_input(record.audio, self.audio_config)
+            item["audio"] = self._audio(record)
         if "visual" in self.modalities:
             item["visual"] = load_frames(record.frames, self.visual_config, self.train)
         item["label"] = record.label

@@ -9,12 +9,14 @@ parameters...) are kept as strings in :attr:`ClipRecord.extra`.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
+from avkernels._io import atomic_write_text
 from avkernels.data.errors import DataError
 
 REQUIRED_FIELDS = ("id", "split", "label", "audio", "frames")
@@ -110,18 +112,14 @@ def write_manifest(path: Union[str, Path], records: Iterable[ClipRecord]) -> Pat
     for record in records:
         extra_fields += [k for k in record.extra if k not in extra_fields]
     rows = [_row(record, base, extra_fields) for record in records]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".partial")
-    with open(temporary, "w", encoding="utf-8", newline="") as handle:
-        if suffix == ".csv":
-            writer = csv.DictWriter(handle, fieldnames=list(REQUIRED_FIELDS) + extra_fields)
-            writer.writeheader()
-            writer.writerows(rows)
-        else:
-            for row in rows:
-                handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(temporary, path)
-    return path
+    if suffix == ".csv":
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=list(REQUIRED_FIELDS) + extra_fields)
+        writer.writeheader()
+        writer.writerows(rows)
+        return atomic_write_text(path, text.getvalue())
+    return atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n"
+                                           for row in rows))
 
 
 def _relative(target: Path, base: Path) -> str:

@@ -4,6 +4,8 @@ Fine-tune each encoder alone; every training step call :meth:`ConfidenceTracker.
 the batch's sample ids, logits and labels, and :meth:`ConfidenceTracker.end_epoch` after each
 epoch. :meth:`ConfidenceTracker.mean` is the sample-wise mean over epochs (SPEC section 3),
 joined by id with the other modality's in :func:`avkernels.fust.mask_ratios`.
+A training checkpoint stores :meth:`ConfidenceTracker.state_dict` (the unfinished epoch
+included) and restores it with :meth:`ConfidenceTracker.load_state_dict`.
 
 Files (:meth:`ConfidenceTracker.save`, written atomically: a crash mid-write leaves the old file
 or none, never a truncated one), chosen by suffix:
@@ -20,7 +22,6 @@ or none, never a truncated one), chosen by suffix:
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence, Union
@@ -28,6 +29,8 @@ from typing import Iterable, Mapping, Sequence, Union
 import numpy as np
 import torch
 from torch import Tensor
+
+from avkernels._io import atomic_write
 
 SampleId = Union[int, str]
 FILE_FORMAT = "avkernels.fust.confidence"
@@ -180,7 +183,7 @@ class ConfidenceTracker:
         payload = {"format": FILE_FORMAT, "version": FILE_VERSION,
                    "num_samples": self.num_samples, "ids": list(self._ids),
                    "per_epoch": per_epoch, "mean": _nanmean(per_epoch)}
-        _atomic_write(path, lambda file: _write(file, suffix, payload))
+        atomic_write(path, lambda file: _write(file, suffix, payload))
         return path
 
     @classmethod
@@ -204,6 +207,43 @@ class ConfidenceTracker:
             full[: len(ids)] = epoch
             tracker._epochs.append(full)
         return tracker
+
+    # --- resuming ----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """The full state, the unfinished epoch included, for a training checkpoint (plain
+        Python and tensors: ``torch.load(weights_only=True)`` reads it). :meth:`save` writes
+        only completed epochs; this is what resuming mid-epoch needs.
+
+        Keys: ``num_samples``, ``ids`` (first-seen order), ``epochs`` (completed epochs, each
+        (num_samples,) float64, NaN where unseen), ``sum``/``count`` (the unfinished epoch's
+        per-sample totals).
+        """
+        return {"num_samples": self.num_samples, "ids": list(self._ids),
+                "epochs": [epoch.clone() for epoch in self._epochs],
+                "sum": self._sum.clone(), "count": self._count.clone()}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Replace this tracker's state by ``state`` (from :meth:`state_dict`)."""
+        missing = {"num_samples", "ids", "epochs", "sum", "count"} - set(state)
+        if missing:
+            raise ValueError(f"ConfidenceTracker.load_state_dict: the state lacks "
+                             f"{sorted(missing)}; pass a ConfidenceTracker.state_dict()")
+        if state["num_samples"] != self.num_samples:
+            raise ValueError(f"ConfidenceTracker.load_state_dict: the state is of a tracker with "
+                             f"num_samples={state['num_samples']}, this one has "
+                             f"{self.num_samples}")
+        shape = (self.num_samples,)
+        tensors = [*state["epochs"], state["sum"], state["count"]]
+        if any(tuple(tensor.shape) != shape for tensor in tensors):
+            raise ValueError(f"ConfidenceTracker.load_state_dict: every tensor of the state must "
+                             f"have shape {shape}")
+        self._ids, self._index = [], {}
+        for sample_id in state["ids"]:
+            self._row(sample_id)
+        self._epochs = [epoch.to("cpu", torch.float64, copy=True) for epoch in state["epochs"]]
+        self._sum.copy_(state["sum"])
+        self._count.copy_(state["count"])
 
     # --- internals ------------------------------------------------------------------------------
 
@@ -272,22 +312,6 @@ def _checked_suffix(path: Path) -> str:
     if path.suffix not in SUFFIXES:
         raise ValueError(f"confidence files are .pt or .npz (chosen by suffix), got {path}")
     return path.suffix
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write to a temporary file beside ``path``, flush it to disk, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
-                                         suffix=".partial")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def _write(file, suffix: str, payload: dict) -> None:

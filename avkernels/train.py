@@ -1,0 +1,724 @@
+"""One small training loop for FusT and its baseline (plain PyTorch), resumable bit for bit.
+
+Stages (:attr:`TrainConfig.stage`):
+
+``"stage1"``  FusT stage 1: each encoder fine-tuned alone with its own head (``audio_fc``,
+              ``visual_fc``; the two branches share no parameter, so one loop trains both
+              independently), recording every epoch each training sample's confidence with a
+              :class:`~avkernels.fust.ConfidenceTracker` per modality; written as
+              ``confidence_audio.pt`` / ``confidence_visual.pt`` in the run directory.
+``"stage2"``  FusT stage 2: joint training from the stage-1 encoders (``init_from``), cross
+              entropy on the joint logits, with the per-sample mask ratios of
+              :func:`~avkernels.fust.mask_ratios` (joined by sample id) applied to the inputs
+              (:func:`~avkernels.mask_patches`, the official operator), to the fused features
+              (:class:`~avkernels.MaskedConcatFusion`), or both (``mask_target``).
+``"joint"``   naive joint training (the baseline): the same without masking.
+
+Batches are dicts: ``"audio"`` (B, 1, frames, mel) float, ``"visual"`` (B, C, T, H, W) float,
+``"label"`` (B,) int64, ``"id"`` list of sample ids.
+
+Run directory: ``config.json``; ``checkpoint.pt`` (everything needed to resume: model,
+optimizer, scheduler, RNG states of torch/numpy/python, epoch and step, confidence trackers,
+running epoch totals, metrics history; written atomically at every epoch end, every
+``checkpoint_every`` steps and when a stop is requested, e.g. by Ctrl-C); ``metrics.jsonl`` and
+``metrics.csv`` (one row per epoch and split, rewritten from the checkpointed history so a
+resumed run never duplicates a row); ``model.pt`` (the final model state dict).
+
+Reproducibility: the order of the data in epoch ``e`` is a function of ``(seed, e)`` only (no
+generator state to carry), and the DataLoader gets a generator seeded the same way, so workers
+are seeded identically. A run resumed from any checkpoint equals the uninterrupted run bit for
+bit on CPU when the dataset's randomness, if any, comes from torch's global generator with
+``num_workers=0`` (then it is in the checkpointed RNG state); with worker processes and random
+augmentation, resuming at an epoch boundary is exact and resuming mid-epoch is not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import io
+import json
+import math
+import random
+import signal
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from avkernels._io import atomic_write, atomic_write_text
+from avkernels.fust.confidence import ConfidenceTracker
+from avkernels.fust.policy import MaskRatios, mask_ratios
+from avkernels.models import AVClassifier, load_encoder, read_state_dict
+from avkernels.ops.masking import mask_patches
+
+STAGES = ("stage1", "stage2", "joint")
+MODALITIES = ("audio", "visual")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "step", "cosine")
+MASK_TARGETS = ("input", "features", "both")
+CHECKPOINT_FORMAT = "avkernels.train.checkpoint"
+CHECKPOINT_VERSION = 1
+CHECKPOINT, CONFIG, MODEL = "checkpoint.pt", "config.json", "model.pt"
+METRICS_JSONL, METRICS_CSV = "metrics.jsonl", "metrics.csv"
+# Allowed values of the TrainConfig fields that take one of a few names.
+CHOICES = {"stage": STAGES, "optimizer": OPTIMIZERS, "schedule": SCHEDULES,
+           "mask_target": MASK_TARGETS, "adapt_first_conv": ("sum", "mean"),
+           "mask_rule": ("symmetric", "official"), "mask_mode": ("conf", "mean"),
+           "audio_arch": ("resnet18", "resnet34"), "visual_arch": ("resnet18", "resnet34")}
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run; saved as ``config.json`` and in every checkpoint.
+
+    ``num_classes`` is the one required field; ``stage`` one of :data:`STAGES`; ``epochs``,
+    ``batch_size``, ``seed`` (initialisation, data order, masks).
+
+    Optimisation: ``optimizer`` (``"sgd"`` with ``momentum``, ``"adam"``, ``"adamw"``),
+    ``lr``, ``weight_decay``; ``schedule`` per epoch: ``"constant"``, ``"step"`` (times
+    ``lr_gamma`` every ``lr_step`` epochs, the official OGM-GE setting) or ``"cosine"`` (to 0
+    over ``epochs``). Defaults follow the official code (SGD 1e-3, momentum 0.9, wd 1e-4,
+    StepLR 70/0.1).
+
+    Model: ``audio_arch``/``visual_arch`` (``resnet18``/``resnet34``), ``width`` (64 =
+    ResNet), ``visual_channels``; initial encoder weights ``audio_init``/``visual_init`` (any
+    checkpoint :func:`~avkernels.models.load_encoder` reads; RGB stems moved to the audio
+    encoder's one channel by ``adapt_first_conv``, ``"sum"`` or ``"mean"``); ``init_from``: a
+    run directory or checkpoint whose ``audio_net``/``visual_net`` replace those (stage 2 from
+    stage 1); ``abri``: modalities whose encoder gets ABRi (after loading).
+
+    Stage 1: ``modalities`` trained (both by default).
+
+    Stage 2: ``audio_confidence``/``visual_confidence`` (default: ``confidence_*.pt`` of the
+    ``init_from`` run directory); ``mask_threshold`` (tau), ``mask_eta``/``mask_rho``
+    ((audio, visual)), ``mask_rule``, ``mask_mode`` (see :func:`~avkernels.fust.mask_ratios`;
+    tau/eta/rho are unpublished in the paper: the defaults 0.5/5/0.5 are ours, tune them);
+    ``mask_target``: ``"input"`` (default, the official operator: whole input patches zeroed),
+    ``"features"`` (groups of ``feature_group`` pooled features zeroed in the fusion layer) or
+    ``"both"``. Input patches keep the official patch grid at any input size:
+    ``patch = max(1, size // grid)`` with ``audio_patch_grid`` (32, 16) over (frames, mel)
+    (32x8 patches on 1024x128) and ``visual_patch_grid`` (22, 22) over (H, W) (10x10 on 224).
+
+    Bookkeeping: ``checkpoint_every`` steps (0: at epoch ends only); ``probe_epochs``: when
+    > 0, linear probes of each encoder (frozen features, ``probe_lr``, Adam) at the end.
+    """
+
+    num_classes: int
+    stage: str = "joint"
+    epochs: int = 10
+    batch_size: int = 16
+    seed: int = 0
+    optimizer: str = "sgd"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    schedule: str = "step"
+    lr_step: int = 70
+    lr_gamma: float = 0.1
+    audio_arch: str = "resnet18"
+    visual_arch: str = "resnet18"
+    width: int = 64
+    visual_channels: int = 3
+    audio_init: Optional[str] = None
+    visual_init: Optional[str] = None
+    adapt_first_conv: str = "sum"
+    init_from: Optional[str] = None
+    abri: tuple = ()
+    modalities: tuple = MODALITIES
+    audio_confidence: Optional[str] = None
+    visual_confidence: Optional[str] = None
+    mask_threshold: float = 0.5
+    mask_eta: tuple = (5.0, 5.0)
+    mask_rho: tuple = (0.5, 0.5)
+    mask_rule: str = "symmetric"
+    mask_mode: str = "conf"
+    mask_target: str = "input"
+    audio_patch_grid: tuple = (32, 16)
+    visual_patch_grid: tuple = (22, 22)
+    feature_group: int = 1
+    checkpoint_every: int = 0
+    probe_epochs: int = 0
+    probe_lr: float = 1e-2
+
+    def __post_init__(self) -> None:
+        for name in ("abri", "modalities", "mask_eta", "mask_rho", "audio_patch_grid",
+                     "visual_patch_grid"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)):
+                setattr(self, name, tuple(value))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first bad field and its allowed values."""
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"TrainConfig.{name} must be one of {allowed}, got "
+                                 f"{getattr(self, name)!r}")
+        for name in ("abri", "modalities"):
+            unknown = set(getattr(self, name)) - set(MODALITIES)
+            if unknown:
+                raise ValueError(f"TrainConfig.{name} takes modalities {MODALITIES}, got "
+                                 f"{sorted(unknown)}")
+        if not self.modalities:
+            raise ValueError("TrainConfig.modalities must name at least one modality")
+        positive = ("num_classes", "epochs", "batch_size", "width", "lr_step", "feature_group")
+        for name in positive:
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be a positive int, got "
+                                 f"{getattr(self, name)!r}"
+                                 + (" (the number of classes of the dataset)"
+                                    if name == "num_classes" else ""))
+        if self.num_classes < 2:
+            raise ValueError(f"TrainConfig.num_classes must be >= 2, got {self.num_classes}")
+        for name in ("checkpoint_every", "probe_epochs"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name} must be an int >= 0")
+        for name in ("lr", "probe_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"TrainConfig.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("mask_eta", "mask_rho", "audio_patch_grid", "visual_patch_grid"):
+            if len(getattr(self, name)) != 2:
+                raise ValueError(f"TrainConfig.{name} must be an (audio, visual) pair"
+                                 if name.startswith("mask") else
+                                 f"TrainConfig.{name} must be a (rows, columns) pair")
+        if self.visual_channels not in (1, 3):
+            raise ValueError("TrainConfig.visual_channels must be 1 or 3")
+
+    def to_dict(self) -> dict:
+        return {name: list(value) if isinstance(value, tuple) else value
+                for name, value in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"TrainConfig: unknown fields {unknown}")
+        return cls(**values)
+
+    def differences(self, other: "TrainConfig") -> list[str]:
+        """``"field: this != other"`` for every field that differs."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return [f"{k}: {mine[k]!r} != {theirs[k]!r}" for k in mine if mine[k] != theirs[k]]
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """A stop was requested (Ctrl-C or :meth:`Trainer.request_stop`); the checkpoint holds
+    everything done so far: resume with ``Trainer(..., resume=True)`` / ``--resume``."""
+
+
+# --- data order ---------------------------------------------------------------------------------
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A 63-bit seed that depends on ``(seed, epoch)`` only."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+class EpochSampler(Sampler[int]):
+    """A random permutation of the dataset that is a function of (seed, epoch), starting at a
+    given batch (to resume mid-epoch without replaying the skipped samples)."""
+
+    def __init__(self, size: int, batch_size: int, seed: int) -> None:
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        order = torch.randperm(self.size, generator=generator)
+        return iter(order[self.start_batch * self.batch_size:].tolist())
+
+    def __len__(self) -> int:
+        return max(0, self.size - self.start_batch * self.batch_size)
+
+
+def batches_per_epoch(size: int, batch_size: int) -> int:
+    return math.ceil(size / batch_size)
+
+
+# --- RNG state ----------------------------------------------------------------------------------
+
+
+def rng_state() -> dict:
+    """Global RNG states of torch (CPU and CUDA), numpy and python, loadable with
+    ``torch.load(weights_only=True)``."""
+    name, keys, position, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)),
+                       "position": int(position), "has_gauss": int(has_gauss),
+                       "cached_gaussian": float(cached)},
+             "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    numpy_state = state["numpy"]
+    np.random.set_state((numpy_state["name"], numpy_state["keys"].numpy().astype(np.uint32),
+                         numpy_state["position"], numpy_state["has_gauss"],
+                         numpy_state["cached_gaussian"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+# --- model construction -------------------------------------------------------------------------
+
+
+def build_model(config: TrainConfig) -> AVClassifier:
+    """The model of ``config`` with its initial weights (``*_init``, ``init_from``, ABRi)."""
+    from avkernels import abri
+
+    model = AVClassifier(config.num_classes, config.audio_arch, config.visual_arch,
+                         visual_channels=config.visual_channels, width=config.width,
+                         feature_group=config.feature_group)
+    for modality, path in (("audio", config.audio_init), ("visual", config.visual_init)):
+        if path is not None:
+            load_encoder(getattr(model, f"{modality}_net"), path, adapt=config.adapt_first_conv)
+    if config.init_from is not None:
+        source = Path(config.init_from)
+        source = source / MODEL if source.is_dir() else source
+        state_dict = read_state_dict(source)
+        for modality in MODALITIES:
+            load_encoder(getattr(model, f"{modality}_net"), state_dict, prefix=f"{modality}_net.")
+    for modality in config.abri:
+        encoder = getattr(model, f"{modality}_net")
+        if not any(True for _ in abri.abri_layers(encoder)):
+            abri.apply(encoder)
+    return model
+
+
+def build_optimizer(config: TrainConfig, parameters) -> torch.optim.Optimizer:
+    parameters = [p for p in parameters if p.requires_grad]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum,
+                               weight_decay=config.weight_decay)
+    optimizer = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
+    return optimizer(parameters, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def build_scheduler(config: TrainConfig, optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    if config.schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, config.lr_step, config.lr_gamma)
+    if config.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.epochs)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
+
+
+def patch_size(size: Sequence[int], grid: Sequence[int]) -> tuple[int, int]:
+    """The patch of an input plane ``size`` for the official patch ``grid`` (see TrainConfig)."""
+    return tuple(max(1, extent // cells) for extent, cells in zip(size, grid))
+
+
+# --- the trainer --------------------------------------------------------------------------------
+
+
+def _progress_enabled(progress: Optional[bool]) -> bool:
+    return sys.stderr.isatty() if progress is None else progress
+
+
+class Trainer:
+    """Train one run of ``config`` on ``train_data`` into ``run_dir``.
+
+    Args:
+        train_data / eval_data: datasets of dict samples (module docstring); ``eval_data``
+            (optional) is evaluated after every epoch.
+        resume: continue the run saved in ``run_dir`` (its config must equal ``config``);
+            without it ``run_dir`` must not hold a run yet.
+        device: where to train (default: cuda if available); not part of the config, so a
+            run can be resumed elsewhere.
+        num_workers: DataLoader workers (see the module docstring on exactness).
+        progress: tqdm bars; default: only when stderr is a terminal.
+        on_step: called as ``on_step(trainer, global_step)`` after every optimizer step.
+
+    :meth:`fit` runs (or finishes) the training and returns the metrics history.
+    """
+
+    def __init__(self, config: TrainConfig, train_data: Dataset, run_dir, *,
+                 eval_data: Optional[Dataset] = None, resume: bool = False,
+                 device=None, num_workers: int = 0, progress: Optional[bool] = None,
+                 on_step: Optional[Callable[["Trainer", int], None]] = None) -> None:
+        config.validate()
+        self.config, self.train_data, self.eval_data = config, train_data, eval_data
+        self.run_dir = Path(run_dir)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.num_workers, self.progress, self.on_step = num_workers, progress, on_step
+        self._stop = threading.Event()
+        if len(train_data) == 0:
+            raise ValueError("Trainer: the training set is empty")
+        checkpoint_path = self.run_dir / CHECKPOINT
+        if resume and not checkpoint_path.is_file():
+            raise FileNotFoundError(f"Trainer: nothing to resume: no {CHECKPOINT} in "
+                                    f"{self.run_dir}")
+        if not resume and checkpoint_path.exists():
+            raise FileExistsError(f"Trainer: {self.run_dir} already holds a run; resume it "
+                                  "(resume=True / --resume) or choose another directory")
+        seed_everything(config.seed)
+        self.model = build_model(config).to(self.device)
+        self.optimizer = build_optimizer(config, self.model.parameters())
+        self.scheduler = build_scheduler(config, self.optimizer)
+        self.trackers: dict[str, ConfidenceTracker] = {}
+        if config.stage == "stage1":
+            self.trackers = {m: ConfidenceTracker(len(train_data)) for m in config.modalities}
+        self.ratios: Optional[MaskRatios] = None
+        if config.stage == "stage2":
+            self.ratios = self._mask_ratios()
+        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self.finished = False
+        self.history: list[dict] = []
+        self._totals = self._zero_totals()
+        if resume:
+            self._load_checkpoint(checkpoint_path)
+
+    # -- state ------------------------------------------------------------------------------
+
+    def _mask_ratios(self) -> MaskRatios:
+        config = self.config
+        sources = []
+        for modality in MODALITIES:
+            path = getattr(config, f"{modality}_confidence")
+            if path is None:
+                if config.init_from is None or not Path(config.init_from).is_dir():
+                    raise ValueError(f"stage 2 needs the stage-1 confidences: set "
+                                     f"{modality}_confidence or init_from (a stage-1 run dir)")
+                path = Path(config.init_from) / f"confidence_{modality}.pt"
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"stage 2: no {modality} confidence file at {path} "
+                                        "(stage 1 writes confidence_<modality>.pt when it ends)")
+            sources.append(path)
+        return mask_ratios(*sources, config.mask_threshold, config.mask_eta, config.mask_rho,
+                           rule=config.mask_rule, mode=config.mask_mode, verbose=False)
+
+    def _zero_totals(self) -> dict:
+        return {"loss": 0.0, "samples": 0, **{f"correct_{m}": 0 for m in ("joint",) + MODALITIES}}
+
+    def state_dict(self) -> dict:
+        return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
+                "config": self.config.to_dict(), "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "rng": rng_state(), "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+                "global_step": self.global_step, "finished": self.finished,
+                "trackers": {m: t.state_dict() for m, t in self.trackers.items()},
+                "totals": dict(self._totals), "history": list(self.history)}
+
+    def save_checkpoint(self) -> Path:
+        """Write ``checkpoint.pt`` atomically (and the metrics files from the history)."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(self.config.to_dict(), indent=2) + "\n"
+        atomic_write_text(self.run_dir / CONFIG, text)
+        state = self.state_dict()
+        atomic_write(self.run_dir / CHECKPOINT, lambda file: torch.save(state, file))
+        self._write_metrics()
+        return self.run_dir / CHECKPOINT
+
+    def _load_checkpoint(self, path: Path) -> None:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # a foreign or damaged file
+            raise ValueError(f"Trainer: {path} is not a readable checkpoint ({error})") from None
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"Trainer: {path} is not an avkernels training checkpoint")
+        saved = TrainConfig.from_dict(state["config"])
+        differences = saved.differences(self.config)
+        if differences:
+            raise ValueError("Trainer: the config differs from the run being resumed ("
+                             + "; ".join(differences) + "); resume with the saved config "
+                             f"({self.run_dir / CONFIG})")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state["global_step"]:
+            # The optimizer stepped before the interruption: tell the scheduler, which would
+            # otherwise warn of a wrong call order when the resumed run closes an epoch at once.
+            self.optimizer._opt_called = True
+        self.trackers = {}
+        for modality, tracker_state in state["trackers"].items():
+            self.trackers[modality] = ConfidenceTracker(tracker_state["num_samples"])
+            self.trackers[modality].load_state_dict(tracker_state)
+        self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
+        self.global_step, self.finished = state["global_step"], state["finished"]
+        self._totals, self.history = dict(state["totals"]), list(state["history"])
+        set_rng_state(state["rng"])
+
+    def _write_metrics(self) -> None:
+        lines = "".join(json.dumps(row) + "\n" for row in self.history)
+        atomic_write_text(self.run_dir / METRICS_JSONL, lines)
+        columns = list(dict.fromkeys(key for row in self.history for key in row))
+        text = io.StringIO()
+        writer = csv.DictWriter(text, columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(self.history)
+        atomic_write_text(self.run_dir / METRICS_CSV, text.getvalue())
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Stop after the current step, checkpoint, and raise :class:`TrainingInterrupted`."""
+        self._stop.set()
+
+    def fit(self) -> list[dict]:
+        """Train the remaining epochs (then the probes); returns the metrics history."""
+        config = self.config
+        if self.finished:
+            return self.history
+        sampler = EpochSampler(len(self.train_data), config.batch_size, config.seed)
+        with _stop_on_sigint(self):
+            while self.epoch < config.epochs:
+                sampler.set_epoch(self.epoch, self.step_in_epoch)
+                loader = DataLoader(self.train_data, config.batch_size, sampler=sampler,
+                                    num_workers=self.num_workers,
+                                    generator=torch.Generator().manual_seed(
+                                        epoch_seed(config.seed, self.epoch)))
+                self._train_epoch(loader)
+                self._end_epoch()
+            if config.probe_epochs:
+                for modality in self.modalities:
+                    row = linear_probe(self.model, modality, self.train_data, self.eval_data,
+                                       epochs=config.probe_epochs, lr=config.probe_lr,
+                                       batch_size=config.batch_size, seed=config.seed,
+                                       device=self.device)
+                    self.history.append({"epoch": self.epoch, "split": f"probe_{modality}", **row})
+            self.finished = True
+            weights = self.model.state_dict()
+            atomic_write(self.run_dir / MODEL, lambda file: torch.save(weights, file))
+            self.save_checkpoint()
+        return self.history
+
+    def _train_epoch(self, loader: DataLoader) -> None:
+        from tqdm.auto import tqdm
+
+        self.model.train()
+        total = batches_per_epoch(len(self.train_data), self.config.batch_size)
+        bar = tqdm(loader, total=total, initial=self.step_in_epoch, leave=False,
+                   desc=f"{self.config.stage} epoch {self.epoch + 1}/{self.config.epochs}",
+                   disable=not _progress_enabled(self.progress))
+        for batch in bar:
+            loss = self._train_step(batch)
+            self.step_in_epoch += 1
+            self.global_step += 1
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            if self.on_step is not None:
+                self.on_step(self, self.global_step)
+            if self._stop.is_set():
+                self.save_checkpoint()
+                raise TrainingInterrupted(
+                    f"stopped at epoch {self.epoch + 1}, step {self.step_in_epoch}; the "
+                    f"checkpoint in {self.run_dir} holds everything: resume it")
+            if self.config.checkpoint_every and self.global_step % self.config.checkpoint_every == 0:
+                self.save_checkpoint()
+        bar.close()
+
+    def _inputs(self, batch: dict) -> tuple[Optional[Tensor], Optional[Tensor], Tensor, list]:
+        """(audio, visual, labels, ids) on the device; an input the stage does not use is None."""
+        missing = {"label", "id", *self.modalities} - set(batch)
+        if missing:
+            raise KeyError(f"Trainer: a batch lacks {sorted(missing)}; batches are dicts with "
+                           f"'label', 'id' and the inputs {list(self.modalities)}")
+        audio, visual = (batch[m].to(self.device, non_blocking=True) if m in self.modalities
+                         else None for m in MODALITIES)
+        return audio, visual, batch["label"].to(self.device), list(batch["id"])
+
+    @property
+    def modalities(self) -> tuple:
+        """The inputs this run uses: stage 1's ``modalities``, both otherwise."""
+        return self.config.modalities if self.config.stage == "stage1" else MODALITIES
+
+    def _train_step(self, batch: dict) -> float:
+        config = self.config
+        audio, visual, labels, ids = self._inputs(batch)
+        totals = self._totals
+        if config.stage == "stage1":
+            loss = 0.0
+            for modality in config.modalities:
+                logits = (self.model.forward_audio(audio) if modality == "audio"
+                          else self.model.forward_visual(visual))
+                loss = loss + F.cross_entropy(logits, labels)
+                self.trackers[modality].update(ids, logits, labels)
+                totals[f"correct_{modality}"] += int((logits.argmax(1) == labels).sum())
+        else:
+            ratio_a = ratio_v = None
+            if self.ratios is not None:
+                ratio_a, ratio_v = self.ratios.gather(ids)
+                if config.mask_target in ("input", "both"):
+                    with torch.no_grad():
+                        mask_patches(audio, ratio_a.to(self.device),
+                                     patch_size(audio.shape[-2:], config.audio_patch_grid),
+                                     inplace=True)
+                        mask_patches(visual, ratio_v.to(self.device),
+                                     patch_size(visual.shape[-2:], config.visual_patch_grid),
+                                     inplace=True)
+                if config.mask_target == "input":
+                    ratio_a = ratio_v = None
+            output = self.model(audio, visual, ratio_a, ratio_v)
+            loss = F.cross_entropy(output.logits, labels)
+            for name, logits in zip(("joint",) + MODALITIES, output):
+                totals[f"correct_{name}"] += int((logits.argmax(1) == labels).sum())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        value = float(loss.detach())
+        totals["loss"] += value * labels.shape[0]
+        totals["samples"] += labels.shape[0]
+        return value
+
+    def _end_epoch(self) -> None:
+        totals, stage = self._totals, self.config.stage
+        names = self.config.modalities if stage == "stage1" else ("joint",) + MODALITIES
+        row = {"epoch": self.epoch + 1, "split": "train",
+               "lr": self.optimizer.param_groups[0]["lr"],
+               "loss": totals["loss"] / totals["samples"]}
+        row.update({_acc_name(n): totals[f"correct_{n}"] / totals["samples"] for n in names})
+        self.history.append(row)
+        for tracker in self.trackers.values():
+            tracker.end_epoch()
+        if self.eval_data is not None:
+            self.history.append({"epoch": self.epoch + 1, "split": "eval",
+                                 **evaluate(self.model, self.eval_data, stage,
+                                            self.config.batch_size, self.device,
+                                            self.modalities)})
+        if _progress_enabled(self.progress):
+            from tqdm.auto import tqdm
+
+            rows = [r for r in self.history if r["epoch"] == self.epoch + 1]
+            tqdm.write(f"{stage} epoch {self.epoch + 1}/{self.config.epochs}: " + "; ".join(
+                r["split"] + " " + ", ".join(f"{k} {v:.4f}" for k, v in r.items()
+                                             if k.startswith(("acc", "loss")))
+                for r in rows), file=sys.stderr)
+        self.scheduler.step()
+        self.epoch += 1
+        self.step_in_epoch = 0
+        self._totals = self._zero_totals()
+        if self.epoch == self.config.epochs:
+            for modality, tracker in self.trackers.items():
+                tracker.save(self.run_dir / f"confidence_{modality}.pt")
+        self.save_checkpoint()
+
+
+def _acc_name(name: str) -> str:
+    return "acc" if name == "joint" else f"acc_{name}"
+
+
+@contextlib.contextmanager
+def _stop_on_sigint(trainer: Trainer):
+    """First Ctrl-C: finish the step, checkpoint, stop. A second one interrupts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum, frame):
+        trainer.request_stop()
+        signal.signal(signal.SIGINT, previous)
+        print("\navkernels: stopping after this step (Ctrl-C again to abort at once)",
+              file=sys.stderr)
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+# --- evaluation ---------------------------------------------------------------------------------
+
+
+def _sequential(data: Dataset, batch_size: int) -> DataLoader:
+    return DataLoader(data, batch_size, shuffle=False,
+                      generator=torch.Generator().manual_seed(0))
+
+
+@torch.no_grad()
+def evaluate(model: AVClassifier, data: Dataset, stage: str, batch_size: int,
+             device=None, modalities: Sequence[str] = MODALITIES) -> dict:
+    """Loss and accuracy on ``data`` in eval mode: per modality (``acc_audio``,
+    ``acc_visual``) from the uni-modal heads of ``modalities`` for ``stage="stage1"``, else
+    the joint ``acc`` and each modality's half of the fusion layer. Restores the model's
+    training mode."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    loss, samples = 0.0, 0
+    correct: dict[str, int] = {}
+    for batch in _sequential(data, batch_size):
+        labels = batch["label"].to(device)
+        if stage == "stage1":
+            outputs = {m: getattr(model, f"forward_{m}")(batch[m].to(device)) for m in modalities}
+            batch_loss = sum(F.cross_entropy(o, labels, reduction="sum") for o in outputs.values())
+        else:
+            output = model(batch["audio"].to(device), batch["visual"].to(device))
+            outputs = dict(zip(("joint",) + MODALITIES, output))
+            batch_loss = F.cross_entropy(output.logits, labels, reduction="sum")
+        loss += float(batch_loss)
+        samples += labels.shape[0]
+        for name, logits in outputs.items():
+            correct[name] = correct.get(name, 0) + int((logits.argmax(1) == labels).sum())
+    model.train(was_training)
+    return {"loss": loss / samples, **{_acc_name(n): c / samples for n, c in correct.items()}}
+
+
+@torch.no_grad()
+def _features(model: AVClassifier, modality: str, data: Dataset, batch_size: int,
+              device) -> tuple[Tensor, Tensor]:
+    encode = model.encode_audio if modality == "audio" else model.encode_visual
+    features, labels = [], []
+    for batch in _sequential(data, batch_size):
+        features.append(encode(batch[modality].to(device)))
+        labels.append(batch["label"].to(device))
+    return torch.cat(features), torch.cat(labels)
+
+
+def linear_probe(model: AVClassifier, modality: str, train_data: Dataset,
+                 eval_data: Optional[Dataset] = None, *, epochs: int = 20, lr: float = 1e-2,
+                 batch_size: int = 64, seed: int = 0, device=None) -> dict:
+    """Linear-probe accuracy of one frozen encoder: pooled eval-mode features of
+    ``train_data``, a Linear layer trained with Adam for ``epochs``; accuracy on the train
+    features and on ``eval_data`` (when given). The global RNG state is left untouched."""
+    if modality not in MODALITIES:
+        raise ValueError(f"linear_probe: modality must be one of {MODALITIES}, got {modality!r}")
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    train_x, train_y = _features(model, modality, train_data, batch_size, device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        probe = nn.Linear(train_x.shape[1], model.num_classes).to(device)
+        optimizer = torch.optim.Adam(probe.parameters(), lr=lr)
+        for epoch in range(epochs):
+            generator = torch.Generator().manual_seed(epoch_seed(seed, epoch))
+            order = torch.randperm(train_x.shape[0], generator=generator).to(device)
+            for rows in order.split(batch_size):
+                optimizer.zero_grad(set_to_none=True)
+                F.cross_entropy(probe(train_x[rows]), train_y[rows]).backward()
+                optimizer.step()
+    result = {"probe_train_acc": _accuracy(probe, train_x, train_y)}
+    if eval_data is not None:
+        eval_x, eval_y = _features(model, modality, eval_data, batch_size, device)
+        result["probe_eval_acc"] = _accuracy(probe, eval_x, eval_y)
+    model.train(was_training)
+    return result
+
+
+@torch.no_grad()
+def _accuracy(probe: nn.Module, features: Tensor, labels: Tensor) -> float:
+    return float((probe(features).argmax(1) == labels).double().mean())
