@@ -33,7 +33,9 @@ setup(
     else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["avkernels", "avkernels.*"]),
-    ext_modules=[extension],
+    # AVKERNELS_NO_EXTENSION=1 installs without a C++ compiler: CPU tensors then use the
+    # PyTorch reference path (import avkernels warns once).
+    ext_modules=[] if os.environ.get("AVKERNELS_NO_EXTENSION") == "1" else [extension],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy", "tqdm"],

@@ -106,14 +106,23 @@ def test_rerun_with_the_same_out_skips_the_finished_steps(quick_run, capsys):
         assert after[section] == before[section]
 
 
+def test_a_lost_step_is_rebuilt_from_its_finished_runs_with_the_same_numbers(quick_run, capsys):
+    before = json.loads((quick_run / "report.json").read_text())
+    (quick_run / "steps" / "fust.json").unlink()
+    assert main(["demo", "--quick", "--out", str(quick_run), "--no-progress"]) == 0
+    assert "(trained earlier)" in capsys.readouterr().out
+    after = json.loads((quick_run / "report.json").read_text())
+    for key in ("stage1", "mask_policy", "runs", "findings"):
+        assert after["fust"][key] == before["fust"][key]
+
+
 @pytest.mark.parametrize("argv, message", [
-    (["--seed", "-1"], "--seed must be >= 0"),
-    (["--seed", "1"], "other settings"),  # the quick run's folder, another seed
+    (["--quick", "--seed", "-1"], "--seed must be >= 0"),
+    (["--quick", "--seed", "1"], "other settings"),  # the quick run's folder, another seed
     ([], "other settings"),  # the quick run's folder, default sizes
 ])
 def test_bad_arguments_exit_2_with_one_line(quick_run, capsys, argv, message):
-    assert main(["demo", "--quick" if argv else "--no-progress", "--out", str(quick_run), *argv]
-                ) == 2
+    assert main(["demo", "--out", str(quick_run), *argv]) == 2
     error = capsys.readouterr().err
     assert message in error and error.count("\n") == 1
 
