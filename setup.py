@@ -15,6 +15,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 extension = CppExtension(
     "avkernels._C",
     sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, "csrc", "*.cpp"))),
+    # Headers the sources include: rebuild when they change, ship them in the sdist.
+    depends=sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, "csrc", "*.h"))),
     # -ffp-contract=off: no fused multiply-add contraction, so x * scale + shift rounds as in
     # PyTorch and the ReLU mask / dead counts match the reference exactly.
     # -Wno-psabi: the kernels' 64-byte vector types only cross inlined calls.

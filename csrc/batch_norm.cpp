@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -211,10 +212,10 @@ struct Affine {
 
   // Per-channel (scale, shift) with x * scale + shift = the pre-activation output, computed
   // with the operations, in the order, of effective_affine in batch_norm.py. mean and invstd
-  // hold K rows of C: row 0 normalises the original BN, row K-1 the ABRi one.
-  void fold(const acc_t* mean, const acc_t* invstd, int64_t rows, int64_t channels,
+  // hold `sets` (K) rows of C: row 0 normalises the original BN, row K-1 the ABRi one.
+  void fold(const acc_t* mean, const acc_t* invstd, int64_t sets, int64_t channels,
             acc_t* scale, acc_t* shift) const {
-    const int64_t last = (rows - 1) * channels;
+    const int64_t last = (sets - 1) * channels;
     for (int64_t c = 0; c < channels; ++c) {
       if (!abri()) {
         const acc_t term = invstd[c] * (weight.empty() ? acc_t(1) : weight[c]);
@@ -236,6 +237,13 @@ struct Affine {
     }
   }
 };
+
+// Storage for per-run results (Geometry::value_index); every element is written by a kernel,
+// so it is left uninitialised.
+template <typename T>
+std::unique_ptr<T[]> per_run(const Geometry& g) {
+  return std::unique_ptr<T[]>(new T[g.num_values()]);
+}
 
 // --- merging per-run results (in run order: independent of the thread count) ----------------
 
@@ -259,9 +267,8 @@ void for_each_value(const Geometry& g, const F& fn) {
 
 // Per-channel mean and biased variance from per-run means and squared-deviation sums (Chan et
 // al.'s merge: M2 = sum over runs of m2 + count * (run mean - mean)^2).
-void merge_stats(const Geometry& g, const std::vector<double>& run_mean,
-                 const std::vector<double>& run_m2, std::vector<double>& mean,
-                 std::vector<double>& var) {
+void merge_stats(const Geometry& g, const double* run_mean, const double* run_m2,
+                 std::vector<double>& mean, std::vector<double>& var) {
   const double total = static_cast<double>(g.batch * g.spatial);
   std::vector<double> weighted(g.channels, 0.0), m2(g.channels, 0.0);
   for_each_value(g, [&](int64_t, int64_t part, int64_t c, int64_t i) {
@@ -275,14 +282,14 @@ void merge_stats(const Geometry& g, const std::vector<double>& run_mean,
   for (int64_t c = 0; c < g.channels; ++c) var[c] = m2[c] / total;
 }
 
-void merge_sums(const Geometry& g, const std::vector<double>& run_sum, std::vector<double>& sum) {
+void merge_sums(const Geometry& g, const double* run_sum, std::vector<double>& sum) {
   std::fill(sum.begin(), sum.end(), 0.0);
   for_each_value(g, [&](int64_t, int64_t, int64_t c, int64_t i) { sum[c] += run_sum[i]; });
 }
 
 // Adds per-run counts of non-positive outputs to the dead counters; a sample is dead in a
 // channel when the counts of all its parts add up to H*W.
-void add_dead_counts(const Geometry& g, const std::vector<int64_t>& counts, const Tensor& dead_count,
+void add_dead_counts(const Geometry& g, const RunCount* counts, const Tensor& dead_count,
                      const Tensor& dead_sample_count) {
   std::vector<int64_t> dead(g.channels, 0), dead_samples(g.channels, 0), sample(g.channels);
   for (int64_t n = 0; n < g.batch; ++n) {
@@ -318,9 +325,10 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(
   const bool channels_last = output_format(x) == at::MemoryFormat::ChannelsLast;
   const acc_t eps_acc = static_cast<acc_t>(eps);
 
-  const int64_t rows = (!use_batch_stats && affine.abri()) ? 2 : 1;
-  Tensor mean = at::empty({rows, C}, x.options().dtype(accumulation_dtype(x)));
-  Tensor invstd = at::empty({rows, C}, mean.options());
+  // Normalisation sets: 2 for ABRi with running statistics (each BN its own), else 1.
+  const int64_t sets = (!use_batch_stats && affine.abri()) ? 2 : 1;
+  Tensor mean = at::empty({sets, C}, x.options().dtype(accumulation_dtype(x)));
+  Tensor invstd = at::empty({sets, C}, mean.options());
   acc_t* mean_p = mean.mutable_data_ptr<acc_t>();
   acc_t* invstd_p = invstd.mutable_data_ptr<acc_t>();
 
@@ -329,12 +337,12 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(
     std::vector<double> batch_var(C, std::numeric_limits<double>::quiet_NaN());
     if (!empty) {
       const Geometry g(N, C, HW, channels_last);
-      std::vector<double> run_mean(g.num_values()), run_m2(g.num_values());
+      auto run_mean = per_run<double>(g), run_m2 = per_run<double>(g);
       const scalar_t* xp = x.const_data_ptr<scalar_t>();
       for_runs(g, [&](int64_t begin, int64_t end) {
-        kernels<scalar_t>().batch_stats(g, xp, begin, end, run_mean.data(), run_m2.data());
+        kernels<scalar_t>().batch_stats(g, xp, begin, end, run_mean.get(), run_m2.get());
       });
-      merge_stats(g, run_mean, run_m2, batch_mean, batch_var);
+      merge_stats(g, run_mean.get(), run_m2.get(), batch_mean, batch_var);
     }
     std::vector<acc_t> var(C);
     for (int64_t c = 0; c < C; ++c) {
@@ -367,31 +375,31 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(
     std::vector<acc_t> m, v;
     read_values(*running_mean, m);
     read_values(*running_var, v);
-    if (rows == 2) {
+    if (sets == 2) {
       read_values(*abri_running_mean, m);
       read_values(*abri_running_var, v);
     }
-    for (int64_t i = 0; i < rows * C; ++i) {
+    for (int64_t i = 0; i < sets * C; ++i) {
       mean_p[i] = m[i];
       invstd_p[i] = acc_t(1) / std::sqrt(v[i] + eps_acc);
     }
   }
 
   std::vector<acc_t> scale(C), shift(C);
-  affine.fold(mean_p, invstd_p, rows, C, scale.data(), shift.data());
+  affine.fold(mean_p, invstd_p, sets, C, scale.data(), shift.data());
 
   Tensor y = at::empty_like(x);
   const bool track_dead = dead_count.has_value();
   if (!empty) {
     const Geometry g(N, C, HW, channels_last);
-    std::vector<int64_t> counts(track_dead ? g.num_values() : 0);
+    std::unique_ptr<RunCount[]> counts = track_dead ? per_run<RunCount>(g) : nullptr;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     for_runs(g, [&](int64_t begin, int64_t end) {
       kernels<scalar_t>().normalise(g, xp, yp, scale.data(), shift.data(), relu,
-                                    track_dead ? counts.data() : nullptr, begin, end);
+                                    track_dead ? counts.get() : nullptr, begin, end);
     });
-    if (track_dead) add_dead_counts(g, counts, *dead_count, *dead_sample_count);
+    if (track_dead) add_dead_counts(g, counts.get(), *dead_count, *dead_sample_count);
   } else if (track_dead && HW == 0) {
     // Every (empty) map of every sample is all <= 0, as torch's .all() over no elements.
     auto dead_samples = dead_sample_count->accessor<int64_t, 1>();
@@ -475,14 +483,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
     const Tensor& invstd_t, bool use_batch_stats, bool relu) {
   using acc_t = acc_type_t<scalar_t>;
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
-  const int64_t rows = mean_t.size(0), last = (rows - 1) * C;
+  const int64_t sets = mean_t.size(0), last = (sets - 1) * C;
   const bool channels_last = output_format(x) == at::MemoryFormat::ChannelsLast;
 
   std::vector<acc_t> mean, invstd;
   read_values(mean_t, mean);
   read_values(invstd_t, invstd);
   std::vector<acc_t> scale(C), shift(C);
-  affine.fold(mean.data(), invstd.data(), rows, C, scale.data(), shift.data());
+  affine.fold(mean.data(), invstd.data(), sets, C, scale.data(), shift.data());
 
   // sum_dy = sum(dy'), sum_dy_xc = sum(dy' * (x - mean[0])), dy' the ReLU-masked dy.
   std::vector<double> sum_dy(C, 0.0), sum_dy_xc(C, 0.0);
@@ -492,17 +500,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
     const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
-    std::vector<double> run_dy(g.num_values()), run_dy_xc(g.num_values());
+    auto run_dy = per_run<double>(g), run_dy_xc = per_run<double>(g);
     GradCoefficients<acc_t> coef{scale.data(), shift.data(), mean.data(), scale.data(), nullptr,
                                  nullptr};
     std::vector<acc_t> coef_xc, coef_const;
     if (use_batch_stats) {
       for_runs(g, [&](int64_t begin, int64_t end) {
-        kernels<scalar_t>().grad_sums(g, dyp, xp, coef, relu, begin, end, run_dy.data(),
-                                      run_dy_xc.data());
+        kernels<scalar_t>().grad_sums(g, dyp, xp, coef, relu, begin, end, run_dy.get(),
+                                      run_dy_xc.get());
       });
-      merge_sums(g, run_dy, sum_dy);
-      merge_sums(g, run_dy_xc, sum_dy_xc);
+      merge_sums(g, run_dy.get(), sum_dy);
+      merge_sums(g, run_dy_xc.get(), sum_dy_xc);
       // grad_x = scale * (dy' - sum_dy / M - xhat * sum_dy_xhat / M), xhat = (x - mean) * invstd
       coef_xc.resize(C);
       coef_const.resize(C);
@@ -517,11 +525,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
     }
     for_runs(g, [&](int64_t begin, int64_t end) {
       kernels<scalar_t>().grad_input(g, dyp, xp, dxp, coef, relu, use_batch_stats, begin, end,
-                                     run_dy.data(), run_dy_xc.data());
+                                     run_dy.get(), run_dy_xc.get());
     });
     if (!use_batch_stats) {
-      merge_sums(g, run_dy, sum_dy);
-      merge_sums(g, run_dy_xc, sum_dy_xc);
+      merge_sums(g, run_dy.get(), sum_dy);
+      merge_sums(g, run_dy_xc.get(), sum_dy_xc);
     }
   }
 

@@ -37,6 +37,7 @@ template <typename acc_t>
 using Count = typename Lanes<acc_t>::Count;
 template <typename acc_t>
 constexpr int64_t kLanes = 64 / sizeof(acc_t);
+static_assert(kPlaneLanes == 2 * kLanes<float>, "span kernels: two float32 accumulator vectors");
 
 // --- stepping through a contiguous range ----------------------------------------------------
 // for_each_step(n, body) calls body(i, step) over [0, n): whole vectors first (two per
@@ -168,11 +169,11 @@ struct NonPositiveCount {
   AVK_INLINE int64_t total() const { return tail + horizontal_sum<Count<acc_t>>(lanes); }
 };
 
-// Per-channel counters in memory (rows layout), 16-bit because a run never covers more than
-// kRunElements positions: narrower counters halve the memory operations the count adds to the
-// normalise loop.
-using RowCount = int16_t;
-static_assert(kRunElements <= 32767, "a run's per-channel count must fit RowCount");
+// Per-channel counters in memory (rows layout), 16-bit because a run has at most kLaneValues
+// rows: narrower counters halve the memory operations the count adds to the normalise loop.
+// (Adding a true comparison's -1 is adding 1 modulo 2^16.)
+using RowCount = uint16_t;
+static_assert(kLaneValues <= 65535, "a run's per-channel count must fit RowCount");
 
 template <typename Step, typename acc_t>
 AVK_INLINE void count_non_positive(Step, RowCount* counts, Value<Step, acc_t> z) {
@@ -292,13 +293,13 @@ void span_grad_input(const acc_t* x, const acc_t* dy, acc_t* dx, int64_t n, acc_
 }
 
 // --- row kernels: rows of C channels (channels_last); per-channel arrays of C values ----------
-// Reductions take rows in blocks of kReduceRows: per-channel values (parameters, running sums)
-// are loaded once per block and kept in registers while the block's rows are visited in order,
-// so every sum still adds the rows one by one. Kernels that write a row-shaped output go row by
-// row: interleaving the stores of several rows with the loads of the next ones makes 4 KiB
-// load/store aliasing stalls likely (measured ~1.5x slower at C = 128).
+// The statistics reduction takes rows in blocks of kStatsRows: the per-channel running sums are
+// loaded once per block and kept in registers while the block's rows are visited in order (so
+// every sum still adds the rows one by one). The other kernels go row by row: interleaving
+// several rows of two inputs (grad sums) or the stores of several rows (elementwise kernels)
+// measured up to 1.5x slower at C = 128 (prefetch streams, 4 KiB load/store aliasing).
 
-constexpr int64_t kReduceRows = 4;
+constexpr int64_t kStatsRows = 4;
 
 // Calls body(c, step, r, block) for the channels of each block of rows [r, r + block), block
 // being a std::integral_constant of at most BLOCK.
@@ -320,7 +321,7 @@ AVK_INLINE void for_each_row_block(int64_t rows, int64_t C, Body&& body) {
 // Adds the column sums of x to sum.
 template <typename acc_t>
 void rows_sum(const acc_t* x, int64_t rows, int64_t C, acc_t* sum) {
-  for_each_row_block<acc_t, kReduceRows>(rows, C, [&](int64_t c, auto step, int64_t r, auto block) {
+  for_each_row_block<acc_t, kStatsRows>(rows, C, [&](int64_t c, auto step, int64_t r, auto block) {
     auto acc = load(step, sum + c);
     for (int64_t j = 0; j < decltype(block)::value; ++j) acc += load(step, x + (r + j) * C + c);
     store(step, sum + c, acc);
@@ -331,7 +332,7 @@ void rows_sum(const acc_t* x, int64_t rows, int64_t C, acc_t* sum) {
 template <typename acc_t>
 void rows_deviations(const acc_t* x, int64_t rows, int64_t C, const acc_t* center, acc_t* m2,
                      acc_t* residual) {
-  for_each_row_block<acc_t, kReduceRows>(rows, C, [&](int64_t c, auto step, int64_t r, auto block) {
+  for_each_row_block<acc_t, kStatsRows>(rows, C, [&](int64_t c, auto step, int64_t r, auto block) {
     const auto mid = load(step, center + c);
     auto squares = load(step, m2 + c), deviations = load(step, residual + c);
     for (int64_t j = 0; j < decltype(block)::value; ++j) {
@@ -359,7 +360,7 @@ void rows_normalise(const acc_t* x, acc_t* y, int64_t rows, int64_t C, const acc
 template <bool RELU, typename acc_t>
 void rows_grad_sums(const acc_t* x, const acc_t* dy, int64_t rows, int64_t C,
                     const GradCoefficients<acc_t>& k, acc_t* sum_dy, acc_t* sum_dy_xc) {
-  for_each_row_block<acc_t, kReduceRows>(rows, C, [&](int64_t c, auto step, int64_t r, auto block) {
+  for_each_row_block<acc_t, 1>(rows, C, [&](int64_t c, auto step, int64_t r, auto block) {
     const auto s = load(step, k.scale + c), t = load(step, k.shift + c);
     const auto mean = load(step, k.mean + c);
     auto s1 = load(step, sum_dy + c), s2 = load(step, sum_dy_xc + c);
@@ -467,7 +468,7 @@ struct Kernels {
     Scratch<acc_t> scratch(g, kConvert, g.rows ? 3 : 0);
     for_each_run(g, begin, end, [&](int64_t r, const Run& k) {
       const int64_t len = k.positions();
-      const double count = static_cast<double>(len);
+      const double inv_count = 1.0 / static_cast<double>(len);
       const acc_t* xa = as_acc(x + g.offset(k), g.elements(k), scratch.a.data());
       if (g.rows) {
         scratch.clear_channel_arrays();
@@ -479,23 +480,23 @@ struct Kernels {
         rows_deviations(xa, len, g.channels, center, m2, residual);
         for (int64_t c = 0; c < g.channels; ++c) {
           const double res = residual[c];
-          run_mean[g.value_index(r, c)] = center[c] + res / count;
-          run_m2[g.value_index(r, c)] = m2[c] - res * res / count;
+          run_mean[g.value_index(r, c)] = center[c] + res * inv_count;
+          run_m2[g.value_index(r, c)] = m2[c] - res * res * inv_count;
         }
       } else {
         const acc_t center = span_sum(xa, len) / static_cast<acc_t>(len);
         acc_t m2 = 0, residual = 0;
         span_deviations(xa, len, center, m2, residual);
         const double res = residual;
-        run_mean[r] = center + res / count;
-        run_m2[r] = m2 - res * res / count;
+        run_mean[r] = center + res * inv_count;
+        run_m2[r] = m2 - res * res * inv_count;
       }
     });
   }
 
   template <bool RELU, bool COUNT>
   static void normalise_runs(const Geometry& g, const scalar_t* x, scalar_t* y,
-                             const acc_t* scale, const acc_t* shift, int64_t* counts,
+                             const acc_t* scale, const acc_t* shift, RunCount* counts,
                              int64_t begin, int64_t end) {
     Scratch<acc_t> scratch(g, kConvert, 0);
     std::vector<RowCount> channel_counts(g.rows && COUNT ? g.channels : 0);
@@ -513,14 +514,14 @@ struct Kernels {
       } else {
         const int64_t dead =
             span_normalise<RELU, COUNT>(xa, ya, size, scale[k.channel], shift[k.channel]);
-        if constexpr (COUNT) counts[r] = dead;
+        if constexpr (COUNT) counts[r] = static_cast<RunCount>(dead);
       }
       store_output(y + offset, ya, size);
     });
   }
 
   static void normalise(const Geometry& g, const scalar_t* x, scalar_t* y, const acc_t* scale,
-                        const acc_t* shift, bool relu, int64_t* counts, int64_t begin,
+                        const acc_t* shift, bool relu, RunCount* counts, int64_t begin,
                         int64_t end) {
     with_flags(relu, counts != nullptr, [&](auto relu_flag, auto count_flag) {
       normalise_runs<decltype(relu_flag)::value, decltype(count_flag)::value>(

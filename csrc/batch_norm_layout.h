@@ -13,13 +13,22 @@
 
 namespace avkernels::bn {
 
+// Per-run count of non-positive outputs (a run never covers 2^31 values).
+using RunCount = int32_t;
+
 // Accumulation type: float64 for float64 input, float32 for every other floating dtype.
 template <typename scalar_t>
 using acc_type_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
-// Largest run (about 64 KiB of float32): the statistics kernel reads a run twice, the second
-// time from cache.
-constexpr int64_t kRunElements = 16384;
+// Run sizes. Data: at most kRunElements (128 KiB of float32), as the statistics kernel reads a
+// run twice, the second time from L2 (larger runs mean fewer per-run results to merge).
+// Accuracy: float32 sums are exact to about (values added per accumulator lane) * 2^-24 before
+// their float64 merge, so a lane adds at most kLaneValues values: runs of a plane are at most
+// kLaneValues * kPlaneLanes long (the span kernels keep 2 vectors of 16 lanes), runs of rows
+// at most kLaneValues rows (each channel has its own lane).
+constexpr int64_t kRunElements = 32768;
+constexpr int64_t kLaneValues = 256;
+constexpr int64_t kPlaneLanes = 32;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -43,7 +52,9 @@ struct Geometry {
 
   Geometry(int64_t batch_, int64_t channels_, int64_t spatial_, bool channels_last)
       : batch(batch_), channels(channels_), spatial(spatial_), rows(channels_last || spatial_ == 1) {
-    const int64_t max_positions = std::max<int64_t>(1, kRunElements / channels_per_run());
+    const int64_t max_positions =
+        rows ? std::clamp<int64_t>(kRunElements / channels, 1, kLaneValues)
+             : kLaneValues * kPlaneLanes;
     parts = ceil_div(spatial, max_positions);
     part_len = ceil_div(spatial, parts);  // balanced
     parts = ceil_div(spatial, part_len);
@@ -127,7 +138,7 @@ struct KernelTable {
                       double* run_mean, double* run_m2);
   // y = act(x * scale + shift); unless counts is null, counts = #(x * scale + shift <= 0).
   void (*normalise)(const Geometry& g, const scalar_t* x, scalar_t* y, const acc_t* scale,
-                    const acc_t* shift, bool relu, int64_t* counts, int64_t begin, int64_t end);
+                    const acc_t* shift, bool relu, RunCount* counts, int64_t begin, int64_t end);
   // sum(dy') and sum(dy' * (x - mean)).
   void (*grad_sums)(const Geometry& g, const scalar_t* dy, const scalar_t* x,
                     const GradCoefficients<acc_t>& coef, bool relu, int64_t begin, int64_t end,
