@@ -29,6 +29,11 @@
 
 #include "batch_norm_layout.h"
 
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define AVKERNELS_X86_BUILDS 1
+#include <immintrin.h>
+#endif
+
 namespace avkernels::bn {
 namespace {
 
@@ -37,16 +42,15 @@ namespace baseline {
 #include "batch_norm_kernels.h"
 }  // namespace baseline
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define AVKERNELS_X86_BUILDS 1
+#ifdef AVKERNELS_X86_BUILDS
 #pragma GCC push_options
-#pragma GCC target("avx2")
+#pragma GCC target("avx2,f16c")
 namespace avx2 {
 #include "batch_norm_kernels.h"
 }  // namespace avx2
 #pragma GCC pop_options
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2")
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,f16c")
 namespace avx512 {
 #include "batch_norm_kernels.h"
 }  // namespace avx512
@@ -75,7 +79,8 @@ Isa runtime_isa() {
         __builtin_cpu_supports("avx512dq")) {
       return Isa::kAvx512;
     }
-    if ((aten == "AVX512" || aten == "AVX2") && __builtin_cpu_supports("avx2")) {
+    if ((aten == "AVX512" || aten == "AVX2") && __builtin_cpu_supports("avx2") &&
+        __builtin_cpu_supports("f16c")) {
       return Isa::kAvx2;
     }
     return Isa::kBaseline;

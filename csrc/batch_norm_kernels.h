@@ -1,8 +1,8 @@
 // Batch-norm CPU kernels, written once and compiled once per instruction set: batch_norm.cpp
 // includes this file several times, each time inside its own namespace and under its own
 // `#pragma GCC target`, then picks one build at run time. Hence no include guard and no
-// #include here: everything it uses (batch_norm_layout.h, <cstring>, <utility>, <vector>, c10 types)
-// is included before.
+// #include here: everything it uses (batch_norm_layout.h, <cstring>, <utility>, <vector>, c10 types,
+// <immintrin.h> on x86) is included before.
 //
 // Vectors are GCC/Clang vector extensions of a fixed 64 bytes (16 float32 or 8 float64 lanes);
 // the compiler lowers them to one AVX-512, two AVX2 or four SSE registers. Because the lane
@@ -190,14 +190,70 @@ AVK_INLINE void count_non_positive(Step, RowCount* counts, Value<Step, acc_t> z)
 
 // --- dtype conversion -------------------------------------------------------------------------
 // Kernels compute on contiguous accumulation-type arrays. float32/float64 input is used in place;
-// bfloat16/float16 spans are converted through a per-thread buffer.
+// bfloat16/float16 runs are converted through a per-thread buffer, kLanes<float> values at a
+// time by Convert (bit for bit what the c10 scalar conversions, used for the tails, give).
+
+template <typename scalar_t>
+struct Convert;
+
+template <>
+struct Convert<c10::BFloat16> {
+  typedef uint16_t Bits __attribute__((vector_size(kLanes<float> * 2), aligned(2), may_alias));
+  typedef uint32_t Wide __attribute__((vector_size(kLanes<float> * 4)));
+
+  static AVK_INLINE void to_float(const c10::BFloat16* src, float* dst) {
+    const Wide bits = __builtin_convertvector(*reinterpret_cast<const Bits*>(src), Wide) << 16;
+    store(VectorStep<0>{}, dst, reinterpret_cast<const Vec<float>&>(bits));
+  }
+  // Round to nearest even; NaN becomes 0x7FC0 (c10::BFloat16's rule).
+  static AVK_INLINE void from_float(const float* src, c10::BFloat16* dst) {
+    const Vec<float> v = load(VectorStep<0>{}, src);
+    const Wide bits = reinterpret_cast<const Wide&>(v);
+    const Wide rounded = (bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16;
+    const Wide result = v != v ? Wide{} + 0x7FC0 : rounded;
+    *reinterpret_cast<Bits*>(dst) = __builtin_convertvector(result, Bits);
+  }
+};
+
+template <>
+struct Convert<c10::Half> {
+  static AVK_INLINE void to_float(const c10::Half* src, float* dst) {
+#if defined(__AVX512F__)
+    _mm512_storeu_ps(dst, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src))));
+#elif defined(__F16C__)
+    for (int half = 0; half < 2; ++half) {
+      _mm256_storeu_ps(dst + 8 * half, _mm256_cvtph_ps(_mm_loadu_si128(
+                                           reinterpret_cast<const __m128i*>(src + 8 * half))));
+    }
+#else
+    for (int64_t i = 0; i < kLanes<float>; ++i) dst[i] = static_cast<float>(src[i]);
+#endif
+  }
+  static AVK_INLINE void from_float(const float* src, c10::Half* dst) {
+#if defined(__AVX512F__)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
+                        _mm512_cvtps_ph(_mm512_loadu_ps(src), _MM_FROUND_TO_NEAREST_INT));
+#elif defined(__F16C__)
+    for (int half = 0; half < 2; ++half) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 8 * half),
+                       _mm256_cvtps_ph(_mm256_loadu_ps(src + 8 * half), _MM_FROUND_TO_NEAREST_INT));
+    }
+#else
+    for (int64_t i = 0; i < kLanes<float>; ++i) dst[i] = static_cast<c10::Half>(src[i]);
+#endif
+  }
+};
 
 template <typename scalar_t, typename acc_t>
 AVK_INLINE const acc_t* as_acc(const scalar_t* src, int64_t n, acc_t* buffer) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     return src;
   } else {
-    for (int64_t i = 0; i < n; ++i) buffer[i] = static_cast<acc_t>(src[i]);
+    int64_t i = 0;
+    for (; i + kLanes<float> <= n; i += kLanes<float>) {
+      Convert<scalar_t>::to_float(src + i, buffer + i);
+    }
+    for (; i < n; ++i) buffer[i] = static_cast<acc_t>(src[i]);
     return buffer;
   }
 }
@@ -215,7 +271,11 @@ AVK_INLINE acc_t* output_span(scalar_t* dst, acc_t* buffer) {
 template <typename scalar_t, typename acc_t>
 AVK_INLINE void store_output(scalar_t* dst, const acc_t* values, int64_t n) {
   if constexpr (!std::is_same_v<scalar_t, acc_t>) {
-    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(values[i]);
+    int64_t i = 0;
+    for (; i + kLanes<float> <= n; i += kLanes<float>) {
+      Convert<scalar_t>::from_float(values + i, dst + i);
+    }
+    for (; i < n; ++i) dst[i] = static_cast<scalar_t>(values[i]);
   }
 }
 
