@@ -45,15 +45,19 @@ namespace baseline {
 #ifdef AVKERNELS_X86_BUILDS
 #pragma GCC push_options
 #pragma GCC target("avx2,f16c")
+#define AVKERNELS_BUILD_AVX2 1
 namespace avx2 {
 #include "batch_norm_kernels.h"
 }  // namespace avx2
+#undef AVKERNELS_BUILD_AVX2
 #pragma GCC pop_options
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,f16c")
+#define AVKERNELS_BUILD_AVX512 1
 namespace avx512 {
 #include "batch_norm_kernels.h"
 }  // namespace avx512
+#undef AVKERNELS_BUILD_AVX512
 #pragma GCC pop_options
 #endif
 
@@ -114,7 +118,7 @@ void for_runs(const Geometry& g, const F& fn) {
   at::parallel_for(0, g.num_runs, g.grain(), fn);
 }
 
-// --- argument checks ------------------------------------------------------------------------------
+// --- argument checks -----------------------------------------------------------------------------
 
 bool is_supported_input(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
@@ -169,16 +173,17 @@ at::ScalarType accumulation_dtype(const Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// --- per-channel arrays ---------------------------------------------------------------------------
+// --- per-channel arrays --------------------------------------------------------------------------
 
 // The values of t (any floating dtype and strides) converted to acc_t, appended to out.
 template <typename acc_t>
 void read_values(const Tensor& t, std::vector<acc_t>& out) {
   const Tensor dense = t.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dense.scalar_type(), "read_values", [&] {
-    const scalar_t* p = dense.const_data_ptr<scalar_t>();
-    for (int64_t i = 0; i < dense.numel(); ++i) out.push_back(static_cast<acc_t>(p[i]));
-  });
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, dense.scalar_type(), "read_values", [&] {
+        const scalar_t* p = dense.const_data_ptr<scalar_t>();
+        for (int64_t i = 0; i < dense.numel(); ++i) out.push_back(static_cast<acc_t>(p[i]));
+      });
 }
 
 template <typename acc_t>
@@ -296,15 +301,19 @@ void merge_sums(const Geometry& g, const double* run_sum, std::vector<double>& s
 // channel when the counts of all its parts add up to H*W.
 void add_dead_counts(const Geometry& g, const RunCount* counts, const Tensor& dead_count,
                      const Tensor& dead_sample_count) {
-  std::vector<int64_t> dead(g.channels, 0), dead_samples(g.channels, 0), sample(g.channels);
+  // Locals, not g's members, in the loops: the int64 stores could alias those.
+  const int64_t C = g.channels, spatial = g.spatial;
+  const int64_t channel_stride = g.result_index(0, 0, C > 1 ? 1 : 0) - g.result_index(0, 0, 0);
+  std::vector<int64_t> dead(C, 0), dead_samples(C, 0), sample(C);
   for (int64_t n = 0; n < g.batch; ++n) {
     std::fill(sample.begin(), sample.end(), 0);
     for (int64_t part = 0; part < g.parts; ++part) {
-      for (int64_t c = 0; c < g.channels; ++c) sample[c] += counts[g.result_index(n, part, c)];
+      const RunCount* part_counts = counts + g.result_index(n, part, 0);
+      for (int64_t c = 0; c < C; ++c) sample[c] += part_counts[c * channel_stride];
     }
-    for (int64_t c = 0; c < g.channels; ++c) {
+    for (int64_t c = 0; c < C; ++c) {
       dead[c] += sample[c];
-      dead_samples[c] += sample[c] == g.spatial;
+      dead_samples[c] += sample[c] == spatial;
     }
   }
   auto dead_a = dead_count.accessor<int64_t, 1>();
@@ -315,7 +324,7 @@ void add_dead_counts(const Geometry& g, const RunCount* counts, const Tensor& de
   }
 }
 
-// --- forward --------------------------------------------------------------------------------------
+// --- forward -------------------------------------------------------------------------------------
 
 template <typename scalar_t>
 std::tuple<Tensor, Tensor, Tensor> forward_impl(
@@ -448,7 +457,8 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_fwd(
               "which are None");
   TORCH_CHECK(dead_count.has_value() == dead_sample_count.has_value() &&
                   dead_count.has_value() == seen.has_value(),
-              kForward, ": dead_count, dead_sample_count and seen must all be given or all be None");
+              kForward,
+              ": dead_count, dead_sample_count and seen must all be given or all be None");
   if (dead_count.has_value()) {
     check_counter(dead_count, "dead_count", C);
     check_counter(dead_sample_count, "dead_sample_count", C);
@@ -466,7 +476,7 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_fwd(
   return result;
 }
 
-// --- backward -------------------------------------------------------------------------------------
+// --- backward ------------------------------------------------------------------------------------
 
 // A parameter's gradient in its dtype and shape; an empty (0,) tensor for an absent parameter.
 template <typename acc_t>
@@ -570,7 +580,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
     g_b[c] = a * sum_dy[c];
     g_aw[c] = (1 - a) * abri_s2[c];
     g_ab[c] = (1 - a) * sum_dy[c];
-    g_alpha[c] = (s2[c] * value_or_one(affine.weight, c) + sum_dy[c] * value_or_zero(affine.bias, c)) -
+    g_alpha[c] =
+        (s2[c] * value_or_one(affine.weight, c) + sum_dy[c] * value_or_zero(affine.bias, c)) -
                  (abri_s2[c] * value_or_one(affine.abri_weight, c) +
                   sum_dy[c] * value_or_zero(affine.abri_bias, c));
   }
@@ -609,10 +620,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm_bwd(
     TORCH_CHECK(t->dim() == 2 && (t->size(0) == 1 || t->size(0) == 2) && t->size(1) == C,
                 kBackward, ": ", name, " must have shape (K, C) with K = 1 or 2 and C = ", C,
                 ", got ", t->sizes());
-    TORCH_CHECK(t->scalar_type() == acc, kBackward, ": ", name, " must have the accumulation dtype ",
+    TORCH_CHECK(t->scalar_type() == acc, kBackward, ": ", name,
+                " must have the accumulation dtype ",
                 acc, " of a ", x_in.scalar_type(), " input, got ", t->scalar_type());
   }
-  TORCH_CHECK(mean.sizes() == invstd.sizes(), kBackward, ": mean and invstd must have the same shape, got ",
+  TORCH_CHECK(mean.sizes() == invstd.sizes(), kBackward,
+              ": mean and invstd must have the same shape, got ",
               mean.sizes(), " and ", invstd.sizes());
 
   const at::MemoryFormat format = output_format(x_in);

@@ -1,8 +1,12 @@
 // Batch-norm CPU kernels, written once and compiled once per instruction set: batch_norm.cpp
 // includes this file several times, each time inside its own namespace and under its own
 // `#pragma GCC target`, then picks one build at run time. Hence no include guard and no
-// #include here: everything it uses (batch_norm_layout.h, <cstring>, <utility>, <vector>, c10 types,
-// <immintrin.h> on x86) is included before.
+// #include here: everything it uses (batch_norm_layout.h, <cstring>, <utility>, <vector>,
+// c10 types, <immintrin.h> on x86) is included before.
+//
+// The including file defines AVKERNELS_BUILD_AVX512 or AVKERNELS_BUILD_AVX2 around the x86
+// builds (`#pragma GCC target` does not define __AVX512F__ etc. in C++), for the float16
+// conversion intrinsics.
 //
 // Vectors are GCC/Clang vector extensions of a fixed 64 bytes (16 float32 or 8 float64 lanes);
 // the compiler lowers them to one AVX-512, two AVX2 or four SSE registers. Because the lane
@@ -218,9 +222,10 @@ struct Convert<c10::BFloat16> {
 template <>
 struct Convert<c10::Half> {
   static AVK_INLINE void to_float(const c10::Half* src, float* dst) {
-#if defined(__AVX512F__)
-    _mm512_storeu_ps(dst, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src))));
-#elif defined(__F16C__)
+#if defined(AVKERNELS_BUILD_AVX512)
+    const __m256i halves = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+    _mm512_storeu_ps(dst, _mm512_cvtph_ps(halves));
+#elif defined(AVKERNELS_BUILD_AVX2)
     for (int half = 0; half < 2; ++half) {
       _mm256_storeu_ps(dst + 8 * half, _mm256_cvtph_ps(_mm_loadu_si128(
                                            reinterpret_cast<const __m128i*>(src + 8 * half))));
@@ -230,10 +235,10 @@ struct Convert<c10::Half> {
 #endif
   }
   static AVK_INLINE void from_float(const float* src, c10::Half* dst) {
-#if defined(__AVX512F__)
+#if defined(AVKERNELS_BUILD_AVX512)
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
                         _mm512_cvtps_ph(_mm512_loadu_ps(src), _MM_FROUND_TO_NEAREST_INT));
-#elif defined(__F16C__)
+#elif defined(AVKERNELS_BUILD_AVX2)
     for (int half = 0; half < 2; ++half) {
       _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 8 * half),
                        _mm256_cvtps_ph(_mm256_loadu_ps(src + 8 * half), _MM_FROUND_TO_NEAREST_INT));
@@ -474,25 +479,6 @@ void rows_grad_input(const acc_t* x, const acc_t* dy, acc_t* dx, int64_t rows, i
 
 // --- run drivers ----------------------------------------------------------------------------
 
-// Per-thread scratch: conversion buffers (bfloat16/float16 input only) and per-channel arrays.
-template <typename acc_t>
-struct Scratch {
-  std::vector<acc_t> a, b, c;  // max_run_elements each
-  std::vector<acc_t> channel[3];
-
-  Scratch(const Geometry& g, bool convert, int64_t channel_arrays) {
-    if (convert) {
-      a.resize(g.max_run_elements());
-      b.resize(g.max_run_elements());
-      c.resize(g.max_run_elements());
-    }
-    for (int64_t i = 0; i < channel_arrays; ++i) channel[i].resize(g.channels);
-  }
-  void clear_channel_arrays() {
-    for (auto& v : channel) std::fill(v.begin(), v.end(), acc_t(0));
-  }
-};
-
 // Run-time flags to template flags: f(std::bool_constant<a>) / f(std::bool_constant<a>,
 // std::bool_constant<b>).
 template <typename F>
@@ -520,33 +506,75 @@ template <typename scalar_t>
 struct Kernels {
   using acc_t = acc_type_t<scalar_t>;
   static constexpr bool kConvert = !std::is_same_v<scalar_t, acc_t>;
+  // bfloat16/float16 runs are converted in chunks of at most this many elements, so that the
+  // conversion buffers stay in L1; float32/float64 runs are one chunk.
+  static constexpr int64_t kChunkElements = kConvert ? 2048 : kRunElements;
+
+  // Per-thread scratch: the conversion buffers (x, dy, output) and per-channel arrays.
+  struct Scratch {
+    std::vector<acc_t> x, dy, out;
+    std::vector<acc_t> channel[3];
+
+    Scratch(const Geometry& g, int64_t channel_arrays) {
+      if (kConvert) {
+        for (auto* buffer : {&x, &dy, &out}) buffer->resize(kChunkElements);
+      }
+      for (int64_t i = 0; i < channel_arrays; ++i) channel[i].resize(g.channels);
+    }
+    void clear_channel_arrays() {
+      for (auto& v : channel) std::fill(v.begin(), v.end(), acc_t(0));
+    }
+  };
+
+  // Calls fn(offset, positions) for consecutive position ranges of run k (at most
+  // kChunkElements elements each): offset is the range's first element.
+  template <typename F>
+  static AVK_INLINE void for_each_chunk(const Geometry& g, const Run& k, F&& fn) {
+    const int64_t per_position = g.channels_per_run();
+    const int64_t step = std::max<int64_t>(1, kChunkElements / per_position);
+    for (int64_t p = 0; p < k.positions(); p += step) {
+      fn(g.offset(k) + p * per_position, std::min(step, k.positions() - p));
+    }
+  }
 
   // Statistics from two passes over a run while it is in cache: the sum gives a first mean
   // (center), then the squared deviations about it, corrected by the residual sum(x - center).
   static void batch_stats(const Geometry& g, const scalar_t* x, int64_t begin, int64_t end,
                           double* run_mean, double* run_m2) {
-    Scratch<acc_t> scratch(g, kConvert, g.rows ? 3 : 0);
+    Scratch scratch(g, g.rows ? 3 : 0);
+    const int64_t C = g.channels_per_run();
     for_each_run(g, begin, end, [&](int64_t r, const Run& k) {
       const int64_t len = k.positions();
       const double inv_count = 1.0 / static_cast<double>(len);
-      const acc_t* xa = as_acc(x + g.offset(k), g.elements(k), scratch.a.data());
+      const auto chunk = [&](int64_t offset, int64_t positions) {
+        return as_acc(x + offset, positions * C, scratch.x.data());
+      };
       if (g.rows) {
         scratch.clear_channel_arrays();
         acc_t* center = scratch.channel[0].data();
         acc_t* m2 = scratch.channel[1].data();
         acc_t* residual = scratch.channel[2].data();
-        rows_sum(xa, len, g.channels, center);
-        for (int64_t c = 0; c < g.channels; ++c) center[c] /= static_cast<acc_t>(len);
-        rows_deviations(xa, len, g.channels, center, m2, residual);
-        for (int64_t c = 0; c < g.channels; ++c) {
+        for_each_chunk(g, k, [&](int64_t offset, int64_t positions) {
+          rows_sum(chunk(offset, positions), positions, C, center);
+        });
+        for (int64_t c = 0; c < C; ++c) center[c] /= static_cast<acc_t>(len);
+        for_each_chunk(g, k, [&](int64_t offset, int64_t positions) {
+          rows_deviations(chunk(offset, positions), positions, C, center, m2, residual);
+        });
+        for (int64_t c = 0; c < C; ++c) {
           const double res = residual[c];
           run_mean[g.value_index(r, c)] = center[c] + res * inv_count;
           run_m2[g.value_index(r, c)] = m2[c] - res * res * inv_count;
         }
       } else {
-        const acc_t center = span_sum(xa, len) / static_cast<acc_t>(len);
-        acc_t m2 = 0, residual = 0;
-        span_deviations(xa, len, center, m2, residual);
+        acc_t sum = 0, m2 = 0, residual = 0;
+        for_each_chunk(g, k, [&](int64_t offset, int64_t positions) {
+          sum += span_sum(chunk(offset, positions), positions);
+        });
+        const acc_t center = sum / static_cast<acc_t>(len);
+        for_each_chunk(g, k, [&](int64_t offset, int64_t positions) {
+          span_deviations(chunk(offset, positions), positions, center, m2, residual);
+        });
         const double res = residual;
         run_mean[r] = center + res * inv_count;
         run_m2[r] = m2 - res * res * inv_count;
@@ -558,25 +586,30 @@ struct Kernels {
   static void normalise_runs(const Geometry& g, const scalar_t* x, scalar_t* y,
                              const acc_t* scale, const acc_t* shift, RunCount* counts,
                              int64_t begin, int64_t end) {
-    Scratch<acc_t> scratch(g, kConvert, 0);
+    Scratch scratch(g, 0);
     std::vector<RowCount> channel_counts(g.rows && COUNT ? g.channels : 0);
+    const int64_t C = g.channels_per_run();
     for_each_run(g, begin, end, [&](int64_t r, const Run& k) {
-      const int64_t offset = g.offset(k), size = g.elements(k);
-      const acc_t* xa = as_acc(x + offset, size, scratch.a.data());
-      acc_t* ya = output_span(y + offset, scratch.b.data());
-      if (g.rows) {
-        std::fill(channel_counts.begin(), channel_counts.end(), RowCount(0));
-        rows_normalise<RELU, COUNT>(xa, ya, k.positions(), g.channels, scale, shift,
-                                    channel_counts.data());
-        if constexpr (COUNT) {
-          for (int64_t c = 0; c < g.channels; ++c) counts[g.value_index(r, c)] = channel_counts[c];
+      std::fill(channel_counts.begin(), channel_counts.end(), RowCount(0));
+      int64_t dead = 0;
+      for_each_chunk(g, k, [&](int64_t offset, int64_t positions) {
+        const int64_t size = positions * C;
+        const acc_t* xa = as_acc(x + offset, size, scratch.x.data());
+        acc_t* ya = output_span(y + offset, scratch.out.data());
+        if (g.rows) {
+          rows_normalise<RELU, COUNT>(xa, ya, positions, C, scale, shift, channel_counts.data());
+        } else {
+          dead += span_normalise<RELU, COUNT>(xa, ya, size, scale[k.channel], shift[k.channel]);
         }
-      } else {
-        const int64_t dead =
-            span_normalise<RELU, COUNT>(xa, ya, size, scale[k.channel], shift[k.channel]);
-        if constexpr (COUNT) counts[r] = static_cast<RunCount>(dead);
+        store_output(y + offset, ya, size);
+      });
+      if constexpr (COUNT) {
+        if (g.rows) {
+          for (int64_t c = 0; c < C; ++c) counts[g.value_index(r, c)] = channel_counts[c];
+        } else {
+          counts[r] = static_cast<RunCount>(dead);
+        }
       }
-      store_output(y + offset, ya, size);
     });
   }
 
@@ -596,46 +629,50 @@ struct Kernels {
                         const GradCoefficients<acc_t>& k, int64_t begin, int64_t end,
                         double* run_sum_dy, double* run_sum_dy_xc) {
     constexpr bool kSums = SUMS_ONLY || !BATCH_STATS;
-    Scratch<acc_t> scratch(g, kConvert, g.rows && kSums ? 2 : 0);
+    Scratch scratch(g, g.rows && kSums ? 2 : 0);
+    const int64_t C = g.channels_per_run();
     for_each_run(g, begin, end, [&](int64_t r, const Run& run) {
-      const int64_t offset = g.offset(run), size = g.elements(run);
-      const acc_t* xa = as_acc(x + offset, size, scratch.a.data());
-      const acc_t* dya = as_acc(dy + offset, size, scratch.b.data());
-      acc_t* dxa = SUMS_ONLY ? nullptr : output_span(dx + offset, scratch.c.data());
-      if (g.rows) {
-        scratch.clear_channel_arrays();
-        acc_t* s1 = kSums ? scratch.channel[0].data() : nullptr;
-        acc_t* s2 = kSums ? scratch.channel[1].data() : nullptr;
-        if constexpr (SUMS_ONLY) {
-          rows_grad_sums<RELU>(xa, dya, run.positions(), g.channels, k, s1, s2);
+      scratch.clear_channel_arrays();
+      acc_t* s1 = g.rows ? scratch.channel[0].data() : nullptr;  // per channel (rows)
+      acc_t* s2 = g.rows ? scratch.channel[1].data() : nullptr;
+      acc_t sum_dy = 0, sum_dy_xc = 0;  // the run's channel (planes)
+      for_each_chunk(g, run, [&](int64_t offset, int64_t positions) {
+        const int64_t size = positions * C;
+        const acc_t* xa = as_acc(x + offset, size, scratch.x.data());
+        const acc_t* dya = as_acc(dy + offset, size, scratch.dy.data());
+        acc_t* dxa = SUMS_ONLY ? nullptr : output_span(dx + offset, scratch.out.data());
+        if (g.rows) {
+          if constexpr (SUMS_ONLY) {
+            rows_grad_sums<RELU>(xa, dya, positions, C, k, s1, s2);
+          } else {
+            rows_grad_input<RELU, BATCH_STATS>(xa, dya, dxa, positions, C, k, s1, s2);
+          }
         } else {
-          rows_grad_input<RELU, BATCH_STATS>(xa, dya, dxa, run.positions(), g.channels, k, s1,
-                                             s2);
+          const int64_t c = run.channel;
+          if constexpr (SUMS_ONLY) {
+            span_grad_sums<RELU>(xa, dya, size, k.scale[c], k.shift[c], k.mean[c], sum_dy,
+                                 sum_dy_xc);
+          } else {
+            const acc_t coef_xc = BATCH_STATS ? k.coef_xc[c] : acc_t(0);
+            const acc_t coef_const = BATCH_STATS ? k.coef_const[c] : acc_t(0);
+            span_grad_input<RELU, BATCH_STATS>(xa, dya, dxa, size, k.scale[c], k.shift[c],
+                                               k.mean[c], k.coef_dy[c], coef_xc, coef_const,
+                                               sum_dy, sum_dy_xc);
+          }
         }
-        if constexpr (kSums) {
-          for (int64_t c = 0; c < g.channels; ++c) {
+        if constexpr (!SUMS_ONLY) store_output(dx + offset, dxa, size);
+      });
+      if constexpr (kSums) {
+        if (g.rows) {
+          for (int64_t c = 0; c < C; ++c) {
             run_sum_dy[g.value_index(r, c)] = s1[c];
             run_sum_dy_xc[g.value_index(r, c)] = s2[c];
           }
-        }
-      } else {
-        const int64_t c = run.channel;
-        acc_t s1 = 0, s2 = 0;
-        if constexpr (SUMS_ONLY) {
-          span_grad_sums<RELU>(xa, dya, size, k.scale[c], k.shift[c], k.mean[c], s1, s2);
         } else {
-          const acc_t coef_xc = BATCH_STATS ? k.coef_xc[c] : acc_t(0);
-          const acc_t coef_const = BATCH_STATS ? k.coef_const[c] : acc_t(0);
-          span_grad_input<RELU, BATCH_STATS>(xa, dya, dxa, size, k.scale[c], k.shift[c],
-                                             k.mean[c], k.coef_dy[c], coef_xc, coef_const, s1,
-                                             s2);
-        }
-        if constexpr (kSums) {
-          run_sum_dy[r] = s1;
-          run_sum_dy_xc[r] = s2;
+          run_sum_dy[r] = sum_dy;
+          run_sum_dy_xc[r] = sum_dy_xc;
         }
       }
-      if constexpr (!SUMS_ONLY) store_output(dx + offset, dxa, size);
     });
   }
 

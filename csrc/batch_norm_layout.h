@@ -51,7 +51,10 @@ struct Geometry {
   int64_t num_runs = 0;
 
   Geometry(int64_t batch_, int64_t channels_, int64_t spatial_, bool channels_last)
-      : batch(batch_), channels(channels_), spatial(spatial_), rows(channels_last || spatial_ == 1) {
+      : batch(batch_),
+        channels(channels_),
+        spatial(spatial_),
+        rows(channels_last || spatial_ == 1) {
     const int64_t max_positions =
         rows ? std::clamp<int64_t>(kRunElements / channels, 1, kLaneValues)
              : kLaneValues * kPlaneLanes;
