@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from avkernels.ops.batch_norm import TrackedBNFunction
+from avkernels.ops.batch_norm import tracked_batch_norm
 
 ACTIVATIONS = (None, "relu")
 ABRI_GRANULARITIES = ("layer", "channel")
@@ -245,7 +245,7 @@ class TrackedBN(nn.BatchNorm2d):
             batch_stats = [torch.zeros_like(self.running_mean), torch.zeros_like(self.running_var)]
             running, factor = batch_stats + [None, None], 1.0
         dead = (self.dead_count, self.dead_sample_count, self.seen) if self.track_dead else (None,) * 3
-        output = TrackedBNFunction.apply(
+        output = tracked_batch_norm(
             input,
             self.weight,
             self.bias,
