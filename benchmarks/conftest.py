@@ -19,10 +19,17 @@ is given), ``--bench-results-dir DIR``, ``--bench-no-save``, ``--bench-tag TAG``
 device part), ``--bench-threads N`` (CPU threads). pytest-benchmark's own options
 (``--benchmark-min-rounds``, ``--benchmark-max-time``, ``--benchmark-disable`` to run every check
 once without timing, ...) apply as usual.
+
+On Linux/glibc the run first pins malloc's mmap and trim thresholds (:func:`_steady_malloc`):
+otherwise glibc hands large freed blocks back to the OS and the next call page-faults them in
+again, 0 to 1,500 faults a call, which swung single timings by 2x here. Baselines and
+candidates allocate through the same malloc, so the setting is fair to both.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import re
 import statistics
@@ -82,7 +89,25 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="torch.set_num_threads for the run (default: torch's own choice)")
 
 
+# mallopt(3) parameters and values: keep freed memory in the heap instead of unmapping it.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+TRIM_THRESHOLD = 2**31 - 1  # the largest int: never trim the heap top
+MMAP_THRESHOLD = 32 * 2**20  # glibc's maximum on 64-bit: blocks below it come from the heap
+
+
+def _steady_malloc() -> bool:
+    """Pin glibc's malloc thresholds (see the module docstring); False where there is no glibc."""
+    name = ctypes.util.find_library("c")
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError, TypeError):  # not glibc (macOS, musl without mallopt, ...)
+        return False
+    return bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)) and bool(
+        mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    _steady_malloc()
     config.addinivalue_line("markers", "bench_cases(factory): parametrise a benchmark over "
                                        "every (case, implementation) of factory(quick)")
     config.stash[_SESSION] = _BenchSession()
