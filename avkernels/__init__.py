@@ -5,13 +5,14 @@
 ABRi (a mode of TrackedBN) and ``diagnose`` reports them; ``fust`` (confidences, mask policy),
 ``mask_patches`` and ``MaskedConcatFusion`` implement two-stage Fusion Tuning; ``models`` (the
 audio-visual ResNet classifier, encoder loading) and ``train`` (the resumable FusT/baseline
-training loop) put them together.
+training loop) put them together; ``distributed`` synchronises TrackedBN across processes and
+wraps models in DDP (``wrap_ddp``).
 """
 
 from avkernels._extension import HAS_EXTENSION
 from avkernels.convert import convert, revert
 from avkernels.modules import TrackedBN
-from avkernels import abri
+from avkernels import abri, distributed
 from avkernels.diagnosis import DiagnosisReport, diagnose
 from avkernels import fust
 from avkernels.fusion import FusionOutput, MaskedConcatFusion
@@ -29,6 +30,7 @@ __all__ = [
     "abri",
     "convert",
     "diagnose",
+    "distributed",
     "fust",
     "mask_patches",
     "models",

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from torch import nn
 
+from avkernels.distributed import check_process_group
 from avkernels.modules import TrackedBN
 
 _SHARED_STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 # TrackedBN options convert() may set; the BatchNorm2d settings come from each converted layer.
-CONVERT_OPTIONS = {"activation", "track_dead"}
+CONVERT_OPTIONS = {"activation", "track_dead", "sync", "process_group"}
+# Options about how the model runs across processes rather than what a layer computes: convert()
+# also sets them on layers that already are TrackedBN (e.g. ABRi layers).
+MODEL_WIDE_OPTIONS = ("sync", "process_group")
 
 
 def _move_state(source: nn.BatchNorm2d, target: nn.BatchNorm2d) -> nn.BatchNorm2d:
@@ -30,8 +34,10 @@ def convert(module: nn.Module, **kwargs) -> nn.Module:
 
     Like ``nn.SyncBatchNorm.convert_sync_batchnorm``: the new layers reuse the same Parameter
     and buffer objects, so optimizers built before the conversion keep working. ``kwargs`` go
-    to ``TrackedBN`` (``activation``, ``track_dead``). Layers that already are TrackedBN are
-    kept as they are.
+    to ``TrackedBN`` (``activation``, ``track_dead``, ``sync``, ``process_group``). Layers that
+    already are TrackedBN are kept, with ``sync``/``process_group`` set on them when given:
+    ``convert(model, sync=True)`` synchronises every TrackedBN of the model, ABRi layers
+    included (see :mod:`avkernels.distributed`).
     """
     unknown = set(kwargs) - CONVERT_OPTIONS
     if unknown:
@@ -39,6 +45,7 @@ def convert(module: nn.Module, **kwargs) -> nn.Module:
             f"convert() got unexpected options {sorted(unknown)}; it takes "
             f"{sorted(CONVERT_OPTIONS)} (the other BatchNorm2d settings come from each layer)"
         )
+    check_process_group(kwargs.get("process_group"), "convert()")
     if isinstance(module, nn.BatchNorm2d) and not isinstance(module, TrackedBN):
         reference = module.weight if module.affine else module.running_mean
         tracked = TrackedBN(
@@ -51,6 +58,11 @@ def convert(module: nn.Module, **kwargs) -> nn.Module:
             **kwargs,
         )
         return _move_state(module, tracked)
+    if isinstance(module, TrackedBN):
+        for option in MODEL_WIDE_OPTIONS:
+            if option in kwargs:
+                setattr(module, option, kwargs[option])
+        return module
     for name, child in module.named_children():
         converted = convert(child, **kwargs)
         if converted is not child:

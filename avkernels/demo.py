@@ -44,7 +44,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from avkernels.data import AVDigitsConfig
+from avkernels._io import atomic_write, atomic_write_text
+from avkernels._progress import progress_enabled
+from avkernels.data import AVDigitsConfig, cache_folder
 
 REPORT_VERSION = 1
 KERNEL_ROUNDS = 5  # timing rounds per kernel ratio; the report gives their median and range
@@ -105,11 +107,16 @@ class TensorSamples(Dataset):
     """One split of AV-Digits decoded once into memory, in the batch contract of
     :mod:`avkernels.data` (evaluation front end: no random crop)."""
 
-    def __init__(self, digits, split: str) -> None:
+    def __init__(self, digits, split: str, progress: Optional[bool] = None) -> None:
+        from tqdm.auto import tqdm
+
         from avkernels.data import AVDataset
 
-        dataset = AVDataset(digits.manifest, split, digits.audio, digits.visual, train=False)
-        samples = [dataset[i] for i in range(len(dataset))]
+        dataset = AVDataset(digits.manifest, split, digits.audio, digits.visual, train=False,
+                            progress=progress)
+        samples = [dataset[i] for i in tqdm(range(len(dataset)), unit="clip", leave=False,
+                                            desc=f"decoding the {split} split",
+                                            disable=not progress_enabled(progress))]
         self.audio = torch.stack([sample["audio"] for sample in samples])
         self.visual = torch.stack([sample["visual"] for sample in samples])
         self.labels = [sample["label"] for sample in samples]
@@ -194,9 +201,10 @@ def step_data(demo: Demo) -> dict:
     from avkernels.data import load_av_digits
 
     started = time.perf_counter()
-    digits = load_av_digits(config=demo.settings.data)
+    digits = load_av_digits(config=demo.settings.data, progress=demo.progress)
     built = time.perf_counter() - started
-    demo.train, demo.test = TensorSamples(digits, "train"), TensorSamples(digits, "test")
+    demo.train, demo.test = (TensorSamples(digits, split, demo.progress)
+                             for split in ("train", "test"))
     info = digits.info
     return {"root": str(digits.root), "clips": info["clips"],
             "speaker_disjoint": info["speaker_disjoint"], "speakers": info["speakers"],
@@ -210,8 +218,8 @@ def step_pretrain(demo: Demo) -> dict:
     trainer = demo.train_run("pretrain_visual", demo.base_config(
         stage="stage1", modalities=("visual",), epochs=demo.settings.pretrain_epochs))
     source = demo.out / "source" / "visual_encoder.pt"
-    source.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(trainer.model.visual_net.state_dict(), source)
+    weights = trainer.model.visual_net.state_dict()
+    atomic_write(source, lambda file: torch.save(weights, file))
     return {"encoder": str(source), "epochs": demo.settings.pretrain_epochs,
             "eval_acc_visual": _last(trainer.history, "eval")["acc_visual"],
             "curve": _curve(trainer.history, "acc_visual")}
@@ -535,6 +543,27 @@ def environment() -> dict:
             "cuda_available": torch.cuda.is_available()}
 
 
+def _check_data(out: Path, av_digits: str) -> None:
+    """Every step of one demo folder must use one AV-Digits build: installing or removing a
+    voice package between two invocations makes a new build (another folder name), and
+    resuming on it would mix two datasets in one report."""
+    record = out / "dataset.json"
+    if record.is_file():
+        try:
+            saved = json.loads(record.read_text(encoding="utf-8")).get("av_digits")
+        except (OSError, ValueError, AttributeError):
+            saved = None
+        if saved != av_digits:
+            raise DemoError(f"{out} was run on another AV-Digits build ({saved}; now {av_digits}: "
+                            "voices were installed or removed since); choose another --out or "
+                            "delete it")
+        return
+    if (out / "steps").is_dir():
+        raise DemoError(f"{out} holds demo steps but no record of their AV-Digits build (made "
+                        "by an older avkernels); choose another --out or delete it")
+    atomic_write_text(record, json.dumps({"av_digits": av_digits}, indent=2) + "\n")
+
+
 def _check_out(out: Path, demo_settings: DemoSettings) -> None:
     if out.exists() and not out.is_dir():
         raise DemoError(f"--out {out} is a file; give a folder (new, or a demo folder to resume)")
@@ -558,8 +587,8 @@ def run_demo(out, quick: bool = False, seed: int = 0, progress: Optional[bool] =
     demo_settings = settings(quick, seed)
     _check_out(out, demo_settings)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "demo.json").write_text(json.dumps(demo_settings.to_dict(), indent=2) + "\n",
-                                   encoding="utf-8")
+    _check_data(out, cache_folder(config=demo_settings.data).name)
+    atomic_write_text(out / "demo.json", json.dumps(demo_settings.to_dict(), indent=2) + "\n")
     threads = torch.get_num_threads()
     # Tiny kernels on a shared CPU: one thread is several times faster than contending for two.
     torch.set_num_threads(1)
@@ -585,8 +614,7 @@ def run_demo(out, quick: bool = False, seed: int = 0, progress: Optional[bool] =
                 step_started = time.perf_counter()
                 section = run_step(demo)
                 section["seconds"] = time.perf_counter() - step_started
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps(section, indent=2) + "\n", encoding="utf-8")
+                atomic_write_text(path, json.dumps(section, indent=2) + "\n")
             demo.sections[step] = section
             timings[step] = section["seconds"]
         # Worded from the numbers at every invocation, so a resumed run words them the same way.
@@ -637,6 +665,15 @@ def report_markdown(report: dict, image: Callable[[str, str], str]) -> str:
         f"{s['optimizer']['momentum']}, weight decay {s['optimizer']['weight_decay']}, cosine "
         f"schedule, batch {s['batch_size']}.", "",
     ]
+    voices = {split: ", ".join(f"`{source}`" for source in sources)
+              for split, sources in data["speakers"].items()}
+    lines += [f"Voices (package:folder): training audio {voices['train']}; test audio "
+              f"{voices['test']}.", ""]
+    if data["speaker_disjoint"]:
+        lines += [f"The test audio comes from {len(data['speakers']['test'])} voice(s) never heard "
+                  "in training: audio accuracies measure generalisation to those voices only, and "
+                  "the noise margins below (binomial, over test clips) do not cover the variation "
+                  "from one speaker to another.", ""]
     if not data["speaker_disjoint"]:
         lines += ["Only one real voice is installed (`spokennumbers`), so training and test audio "
                   "share it and the audio task is much easier than a real one; install the Debian "
@@ -717,16 +754,15 @@ def report_markdown(report: dict, image: Callable[[str, str], str]) -> str:
 def write_report(out: Path, report: dict) -> None:
     """report.json, report.md (figures as relative links), report.html (figures inline)."""
     figures = out / "figures"
-    (out / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n",
-                                     encoding="utf-8")
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
     markdown = report_markdown(report, lambda file, caption: f"![{caption}](figures/{file})")
-    (out / "report.md").write_text(markdown, encoding="utf-8")
+    atomic_write_text(out / "report.md", markdown)
 
     def inline(file: str, caption: str) -> str:
         data = base64.b64encode((figures / file).read_bytes()).decode("ascii")
         return f"@@IMG@@{caption}@@{data}@@"
 
-    (out / "report.html").write_text(_html(report_markdown(report, inline)), encoding="utf-8")
+    atomic_write_text(out / "report.html", _html(report_markdown(report, inline)))
 
 
 def _html(markdown: str) -> str:

@@ -86,9 +86,12 @@ class MaskedConcatFusion(nn.Module):
         if a.shape[0] != v.shape[0]:
             raise ValueError(f"MaskedConcatFusion: a and v have different batch sizes "
                              f"({a.shape[0]} and {v.shape[0]})")
-        if a.dtype != v.dtype or a.device != v.device:
-            raise ValueError(f"MaskedConcatFusion: a and v must share dtype and device, got "
-                             f"{a.dtype}/{a.device} and {v.dtype}/{v.device}")
+        if a.device != v.device:
+            raise ValueError(f"MaskedConcatFusion: a and v must be on the same device, got "
+                             f"{a.device} and {v.device}")
+        # Mixed dtypes meet in the promoted one, as in torch.cat (the official ConcatFusion):
+        # under CPU autocast the visual 3-D average pool runs in float32, the audio pool in bf16.
+        a, v = (t.to(torch.promote_types(a.dtype, v.dtype)) for t in (a, v))
         batch = a.shape[0]
         if self.training and (ratio_a is not None or ratio_v is not None):
             ratios = [None if r is None else per_sample_ratio(r, batch, a.device, name)

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from avkernels.distributed import check_process_group, sync_enabled, sync_tracked_batch_norm
 from avkernels.ops.batch_norm import tracked_batch_norm
 
 ACTIVATIONS = (None, "relu")
@@ -36,6 +37,14 @@ class TrackedBN(nn.BatchNorm2d):
             :meth:`dead_fraction` and :meth:`dead_sample_fraction`; clear with
             :meth:`reset_dead_stats`. The counters are non-persistent int64 buffers
             (``dead_count``, ``dead_sample_count``, ``seen`` = [elements per channel, samples]).
+        sync: in training, normalise with the statistics of the whole batch spread over the
+            ranks of ``process_group`` (``nn.SyncBatchNorm``'s protocol, see
+            :mod:`avkernels.distributed`), dead counts included: after each training forward
+            every rank holds the global counts.
+            Runs locally while ``torch.distributed`` is not initialised or the group has one
+            rank; eval forwards never communicate.
+        process_group: the ``torch.distributed`` group to synchronise over; ``None`` is the
+            default (world) group.
 
     ABRi (Adaptive BatchNorm Re-initialization): :meth:`enable_abri` adds a freshly initialised
     BN next to this one and blends the two, ``y = a * BN_orig(x) + (1 - a) * BN_new(x)``, at the
@@ -58,7 +67,10 @@ class TrackedBN(nn.BatchNorm2d):
         bias: bool = True,
         activation: Optional[str] = None,
         track_dead: bool = True,
+        process_group=None,
+        sync: bool = False,
     ) -> None:
+        check_process_group(process_group, "TrackedBN")
         if activation not in ACTIVATIONS:
             raise ValueError(
                 f"TrackedBN: activation must be one of {ACTIVATIONS}, got {activation!r}"
@@ -70,6 +82,8 @@ class TrackedBN(nn.BatchNorm2d):
             self.register_parameter("bias", None)
         self.activation = activation
         self.track_dead = track_dead
+        self.sync = sync
+        self.process_group = process_group
         self.abri_granularity: Optional[str] = None
         self.abri_alpha_init: Optional[float] = None
         counter = {"dtype": torch.long, "device": device}
@@ -94,6 +108,8 @@ class TrackedBN(nn.BatchNorm2d):
             extra += f", activation={self.activation!r}"
         if self.abri_enabled:
             extra += f", abri={self.abri_granularity!r}"
+        if self.sync:
+            extra += ", sync=True"
         return extra + f", track_dead={self.track_dead}"
 
     # -- ABRi -------------------------------------------------------------------------------
@@ -225,7 +241,9 @@ class TrackedBN(nn.BatchNorm2d):
             if self.abri_enabled:
                 self.abri_num_batches_tracked.add_(1)
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        if use_batch_stats:
+        # Synced layers check the global batch size instead (inside the sync path).
+        synced = self.sync and self.training and sync_enabled(self.process_group)
+        if use_batch_stats and not synced:
             size = input.shape
             if size[0] * size[2] * size[3] == 1:
                 raise ValueError(
@@ -245,7 +263,7 @@ class TrackedBN(nn.BatchNorm2d):
             batch_stats = [torch.zeros_like(self.running_mean), torch.zeros_like(self.running_var)]
             running, factor = batch_stats + [None, None], 1.0
         dead = (self.dead_count, self.dead_sample_count, self.seen) if self.track_dead else (None,) * 3
-        output = tracked_batch_norm(
+        args = (
             input,
             self.weight,
             self.bias,
@@ -259,6 +277,10 @@ class TrackedBN(nn.BatchNorm2d):
             self.eps,
             self.activation == "relu",
         )
+        if synced:
+            output = sync_tracked_batch_norm(*args, process_group=self.process_group)
+        else:
+            output = tracked_batch_norm(*args)
         if cumulative:
             self._average_running_stats(*batch_stats)
         return output

@@ -18,8 +18,9 @@ Batches are dicts: ``"audio"`` (B, 1, frames, mel) float, ``"visual"`` (B, C, T,
 ``"label"`` (B,) int64, ``"id"`` list of sample ids.
 
 Run directory: ``config.json``; ``checkpoint.pt`` (everything needed to resume: model,
-optimizer, scheduler, RNG states of torch/numpy/python, epoch and step, confidence trackers,
-running epoch totals, metrics history; written atomically at every epoch end, every
+optimizer, scheduler, RNG states of torch/numpy/python (``rng``; ``rng_other_ranks``: those of
+ranks 1.. under several processes), epoch and step, confidence trackers, running epoch totals,
+metrics history; written atomically at every epoch end, every
 ``checkpoint_every`` steps and when a stop is requested, e.g. by Ctrl-C); ``metrics.jsonl`` and
 ``metrics.csv`` (one row per epoch and split, rewritten from the checkpointed history so a
 resumed run never duplicates a row); ``model.pt`` (the final model state dict).
@@ -30,6 +31,23 @@ are seeded identically. A run resumed from any checkpoint equals the uninterrupt
 bit on CPU when the dataset's randomness, if any, comes from torch's global generator with
 ``num_workers=0`` (then it is in the checkpointed RNG state); with worker processes and random
 augmentation, resuming at an epoch boundary is exact and resuming mid-epoch is not.
+
+Several processes (``torchrun``, see :func:`torchrun_process_group`): a Trainer built while a
+``torch.distributed`` process group is initialised trains with ``DistributedDataParallel``.
+``batch_size`` stays the *global* batch: every rank walks the same epoch permutation and takes
+its contiguous share of each batch (:class:`RankBatchSampler`), and the loss of a rank is its
+samples' cross-entropy sum times ``world_size / global batch``, so that DDP's gradient average
+is the one-process gradient of the whole batch. The per-step results (confidences, accuracy,
+loss) are gathered from every rank in rank order, i.e. in the batch's order, into identical
+trackers and totals on every rank, so nothing is lost or counted twice. With ``sync_bn=True``
+the BN layers normalise with the statistics of the whole global batch, and N processes compute
+what one process computes with the same config (up to floating-point rounding): same model,
+same confidences per sample. With per-rank BN (the default, as in the official code) each rank
+normalises its share alone. Rank 0 alone writes files and shows progress; checkpoints hold each
+rank's RNG state and every rank loads them on resume (exact with the same number of processes).
+Evaluation and the probes' features are computed on shards and summed/gathered, every rank
+taking part. A short last batch with fewer samples than ranks gives the ranks without a share
+one padding sample each, weighted 0 and not recorded (it still enters synced BN statistics).
 """
 
 from __future__ import annotations
@@ -40,6 +58,7 @@ import dataclasses
 import io
 import json
 import math
+import os
 import random
 import signal
 import sys
@@ -50,11 +69,14 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from avkernels._io import atomic_write, atomic_write_text
+from avkernels._progress import progress_enabled
+from avkernels.distributed import wrap_ddp
 from avkernels.fust.confidence import ConfidenceTracker
 from avkernels.fust.policy import MaskRatios, mask_ratios
 from avkernels.models import AVClassifier, load_encoder, read_state_dict
@@ -110,6 +132,10 @@ class TrainConfig:
 
     Bookkeeping: ``checkpoint_every`` steps (0: at epoch ends only); ``probe_epochs``: when
     > 0, linear probes of each encoder (frozen features, ``probe_lr``, Adam) at the end.
+
+    Several processes: ``batch_size`` is the global batch, split over the ranks; ``sync_bn``:
+    BN statistics of the whole global batch (``TrackedBN(sync=True)``), which makes N processes
+    train as one does (no effect with one process).
     """
 
     num_classes: int
@@ -148,6 +174,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     probe_epochs: int = 0
     probe_lr: float = 1e-2
+    sync_bn: bool = False
 
     def __post_init__(self) -> None:
         for name in ("abri", "modalities", "mask_eta", "mask_rho", "audio_patch_grid",
@@ -192,6 +219,8 @@ class TrainConfig:
                                  f"TrainConfig.{name} must be a (rows, columns) pair")
         if self.visual_channels not in (1, 3):
             raise ValueError("TrainConfig.visual_channels must be 1 or 3")
+        if not isinstance(self.sync_bn, bool):
+            raise ValueError(f"TrainConfig.sync_bn must be True or False, got {self.sync_bn!r}")
 
     def to_dict(self) -> dict:
         return {name: list(value) if isinstance(value, tuple) else value
@@ -221,7 +250,17 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 def epoch_seed(seed: int, epoch: int) -> int:
     """A 63-bit seed that depends on ``(seed, epoch)`` only."""
-    return int(np.random.SeedSequence([seed, epoch]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+    return _seed_of(np.random.SeedSequence([seed, epoch]))
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank ``rank``'s own random stream (masks, augmentation, worker seeds): rank 0
+    keeps ``seed`` (one process is unchanged), the others get independent streams."""
+    return seed if rank == 0 else _seed_of(np.random.SeedSequence(seed, spawn_key=(rank,)))
+
+
+def _seed_of(sequence: np.random.SeedSequence) -> int:
+    return int(sequence.generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
 class EpochSampler(Sampler[int]):
@@ -244,8 +283,125 @@ class EpochSampler(Sampler[int]):
         return max(0, self.size - self.start_batch * self.batch_size)
 
 
+class RankBatchSampler(Sampler[list]):
+    """This rank's share (:meth:`Ranks.shard`) of each batch of an :class:`EpochSampler`.
+
+    Every rank walks the same batches, so in each step the shares of the ranks, in rank order,
+    make up the batch one process would train on. A rank whose share of a short last batch is
+    empty gets the batch's first sample as padding (it must still step with the others); the
+    trainer weighs it 0 and does not record it (:meth:`Ranks.shard` tells which ranks pad).
+    """
+
+    def __init__(self, sampler: EpochSampler, ranks: "Ranks") -> None:
+        self.sampler, self.ranks = sampler, ranks
+
+    def __iter__(self) -> Iterator[list]:
+        order, size = list(self.sampler), self.sampler.batch_size
+        for start in range(0, len(order), size):
+            batch = order[start:start + size]
+            yield [batch[i] for i in self.ranks.shard(len(batch))] or batch[:1]
+
+    def __len__(self) -> int:
+        return batches_per_epoch(len(self.sampler), self.sampler.batch_size)
+
+
 def batches_per_epoch(size: int, batch_size: int) -> int:
     return math.ceil(size / batch_size)
+
+
+# --- processes ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the training processes: ``rank`` of ``world_size``.
+
+    :meth:`current` reads the initialised default ``torch.distributed`` group, else one process
+    (0 of 1), for which every method is local and free. :meth:`gather`, :meth:`any`,
+    :meth:`barrier` and :meth:`broadcast_float_buffers` are collectives: every rank calls them
+    at the same point.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def current(cls) -> "Ranks":
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size())
+        return cls()
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0, the one that writes files and shows progress."""
+        return self.rank == 0
+
+    def shard(self, size: int) -> range:
+        """This rank's contiguous share of ``range(size)``: the shares differ by at most one,
+        the first ranks take the larger ones, and in rank order they make up the range."""
+        base, extra = divmod(size, self.world_size)
+        start = self.rank * base + min(self.rank, extra)
+        return range(start, start + base + (self.rank < extra))
+
+    def gather(self, value) -> list:
+        """Every rank's ``value`` (picklable, tensors on the CPU), in rank order, on every rank."""
+        if self.world_size == 1:
+            return [value]
+        values = [None] * self.world_size
+        dist.all_gather_object(values, value)
+        return values
+
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` is set on some rank (so that all ranks take the same branch)."""
+        return flag if self.world_size == 1 else any(self.gather(bool(flag)))
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    @torch.no_grad()
+    def broadcast_float_buffers(self, module: nn.Module) -> None:
+        """Rank 0's floating-point buffers (BN running statistics) on every rank, as DDP's
+        ``broadcast_buffers`` does before each training forward; integer buffers (the per-rank
+        dead counters) are left alone."""
+        if self.world_size > 1:
+            for buffer in module.buffers():
+                if buffer.is_floating_point():
+                    dist.broadcast(buffer, 0)
+
+
+def training_device(device=None) -> torch.device:
+    """``device`` (default: cuda if available, else cpu); a CUDA device without an index is
+    this process's GPU: ``cuda:LOCAL_RANK`` under torchrun, else the current one."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and device.index is None:
+        local_rank = os.environ.get("LOCAL_RANK")
+        device = torch.device("cuda", int(local_rank) if local_rank is not None
+                              else torch.cuda.current_device())
+    return device
+
+
+@contextlib.contextmanager
+def torchrun_process_group(device=None) -> Iterator[torch.device]:
+    """Join the processes started by ``torchrun --nproc_per_node N`` for the block; yields this
+    process's :func:`training_device`.
+
+    With ``WORLD_SIZE`` > 1 in the environment and no process group yet, initialises the
+    default group from torchrun's variables (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``...):
+    NCCL on CUDA, each process on ``cuda:LOCAL_RANK``, gloo on the CPU; it is destroyed at the
+    end. One process, or a group the caller already initialised, is left as it is.
+    """
+    device = training_device(device)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        yield device
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield device
+    finally:
+        dist.destroy_process_group()
 
 
 # --- RNG state ----------------------------------------------------------------------------------
@@ -287,8 +443,10 @@ def seed_everything(seed: int) -> None:
 
 
 def build_model(config: TrainConfig) -> AVClassifier:
-    """The model of ``config`` with its initial weights (``*_init``, ``init_from``, ABRi)."""
+    """The model of ``config`` with its initial weights (``*_init``, ``init_from``, ABRi) and
+    synced BN layers with ``sync_bn``."""
     from avkernels import abri
+    from avkernels.convert import convert
 
     model = AVClassifier(config.num_classes, config.audio_arch, config.visual_arch,
                          visual_channels=config.visual_channels, width=config.width,
@@ -306,6 +464,8 @@ def build_model(config: TrainConfig) -> AVClassifier:
         encoder = getattr(model, f"{modality}_net")
         if not any(True for _ in abri.abri_layers(encoder)):
             abri.apply(encoder)
+    if config.sync_bn:
+        convert(model, sync=True)
     return model
 
 
@@ -334,8 +494,30 @@ def patch_size(size: Sequence[int], grid: Sequence[int]) -> tuple[int, int]:
 # --- the trainer --------------------------------------------------------------------------------
 
 
-def _progress_enabled(progress: Optional[bool]) -> bool:
-    return sys.stderr.isatty() if progress is None else progress
+class _StageNet(nn.Module):
+    """A stage's training forward as one module that holds exactly the parts the stage trains,
+    which is what DDP wraps (each of its parameters gets a gradient at every step, so DDP needs
+    no search for unused ones). Stage 1: ``forward(audio, visual)`` -> the logits of each
+    trained modality's head, in ``modalities`` order; otherwise the model's
+    :class:`~avkernels.fusion.FusionOutput`."""
+
+    def __init__(self, model: AVClassifier, stage: str, modalities: Sequence[str]) -> None:
+        super().__init__()
+        self.stage, self.modalities = stage, tuple(modalities)
+        # The whole model stays out of the module tree: its untrained parts (the fusion layer in
+        # stage 1, the uni-modal heads otherwise) would be parameters DDP waits for in vain.
+        object.__setattr__(self, "model", model)
+        parts = ([f"{m}_{part}" for m in self.modalities for part in ("net", "fc")]
+                 if stage == "stage1" else ["audio_net", "visual_net", "fusion_module"])
+        for name in parts:
+            self.add_module(name, getattr(model, name))
+
+    def forward(self, audio: Optional[Tensor], visual: Optional[Tensor], ratio_a=None,
+                ratio_v=None):
+        if self.stage == "stage1":
+            return tuple(self.model.forward_audio(audio) if m == "audio"
+                         else self.model.forward_visual(visual) for m in self.modalities)
+        return self.model(audio, visual, ratio_a, ratio_v)
 
 
 class Trainer:
@@ -346,13 +528,15 @@ class Trainer:
             (optional) is evaluated after every epoch.
         resume: continue the run saved in ``run_dir`` (its config must equal ``config``);
             without it ``run_dir`` must not hold a run yet.
-        device: where to train (default: cuda if available); not part of the config, so a
-            run can be resumed elsewhere.
+        device: where to train (default: cuda if available, see :func:`training_device`);
+            not part of the config, so a run can be resumed elsewhere.
         num_workers: DataLoader workers (see the module docstring on exactness).
-        progress: tqdm bars; default: only when stderr is a terminal.
+        progress: tqdm bars (rank 0 only); default: only when stderr is a terminal.
         on_step: called as ``on_step(trainer, global_step)`` after every optimizer step.
 
-    :meth:`fit` runs (or finishes) the training and returns the metrics history.
+    :meth:`fit` runs (or finishes) the training and returns the metrics history. Built while a
+    ``torch.distributed`` process group is initialised, every rank builds a Trainer with the
+    same arguments and calls :meth:`fit` (module docstring, "Several processes").
     """
 
     def __init__(self, config: TrainConfig, train_data: Dataset, run_dir, *,
@@ -362,11 +546,16 @@ class Trainer:
         config.validate()
         self.config, self.train_data, self.eval_data = config, train_data, eval_data
         self.run_dir = Path(run_dir)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.ranks = Ranks.current()
+        self.device = training_device(device)
         self.num_workers, self.progress, self.on_step = num_workers, progress, on_step
         self._stop = threading.Event()
         if len(train_data) == 0:
             raise ValueError("Trainer: the training set is empty")
+        if config.batch_size < self.ranks.world_size:
+            raise ValueError(f"Trainer: batch_size={config.batch_size} is the global batch, "
+                             f"split over the {self.ranks.world_size} processes: make it at "
+                             "least the number of processes")
         checkpoint_path = self.run_dir / CHECKPOINT
         if resume and not checkpoint_path.is_file():
             raise FileNotFoundError(f"Trainer: nothing to resume: no {CHECKPOINT} in "
@@ -374,8 +563,14 @@ class Trainer:
         if not resume and checkpoint_path.exists():
             raise FileExistsError(f"Trainer: {self.run_dir} already holds a run; resume it "
                                   "(resume=True / --resume) or choose another directory")
+        if self.device.type == "cuda" and self.ranks.world_size > 1:
+            torch.cuda.set_device(self.device)  # the device of the collectives
         seed_everything(config.seed)
         self.model = build_model(config).to(self.device)
+        # Every rank builds the same initial model; then each draws from its own stream.
+        self._own_seed = rank_seed(config.seed, self.ranks.rank)
+        if self.ranks.rank:
+            seed_everything(self._own_seed)
         self.optimizer = build_optimizer(config, self.model.parameters())
         self.scheduler = build_scheduler(config, self.optimizer)
         self.trackers: dict[str, ConfidenceTracker] = {}
@@ -390,6 +585,10 @@ class Trainer:
         self._totals = self._zero_totals()
         if resume:
             self._load_checkpoint(checkpoint_path)
+        self._net = _StageNet(self.model, config.stage, self.modalities)
+        if self.ranks.world_size > 1:
+            self._net = wrap_ddp(self._net, device_ids=[self.device.index]
+                                 if self.device.type == "cuda" else None)
 
     # -- state ------------------------------------------------------------------------------
 
@@ -417,19 +616,27 @@ class Trainer:
         return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
                 "config": self.config.to_dict(), "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "rng": rng_state(), "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
-                "global_step": self.global_step, "finished": self.finished,
+                "rng": rng_state(), "rng_other_ranks": [], "epoch": self.epoch,
+                "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
+                "finished": self.finished,
                 "trackers": {m: t.state_dict() for m, t in self.trackers.items()},
                 "totals": dict(self._totals), "history": list(self.history)}
 
     def save_checkpoint(self) -> Path:
-        """Write ``checkpoint.pt`` atomically (and the metrics files from the history)."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(self.config.to_dict(), indent=2) + "\n"
-        atomic_write_text(self.run_dir / CONFIG, text)
-        state = self.state_dict()
-        atomic_write(self.run_dir / CHECKPOINT, lambda file: torch.save(state, file))
-        self._write_metrics()
+        """Write ``checkpoint.pt`` atomically (and the metrics files from the history).
+
+        With several processes every rank calls it: rank 0 writes, with every rank's RNG
+        state, and all return once the files are in place."""
+        rng_states = self.ranks.gather(rng_state())
+        if self.ranks.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            text = json.dumps(self.config.to_dict(), indent=2) + "\n"
+            atomic_write_text(self.run_dir / CONFIG, text)
+            state = self.state_dict()
+            state["rng_other_ranks"] = rng_states[1:]
+            atomic_write(self.run_dir / CHECKPOINT, lambda file: torch.save(state, file))
+            self._write_metrics()
+        self.ranks.barrier()
         return self.run_dir / CHECKPOINT
 
     def _load_checkpoint(self, path: Path) -> None:
@@ -459,7 +666,11 @@ class Trainer:
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.global_step, self.finished = state["global_step"], state["finished"]
         self._totals, self.history = dict(state["totals"]), list(state["history"])
-        set_rng_state(state["rng"])
+        # Each rank continues its own stream; ranks the saved run did not have (it ran on fewer
+        # processes) keep the fresh stream of rank_seed.
+        rng_states = [state["rng"], *state.get("rng_other_ranks", [])]
+        if self.ranks.rank < len(rng_states):
+            set_rng_state(rng_states[self.ranks.rank])
 
     def _write_metrics(self) -> None:
         lines = "".join(json.dumps(row) + "\n" for row in self.history)
@@ -483,25 +694,28 @@ class Trainer:
         if self.finished:
             return self.history
         sampler = EpochSampler(len(self.train_data), config.batch_size, config.seed)
+        batches = RankBatchSampler(sampler, self.ranks)
         with _stop_on_sigint(self):
             while self.epoch < config.epochs:
                 sampler.set_epoch(self.epoch, self.step_in_epoch)
-                loader = DataLoader(self.train_data, config.batch_size, sampler=sampler,
+                loader = DataLoader(self.train_data, batch_sampler=batches,
                                     num_workers=self.num_workers,
                                     generator=torch.Generator().manual_seed(
-                                        epoch_seed(config.seed, self.epoch)))
+                                        epoch_seed(self._own_seed, self.epoch)))
                 self._train_epoch(loader)
                 self._end_epoch()
             if config.probe_epochs:
+                self.ranks.broadcast_float_buffers(self.model)
                 for modality in self.modalities:
                     row = linear_probe(self.model, modality, self.train_data, self.eval_data,
                                        epochs=config.probe_epochs, lr=config.probe_lr,
                                        batch_size=config.batch_size, seed=config.seed,
-                                       device=self.device)
+                                       device=self.device, ranks=self.ranks)
                     self.history.append({"epoch": self.epoch, "split": f"probe_{modality}", **row})
             self.finished = True
-            weights = self.model.state_dict()
-            atomic_write(self.run_dir / MODEL, lambda file: torch.save(weights, file))
+            if self.ranks.is_main:
+                weights = self.model.state_dict()
+                atomic_write(self.run_dir / MODEL, lambda file: torch.save(weights, file))
             self.save_checkpoint()
         return self.history
 
@@ -509,18 +723,19 @@ class Trainer:
         from tqdm.auto import tqdm
 
         self.model.train()
-        total = batches_per_epoch(len(self.train_data), self.config.batch_size)
-        bar = tqdm(loader, total=total, initial=self.step_in_epoch, leave=False,
-                   desc=f"{self.config.stage} epoch {self.epoch + 1}/{self.config.epochs}",
-                   disable=not _progress_enabled(self.progress))
+        size, batch_size = len(self.train_data), self.config.batch_size
+        bar = tqdm(loader, total=batches_per_epoch(size, batch_size), initial=self.step_in_epoch,
+                   leave=False, disable=not self._show_progress,
+                   desc=f"{self.config.stage} epoch {self.epoch + 1}/{self.config.epochs}")
         for batch in bar:
-            loss = self._train_step(batch)
+            global_batch = min(batch_size, size - self.step_in_epoch * batch_size)
+            loss = self._record(self.ranks.gather(self._train_step(batch, global_batch)))
             self.step_in_epoch += 1
             self.global_step += 1
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             if self.on_step is not None:
                 self.on_step(self, self.global_step)
-            if self._stop.is_set():
+            if self.ranks.any(self._stop.is_set()):
                 self.save_checkpoint()
                 raise TrainingInterrupted(
                     f"stopped at epoch {self.epoch + 1}, step {self.step_in_epoch}; the "
@@ -537,30 +752,36 @@ class Trainer:
                            f"'label', 'id' and the inputs {list(self.modalities)}")
         audio, visual = (batch[m].to(self.device, non_blocking=True) if m in self.modalities
                          else None for m in MODALITIES)
-        return audio, visual, batch["label"].to(self.device), list(batch["id"])
+        ids = batch["id"]  # collated int ids are a tensor
+        ids = ids.tolist() if isinstance(ids, Tensor) else list(ids)
+        return audio, visual, batch["label"].to(self.device), ids
 
     @property
     def modalities(self) -> tuple:
         """The inputs this run uses: stage 1's ``modalities``, both otherwise."""
         return self.config.modalities if self.config.stage == "stage1" else MODALITIES
 
-    def _train_step(self, batch: dict) -> float:
+    @property
+    def _show_progress(self) -> bool:
+        return self.ranks.is_main and progress_enabled(self.progress)
+
+    def _train_step(self, batch: dict, global_batch: int) -> dict:
+        """One optimizer step on this rank's share of a batch of ``global_batch`` samples;
+        returns this rank's results for :meth:`_record` (CPU tensors, ready to gather)."""
         config = self.config
         audio, visual, labels, ids = self._inputs(batch)
-        totals = self._totals
+        padding = not self.ranks.shard(global_batch)  # see RankBatchSampler
         if config.stage == "stage1":
-            loss = 0.0
-            for modality in config.modalities:
-                logits = (self.model.forward_audio(audio) if modality == "audio"
-                          else self.model.forward_visual(visual))
-                loss = loss + F.cross_entropy(logits, labels)
-                self.trackers[modality].update(ids, logits, labels)
-                totals[f"correct_{modality}"] += int((logits.argmax(1) == labels).sum())
+            heads = dict(zip(config.modalities, self._net(audio, visual)))
+            loss = sum(F.cross_entropy(logits, labels, reduction="sum")
+                       for logits in heads.values())
         else:
             ratio_a = ratio_v = None
             if self.ratios is not None:
                 ratio_a, ratio_v = self.ratios.gather(ids)
                 if config.mask_target in ("input", "both"):
+                    # In place is safe: the loader's default collate stacks the samples into
+                    # fresh batch tensors, so the dataset's own data is never touched.
                     with torch.no_grad():
                         mask_patches(audio, ratio_a.to(self.device),
                                      patch_size(audio.shape[-2:], config.audio_patch_grid),
@@ -570,17 +791,40 @@ class Trainer:
                                      inplace=True)
                 if config.mask_target == "input":
                     ratio_a = ratio_v = None
-            output = self.model(audio, visual, ratio_a, ratio_v)
-            loss = F.cross_entropy(output.logits, labels)
-            for name, logits in zip(("joint",) + MODALITIES, output):
-                totals[f"correct_{name}"] += int((logits.argmax(1) == labels).sum())
+            output = self._net(audio, visual, ratio_a, ratio_v)
+            heads = dict(zip(("joint",) + MODALITIES, output))
+            loss = F.cross_entropy(output.logits, labels, reduction="sum")
+        # DDP averages the ranks' gradients: this weight makes the average the gradient of the
+        # mean loss over the whole batch, however it is split (padding weighs nothing).
+        weight = 0.0 if padding else self.ranks.world_size / global_batch
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * weight).backward()
         self.optimizer.step()
-        value = float(loss.detach())
-        totals["loss"] += value * labels.shape[0]
-        totals["samples"] += labels.shape[0]
-        return value
+        kept = slice(0, 0) if padding else slice(None)
+        labels = labels[kept].cpu()
+        result = {"ids": ids[kept], "loss": 0.0 if padding else float(loss.detach()),
+                  "correct": {name: int((logits[kept].argmax(1).cpu() == labels).sum())
+                              for name, logits in heads.items()}}
+        if self.trackers:
+            result["labels"] = labels
+            result["logits"] = {m: heads[m][kept].detach().cpu() for m in self.trackers}
+        return result
+
+    def _record(self, results: list[dict]) -> float:
+        """Add one step's results of every rank, in rank order (the batch's order), to the
+        epoch totals and the confidence trackers; returns the step's mean loss."""
+        totals = self._totals
+        ids = [sample_id for result in results for sample_id in result["ids"]]
+        for result in results:
+            totals["loss"] += result["loss"]
+            for name, correct in result["correct"].items():
+                totals[f"correct_{name}"] += correct
+        totals["samples"] += len(ids)
+        if self.trackers:
+            labels = torch.cat([result["labels"] for result in results])
+            for modality, tracker in self.trackers.items():
+                tracker.update(ids, torch.cat([r["logits"][modality] for r in results]), labels)
+        return sum(result["loss"] for result in results) / len(ids)
 
     def _end_epoch(self) -> None:
         totals, stage = self._totals, self.config.stage
@@ -593,11 +837,12 @@ class Trainer:
         for tracker in self.trackers.values():
             tracker.end_epoch()
         if self.eval_data is not None:
+            self.ranks.broadcast_float_buffers(self.model)  # evaluate rank 0's model everywhere
             self.history.append({"epoch": self.epoch + 1, "split": "eval",
                                  **evaluate(self.model, self.eval_data, stage,
                                             self.config.batch_size, self.device,
-                                            self.modalities)})
-        if _progress_enabled(self.progress):
+                                            self.modalities, ranks=self.ranks)})
+        if self._show_progress:
             from tqdm.auto import tqdm
 
             rows = [r for r in self.history if r["epoch"] == self.epoch + 1]
@@ -609,7 +854,7 @@ class Trainer:
         self.epoch += 1
         self.step_in_epoch = 0
         self._totals = self._zero_totals()
-        if self.epoch == self.config.epochs:
+        if self.epoch == self.config.epochs and self.ranks.is_main:
             for modality, tracker in self.trackers.items():
                 tracker.save(self.run_dir / f"confidence_{modality}.pt")
         self.save_checkpoint()
@@ -630,8 +875,9 @@ def _stop_on_sigint(trainer: Trainer):
     def handler(signum, frame):
         trainer.request_stop()
         signal.signal(signal.SIGINT, previous)
-        print("\navkernels: stopping after this step (Ctrl-C again to abort at once)",
-              file=sys.stderr)
+        if trainer.ranks.is_main:
+            print("\navkernels: stopping after this step (Ctrl-C again to abort at once)",
+                  file=sys.stderr)
 
     signal.signal(signal.SIGINT, handler)
     try:
@@ -643,63 +889,84 @@ def _stop_on_sigint(trainer: Trainer):
 # --- evaluation ---------------------------------------------------------------------------------
 
 
-def _sequential(data: Dataset, batch_size: int) -> DataLoader:
+def _sequential(data: Dataset, batch_size: int, ranks: Optional[Ranks] = None) -> DataLoader:
+    """``data`` in order, or this rank's contiguous shard of it."""
+    if ranks is not None and ranks.world_size > 1:
+        data = Subset(data, ranks.shard(len(data)))
     return DataLoader(data, batch_size, shuffle=False,
                       generator=torch.Generator().manual_seed(0))
 
 
 @torch.no_grad()
 def evaluate(model: AVClassifier, data: Dataset, stage: str, batch_size: int,
-             device=None, modalities: Sequence[str] = MODALITIES) -> dict:
+             device=None, modalities: Sequence[str] = MODALITIES, *,
+             ranks: Optional[Ranks] = None) -> dict:
     """Loss and accuracy on ``data`` in eval mode: per modality (``acc_audio``,
     ``acc_visual``) from the uni-modal heads of ``modalities`` for ``stage="stage1"``, else
     the joint ``acc`` and each modality's half of the fusion layer. Restores the model's
-    training mode."""
+    training mode. With ``ranks`` of several processes (a collective), each rank evaluates its
+    shard and every rank returns the totals of all."""
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
-    loss, samples = 0.0, 0
-    correct: dict[str, int] = {}
-    for batch in _sequential(data, batch_size):
+    names = tuple(modalities) if stage == "stage1" else ("joint",) + MODALITIES
+    loss, samples, correct = 0.0, 0, dict.fromkeys(names, 0)
+    for batch in _sequential(data, batch_size, ranks):
         labels = batch["label"].to(device)
         if stage == "stage1":
             outputs = {m: getattr(model, f"forward_{m}")(batch[m].to(device)) for m in modalities}
             batch_loss = sum(F.cross_entropy(o, labels, reduction="sum") for o in outputs.values())
         else:
             output = model(batch["audio"].to(device), batch["visual"].to(device))
-            outputs = dict(zip(("joint",) + MODALITIES, output))
+            outputs = dict(zip(names, output))
             batch_loss = F.cross_entropy(output.logits, labels, reduction="sum")
         loss += float(batch_loss)
         samples += labels.shape[0]
         for name, logits in outputs.items():
-            correct[name] = correct.get(name, 0) + int((logits.argmax(1) == labels).sum())
+            correct[name] += int((logits.argmax(1) == labels).sum())
     model.train(was_training)
+    if ranks is not None:
+        totals = ranks.gather((loss, samples, correct))
+        loss, samples = sum(t[0] for t in totals), sum(t[1] for t in totals)
+        correct = {name: sum(t[2][name] for t in totals) for name in names}
     return {"loss": loss / samples, **{_acc_name(n): c / samples for n, c in correct.items()}}
 
 
 @torch.no_grad()
 def _features(model: AVClassifier, modality: str, data: Dataset, batch_size: int,
-              device) -> tuple[Tensor, Tensor]:
+              device, ranks: Optional[Ranks] = None) -> tuple[Tensor, Tensor]:
+    """Pooled features and labels of ``data`` in order; with ``ranks``, each rank encodes its
+    shard and every rank gets the whole set."""
     encode = model.encode_audio if modality == "audio" else model.encode_visual
-    features, labels = [], []
-    for batch in _sequential(data, batch_size):
+    width = getattr(model, f"{modality}_net").out_features
+    features = [torch.empty(0, width, device=device)]  # a shard may be empty
+    labels = [torch.empty(0, dtype=torch.long, device=device)]
+    for batch in _sequential(data, batch_size, ranks):
         features.append(encode(batch[modality].to(device)))
         labels.append(batch["label"].to(device))
-    return torch.cat(features), torch.cat(labels)
+    features, labels = torch.cat(features), torch.cat(labels)
+    if ranks is not None and ranks.world_size > 1:
+        shards = ranks.gather((features.cpu(), labels.cpu()))
+        features = torch.cat([shard[0] for shard in shards]).to(device)
+        labels = torch.cat([shard[1] for shard in shards]).to(device)
+    return features, labels
 
 
 def linear_probe(model: AVClassifier, modality: str, train_data: Dataset,
                  eval_data: Optional[Dataset] = None, *, epochs: int = 20, lr: float = 1e-2,
-                 batch_size: int = 64, seed: int = 0, device=None) -> dict:
+                 batch_size: int = 64, seed: int = 0, device=None,
+                 ranks: Optional[Ranks] = None) -> dict:
     """Linear-probe accuracy of one frozen encoder: pooled eval-mode features of
     ``train_data``, a Linear layer trained with Adam for ``epochs``; accuracy on the train
-    features and on ``eval_data`` (when given). The global RNG state is left untouched."""
+    features and on ``eval_data`` (when given). The global RNG state is left untouched. With
+    ``ranks`` of several processes (a collective), the features are computed on shards and
+    every rank trains the same probe on all of them."""
     if modality not in MODALITIES:
         raise ValueError(f"linear_probe: modality must be one of {MODALITIES}, got {modality!r}")
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
-    train_x, train_y = _features(model, modality, train_data, batch_size, device)
+    train_x, train_y = _features(model, modality, train_data, batch_size, device, ranks)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         probe = nn.Linear(train_x.shape[1], model.num_classes).to(device)
@@ -713,7 +980,7 @@ def linear_probe(model: AVClassifier, modality: str, train_data: Dataset,
                 optimizer.step()
     result = {"probe_train_acc": _accuracy(probe, train_x, train_y)}
     if eval_data is not None:
-        eval_x, eval_y = _features(model, modality, eval_data, batch_size, device)
+        eval_x, eval_y = _features(model, modality, eval_data, batch_size, device, ranks)
         result["probe_eval_acc"] = _accuracy(probe, eval_x, eval_y)
     model.train(was_training)
     return result

@@ -99,19 +99,19 @@ def _inputs(setting: Setting) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
 # --- the three ways of computing a setting ------------------------------------------------------
 
 
+def official_abri(model: nn.Module, granularity: str) -> nn.Module:
+    """Every BN of ``model`` doubled and blended (:class:`OfficialABRi`), as the official code
+    does; in place, returns ``model``."""
+    for name, child in model.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            setattr(model, name, OfficialABRi(child, granularity))
+        else:
+            official_abri(child, granularity)
+    return model
+
+
 def _official_model(setting: Setting) -> nn.Module:
-    """Every BN of the pre-trained model doubled and blended, as the official code does."""
-    model = _pretrained(setting)
-
-    def double(module: nn.Module) -> nn.Module:
-        for name, child in module.named_children():
-            if isinstance(child, nn.BatchNorm2d):
-                setattr(module, name, OfficialABRi(child, setting.granularity))
-            else:
-                double(child)
-        return module
-
-    return double(model)
+    return official_abri(_pretrained(setting), setting.granularity)
 
 
 def _abri_model(setting: Setting) -> nn.Module:

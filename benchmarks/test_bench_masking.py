@@ -81,24 +81,27 @@ def _patch_inputs(setting: PatchSetting) -> tuple[Tensor, Tensor]:
 # --- patch masking implementations ------------------------------------------------------------
 
 
+def official_numpy_mask_(images: Tensor, ratios: list[float], grid: tuple[int, int],
+                         patch: tuple[int, int]) -> Tensor:
+    """The released loaders' masking, in place on ``images`` (rows, C, H, W): per row, numpy
+    picks ``int(P * ratio)`` of the ``P`` grid patches, a loop zeroes them."""
+    grid_h, grid_w = grid
+    patch_h, patch_w = patch
+    total = grid_h * grid_w
+    for row, ratio in enumerate(ratios):
+        if ratio > 0:
+            image = images[row]
+            for index in np.random.choice(total, int(total * ratio), replace=False):
+                top, left = index // grid_w * patch_h, index % grid_w * patch_w
+                image[:, top:top + patch_h, left:left + patch_w] = 0.0
+    return images
+
+
 def _official_loops(setting: PatchSetting) -> Step:
-    """The released loaders' masking: per sample, numpy picks the patches, a loop zeroes them."""
     x, ratios = _patch_inputs(setting)
     buffer = x.clone()
     ratio_list = ratios.tolist()
-    grid_h, grid_w = setting.grid
-    patch_h, patch_w = setting.patch
-    total = grid_h * grid_w
-
-    def step() -> Result:
-        for row, ratio in enumerate(ratio_list):
-            if ratio > 0:
-                image = buffer[row]
-                for index in np.random.choice(total, int(total * ratio), replace=False):
-                    top, left = index // grid_w * patch_h, index % grid_w * patch_w
-                    image[:, top:top + patch_h, left:left + patch_w] = 0.0
-        return {"y": buffer}
-    return step
+    return lambda: {"y": official_numpy_mask_(buffer, ratio_list, setting.grid, setting.patch)}
 
 
 def _torch_keep_mask(setting: PatchSetting, ratios: Tensor) -> Tensor:

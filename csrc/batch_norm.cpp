@@ -298,27 +298,36 @@ void merge_sums(const Geometry& g, const double* run_sum, std::vector<double>& s
 }
 
 // Adds per-run counts of non-positive outputs to the dead counters; a sample is dead in a
-// channel when the counts of all its parts add up to H*W.
+// channel when the counts of all its parts add up to H*W. Serial (it runs after the parallel
+// kernel), so every loop is unit-stride over channels and vectorises.
 void add_dead_counts(const Geometry& g, const RunCount* counts, const Tensor& dead_count,
                      const Tensor& dead_sample_count) {
   // Locals, not g's members, in the loops: the int64 stores could alias those.
-  const int64_t C = g.channels, spatial = g.spatial;
-  const int64_t channel_stride = g.result_index(0, 0, C > 1 ? 1 : 0) - g.result_index(0, 0, 0);
-  std::vector<int64_t> dead(C, 0), dead_samples(C, 0), sample(C);
-  for (int64_t n = 0; n < g.batch; ++n) {
-    std::fill(sample.begin(), sample.end(), 0);
-    for (int64_t part = 0; part < g.parts; ++part) {
-      const RunCount* part_counts = counts + g.result_index(n, part, 0);
-      for (int64_t c = 0; c < C; ++c) sample[c] += part_counts[c * channel_stride];
-    }
+  const int64_t C = g.channels, P = g.parts, spatial = g.spatial;
+  std::vector<int64_t> dead(C, 0), dead_samples(C, 0), parts_total(P > 1 ? C : 0);
+  const auto add_sample = [&](const auto* sample) {  // C per-channel counts of one sample
     for (int64_t c = 0; c < C; ++c) {
       dead[c] += sample[c];
       dead_samples[c] += sample[c] == spatial;
     }
+  };
+  for (int64_t n = 0; n < g.batch; ++n) {
+    const RunCount* sample_counts = counts + g.result_index(n, 0, 0);  // C * P values
+    if (P == 1) {  // one run per channel (planes) or all channels (rows): C values in order
+      add_sample(sample_counts);
+      continue;
+    }
+    std::fill(parts_total.begin(), parts_total.end(), 0);
+    for (int64_t part = 0; part < P; ++part) {
+      for (int64_t c = 0; c < C; ++c) {
+        parts_total[c] += sample_counts[g.rows ? part * C + c : c * P + part];
+      }
+    }
+    add_sample(parts_total.data());
   }
   auto dead_a = dead_count.accessor<int64_t, 1>();
   auto dead_samples_a = dead_sample_count.accessor<int64_t, 1>();
-  for (int64_t c = 0; c < g.channels; ++c) {
+  for (int64_t c = 0; c < C; ++c) {
     dead_a[c] += dead[c];
     dead_samples_a[c] += dead_samples[c];
   }

@@ -97,14 +97,28 @@ def test_cache_is_reused_and_keyed_by_configuration(built, fake_sources):
     assert other.root != data.root and (data.root / "build.json").stat().st_mtime_ns == stamp
     again = load_av_digits(cache, config_no_espeak)
     assert again.root == other.root and again.info == other.info
+    assert av_digits.cache_folder(cache, config_no_espeak) == other.root
     assert not list(cache.glob("*.partial-*")) and not list(cache.glob("av-digits-voices-*"))
 
 
-def test_single_voice_build_warns_that_speakers_are_shared(tmp_path):
+def test_cache_folder_changes_with_the_installed_voices(built, fake_sources, tmp_path):
+    _, cache, _ = built
+    tree = tmp_path / "asterisk"
+    shutil.copytree(fake_sources / "asterisk", tree, symlinks=True)
+    config = AVDigitsConfig(asterisk_root=str(tree), use_espeak=False, **TINY)
+    before = av_digits.cache_folder(cache, config)
+    shutil.rmtree(tree / "it_IT_m_Carlo")  # a voice package removed
+    after = av_digits.cache_folder(cache, config)
+    assert before != after and before.parent == after.parent == cache
+    assert after.name.startswith("av-digits-")
+
+
+def test_single_voice_build_warns_that_speakers_are_shared(tmp_path, capsys):
     config = AVDigitsConfig(use_asterisk=False, use_espeak=False, train_per_class=1,
                             test_per_class=1)
     with pytest.warns(UserWarning, match="share a voice"):
-        data = load_av_digits(tmp_path, config)
+        data = load_av_digits(tmp_path, config, progress=True)
+    assert "building AV-Digits" in capsys.readouterr().err  # the progress bar
     assert data.info["speaker_disjoint"] is False
     assert {r.extra["speaker"] for r in read_manifest(data.manifest)} == {"spokennumbers"}
 
@@ -136,6 +150,18 @@ def test_config_validation():
         AVDigitsConfig(train_per_class=401)
     with pytest.raises(ValueError, match="audio_difficulty"):
         AVDigitsConfig(audio_difficulty=(0.5, 0.2))
+    with pytest.raises(ValueError, match="seed must be an int >= 0"):
+        AVDigitsConfig(seed=-1)
+
+
+def test_an_incomplete_cache_names_the_fix(built, tmp_path):
+    data, _, _ = built
+    copy = tmp_path / data.root.name
+    shutil.copytree(data.root, copy)
+    (copy / "manifest.csv").unlink()
+    with pytest.raises(av_digits.DataError, match="incomplete AV-Digits cache .no manifest.csv.: "
+                       "delete this folder"):
+        av_digits._open(copy)
 
 
 def test_prepare_av_digits_command(tmp_path, capsys):
@@ -148,3 +174,22 @@ def test_prepare_av_digits_command(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "10 train / 10 test clips" in out and "visual (3, 3, 28, 28)" in out
     assert "speaker-disjoint: no" in out
+
+
+def test_every_voice_is_band_limited_to_the_telephone_band():
+    """spokennumbers (44.1 kHz) must not carry the energy above 4 kHz that the 8 kHz Asterisk
+    voices lack, or a speaker-disjoint split would also test the recording channel."""
+    path = av_digits.spokennumbers_speaker().files[7]
+
+    def energy_above(signal, hertz):
+        power = np.abs(np.fft.rfft(signal)) ** 2
+        return power[np.fft.rfftfreq(len(signal), 1 / 16000) > hertz].sum() / power.sum()
+
+    assert AVDigitsConfig().band_limit_rate == 8000
+    limited = av_digits._speed_variants(path, 16000, 8000)
+    assert len(limited) == len(av_digits.SPEED_FACTORS)
+    # the fastest variant (1.1x) reaches 4.4 kHz
+    assert all(energy_above(x, 4500) < 1e-4 for x in limited)
+    assert energy_above(av_digits._speed_variants(path, 16000, 16000)[2], 4500) > 1e-3
+    with pytest.raises(ValueError, match="band_limit_rate"):
+        AVDigitsConfig(band_limit_rate=22050)

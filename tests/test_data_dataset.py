@@ -43,10 +43,21 @@ def test_manifest_round_trip(tmp_path, suffix):
     ("id,split,label,audio,frames\nx,train,-1,a.wav,f\n", "label must be an integer >= 0"),
     ("id,split,label,audio,frames\nx,train,0,,f\n", "line 2: missing audio"),
     ("id,split,label,audio,frames\nx,train,0,a.wav,f\nx,test,1,b.wav,g\n", "'x' appears twice"),
+    ("id,split,label,audio,frames\nx,train,0,a.wav,f,extra\n",
+     "line 2: 6 fields, the header has 5"),
+    ("id,split,label,audio,frames\nx,train,0,a.wav," + "f" * 200_000,
+     "after line 1: malformed CSV"),
 ])
 def test_malformed_csv_manifests(tmp_path, content, message):
     (tmp_path / "m.csv").write_text(content)
     with pytest.raises(DataError, match=message):
+        read_manifest(tmp_path / "m.csv")
+
+
+def test_manifest_that_is_not_utf8_names_the_fix(tmp_path):
+    (tmp_path / "m.csv").write_bytes("id,split,label,audio,frames\ncaf\xe9,train,0,a,f\n"
+                                      .encode("latin-1"))
+    with pytest.raises(DataError, match="m.csv: not UTF-8 text .*save the manifest as UTF-8"):
         read_manifest(tmp_path / "m.csv")
 
 

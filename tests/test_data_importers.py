@@ -150,3 +150,25 @@ def test_data_stats_command(tmp_path, capsys):
     (raw / "AudioWAV/1001_DFA_ANG_XX.wav").write_bytes(b"broken")
     assert main(argv) == 2
     assert "1001_DFA_ANG_XX.wav: cannot decode audio" in capsys.readouterr().err
+
+
+def test_data_stats_names_an_unreadable_manifest_or_output(tmp_path, capsys, monkeypatch):
+    import avkernels.data
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    make_cremad(raw)
+    assert main(["prepare", "cremad", "--root", str(raw), "--out", str(tmp_path / "out")]) == 0
+    manifest = tmp_path / "out/manifest.csv"
+    (tmp_path / "file").write_text("x")
+    argv = ["data-stats", str(manifest), "--mel-bins", "16", "--target-length", "32"]
+    assert main(argv + ["--out", str(tmp_path / "file/stats.json")]) == 2
+    assert "cannot write" in capsys.readouterr().err
+
+    def unreadable(path):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(avkernels.data, "read_manifest", unreadable)
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert f"cannot read {manifest}: Permission denied" in error and error.count("\n") == 1

@@ -145,3 +145,22 @@ def test_unparsable_arguments_exit_2(argv):
     with pytest.raises(SystemExit) as exit_info:
         main(["demo", *argv])
     assert exit_info.value.code == 2
+
+
+def test_resuming_on_another_av_digits_build_exits_2(quick_run, capsys):
+    """Installing or removing a voice makes a new AV-Digits build: a demo folder made on the
+    old one is not resumed on it (its report would mix two datasets)."""
+    record = quick_run / "dataset.json"
+    saved = record.read_text()
+    assert json.loads(saved)["av_digits"].startswith("av-digits-")
+    try:
+        record.write_text(json.dumps({"av_digits": "av-digits-000000000000"}))
+        assert main(["demo", "--quick", "--out", str(quick_run), "--no-progress"]) == 2
+        error = capsys.readouterr().err
+        assert "another AV-Digits build (av-digits-000000000000" in error
+        assert error.count("\n") == 1
+        record.unlink()
+        assert main(["demo", "--quick", "--out", str(quick_run), "--no-progress"]) == 2
+        assert "no record of their AV-Digits build" in capsys.readouterr().err
+    finally:
+        record.write_text(saved)

@@ -25,6 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="use at most this many clips (the first of the split)")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSON file to write (default: fbank_stats.json next to the manifest)")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="progress bar (default: when stderr is a terminal)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -36,16 +38,19 @@ def run(args: argparse.Namespace) -> int:
         config = AudioConfig(args.sample_rate, args.mel_bins, args.target_length)
     except ValueError as error:
         raise CommandError(str(error)) from None
+    out = args.out or args.manifest.parent / "fbank_stats.json"
     try:
         records = [r for r in read_manifest(args.manifest) if r.split == args.split]
         if not records:
             raise CommandError(f"{args.manifest}: no clip in split {args.split!r}")
         records = records[: args.max_clips]
-        stats = compute_fbank_stats((r.audio for r in records), config)
-        out = args.out or args.manifest.parent / "fbank_stats.json"
-        stats.save(out)
+        stats = compute_fbank_stats([r.audio for r in records], config, progress=args.progress)
     except DataError as error:
         raise CommandError(str(error)) from None
+    except OSError as error:
+        raise CommandError(f"cannot read {args.manifest}: {error.strerror or error}") from None
+    try:
+        stats.save(out)
     except OSError as error:
         raise CommandError(f"cannot write {out}: {error.strerror or error}") from None
     print(f"{args.split}: {stats.clips} clips, fbank mean {stats.mean:.6f}, std {stats.std:.6f} "

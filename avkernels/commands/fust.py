@@ -5,6 +5,7 @@
 ``--baseline`` also ``DIR/joint``: naive joint training from the same initial encoders. The
 options are those of ``avkernels train`` (they apply to every stage); ``--resume`` continues
 whichever stage was interrupted and skips the finished ones. Writes ``DIR/summary.json``.
+Runs under ``torchrun`` like ``avkernels train`` (one process group for every stage).
 """
 
 from __future__ import annotations
@@ -41,6 +42,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from avkernels.train import torchrun_process_group
+
+    with torchrun_process_group(args.device) as device:
+        args.device = device
+        return _run_stages(args)
+
+
+def _run_stages(args: argparse.Namespace) -> int:
+    from avkernels.train import Ranks
+
+    main_rank = Ranks.current().is_main
     train_data, eval_data = open_datasets(args)
     num_classes = getattr(train_data, "num_classes", None)
     stages = [("stage1", {}), ("stage2", {"init_from": str((args.out / "stage1").resolve())})]
@@ -60,7 +72,10 @@ def run(args: argparse.Namespace) -> int:
                                   **fixed)
         history = run_stage(config, train_data, eval_data, run_dir, stage_args)
         summary[stage] = history
-        print(summary_line(stage, history))
+        if main_rank:
+            print(summary_line(stage, history))
+    if not main_rank:
+        return 0
     try:
         atomic_write_text(args.out / "summary.json", json.dumps(summary, indent=2) + "\n")
     except OSError as error:

@@ -4,6 +4,10 @@ Every :class:`~avkernels.train.TrainConfig` field is an option (``--lr``, ``--ma
 with ``--resume`` the run's saved ``config.json`` is the starting point and an option given
 again must keep its value. Ctrl-C stops after the current step with a checkpoint (exit 130);
 ``--resume`` continues exactly there.
+
+Under ``torchrun --nproc_per_node N avkernels ...`` (or ``python -m avkernels``) every process
+joins the process group (:func:`~avkernels.train.torchrun_process_group`) and trains with DDP;
+``--batch-size`` stays the global batch, and rank 0 alone prints and writes the run directory.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ FBANK_STATS = "fbank_stats.json"  # where `avkernels data-stats` writes by defau
 FIELD_HELP = {
     "num_classes": "classes (default: from the manifest's labels)",
     "epochs": "training epochs",
-    "batch_size": "samples per batch",
+    "batch_size": "samples per batch (under torchrun: the global batch, split over the processes)",
     "seed": "seed of the initialisation, data order and masks",
     "optimizer": "optimizer",
     "lr": "learning rate",
@@ -59,6 +63,8 @@ FIELD_HELP = {
     "checkpoint_every": "also checkpoint every N steps (0: at epoch ends only)",
     "probe_epochs": "epochs of the final linear probes of each encoder (0: none)",
     "probe_lr": "learning rate of the linear probes",
+    "sync_bn": "under torchrun: BN statistics of the whole global batch (N processes then train "
+               "as one does)",
 }
 _PAIR_TYPES = {"mask_eta": float, "mask_rho": float, "audio_patch_grid": int,
                "visual_patch_grid": int}
@@ -95,7 +101,9 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frames", type=int, default=3, help="frames per clip (default 3)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in the output directory where it stopped")
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--device", default=None,
+                        help="default: cuda if available, else cpu (under torchrun: "
+                        "cuda:LOCAL_RANK)")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="progress bars (default: when stderr is a terminal)")
@@ -121,6 +129,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, skip=frozenset()) -> N
                                else ("ROWS", "COLS"), help=help_text)
         elif field.default is None:
             group.add_argument(option, default=None, help=help_text)
+        elif isinstance(field.default, bool):
+            group.add_argument(option, action=argparse.BooleanOptionalAction, default=None,
+                               help=help_text)
         else:
             # num_classes, the one field without a default, is an int
             kind = int if field.default is dataclasses.MISSING else type(field.default)
@@ -135,16 +146,19 @@ def _shown(value) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from avkernels.train import STAGES
+    from avkernels.train import STAGES, Ranks, torchrun_process_group
 
     if args.stage not in STAGES:
         raise CommandError(f"unknown stage {args.stage!r}; choose one of {STAGES}")
-    train_data, eval_data = open_datasets(args)
-    config = config_from_args(args, args.out, stage=args.stage,
-                              num_classes=getattr(train_data, "num_classes", None))
-    history = run_stage(config, train_data, eval_data, args.out, args)
-    print(summary_line(args.stage, history))
-    print(f"wrote {args.out}")
+    with torchrun_process_group(args.device) as device:
+        args.device = device
+        train_data, eval_data = open_datasets(args)
+        config = config_from_args(args, args.out, stage=args.stage,
+                                  num_classes=getattr(train_data, "num_classes", None))
+        history = run_stage(config, train_data, eval_data, args.out, args)
+        if Ranks.current().is_main:
+            print(summary_line(args.stage, history))
+            print(f"wrote {args.out}")
     return 0
 
 
@@ -238,7 +252,7 @@ def _option_names(message: str) -> str:
 def run_stage(config, train_data, eval_data, run_dir: Path, args: argparse.Namespace) -> list:
     """Train (or resume) one run; CommandError for setup problems, exit 130 on Ctrl-C."""
     from avkernels.data import DataError
-    from avkernels.train import Trainer, TrainingInterrupted
+    from avkernels.train import Ranks, Trainer, TrainingInterrupted
 
     try:
         trainer = Trainer(config, train_data, run_dir, eval_data=eval_data, resume=args.resume,
@@ -256,7 +270,8 @@ def run_stage(config, train_data, eval_data, run_dir: Path, args: argparse.Names
     try:
         return trainer.fit()
     except TrainingInterrupted as stop:
-        print(f"avkernels: {stop}: run the same command with --resume", file=sys.stderr)
+        if Ranks.current().is_main:
+            print(f"avkernels: {stop}: run the same command with --resume", file=sys.stderr)
         raise KeyboardInterrupt from None
     except DataError as error:
         raise CommandError(f"{error} (the checkpoint in {run_dir} holds the progress so far: "

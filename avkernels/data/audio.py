@@ -10,13 +10,14 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable, Union
+from typing import Iterable, Optional, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from avkernels._io import atomic_write_text
+from avkernels._progress import progress_enabled
 from avkernels.data.errors import DataError
 
 # Kinetics-Sounds statistics of the official loader (unnormalised 128-bin fbank, 1024 frames).
@@ -156,11 +157,17 @@ class FbankStats:
             raise DataError(path, f"not an fbank statistics file ({error})") from None
 
 
-def compute_fbank_stats(paths: Iterable[Union[str, Path]], config: AudioConfig) -> FbankStats:
+def compute_fbank_stats(paths: Iterable[Union[str, Path]], config: AudioConfig,
+                        progress: Optional[bool] = None) -> FbankStats:
     """Statistics of the fbanks of ``paths`` as the network sees them before normalisation
-    (padding included), accumulated in float64 with per-clip Chan merges."""
+    (padding included), accumulated in float64 with per-clip Chan merges. ``progress``: a
+    progress bar (default: when stderr is a terminal)."""
+    from tqdm.auto import tqdm
+
     count, mean, m2 = 0, 0.0, 0.0
-    for path in paths:
+    total = len(paths) if hasattr(paths, "__len__") else None
+    for path in tqdm(paths, total=total, unit="clip", desc="fbank statistics", leave=False,
+                     disable=not progress_enabled(progress)):
         values = raw_fbank(path, config).double()
         n = values.numel()
         clip_mean = values.mean().item()

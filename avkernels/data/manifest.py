@@ -68,17 +68,13 @@ def read_manifest(path: Union[str, Path]) -> list[ClipRecord]:
     base = path.resolve().parent
     records: list[ClipRecord] = []
     with open(path, encoding="utf-8", newline="") as handle:
-        if suffix == ".csv":
-            reader = csv.DictReader(handle)
-            absent = [name for name in REQUIRED_FIELDS if name not in (reader.fieldnames or ())]
-            if absent:
-                raise DataError(path, f"CSV header lacks column(s) {', '.join(absent)} "
-                                f"(needs {', '.join(REQUIRED_FIELDS)})")
-            rows = ((reader.line_num, row) for row in reader)
-        else:
-            rows = _jsonl_rows(handle, path)
-        for line, values in rows:
-            records.append(_record(values, f"line {line}", base, path))
+        try:
+            rows = _csv_rows(handle, path) if suffix == ".csv" else _jsonl_rows(handle, path)
+            for line, values in rows:
+                records.append(_record(values, f"line {line}", base, path))
+        except UnicodeDecodeError as error:
+            raise DataError(path, f"not UTF-8 text (byte {error.start}): save the manifest as "
+                            "UTF-8") from None
     seen: dict[str, int] = {}
     for index, record in enumerate(records):
         if record.id in seen:
@@ -86,6 +82,23 @@ def read_manifest(path: Union[str, Path]) -> list[ClipRecord]:
                             "(they key the per-sample confidences)")
         seen[record.id] = index
     return records
+
+
+def _csv_rows(handle, path: Path):
+    reader = csv.DictReader(handle)
+    try:
+        absent = [name for name in REQUIRED_FIELDS if name not in (reader.fieldnames or ())]
+        if absent:
+            raise DataError(path, f"CSV header lacks column(s) {', '.join(absent)} "
+                            f"(needs {', '.join(REQUIRED_FIELDS)})")
+        for row in reader:
+            if None in row:  # DictReader's key for the cells beyond the header's columns
+                raise DataError(path, f"line {reader.line_num}: {len(row) - 1 + len(row[None])} "
+                                f"fields, the header has {len(reader.fieldnames)} (quote cells "
+                                "that hold commas)")
+            yield reader.line_num, row
+    except csv.Error as error:
+        raise DataError(path, f"after line {reader.line_num}: malformed CSV ({error})") from None
 
 
 def _jsonl_rows(handle, path: Path):

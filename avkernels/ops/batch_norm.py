@@ -160,8 +160,42 @@ def batch_norm_bwd_reference(
     use_batch_stats: bool,
     relu: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    acc = mean.dtype
     n, _, h, w = x.shape
+    xf, dy, scale, sum_dy, sum_dy_xhat = grad_sums(
+        grad_y, x, weight, bias, abri_weight, abri_bias, abri_alpha, mean, invstd, relu
+    )
+    if use_batch_stats:
+        grad_x = batch_stats_grad_input(
+            xf, dy, scale, mean[0], invstd[0], sum_dy, sum_dy_xhat[0], n * h * w
+        )
+    else:
+        grad_x = dy * _per_channel(scale)
+    grad_x = grad_x.to(x.dtype).contiguous(memory_format=output_memory_format(x))
+    grads = parameter_grads(
+        weight, bias, abri_weight, abri_bias, abri_alpha, sum_dy, sum_dy_xhat[0], sum_dy_xhat[-1]
+    )
+    return (grad_x, *grads)
+
+
+def grad_sums(
+    grad_y: Tensor,
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    abri_weight: Optional[Tensor],
+    abri_bias: Optional[Tensor],
+    abri_alpha: Optional[Tensor],
+    mean: Tensor,
+    invstd: Tensor,
+    relu: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The backward's per-channel reductions over the batch in ``x``.
+
+    Returns ``(xf, dy, scale, sum_dy, sum_dy_xhat)``: ``x`` and ``grad_y`` in the accumulation
+    dtype (``dy`` zeroed where the fused ReLU was off), the effective scale, ``S1 = sum(dy)``
+    (C,) and ``S2 = sum(dy * xhat)`` (K, C), one row per normalisation of ``mean``/``invstd``.
+    """
+    acc = mean.dtype
     xf, dy = x.to(acc), grad_y.to(acc)
     scale, shift = effective_affine(weight, bias, abri_weight, abri_bias, abri_alpha, mean, invstd)
     if relu:
@@ -171,19 +205,25 @@ def batch_norm_bwd_reference(
     sum_dy_xhat = torch.stack(
         [(dy * (xf - _per_channel(m))).sum(dim=(0, 2, 3)) * r for m, r in zip(mean, invstd)]
     )
-    if use_batch_stats:
-        count = n * h * w
-        xhat = (xf - _per_channel(mean[0])) * _per_channel(invstd[0])
-        grad_x = _per_channel(scale) * (
-            dy - _per_channel(sum_dy / count) - xhat * _per_channel(sum_dy_xhat[0] / count)
-        )
-    else:
-        grad_x = dy * _per_channel(scale)
-    grad_x = grad_x.to(x.dtype).contiguous(memory_format=output_memory_format(x))
-    grads = parameter_grads(
-        weight, bias, abri_weight, abri_bias, abri_alpha, sum_dy, sum_dy_xhat[0], sum_dy_xhat[-1]
+    return xf, dy, scale, sum_dy, sum_dy_xhat
+
+
+def batch_stats_grad_input(
+    xf: Tensor,
+    dy: Tensor,
+    scale: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    sum_dy: Tensor,
+    sum_dy_xhat: Tensor,
+    count,
+) -> Tensor:
+    """``dx = scale * (dy - S1 / M - xhat * S2 / M)`` for batch statistics over ``M = count``
+    elements per channel (the whole global batch when the sums are all-reduced across ranks)."""
+    xhat = (xf - _per_channel(mean)) * _per_channel(invstd)
+    return _per_channel(scale) * (
+        dy - _per_channel(sum_dy / count) - xhat * _per_channel(sum_dy_xhat / count)
     )
-    return (grad_x, *grads)
 
 
 def parameter_grads(
