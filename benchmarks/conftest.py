@@ -8,7 +8,12 @@ the ``compare`` fixture, which
    nothing would time a wrong answer as happily as a right one),
 2. warms it up outside the timed region (``torch.compile`` compiles here),
 3. times it with pytest-benchmark, grouped by case (CUDA: synchronised at the end of every round),
-4. records the per-call timing for the ratio report.
+4. records the per-call timing for the ratio report,
+5. for every comparison with a target in which it is the candidate, times it interleaved with
+   that baseline (rounds in A B B A order for ``--benchmark-max-time`` seconds, at least
+   ``--benchmark-min-rounds`` of each): the reported ratio is the ratio of those medians. Timed
+   in separate blocks, a slow minute of this shared machine lands on one side only; measured
+   here, the same case read 0.60x in one run and 1.11x in the next, while interleaved runs agree.
 
 At the end of the session each benchmark module's comparisons are printed as a ratio table
 (candidate / baseline, medians from this run) and saved as ``<module>_<device>.json/.md/.png``
@@ -33,6 +38,7 @@ import ctypes.util
 import os
 import re
 import statistics
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -43,7 +49,7 @@ import torch._functorch.config
 import torch._inductor.config
 
 from benchmarks import report
-from benchmarks.harness import Case
+from benchmarks.harness import Case, Comparison, Step
 
 RESULTS_DIR = Path(__file__).parent / "results"
 COPY_BYTES = 256 * 2**20  # well beyond any GPU's L2, so the copy streams from HBM
@@ -58,10 +64,17 @@ class _BenchSession:
         self.cases: dict[str, dict[str, Case]] = {}  # module stem -> case id -> case, run order
         self.timings: dict[str, dict[tuple[str, str], report.Timing]] = {}
         self.copy_bandwidth: dict[str, float] = {}  # CUDA device -> bytes/s (read + written)
+        # module stem -> (case id, candidate, baseline) -> ratio timed interleaved
+        self.interleaved: dict[str, dict[tuple[str, str, str], report.InterleavedRatio]] = {}
 
     def record(self, suite: str, case: Case, implementation: str, timing: report.Timing) -> None:
         self.cases.setdefault(suite, {}).setdefault(case.id, case)
         self.timings.setdefault(suite, {})[case.id, implementation] = timing
+
+    def record_interleaved(self, suite: str, case: Case, comparison: Comparison,
+                           ratio: report.InterleavedRatio) -> None:
+        key = (case.id, comparison.candidate, comparison.baseline)
+        self.interleaved.setdefault(suite, {})[key] = ratio
 
     def device_copy_bandwidth(self, device: torch.device) -> float:
         """Bytes per second (read + written) of a large device-to-device copy, measured once."""
@@ -178,8 +191,38 @@ def compare(benchmark, request):
             roofline_seconds = case.roofline_bytes / session.device_copy_bandwidth(case.device)
         timing = report.Timing.from_stats(benchmark.stats.stats, calls, roofline_seconds)
         session.record(suite, case, implementation, timing)
+        options = request.config.getoption
+        for comparison in case.comparisons:
+            if comparison.candidate != implementation or comparison.target is None:
+                continue
+            baseline = case.implementations[comparison.baseline].build()
+            ratio = _interleaved_ratio(step, baseline, case, float(options("benchmark_max_time")),
+                                       int(options("benchmark_min_rounds")))
+            session.record_interleaved(suite, case, comparison, ratio)
 
     return run
+
+
+def _interleaved_ratio(candidate: Step, baseline: Step, case: Case, seconds: float,
+                       min_rounds: int) -> report.InterleavedRatio:
+    """Median candidate round / median baseline round, the rounds timed in A B B A order."""
+    def timed(step: Step) -> float:
+        start = time.perf_counter()
+        for _ in range(case.calls_per_round):
+            step()
+        _synchronize(case.device)
+        return (time.perf_counter() - start) / case.calls_per_round
+
+    for _ in range(case.warmup_calls):
+        baseline()
+    _synchronize(case.device)
+    rounds: dict[Step, list[float]] = {candidate: [], baseline: []}
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(rounds[candidate]) < min_rounds:
+        for step in (candidate, baseline, baseline, candidate):
+            rounds[step].append(timed(step))
+    medians = [statistics.median(rounds[step]) for step in (candidate, baseline)]
+    return report.InterleavedRatio(medians[0] / medians[1], len(rounds[candidate]))
 
 
 def _checked_step(case: Case, implementation: str):
@@ -249,7 +292,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
     directory = _results_dir(config)
     for suite, cases in session.cases.items():
         timings = session.timings[suite]
-        rows = report.comparison_rows(cases.values(), timings)
+        rows = report.comparison_rows(cases.values(), timings, session.interleaved.get(suite, {}))
         terminalreporter.write_sep("=", f"ratios: {suite} (candidate / baseline, this run)")
         for warning in report.load_warnings(env):
             terminalreporter.write_line(f"Warning: {warning}", yellow=True)

@@ -48,21 +48,36 @@ class Timing:
                    roofline_fraction=fraction)
 
 
-def comparison_rows(cases: Iterable[Case], timings: dict[tuple[str, str], Timing]) -> list[dict]:
+@dataclass(frozen=True)
+class InterleavedRatio:
+    """A candidate/baseline ratio timed interleaved (A B B A rounds), see ``conftest.py``."""
+
+    ratio: float  # median candidate round / median baseline round
+    rounds: int  # rounds of each side
+
+
+def comparison_rows(cases: Iterable[Case], timings: dict[tuple[str, str], Timing],
+                    interleaved: dict[tuple[str, str, str], InterleavedRatio]) -> list[dict]:
     """One row per comparison of every case that had at least one implementation timed.
 
-    ``timings`` maps (case id, implementation id) to its :class:`Timing`. The ratio is
-    candidate median / baseline median; ``ratio_min`` the same with the fastest rounds.
+    ``timings`` maps (case id, implementation id) to its :class:`Timing`; ``interleaved``
+    (case id, candidate id, baseline id) to the ratio timed interleaved, which is the row's
+    ratio where there is one (``timing: "interleaved"``). Otherwise the ratio is candidate
+    median / baseline median of their separate runs (``timing: "separate"``). ``ratio_min``
+    is always the fastest separate rounds' ratio.
     """
     rows = []
     for case in cases:
         for comparison in case.comparisons:
             baseline = timings.get((case.id, comparison.baseline))
             candidate = timings.get((case.id, comparison.candidate))
+            paired = interleaved.get((case.id, comparison.candidate, comparison.baseline))
             ratio = ratio_min = None
             if baseline and candidate:
                 ratio = candidate.median / baseline.median
                 ratio_min = candidate.minimum / baseline.minimum
+            if paired is not None:
+                ratio = paired.ratio
             if ratio is None:
                 status = NOT_MEASURED
             elif comparison.target is None:
@@ -77,6 +92,8 @@ def comparison_rows(cases: Iterable[Case], timings: dict[tuple[str, str], Timing
                 "candidate_s": candidate.median if candidate else None,
                 "baseline_s": baseline.median if baseline else None,
                 "ratio": ratio,
+                "timing": "separate" if paired is None else "interleaved",
+                "interleaved_rounds": None if paired is None else paired.rounds,
                 "ratio_min": ratio_min,
                 "target": comparison.target,
                 "status": status,
@@ -122,14 +139,18 @@ def markdown(rows: list[dict]) -> str:
         cells = [
             row["case"], row["candidate"], row["baseline"], _format_time(row["baseline_s"]),
             _format_time(row["candidate_s"]),
-            "-" if row["ratio"] is None else f"{row['ratio']:.2f}x",
+            "-" if row["ratio"] is None else
+            f"{row['ratio']:.2f}x" + ("\u2020" if row["timing"] == "interleaved" else ""),
             "-" if row["target"] is None else f"<= {row['target']:.2f}x", status,
         ]
         if with_roofline:
             cells.append(f"{_format_percent(row['candidate_roofline'])} / "
                          f"{_format_percent(row['baseline_roofline'])}")
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\n" + target_summary(rows) + "\n"
+    legend = ("\u2020 timed interleaved with its baseline (A B B A rounds); other ratios "
+              "compare separate runs.\n\n") if any(row["timing"] == "interleaved"
+                                                   for row in rows) else ""
+    return "\n".join(lines) + "\n\n" + legend + target_summary(rows) + "\n"
 
 
 def target_summary(rows: list[dict]) -> str:
