@@ -9,9 +9,10 @@ the ``compare`` fixture, which
 2. warms it up outside the timed region (``torch.compile`` compiles here),
 3. times it with pytest-benchmark, grouped by case (CUDA: synchronised at the end of every round),
 4. records the per-call timing for the ratio report,
-5. for every comparison with a target in which it is the candidate, times it interleaved with
-   that baseline (rounds in A B B A order for ``--benchmark-max-time`` seconds, at least
-   ``--benchmark-min-rounds`` of each): the reported ratio is the ratio of those medians. Timed
+5. for every comparison with a target (or ``interleave=True``) in which it is the candidate,
+   times it interleaved with that baseline (rounds in A B B A order for
+   ``--benchmark-max-time`` seconds, at least ``--benchmark-min-rounds`` of each): the reported
+   ratio is the ratio of those medians. Timed
    in separate blocks, a slow minute of this shared machine lands on one side only; measured
    here, the same case read 0.60x in one run and 1.11x in the next, while interleaved runs agree.
 
@@ -193,7 +194,7 @@ def compare(benchmark, request):
         session.record(suite, case, implementation, timing)
         options = request.config.getoption
         for comparison in case.comparisons:
-            if comparison.candidate != implementation or comparison.target is None:
+            if comparison.candidate != implementation or not comparison.interleaved:
                 continue
             baseline = case.implementations[comparison.baseline].build()
             ratio = _interleaved_ratio(step, baseline, case, float(options("benchmark_max_time")),

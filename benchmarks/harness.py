@@ -51,11 +51,19 @@ class Comparison:
 
     ``target``: the ratio the candidate should reach (at most); ``None`` reports without one.
     Targets are reported as met or missed and never fail the run.
+    ``interleave``: time the pair interleaved (see ``conftest.py``) even without a target;
+    comparisons with a target always are. Off by default because the baseline's step is built
+    a second time (a ``torch.compile`` baseline would compile again).
     """
 
     candidate: str
     baseline: str
     target: Optional[float] = None
+    interleave: bool = False
+
+    @property
+    def interleaved(self) -> bool:
+        return self.interleave or self.target is not None
 
 
 def assert_results_close(
