@@ -95,7 +95,10 @@ METRICS_JSONL, METRICS_CSV = "metrics.jsonl", "metrics.csv"
 CHOICES = {"stage": STAGES, "optimizer": OPTIMIZERS, "schedule": SCHEDULES,
            "mask_target": MASK_TARGETS, "adapt_first_conv": ("sum", "mean"),
            "mask_rule": ("symmetric", "official"), "mask_mode": ("conf", "mean"),
-           "audio_arch": ("resnet18", "resnet34"), "visual_arch": ("resnet18", "resnet34")}
+           "audio_arch": ("resnet18", "resnet34"), "visual_arch": ("resnet18", "resnet34"),
+           "precision": ("fp32", "bf16", "fp16")}
+# torch.autocast dtype of each TrainConfig.precision (fp32: autocast off).
+AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -132,6 +135,11 @@ class TrainConfig:
 
     Bookkeeping: ``checkpoint_every`` steps (0: at epoch ends only); ``probe_epochs``: when
     > 0, linear probes of each encoder (frozen features, ``probe_lr``, Adam) at the end.
+
+    Speed: ``precision`` ``"fp32"``, ``"bf16"`` (``torch.autocast``, CPU or GPU) or ``"fp16"``
+    (autocast with a gradient scaler, GPU only) for the training steps (evaluation and probes
+    stay float32); ``channels_last``: model and inputs in channels_last memory format (TrackedBN
+    keeps it, no copies).
 
     Several processes: ``batch_size`` is the global batch, split over the ranks; ``sync_bn``:
     BN statistics of the whole global batch (``TrackedBN(sync=True)``), which makes N processes
@@ -175,6 +183,8 @@ class TrainConfig:
     probe_epochs: int = 0
     probe_lr: float = 1e-2
     sync_bn: bool = False
+    precision: str = "fp32"
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         for name in ("abri", "modalities", "mask_eta", "mask_rho", "audio_patch_grid",
@@ -219,8 +229,10 @@ class TrainConfig:
                                  f"TrainConfig.{name} must be a (rows, columns) pair")
         if self.visual_channels not in (1, 3):
             raise ValueError("TrainConfig.visual_channels must be 1 or 3")
-        if not isinstance(self.sync_bn, bool):
-            raise ValueError(f"TrainConfig.sync_bn must be True or False, got {self.sync_bn!r}")
+        for name in ("sync_bn", "channels_last"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"TrainConfig.{name} must be True or False, got "
+                                 f"{getattr(self, name)!r}")
 
     def to_dict(self) -> dict:
         return {name: list(value) if isinstance(value, tuple) else value
@@ -565,8 +577,14 @@ class Trainer:
                                   "(resume=True / --resume) or choose another directory")
         if self.device.type == "cuda" and self.ranks.world_size > 1:
             torch.cuda.set_device(self.device)  # the device of the collectives
+        if config.precision == "fp16" and self.device.type != "cuda":
+            raise ValueError("Trainer: precision='fp16' needs a CUDA device (float16 autocast "
+                             "with a gradient scaler); on the CPU use precision='bf16'")
         seed_everything(config.seed)
         self.model = build_model(config).to(self.device)
+        if config.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
         # Every rank builds the same initial model; then each draws from its own stream.
         self._own_seed = rank_seed(config.seed, self.ranks.rank)
         if self.ranks.rank:
@@ -616,6 +634,7 @@ class Trainer:
         return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
                 "config": self.config.to_dict(), "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
                 "rng": rng_state(), "rng_other_ranks": [], "epoch": self.epoch,
                 "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
                 "finished": self.finished,
@@ -655,6 +674,8 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):  # absent in checkpoints written before precision existed
+            self.scaler.load_state_dict(state["scaler"])
         if state["global_step"]:
             # The optimizer stepped before the interruption: tell the scheduler, which would
             # otherwise warn of a wrong call order when the resumed run closes an epoch at once.
@@ -752,6 +773,10 @@ class Trainer:
                            f"'label', 'id' and the inputs {list(self.modalities)}")
         audio, visual = (batch[m].to(self.device, non_blocking=True) if m in self.modalities
                          else None for m in MODALITIES)
+        if self.config.channels_last:
+            audio = None if audio is None else audio.contiguous(memory_format=torch.channels_last)
+            visual = None if visual is None else visual.contiguous(
+                memory_format=torch.channels_last_3d)
         ids = batch["id"]  # collated int ids are a tensor
         ids = ids.tolist() if isinstance(ids, Tensor) else list(ids)
         return audio, visual, batch["label"].to(self.device), ids
@@ -771,10 +796,14 @@ class Trainer:
         config = self.config
         audio, visual, labels, ids = self._inputs(batch)
         padding = not self.ranks.shard(global_batch)  # see RankBatchSampler
+        autocast_dtype = AUTOCAST_DTYPES[config.precision]
+        autocast = torch.autocast(self.device.type, dtype=autocast_dtype,
+                                  enabled=autocast_dtype is not None)
         if config.stage == "stage1":
-            heads = dict(zip(config.modalities, self._net(audio, visual)))
-            loss = sum(F.cross_entropy(logits, labels, reduction="sum")
-                       for logits in heads.values())
+            with autocast:
+                heads = dict(zip(config.modalities, self._net(audio, visual)))
+                loss = sum(F.cross_entropy(logits, labels, reduction="sum")
+                           for logits in heads.values())
         else:
             ratio_a = ratio_v = None
             if self.ratios is not None:
@@ -791,15 +820,17 @@ class Trainer:
                                      inplace=True)
                 if config.mask_target == "input":
                     ratio_a = ratio_v = None
-            output = self._net(audio, visual, ratio_a, ratio_v)
+            with autocast:
+                output = self._net(audio, visual, ratio_a, ratio_v)
+                loss = F.cross_entropy(output.logits, labels, reduction="sum")
             heads = dict(zip(("joint",) + MODALITIES, output))
-            loss = F.cross_entropy(output.logits, labels, reduction="sum")
         # DDP averages the ranks' gradients: this weight makes the average the gradient of the
         # mean loss over the whole batch, however it is split (padding weighs nothing).
         weight = 0.0 if padding else self.ranks.world_size / global_batch
         self.optimizer.zero_grad(set_to_none=True)
-        (loss * weight).backward()
-        self.optimizer.step()
+        self.scaler.scale(loss * weight).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         kept = slice(0, 0) if padding else slice(None)
         labels = labels[kept].cpu()
         result = {"ids": ids[kept], "loss": 0.0 if padding else float(loss.detach()),
@@ -807,7 +838,9 @@ class Trainer:
                               for name, logits in heads.items()}}
         if self.trackers:
             result["labels"] = labels
-            result["logits"] = {m: heads[m][kept].detach().cpu() for m in self.trackers}
+            # Autocast logits are bf16/fp16: confidences are computed from float32 at least.
+            result["logits"] = {m: heads[m][kept].detach().cpu().to(
+                torch.promote_types(heads[m].dtype, torch.float32)) for m in self.trackers}
         return result
 
     def _record(self, results: list[dict]) -> float:

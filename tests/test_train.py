@@ -4,6 +4,7 @@ rules, stage outputs, data order, RNG state and linear probes, on tiny synthetic
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
@@ -330,3 +331,48 @@ def test_bad_batches_are_named(tmp_path):
 
     with pytest.raises(KeyError, match=r"lacks \['id'\]"):
         Trainer(tiny_config(), NoIds(), tmp_path / "run", progress=False).fit()
+
+
+def _record_bn_outputs(model) -> tuple[list, list]:
+    """Forward hooks on every BN: (dtype, is channels_last) of each output."""
+    seen = []
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.append((o.dtype, o.is_contiguous(
+        memory_format=torch.channels_last)))) for m in model.modules()
+        if isinstance(m, torch.nn.BatchNorm2d)]
+    return seen, hooks
+
+
+@pytest.mark.parametrize("stage", ["stage1", "joint"])
+def test_channels_last_training_matches_nchw(tmp_path, stage):
+    reference = run(tiny_config(stage=stage, epochs=1), tmp_path / "nchw")
+    trainer = Trainer(tiny_config(stage=stage, epochs=1, channels_last=True),
+                      SyntheticAV(noise=True), tmp_path / "cl", progress=False)
+    seen, _ = _record_bn_outputs(trainer.model)
+    trainer.fit()
+    assert seen and all(entry == (torch.float32, True) for entry in seen), set(seen)
+    assert trainer.history[0]["loss"] == pytest.approx(reference.history[0]["loss"], rel=1e-4)
+    for name, value in trainer.model.state_dict().items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, reference.model.state_dict()[name], rtol=1e-3,
+                                       atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("stage", ["stage1", "joint"])
+def test_bf16_autocast_training(tmp_path, stage):
+    """precision='bf16': every BN runs on bf16 activations (channels_last kept), float32
+    parameters are updated, the loss stays finite."""
+    trainer = Trainer(tiny_config(stage=stage, epochs=1, precision="bf16", channels_last=True),
+                      SyntheticAV(noise=True), tmp_path / "bf16", progress=False)
+    seen, _ = _record_bn_outputs(trainer.model)
+    initial = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.fit()
+    assert seen and all(entry == (torch.bfloat16, True) for entry in seen), set(seen)
+    assert math.isfinite(trainer.history[0]["loss"])
+    weight = "audio_net.conv1.weight"
+    assert trainer.model.state_dict()[weight].dtype == torch.float32
+    assert not torch.equal(trainer.model.state_dict()[weight], initial[weight])
+
+
+def test_fp16_needs_a_gpu(tmp_path):
+    with pytest.raises(ValueError, match="fp16.*CUDA"):
+        Trainer(tiny_config(precision="fp16"), SyntheticAV(), tmp_path / "run", device="cpu")

@@ -65,6 +65,9 @@ FIELD_HELP = {
     "probe_lr": "learning rate of the linear probes",
     "sync_bn": "under torchrun: BN statistics of the whole global batch (N processes then train "
                "as one does)",
+    "precision": "training steps in fp32, bf16 (autocast, CPU or GPU) or fp16 (autocast with "
+                 "a gradient scaler, GPU only); evaluation stays fp32",
+    "channels_last": "model and inputs in channels_last memory format",
 }
 _PAIR_TYPES = {"mask_eta": float, "mask_rho": float, "audio_patch_grid": int,
                "visual_patch_grid": int}
