@@ -6,27 +6,29 @@
 //
 // The including file defines AVKERNELS_BUILD_AVX512 or AVKERNELS_BUILD_AVX2 around the x86
 // builds (`#pragma GCC target` does not define __AVX512F__ etc. in C++), for the float16
-// conversion intrinsics.
+// conversion intrinsics and the AVX2 build's help to the compiler (see half_of).
 //
 // Vectors are GCC/Clang vector extensions of a fixed 64 bytes (16 float32 or 8 float64 lanes);
-// the compiler lowers them to one AVX-512, two AVX2 or four SSE registers. Because the lane
-// count and the order of every operation are fixed in the source, all builds give bitwise
-// identical results. Build with -ffp-contract=off: x * scale + shift must round like PyTorch's
-// separate multiply and add so the ReLU mask and the dead counts match the reference exactly.
+// the compiler lowers them to one AVX-512, two AVX2 (with help: see half_of) or four SSE
+// registers. Because the lane count and the order of every operation are fixed in the source,
+// all builds give bitwise identical results. Build with -ffp-contract=off: x * scale + shift must
+// round like PyTorch's separate multiply and add so the ReLU mask and the dead counts match the
+// reference exactly.
 
 #define AVK_INLINE inline __attribute__((always_inline))
 #define AVK_INLINE_LAMBDA __attribute__((always_inline))
 
 template <typename acc_t>
 struct Lanes;
-// Vec: the vector; Mask: what comparing two Vec gives; Count: its lane type; UnalignedVec: Vec
-// at any element-aligned address, for loads and stores (it aliases only its element type, so
-// accumulators stay in registers).
+// Vec: the vector; Mask: what comparing two Vec gives; Count: its lane type; Bits: the lanes' bit
+// patterns, unsigned; UnalignedVec: Vec at any element-aligned address, for loads and stores (it
+// aliases only its element type, so accumulators stay in registers).
 template <>
 struct Lanes<float> {
   typedef float Vec __attribute__((vector_size(64)));
   typedef float UnalignedVec __attribute__((vector_size(64), aligned(4)));
   typedef int32_t Mask __attribute__((vector_size(64)));
+  typedef uint32_t Bits __attribute__((vector_size(64)));
   typedef int32_t Count;
 };
 template <>
@@ -34,6 +36,7 @@ struct Lanes<double> {
   typedef double Vec __attribute__((vector_size(64)));
   typedef double UnalignedVec __attribute__((vector_size(64), aligned(8)));
   typedef int64_t Mask __attribute__((vector_size(64)));
+  typedef uint64_t Bits __attribute__((vector_size(64)));
   typedef int64_t Count;
 };
 template <typename acc_t>
@@ -85,19 +88,64 @@ AVK_INLINE Value<Step, T> load(Step, const T* p) {
   }
 }
 
+#if defined(AVKERNELS_BUILD_AVX2)
+// On AVX2, GCC 12 keeps a 64-byte vector in two registers while it meets only arithmetic, loads
+// and the extraction of its halves; comparing two such vectors it does lane by lane, and a 64-byte
+// vector that is stored and used again, or built from halves, it takes through memory. So the
+// AVX2 build stores and compares by halves, and builds masks with integer arithmetic.
+
+// Lanes [H * half, (H + 1) * half) of v as a 256-bit vector (I indexes a half).
+template <int H, typename V, std::size_t... I>
+AVK_INLINE auto half_of(V v, std::index_sequence<I...>) {
+  return __builtin_shufflevector(v, v, (I + H * sizeof...(I))...);
+}
+#endif
+
 template <typename Step, typename T>
 AVK_INLINE void store(Step, T* p, Value<Step, T> v) {
   if constexpr (Step::vector) {
+#if defined(AVKERNELS_BUILD_AVX2)
+    typedef T UnalignedHalf __attribute__((vector_size(32), aligned(sizeof(T))));
+    constexpr auto half = std::make_index_sequence<kLanes<T> / 2>{};
+    reinterpret_cast<UnalignedHalf*>(p)[0] = half_of<0>(v, half);
+    reinterpret_cast<UnalignedHalf*>(p)[1] = half_of<1>(v, half);
+#else
     *reinterpret_cast<typename Lanes<T>::UnalignedVec*>(p) = v;
+#endif
   } else {
     *p = v;
   }
 }
 
+#if defined(AVKERNELS_BUILD_AVX2)
+template <typename V>
+using BitsVec = typename Lanes<std::decay_t<decltype(std::declval<V>()[0])>>::Bits;
+
+// All ones in the lanes of z that are > 0 (NEGATIVE: < 0), else 0; NaN and +-0 are neither.
+// Such a lane's bits minus those of the least positive (negative) value are below the bits of
+// +infinity, unsigned; that comparison is read from sign bits, as infinity's is clear.
+template <bool NEGATIVE, typename V>
+AVK_INLINE BitsVec<V> sign_mask(V z) {
+  using U = std::decay_t<decltype(BitsVec<V>{}[0])>;
+  constexpr int kWidth = 8 * sizeof(U);
+  constexpr U kSign = U(1) << (kWidth - 1);
+  constexpr U kInfinity = sizeof(U) == 4 ? U(0x7F800000) : U(0x7FF0000000000000);
+  const BitsVec<V> offset = (BitsVec<V>)z - (NEGATIVE ? kSign + 1 : U(1));
+  return U(0) - (((offset - kInfinity) & ~offset) >> (kWidth - 1));
+}
+#endif
+
 // Works for scalars and vectors alike; NaN stays NaN, as with torch.clamp_min.
 template <typename T>
 AVK_INLINE T relu(T z) {
-  return z < T{} ? T{} : z;
+#if defined(AVKERNELS_BUILD_AVX2)
+  if constexpr (!std::is_arithmetic_v<T>) {
+    return (T)((BitsVec<T>)z & ~sign_mask<true>(z));
+  } else
+#endif
+  {
+    return z < T{} ? T{} : z;
+  }
 }
 
 // dy where the pre-activation z is positive, else 0 (the fused ReLU's backward). The scalar
@@ -112,7 +160,11 @@ AVK_INLINE T mask_by_relu(T z, T dy) {
     std::memcpy(&dy, &bits, sizeof bits);
     return dy;
   } else {
+#if defined(AVKERNELS_BUILD_AVX2)
+    return (T)((BitsVec<T>)dy & sign_mask<false>(z));
+#else
     return z > T{} ? dy : T{};
+#endif
   }
 }
 
@@ -163,6 +215,25 @@ struct Sum {
 // the count's cost in a 28x28-plane eval forward fell from ~20% of the op to ~0).
 #if defined(AVKERNELS_BUILD_AVX512) || defined(AVKERNELS_BUILD_AVX2)
 #define AVKERNELS_COUNT_BY_BITS 1
+#if defined(AVKERNELS_BUILD_AVX2)
+// Bits of the lanes <= 0, compared by 256-bit halves (see half_of).
+template <typename acc_t>
+AVK_INLINE uint32_t non_positive_half_bits(Vec<acc_t> z) {
+  constexpr auto half = std::make_index_sequence<kLanes<acc_t> / 2>{};
+  if constexpr (std::is_same_v<acc_t, float>) {
+    const auto bits = [](__m256 v) {
+      return uint32_t(_mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_LE_OQ)));
+    };
+    return bits(half_of<0>(z, half)) | (bits(half_of<1>(z, half)) << kLanes<acc_t> / 2);
+  } else {
+    const auto bits = [](__m256d v) {
+      return uint32_t(_mm256_movemask_pd(_mm256_cmp_pd(v, _mm256_setzero_pd(), _CMP_LE_OQ)));
+    };
+    return bits(half_of<0>(z, half)) | (bits(half_of<1>(z, half)) << kLanes<acc_t> / 2);
+  }
+}
+#endif
+
 template <typename acc_t>
 AVK_INLINE uint32_t non_positive_bits(Vec<acc_t> z) {
 #if defined(AVKERNELS_BUILD_AVX512)
@@ -172,19 +243,7 @@ AVK_INLINE uint32_t non_positive_bits(Vec<acc_t> z) {
     return _mm512_cmp_pd_mask(z, _mm512_setzero_pd(), _CMP_LE_OQ);
   }
 #else
-  // Two 256-bit halves, 8 (float32) or 4 (float64) bits each.
-  constexpr int half_lanes = kLanes<acc_t> / 2;
-  uint32_t bits[2];
-  for (int h = 0; h < 2; ++h) {
-    if constexpr (std::is_same_v<acc_t, float>) {
-      const __m256 v = reinterpret_cast<const __m256*>(&z)[h];
-      bits[h] = _mm256_movemask_ps(_mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_LE_OQ));
-    } else {
-      const __m256d v = reinterpret_cast<const __m256d*>(&z)[h];
-      bits[h] = _mm256_movemask_pd(_mm256_cmp_pd(v, _mm256_setzero_pd(), _CMP_LE_OQ));
-    }
-  }
-  return bits[0] | (bits[1] << half_lanes);
+  return non_positive_half_bits<acc_t>(z);
 #endif
 }
 #endif
@@ -243,14 +302,29 @@ struct NonPositiveCount {
 using RowCount = uint16_t;
 static_assert(kLaneValues <= 65535, "a run's per-channel count must fit RowCount");
 
+#if defined(AVKERNELS_BUILD_AVX2)
+// All ones in lane i where bit i of bits is set, else 0.
+template <typename Counts, std::size_t... I>
+AVK_INLINE Counts lane_flags(uint32_t bits, std::index_sequence<I...>) {
+  const Counts lane_bit = {RowCount(1u << I)...};
+  return (Counts)(((Counts{} + RowCount(bits)) & lane_bit) == lane_bit);
+}
+#endif
+
 template <typename Step, typename acc_t>
 AVK_INLINE void count_non_positive(Step, RowCount* counts, Value<Step, acc_t> z) {
   if constexpr (Step::vector) {
     typedef RowCount Counts __attribute__((vector_size(kLanes<acc_t> * sizeof(RowCount))));
     typedef RowCount UnalignedCounts
         __attribute__((vector_size(kLanes<acc_t> * sizeof(RowCount)), aligned(sizeof(RowCount))));
+#if defined(AVKERNELS_BUILD_AVX2)
+    // From the comparison's bits: comparing 64-byte vectors is slow there (see half_of).
+    *reinterpret_cast<UnalignedCounts*>(counts) -= lane_flags<Counts>(
+        non_positive_bits<acc_t>(z), std::make_index_sequence<kLanes<acc_t>>{});
+#else
     *reinterpret_cast<UnalignedCounts*>(counts) -=
         __builtin_convertvector(z <= Vec<acc_t>{}, Counts);
+#endif
   } else {
     *counts += z <= 0;
   }
@@ -350,6 +424,44 @@ AVK_INLINE void store_output(scalar_t* dst, const acc_t* values, int64_t n) {
 
 // --- span kernels: one contiguous run of a single channel (NCHW planes) ----------------------
 
+// A span's scalar operand of vector arithmetic: operand(step) is the scalar, or on AVX2 for a
+// vector step a vector of it. Other builds let the compiler broadcast the scalar; on AVX2, GCC 12
+// writes a 64-byte broadcast that is used more than once to memory lane by lane, for every span
+// (most of a 7x7 plane's cost), but keeps this one, made of two 256-bit broadcasts, in registers.
+template <typename acc_t>
+struct Splat {
+  acc_t value;
+#if defined(AVKERNELS_BUILD_AVX2)
+  Vec<acc_t> lanes;
+
+  explicit Splat(acc_t v) : value(v) {
+    typedef acc_t Half __attribute__((vector_size(32)));
+    Half half;
+    if constexpr (std::is_same_v<acc_t, float>) {
+      half = _mm256_set1_ps(v);
+    } else {
+      half = _mm256_set1_pd(v);
+    }
+    std::memcpy(&lanes, &half, sizeof half);
+    std::memcpy(reinterpret_cast<char*>(&lanes) + sizeof half, &half, sizeof half);
+  }
+#else
+  explicit Splat(acc_t v) : value(v) {}
+#endif
+
+  template <typename Step>
+  AVK_INLINE auto operator()(Step) const {
+#if defined(AVKERNELS_BUILD_AVX2)
+    if constexpr (Step::vector) {
+      return lanes;
+    } else
+#endif
+    {
+      return value;
+    }
+  }
+};
+
 template <typename acc_t>
 acc_t span_sum(const acc_t* x, int64_t n) {
   Sum<acc_t> sum;
@@ -361,8 +473,9 @@ acc_t span_sum(const acc_t* x, int64_t n) {
 template <typename acc_t>
 void span_deviations(const acc_t* x, int64_t n, acc_t center, acc_t& m2, acc_t& residual) {
   Sum<acc_t> squares, deviations;
+  const Splat<acc_t> mid(center);
   for_each_step<acc_t>(n, [&](int64_t i, auto step) {
-    const auto d = load(step, x + i) - center;
+    const auto d = load(step, x + i) - mid(step);
     squares.add(step, d * d);
     deviations.add(step, d);
   });
@@ -379,9 +492,10 @@ AVK_INLINE int64_t span_normalise(const acc_t* x, acc_t* y, int64_t n, acc_t sca
                                   acc_t shift) {
   constexpr int64_t L = kLanes<acc_t>;
   NonPositiveCount<acc_t> count;
+  const Splat<acc_t> s(scale), t(shift);
   // (Lambdas forced inline: GCC kept the counting one out of line, its state in memory.)
   const auto normalise_at = [&](int64_t i, auto step) AVK_INLINE_LAMBDA {
-    const auto z = load(step, x + i) * scale + shift;
+    const auto z = load(step, x + i) * s(step) + t(step);
     store(step, y + i, RELU ? relu(z) : z);
     return z;
   };
@@ -409,12 +523,13 @@ template <bool RELU, typename acc_t>
 void span_grad_sums(const acc_t* x, const acc_t* dy, int64_t n, acc_t scale, acc_t shift,
                     acc_t mean, acc_t& sum_dy, acc_t& sum_dy_xc) {
   Sum<acc_t> s1, s2;
+  const Splat<acc_t> s(scale), t(shift), m(mean);
   for_each_step<acc_t>(n, [&](int64_t i, auto step) {
     const auto xv = load(step, x + i);
     auto g = load(step, dy + i);
-    if constexpr (RELU) g = mask_by_relu(xv * scale + shift, g);
+    if constexpr (RELU) g = mask_by_relu(xv * s(step) + t(step), g);
     s1.add(step, g);
-    s2.add(step, g * (xv - mean));
+    s2.add(step, g * (xv - m(step)));
   });
   sum_dy += s1.total();
   sum_dy_xc += s2.total();
@@ -426,16 +541,18 @@ void span_grad_input(const acc_t* x, const acc_t* dy, acc_t* dx, int64_t n, acc_
                      acc_t shift, acc_t mean, acc_t coef_dy, acc_t coef_xc, acc_t coef_const,
                      acc_t& sum_dy, acc_t& sum_dy_xc) {
   Sum<acc_t> s1, s2;
+  const Splat<acc_t> s(scale), t(shift), m(mean), k_dy(coef_dy), k_xc(coef_xc),
+      k_const(coef_const);
   for_each_step<acc_t>(n, [&](int64_t i, auto step) {
     const auto xv = load(step, x + i);
     auto g = load(step, dy + i);
-    if constexpr (RELU) g = mask_by_relu(xv * scale + shift, g);
+    if constexpr (RELU) g = mask_by_relu(xv * s(step) + t(step), g);
     if constexpr (BATCH_STATS) {
-      store(step, dx + i, g * coef_dy + (xv - mean) * coef_xc + coef_const);
+      store(step, dx + i, g * k_dy(step) + (xv - m(step)) * k_xc(step) + k_const(step));
     } else {
-      store(step, dx + i, g * coef_dy);
+      store(step, dx + i, g * k_dy(step));
       s1.add(step, g);
-      s2.add(step, g * (xv - mean));
+      s2.add(step, g * (xv - m(step)));
     }
   });
   if constexpr (!BATCH_STATS) {
