@@ -50,6 +50,7 @@ from avkernels.ops.batch_norm import (
     grad_sums,
     output_memory_format,
     parameter_grads,
+    update_running_stats,
 )
 
 # TrackedBN's dead-channel counters (non-persistent int64 buffers), kept out of DDP's broadcast.
@@ -169,17 +170,6 @@ def _global_batch_stats(x: Tensor, process_group) -> tuple[Tensor, Tensor, int]:
     return mean.to(acc), (m2 / total).to(acc), total
 
 
-@torch.no_grad()
-def _update_running_stats(running_sets, mean: Tensor, var: Tensor, count: int, momentum: float):
-    """``r = (1 - momentum) * r + momentum * batch_stat`` with the unbiased variance, as the op
-    does with local batch statistics."""
-    for r_mean, r_var in running_sets:
-        if r_mean is not None:
-            r_mean.copy_(r_mean.to(mean.dtype) * (1 - momentum) + mean * momentum)
-            unbiased_weight = momentum * count / (count - 1)
-            r_var.copy_(r_var.to(var.dtype) * (1 - momentum) + var * unbiased_weight)
-
-
 class SyncTrackedBNFunction(torch.autograd.Function):
     """Autograd of synchronized tracked BN (training, batch statistics): see the module docstring.
 
@@ -191,7 +181,7 @@ class SyncTrackedBNFunction(torch.autograd.Function):
                 abri_running_mean, abri_running_var, dead_count, dead_sample_count, seen,
                 momentum: float, eps: float, relu: bool, process_group):
         mean, var, count = _global_batch_stats(x, process_group)
-        _update_running_stats(
+        update_running_stats(
             ((running_mean, running_var), (abri_running_mean, abri_running_var)),
             mean, var, count, momentum,
         )

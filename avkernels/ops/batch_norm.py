@@ -100,6 +100,18 @@ def _per_channel(v: Tensor) -> Tensor:
     return v[:, None, None]
 
 
+@torch.no_grad()
+def update_running_stats(running_sets, mean: Tensor, var: Tensor, count: int,
+                         momentum: float) -> None:
+    """``r = (1 - momentum) * r + momentum * batch_stat`` for every ``(running_mean,
+    running_var)`` pair that is not None, with the unbiased variance of ``count`` values
+    (``var`` is the biased one)."""
+    for r_mean, r_var in running_sets:
+        if r_mean is not None:
+            r_mean.copy_(r_mean.to(mean.dtype) * (1 - momentum) + mean * momentum)
+            r_var.copy_(r_var.to(var.dtype) * (1 - momentum) + var * (momentum * count / (count - 1)))
+
+
 def batch_norm_fwd_reference(
     x: Tensor,
     weight: Optional[Tensor],
@@ -124,11 +136,10 @@ def batch_norm_fwd_reference(
     xf = x.to(acc)
     if use_batch_stats:
         var, mean = torch.var_mean(xf, dim=(0, 2, 3), correction=0)
-        count = n * h * w
-        for r_mean, r_var in ((running_mean, running_var), (abri_running_mean, abri_running_var)):
-            if r_mean is not None:
-                r_mean.copy_(r_mean.to(acc) * (1 - momentum) + mean * momentum)
-                r_var.copy_(r_var.to(acc) * (1 - momentum) + var * (momentum * count / (count - 1)))
+        update_running_stats(
+            ((running_mean, running_var), (abri_running_mean, abri_running_var)),
+            mean, var, n * h * w, momentum,
+        )
         mean, invstd = mean[None], torch.rsqrt(var + eps)[None]
     else:
         sets = [(running_mean, running_var)]
