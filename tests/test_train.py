@@ -58,6 +58,19 @@ class SyntheticAV(torch.utils.data.Dataset):
                 "id": f"clip{index:03d}"}
 
 
+class Without(SyntheticAV):
+    """:class:`SyntheticAV` whose samples lack the entry ``key``."""
+
+    def __init__(self, key: str, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.key = key
+
+    def __getitem__(self, index: int) -> dict:
+        item = super().__getitem__(index)
+        del item[self.key]
+        return item
+
+
 def tiny_config(**overrides) -> TrainConfig:
     values = dict(num_classes=NUM_CLASSES, epochs=2, batch_size=4, width=4, optimizer="adam",
                   lr=1e-2, schedule="cosine", seed=7)
@@ -200,15 +213,9 @@ def test_stage1_writes_confidences_of_every_sample(stage1_dir):
 
 
 def test_stage1_single_modality_needs_only_its_input(tmp_path):
-    class AudioOnly(SyntheticAV):
-        def __getitem__(self, index):
-            item = super().__getitem__(index)
-            del item["visual"]
-            return item
-
     config = tiny_config(stage="stage1", modalities=("audio",), epochs=1, probe_epochs=2)
-    trainer = Trainer(config, AudioOnly(), tmp_path / "run", eval_data=AudioOnly(6, seed=1),
-                      progress=False)
+    trainer = Trainer(config, Without("visual"), tmp_path / "run",
+                      eval_data=Without("visual", 6, seed=1), progress=False)
     history = trainer.fit()
     assert "acc_audio" in history[0] and "acc_visual" not in history[0]
     assert [row["split"] for row in history] == ["train", "eval", "probe_audio"]
@@ -323,14 +330,8 @@ def test_config_rejects_bad_values(field, value, message):
 
 
 def test_bad_batches_are_named(tmp_path):
-    class NoIds(SyntheticAV):
-        def __getitem__(self, index):
-            item = super().__getitem__(index)
-            del item["id"]
-            return item
-
     with pytest.raises(KeyError, match=r"lacks \['id'\]"):
-        Trainer(tiny_config(), NoIds(), tmp_path / "run", progress=False).fit()
+        Trainer(tiny_config(), Without("id"), tmp_path / "run", progress=False).fit()
 
 
 def _record_bn_outputs(model) -> tuple[list, list]:
