@@ -18,7 +18,9 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <limits>
 #include <memory>
 #include <optional>
@@ -116,6 +118,61 @@ const KernelTable<scalar_t>& kernels() {
 template <typename F>
 void for_runs(const Geometry& g, const F& fn) {
   at::parallel_for(0, g.num_runs, g.grain(), fn);
+}
+
+// --- non-temporal output stores ------------------------------------------------------------------
+// An elementwise pass whose input and output together exceed the last-level cache cannot keep its
+// output cached for the next layer anyway, and an ordinary store first reads every output line it
+// writes. Such outputs (y in the forward, whose pass touches x and y; dx in the backward: dy, x
+// and dx) are stored non-temporally, as glibc's memcpy does above a cache-sized threshold.
+// Measured on 2 cores with 32 MiB of L3, float32, against ordinary stores in the same run:
+// (32, 64, 56, 56) eval forward 0.86x, and 0.93x counting a next op that reads the output;
+// channels_last training step 0.86x; (32, 128, 28, 28) channels_last training step (backward
+// streams) 0.92x. A (32, 128, 28, 28) eval forward, whose input and output fit in L3, measured
+// 1.02-1.06x with a next op reading the output when streamed, so that size is not.
+
+constexpr const char* kStreamVariable = "AVKERNELS_NONTEMPORAL_STORES";
+constexpr int64_t kStreamBlockBytes = 64;  // every build's vector size, and a cache line
+
+// The size of the largest cache Linux reports for CPU 0 (sysfs), 0 where unknown. (glibc's
+// sysconf(_SC_LEVEL3_CACHE_SIZE) reports 320 MiB on this project's 32 MiB cloud CPUs.)
+int64_t last_level_cache_bytes() {
+  static const int64_t bytes = [] {
+    int64_t largest = 0;
+    for (int index = 0;; ++index) {
+      std::ifstream file("/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(index) +
+                         "/size");
+      if (!file) break;
+      int64_t size = 0;
+      std::string unit;
+      if (!(file >> size)) continue;
+      file >> unit;
+      const int64_t scale = unit == "K" ? 1024 : unit == "M" ? 1024 * 1024 : 1;
+      largest = std::max(largest, size * scale);
+    }
+    return largest;
+  }();
+  return bytes;
+}
+
+// Whether to store y non-temporally in a pass touching pass_bytes: float32/float64 output whose
+// runs are whole vectors from a vector-aligned start; then AVKERNELS_NONTEMPORAL_STORES=1 or 0
+// forces the choice, else pass_bytes above the last-level cache.
+bool stream_output(const Geometry& g, const Tensor& y, int64_t pass_bytes) {
+  const char* setting = std::getenv(kStreamVariable);
+  const bool forced = setting != nullptr && *setting != '\0';
+  TORCH_CHECK(!forced || std::strcmp(setting, "0") == 0 || std::strcmp(setting, "1") == 0,
+              kStreamVariable, " must be 0 (never), 1 (whenever the layout allows) or unset "
+              "(automatic: outputs that do not fit in cache with their input), got '", setting,
+              "'");
+  const bool eligible =
+      (y.scalar_type() == at::kFloat || y.scalar_type() == at::kDouble) &&
+      reinterpret_cast<uintptr_t>(y.const_data_ptr()) % kStreamBlockBytes == 0 &&
+      g.runs_in_blocks(y.element_size(), kStreamBlockBytes);
+  if (!eligible) return false;
+  if (forced) return *setting == '1';
+  const int64_t cache = last_level_cache_bytes();
+  return cache > 0 && pass_bytes > cache;
 }
 
 // --- argument checks -----------------------------------------------------------------------------
@@ -359,7 +416,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(
     std::vector<double> batch_mean(C, std::numeric_limits<double>::quiet_NaN());
     std::vector<double> batch_var(C, std::numeric_limits<double>::quiet_NaN());
     if (!empty) {
-      const Geometry g(N, C, HW, channels_last);
+      const Geometry g = Geometry::spanning_samples(N, C, HW, channels_last);
       auto run_mean = per_run<double>(g), run_m2 = per_run<double>(g);
       const scalar_t* xp = x.const_data_ptr<scalar_t>();
       for_runs(g, [&](int64_t begin, int64_t end) {
@@ -418,9 +475,10 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(
     std::unique_ptr<RunCount[]> counts = track_dead ? per_run<RunCount>(g) : nullptr;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    const bool stream = stream_output(g, y, 2 * y.nbytes());
     for_runs(g, [&](int64_t begin, int64_t end) {
       kernels<scalar_t>().normalise(g, xp, yp, scale.data(), shift.data(), relu,
-                                    track_dead ? counts.get() : nullptr, begin, end);
+                                    track_dead ? counts.get() : nullptr, stream, begin, end);
     });
     if (track_dead) add_dead_counts(g, counts.get(), *dead_count, *dead_sample_count);
   } else if (track_dead && HW == 0) {
@@ -520,7 +578,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
   std::vector<double> sum_dy(C, 0.0), sum_dy_xc(C, 0.0);
   Tensor dx = at::empty_like(x);
   if (x.numel() != 0) {
-    const Geometry g(N, C, HW, channels_last);
+    const Geometry g = Geometry::spanning_samples(N, C, HW, channels_last);
     const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
@@ -547,9 +605,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
       coef.coef_xc = coef_xc.data();
       coef.coef_const = coef_const.data();
     }
+    const bool stream = stream_output(g, dx, 3 * dx.nbytes());
     for_runs(g, [&](int64_t begin, int64_t end) {
-      kernels<scalar_t>().grad_input(g, dyp, xp, dxp, coef, relu, use_batch_stats, begin, end,
-                                     run_dy.get(), run_dy_xc.get());
+      kernels<scalar_t>().grad_input(g, dyp, xp, dxp, coef, relu, use_batch_stats, stream, begin,
+                                     end, run_dy.get(), run_dy_xc.get());
     });
     if (!use_batch_stats) {
       merge_sums(g, run_dy.get(), sum_dy);

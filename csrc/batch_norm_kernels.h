@@ -117,6 +117,43 @@ AVK_INLINE void store(Step, T* p, Value<Step, T> v) {
   }
 }
 
+// A store of whole output vectors that bypasses the caches (non-temporal), for outputs too large
+// to stay cached: it skips reading each line before writing it and leaves the input cached. p is
+// 64-byte aligned. The baseline build stores normally. Callers end their writes with
+// end_streaming_stores().
+template <bool STREAM, typename Step, typename T>
+AVK_INLINE void store_output_vector(Step step, T* p, Value<Step, T> v) {
+  if constexpr (STREAM && Step::vector) {
+#if defined(AVKERNELS_BUILD_AVX512)
+    if constexpr (std::is_same_v<T, float>) {
+      _mm512_stream_ps(p, v);
+    } else {
+      _mm512_stream_pd(p, v);
+    }
+    return;
+#elif defined(AVKERNELS_BUILD_AVX2)
+    constexpr auto half = std::make_index_sequence<kLanes<T> / 2>{};
+    if constexpr (std::is_same_v<T, float>) {
+      _mm256_stream_ps(p, half_of<0>(v, half));
+      _mm256_stream_ps(p + kLanes<T> / 2, half_of<1>(v, half));
+    } else {
+      _mm256_stream_pd(p, half_of<0>(v, half));
+      _mm256_stream_pd(p + kLanes<T> / 2, half_of<1>(v, half));
+    }
+    return;
+#endif
+  }
+  store(step, p, v);
+}
+
+// Orders this thread's non-temporal stores before its later stores (the join of the parallel
+// region), so other threads see the output.
+AVK_INLINE void end_streaming_stores() {
+#if defined(AVKERNELS_BUILD_AVX512) || defined(AVKERNELS_BUILD_AVX2)
+  _mm_sfence();
+#endif
+}
+
 #if defined(AVKERNELS_BUILD_AVX2)
 template <typename V>
 using BitsVec = typename Lanes<std::decay_t<decltype(std::declval<V>()[0])>>::Bits;
@@ -487,7 +524,8 @@ void span_deviations(const acc_t* x, int64_t n, acc_t center, acc_t& m2, acc_t& 
 // A span of at least one vector ends with a vector aligned to its end rather than a scalar tail
 // (which cost as much as the vectors of a 7x7 plane): it overlaps the vector before, whose outputs
 // it computes and stores again (the same values) and whose lanes it leaves out of the count.
-template <bool RELU, bool COUNT, typename acc_t>
+// STREAM: whole vectors are stored non-temporally (y 64-byte aligned); that end vector is not.
+template <bool RELU, bool COUNT, bool STREAM, typename acc_t>
 AVK_INLINE int64_t span_normalise(const acc_t* x, acc_t* y, int64_t n, acc_t scale,
                                   acc_t shift) {
   constexpr int64_t L = kLanes<acc_t>;
@@ -496,7 +534,7 @@ AVK_INLINE int64_t span_normalise(const acc_t* x, acc_t* y, int64_t n, acc_t sca
   // (Lambdas forced inline: GCC kept the counting one out of line, its state in memory.)
   const auto normalise_at = [&](int64_t i, auto step) AVK_INLINE_LAMBDA {
     const auto z = load(step, x + i) * s(step) + t(step);
-    store(step, y + i, RELU ? relu(z) : z);
+    store_output_vector<STREAM>(step, y + i, RELU ? relu(z) : z);
     return z;
   };
   if (n < L) {
@@ -512,7 +550,8 @@ AVK_INLINE int64_t span_normalise(const acc_t* x, acc_t* y, int64_t n, acc_t sca
     if constexpr (COUNT) count.add(step, z);
   });
   if (whole < n) {
-    const Vec<acc_t> z = normalise_at(n - L, VectorStep<0>{});
+    const Vec<acc_t> z = load(VectorStep<0>{}, x + n - L) * s(VectorStep<0>{}) + t(VectorStep<0>{});
+    store(VectorStep<0>{}, y + n - L, RELU ? relu(z) : z);
     if constexpr (COUNT) count.add_lanes_from(L - (n - whole), z);
   }
   return count.total();
@@ -536,7 +575,8 @@ void span_grad_sums(const acc_t* x, const acc_t* dy, int64_t n, acc_t scale, acc
 }
 
 // grad_x of one span; without batch statistics also adds the grad sums (one pass in eval).
-template <bool RELU, bool BATCH_STATS, typename acc_t>
+// STREAM: dx is stored non-temporally (64-byte aligned, n a whole number of vectors).
+template <bool RELU, bool BATCH_STATS, bool STREAM, typename acc_t>
 void span_grad_input(const acc_t* x, const acc_t* dy, acc_t* dx, int64_t n, acc_t scale,
                      acc_t shift, acc_t mean, acc_t coef_dy, acc_t coef_xc, acc_t coef_const,
                      acc_t& sum_dy, acc_t& sum_dy_xc) {
@@ -548,9 +588,10 @@ void span_grad_input(const acc_t* x, const acc_t* dy, acc_t* dx, int64_t n, acc_
     auto g = load(step, dy + i);
     if constexpr (RELU) g = mask_by_relu(xv * s(step) + t(step), g);
     if constexpr (BATCH_STATS) {
-      store(step, dx + i, g * k_dy(step) + (xv - m(step)) * k_xc(step) + k_const(step));
+      store_output_vector<STREAM>(
+          step, dx + i, g * k_dy(step) + (xv - m(step)) * k_xc(step) + k_const(step));
     } else {
-      store(step, dx + i, g * k_dy(step));
+      store_output_vector<STREAM>(step, dx + i, g * k_dy(step));
       s1.add(step, g);
       s2.add(step, g * (xv - m(step)));
     }
@@ -615,13 +656,14 @@ void rows_deviations(const acc_t* x, int64_t rows, int64_t C, const acc_t* cente
 }
 
 // y = act(x * scale + shift); adds the per-column count of x * scale + shift <= 0 to counts.
-template <bool RELU, bool COUNT, typename acc_t>
+// STREAM: as span_normalise (the rows are 64-byte aligned, C a whole number of vectors).
+template <bool RELU, bool COUNT, bool STREAM, typename acc_t>
 void rows_normalise(const acc_t* x, acc_t* y, int64_t rows, int64_t C, const acc_t* scale,
                     const acc_t* shift, RowCount* counts) {
   for_each_row_block<acc_t, 1>(rows, C, [&](int64_t c, auto step, int64_t r, auto) {
     const auto z = load(step, x + r * C + c) * load(step, scale + c) + load(step, shift + c);
     if constexpr (COUNT) count_non_positive<decltype(step), acc_t>(step, counts + c, z);
-    store(step, y + r * C + c, RELU ? relu(z) : z);
+    store_output_vector<STREAM>(step, y + r * C + c, RELU ? relu(z) : z);
   });
 }
 
@@ -645,8 +687,9 @@ void rows_grad_sums(const acc_t* x, const acc_t* dy, int64_t rows, int64_t C,
   });
 }
 
-// grad_x per row; without batch statistics also the grad sums, as rows_grad_sums.
-template <bool RELU, bool BATCH_STATS, typename acc_t>
+// grad_x per row; without batch statistics also the grad sums, as rows_grad_sums. STREAM: as
+// span_grad_input (the rows are 64-byte aligned, C a whole number of vectors).
+template <bool RELU, bool BATCH_STATS, bool STREAM, typename acc_t>
 void rows_grad_input(const acc_t* x, const acc_t* dy, acc_t* dx, int64_t rows, int64_t C,
                      const GradCoefficients<acc_t>& k, acc_t* sum_dy, acc_t* sum_dy_xc) {
   for_each_row_block<acc_t, 1>(rows, C, [&](int64_t c, auto step, int64_t r, auto block) {
@@ -667,9 +710,10 @@ void rows_grad_input(const acc_t* x, const acc_t* dy, acc_t* dx, int64_t rows, i
       if constexpr (RELU) g = mask_by_relu(xv * s + t, g);
       const auto xc = xv - mean;
       if constexpr (BATCH_STATS) {
-        store(step, dx + (r + j) * C + c, g * coef_dy + xc * coef_xc + coef_const);
+        store_output_vector<STREAM>(step, dx + (r + j) * C + c,
+                                    g * coef_dy + xc * coef_xc + coef_const);
       } else {
-        store(step, dx + (r + j) * C + c, g * coef_dy);
+        store_output_vector<STREAM>(step, dx + (r + j) * C + c, g * coef_dy);
         s1 += g;
         s2 += g * xc;
       }
@@ -788,7 +832,7 @@ struct Kernels {
     });
   }
 
-  template <bool RELU, bool COUNT>
+  template <bool RELU, bool COUNT, bool STREAM>
   static void normalise_runs(const Geometry& g, const scalar_t* x, scalar_t* y,
                              const acc_t* scale, const acc_t* shift, RunCount* counts,
                              int64_t begin, int64_t end) {
@@ -801,11 +845,12 @@ struct Kernels {
       for (int64_t r = begin; r < end; ++r) {
         const acc_t* xa = as_acc(x + r * HW, HW, scratch.x.data());
         acc_t* ya = output_span(y + r * HW, scratch.out.data());
-        const int64_t dead = span_normalise<RELU, COUNT>(xa, ya, HW, scale[c], shift[c]);
+        const int64_t dead = span_normalise<RELU, COUNT, STREAM>(xa, ya, HW, scale[c], shift[c]);
         store_output(y + r * HW, ya, HW);
         if constexpr (COUNT) counts[r] = static_cast<RunCount>(dead);
         if (++c == g.channels) c = 0;
       }
+      if constexpr (STREAM) end_streaming_stores();
       return;
     }
     std::vector<RowCount> channel_counts(g.rows && COUNT ? g.channels : 0);
@@ -818,9 +863,11 @@ struct Kernels {
         const acc_t* xa = as_acc(x + offset, size, scratch.x.data());
         acc_t* ya = output_span(y + offset, scratch.out.data());
         if (g.rows) {
-          rows_normalise<RELU, COUNT>(xa, ya, positions, C, scale, shift, channel_counts.data());
+          rows_normalise<RELU, COUNT, STREAM>(xa, ya, positions, C, scale, shift,
+                                              channel_counts.data());
         } else {
-          dead += span_normalise<RELU, COUNT>(xa, ya, size, scale[k.channel], shift[k.channel]);
+          dead += span_normalise<RELU, COUNT, STREAM>(xa, ya, size, scale[k.channel],
+                                                      shift[k.channel]);
         }
         store_output(y + offset, ya, size);
       });
@@ -832,20 +879,26 @@ struct Kernels {
         }
       }
     });
+    if constexpr (STREAM) end_streaming_stores();
   }
 
   static void normalise(const Geometry& g, const scalar_t* x, scalar_t* y, const acc_t* scale,
-                        const acc_t* shift, bool relu, RunCount* counts, int64_t begin,
-                        int64_t end) {
+                        const acc_t* shift, bool relu, RunCount* counts, bool stream,
+                        int64_t begin, int64_t end) {
     with_flags(relu, counts != nullptr, [&](auto relu_flag, auto count_flag) {
-      normalise_runs<decltype(relu_flag)::value, decltype(count_flag)::value>(
-          g, x, y, scale, shift, counts, begin, end);
+      constexpr bool kRelu = decltype(relu_flag)::value, kCount = decltype(count_flag)::value;
+      // bfloat16/float16 outputs are written by store_output, never streamed.
+      if (stream && !kConvert) {
+        normalise_runs<kRelu, kCount, !kConvert>(g, x, y, scale, shift, counts, begin, end);
+      } else {
+        normalise_runs<kRelu, kCount, false>(g, x, y, scale, shift, counts, begin, end);
+      }
     });
   }
 
   // One pass over (x, dy) per run: the grad sums only (SUMS_ONLY), or grad_x (with, when
   // normalising with running statistics, the grad sums of the same pass).
-  template <bool RELU, bool SUMS_ONLY, bool BATCH_STATS>
+  template <bool RELU, bool SUMS_ONLY, bool BATCH_STATS, bool STREAM>
   static void grad_runs(const Geometry& g, const scalar_t* dy, const scalar_t* x, scalar_t* dx,
                         const GradCoefficients<acc_t>& k, int64_t begin, int64_t end,
                         double* run_sum_dy, double* run_sum_dy_xc) {
@@ -866,7 +919,7 @@ struct Kernels {
           if constexpr (SUMS_ONLY) {
             rows_grad_sums<RELU>(xa, dya, positions, C, k, s1, s2);
           } else {
-            rows_grad_input<RELU, BATCH_STATS>(xa, dya, dxa, positions, C, k, s1, s2);
+            rows_grad_input<RELU, BATCH_STATS, STREAM>(xa, dya, dxa, positions, C, k, s1, s2);
           }
         } else {
           const int64_t c = run.channel;
@@ -876,7 +929,7 @@ struct Kernels {
           } else {
             const acc_t coef_xc = BATCH_STATS ? k.coef_xc[c] : acc_t(0);
             const acc_t coef_const = BATCH_STATS ? k.coef_const[c] : acc_t(0);
-            span_grad_input<RELU, BATCH_STATS>(xa, dya, dxa, size, k.scale[c], k.shift[c],
+            span_grad_input<RELU, BATCH_STATS, STREAM>(xa, dya, dxa, size, k.scale[c], k.shift[c],
                                                k.mean[c], k.coef_dy[c], coef_xc, coef_const,
                                                sum_dy, sum_dy_xc);
           }
@@ -895,24 +948,33 @@ struct Kernels {
         }
       }
     });
+    if constexpr (STREAM) end_streaming_stores();
   }
 
   static void grad_sums(const Geometry& g, const scalar_t* dy, const scalar_t* x,
                         const GradCoefficients<acc_t>& k, bool relu, int64_t begin, int64_t end,
                         double* run_sum_dy, double* run_sum_dy_xc) {
     with_flag(relu, [&](auto relu_flag) {
-      grad_runs<decltype(relu_flag)::value, true, true>(g, dy, x, nullptr, k, begin, end,
-                                                        run_sum_dy, run_sum_dy_xc);
+      grad_runs<decltype(relu_flag)::value, true, true, false>(g, dy, x, nullptr, k, begin, end,
+                                                               run_sum_dy, run_sum_dy_xc);
     });
   }
 
   static void grad_input(const Geometry& g, const scalar_t* dy, const scalar_t* x, scalar_t* dx,
                          const GradCoefficients<acc_t>& k, bool relu, bool batch_stats,
-                         int64_t begin, int64_t end, double* run_sum_dy,
+                         bool stream, int64_t begin, int64_t end, double* run_sum_dy,
                          double* run_sum_dy_xc) {
     with_flags(relu, batch_stats, [&](auto relu_flag, auto batch_stats_flag) {
-      grad_runs<decltype(relu_flag)::value, false, decltype(batch_stats_flag)::value>(
-          g, dy, x, dx, k, begin, end, run_sum_dy, run_sum_dy_xc);
+      constexpr bool kRelu = decltype(relu_flag)::value;
+      constexpr bool kBatchStats = decltype(batch_stats_flag)::value;
+      // As in normalise: converted outputs are never streamed.
+      if (stream && !kConvert) {
+        grad_runs<kRelu, false, kBatchStats, !kConvert>(g, dy, x, dx, k, begin, end, run_sum_dy,
+                                                        run_sum_dy_xc);
+      } else {
+        grad_runs<kRelu, false, kBatchStats, false>(g, dy, x, dx, k, begin, end, run_sum_dy,
+                                                    run_sum_dy_xc);
+      }
     });
   }
 

@@ -64,6 +64,16 @@ struct Geometry {
     num_runs = (rows ? batch : batch * channels) * parts;
   }
 
+  // The geometry for kernels that need no per-sample results (the reductions and grad_x): in
+  // channels_last the N*H*W rows of all samples are one sequence, so a run may span samples
+  // (measured: for 7x7 maps, one run per sample made the per-run results and their serial merge
+  // about 10% of a (32, 512, 7, 7) training step).
+  static Geometry spanning_samples(int64_t batch, int64_t channels, int64_t spatial,
+                                   bool channels_last) {
+    if (channels_last || spatial == 1) return Geometry(1, channels, batch * spatial, true);
+    return Geometry(batch, channels, spatial, false);
+  }
+
   int64_t channels_per_run() const { return rows ? channels : 1; }
   int64_t max_run_elements() const { return part_len * channels_per_run(); }
 
@@ -112,6 +122,13 @@ struct Geometry {
   int64_t first_channel(const Run& k) const { return rows ? 0 : k.channel; }
   int64_t end_channel(const Run& k) const { return rows ? channels : k.channel + 1; }
 
+  // Whether every run, and every chunk a kernel cuts from it, is a whole number of `bytes`-sized
+  // blocks from the tensor's start, for elements of element_size bytes.
+  bool runs_in_blocks(int64_t element_size, int64_t bytes) const {
+    const auto whole = [&](int64_t elements) { return elements * element_size % bytes == 0; };
+    return rows ? whole(channels) : whole(spatial) && whole(part_len);
+  }
+
   // Fewest runs worth handing to a thread (about 32768 elements, ATen's own grain size).
   int64_t grain() const { return std::max<int64_t>(1, 32768 / max_run_elements()); }
 };
@@ -140,16 +157,20 @@ struct KernelTable {
   void (*batch_stats)(const Geometry& g, const scalar_t* x, int64_t begin, int64_t end,
                       double* run_mean, double* run_m2);
   // y = act(x * scale + shift); unless counts is null, counts = #(x * scale + shift <= 0).
+  // stream: store y with non-temporal stores (float32/float64; y satisfies streams_output).
   void (*normalise)(const Geometry& g, const scalar_t* x, scalar_t* y, const acc_t* scale,
-                    const acc_t* shift, bool relu, RunCount* counts, int64_t begin, int64_t end);
+                    const acc_t* shift, bool relu, RunCount* counts, bool stream, int64_t begin,
+                    int64_t end);
   // sum(dy') and sum(dy' * (x - mean)).
   void (*grad_sums)(const Geometry& g, const scalar_t* dy, const scalar_t* x,
                     const GradCoefficients<acc_t>& coef, bool relu, int64_t begin, int64_t end,
                     double* run_sum_dy, double* run_sum_dy_xc);
-  // grad_x; with running statistics also grad_sums' results, from the same pass.
+  // grad_x; with running statistics also grad_sums' results, from the same pass. stream: as in
+  // normalise, for dx.
   void (*grad_input)(const Geometry& g, const scalar_t* dy, const scalar_t* x, scalar_t* dx,
                      const GradCoefficients<acc_t>& coef, bool relu, bool batch_stats,
-                     int64_t begin, int64_t end, double* run_sum_dy, double* run_sum_dy_xc);
+                     bool stream, int64_t begin, int64_t end, double* run_sum_dy,
+                     double* run_sum_dy_xc);
 };
 
 }  // namespace avkernels::bn

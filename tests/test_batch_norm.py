@@ -13,6 +13,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+
 from conftest import (
     INTERPRETER,
     LOW_PRECISION,
@@ -33,8 +34,9 @@ from conftest import (
     run_op_pair,
 )
 
+from avkernels import TrackedBN
 from avkernels.ops import batch_norm as bn_ops
-from avkernels.ops.batch_norm import TrackedBNFunction
+from avkernels.ops.batch_norm import tracked_batch_norm
 
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
 
@@ -230,7 +232,8 @@ def _gradcheck_params():
 
 @pytest.mark.parametrize("backend, case", list(_gradcheck_params()), indirect=["backend"])
 def test_gradcheck(backend, case):
-    """float64 gradients of TrackedBNFunction (forward and backward op) vs finite differences."""
+    """float64 gradients of tracked_batch_norm (TrackedBNFunction: the forward and backward op)
+    vs finite differences."""
     inputs = make_inputs(case, device=backend.device)
     differentiable = ("x",) + PARAMS
     leaves = tuple(None if inputs[n] is None else inputs[n].detach().requires_grad_()
@@ -239,7 +242,7 @@ def test_gradcheck(backend, case):
     def tracked_bn(*tensors):
         fresh = clone_inputs(inputs)  # the forward op mutates running stats and counters
         fresh.update(zip(differentiable, tensors))
-        return TrackedBNFunction.apply(*fwd_args(fresh))
+        return tracked_batch_norm(*fwd_args(fresh))
 
     with backend.active():
         assert torch.autograd.gradcheck(tracked_bn, leaves, fast_mode=backend.name == "triton")
@@ -278,6 +281,44 @@ def test_cpu_kernels_are_the_compiled_ones():
         dump = torch._C._dispatch_dump(f"avkernels::{name}")
         where = re.search(r"^CPU: registered at (\S+)", dump, re.MULTILINE)
         assert where and ".cpp" in where.group(1), f"CPU kernel of {name}: {dump}"
+
+
+# Non-temporal output stores (stream_output in csrc/batch_norm.cpp): chosen for outputs that do
+# not fit in the last-level cache with their input, or forced by AVKERNELS_NONTEMPORAL_STORES.
+# They apply to float32/float64 outputs whose runs are whole 64-byte vectors (H*W, or C in
+# channels_last, a multiple of 16 float32 / 8 float64 values); other outputs ignore the setting.
+STREAM_CASES = [
+    BNCase(shape=(3, 5, 4, 8), mode="relu"),  # planes of 2 vectors
+    BNCase(shape=(2, 3, 96, 96), mode="abri", stats="eval"),  # planes cut into 2 runs
+    BNCase(shape=(3, 16, 5, 7), mode="abri_relu", layout="channels_last"),  # rows of 1 vector
+    BNCase(shape=(2, 8, 4, 4), dtype=F64, layout="channels_last"),
+    BNCase(shape=(3, 5, 7, 7), mode="relu"),  # not whole vectors: never streamed
+    BNCase(shape=(3, 5, 4, 8), dtype=BF16, param_dtype=F32, mode="relu"),  # converted: never
+]
+STREAM_VARIABLE = "AVKERNELS_NONTEMPORAL_STORES"
+
+
+@pytest.mark.parametrize("backend", ["cpp"], indirect=True)
+@pytest.mark.parametrize("case", STREAM_CASES, ids=str)
+def test_nontemporal_stores_change_no_result(backend, case, monkeypatch):
+    """Forced on, forced off and automatic: the same outputs, gradients and counts, bit for bit."""
+    inputs = make_inputs(case)
+    results = {}
+    for setting in ("0", "1", ""):
+        monkeypatch.setenv(STREAM_VARIABLE, setting)
+        results[setting] = run_op_pair(backend.forward, backend.backward, clone_inputs(inputs))
+    for setting in ("1", ""):
+        for name, value in results["0"].items():
+            if value is not None:
+                assert torch.equal(results[setting][name], value), (
+                    f"{name} differs with {STREAM_VARIABLE}={setting!r}")
+
+
+def test_nontemporal_stores_setting_is_checked(monkeypatch):
+    require_extension()
+    monkeypatch.setenv(STREAM_VARIABLE, "yes")
+    with pytest.raises(RuntimeError, match=f"{STREAM_VARIABLE} must be 0 .*got 'yes'"):
+        TrackedBN(4)(torch.randn(2, 4, 4, 4))
 
 
 @pytest.mark.gpu

@@ -306,20 +306,19 @@ def _batch_norm_bwd_fake(grad_y, x, weight, bias, abri_weight, abri_bias, abri_a
 class TrackedBNFunction(torch.autograd.Function):
     """Autograd of tracked BN: forward calls ``batch_norm_fwd``, backward ``batch_norm_bwd``.
 
+    ``apply(x, weight, bias, abri_weight, abri_bias, abri_alpha, state)``, ``state`` being the
+    rest of ``batch_norm_fwd``'s arguments, in order, as one tuple: they take no gradient, and
+    every argument of ``apply`` costs time in the autograd engine on every step.
     Saves only ``x``, the parameters and the per-channel ``(mean, invstd)``; the fused ReLU's
     mask is recomputed in backward.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, abri_weight, abri_bias, abri_alpha, running_mean, running_var,
-                abri_running_mean, abri_running_var, dead_count, dead_sample_count, seen,
-                use_batch_stats: bool, momentum: float, eps: float, relu: bool):
-        y, mean, invstd = batch_norm_fwd(
-            x, weight, bias, abri_weight, abri_bias, abri_alpha, running_mean, running_var,
-            abri_running_mean, abri_running_var, dead_count, dead_sample_count, seen,
-            use_batch_stats, momentum, eps, relu)
+    def forward(ctx, x, weight, bias, abri_weight, abri_bias, abri_alpha, state):
+        y, mean, invstd = batch_norm_fwd(x, weight, bias, abri_weight, abri_bias, abri_alpha,
+                                         *state)
         ctx.save_for_backward(x, weight, bias, abri_weight, abri_bias, abri_alpha, mean, invstd)
-        ctx.use_batch_stats, ctx.relu = use_batch_stats, relu
+        ctx.use_batch_stats, ctx.relu = state[-4], state[-1]
         return y
 
     @staticmethod
@@ -327,8 +326,7 @@ class TrackedBNFunction(torch.autograd.Function):
         x, *params, mean, invstd = ctx.saved_tensors
         grad_x, *param_grads = batch_norm_bwd(
             grad_y, x, *params, mean, invstd, ctx.use_batch_stats, ctx.relu)
-        param_grads = [None if p is None else g for p, g in zip(params, param_grads)]
-        return (grad_x, *param_grads) + (None,) * 11
+        return (grad_x, *(None if p is None else g for p, g in zip(params, param_grads)), None)
 
 
 def tracked_batch_norm(x, weight, bias, abri_weight, abri_bias, abri_alpha, running_mean,
@@ -341,15 +339,12 @@ def tracked_batch_norm(x, weight, bias, abri_weight, abri_bias, abri_alpha, runn
     forward op directly: ``torch.autograd.Function`` costs about 12 us a call on this machine,
     as much as the whole of a small eval BN.
     """
-    args = (x, weight, bias, abri_weight, abri_bias, abri_alpha, running_mean, running_var,
-            abri_running_mean, abri_running_var, dead_count, dead_sample_count, seen,
-            use_batch_stats, momentum, eps, relu)
-    if torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad
-        for t in (x, weight, bias, abri_weight, abri_bias, abri_alpha)
-    ):
-        return TrackedBNFunction.apply(*args)
-    return batch_norm_fwd(*args)[0]
+    differentiable = (x, weight, bias, abri_weight, abri_bias, abri_alpha)
+    state = (running_mean, running_var, abri_running_mean, abri_running_var, dead_count,
+             dead_sample_count, seen, use_batch_stats, momentum, eps, relu)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable):
+        return TrackedBNFunction.apply(*differentiable, state)
+    return batch_norm_fwd(*differentiable, *state)[0]
 
 
 def _register_triton() -> None:
