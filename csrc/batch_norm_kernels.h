@@ -603,38 +603,80 @@ void span_grad_input(const acc_t* x, const acc_t* dy, acc_t* dx, int64_t n, acc_
 }
 
 // --- row kernels: rows of C channels (channels_last); per-channel arrays of C values ----------
-// The statistics reduction takes rows in blocks of kStatsRows: the per-channel running sums are
-// loaded once per block and kept in registers while the block's rows are visited in order (so
-// every sum still adds the rows one by one). The other kernels go row by row: interleaving
-// several rows of two inputs (grad sums) or the stores of several rows (elementwise kernels)
-// measured up to 1.5x slower at C = 128 (prefetch streams, 4 KiB load/store aliasing).
+// The reductions walk the channels in blocks of up to kBlockVectors vectors and, per block, every
+// row in order: the block's per-channel values (sums, coefficients) stay in registers for the
+// whole run, so an element costs only its own loads. (Going row by row, those values were loaded
+// and the sums stored again for every row: at C = 512 the backward was bound by those loads.)
+// The elementwise kernels do the same when one block spans a whole row; wider rows they take row
+// by row, as walking a block down rows that are also being written measured up to 1.4x slower at
+// C = 128 (4 KiB load/store aliasing). Sums add the rows one by one in order either way, so
+// results do not depend on the walk.
+#if defined(AVKERNELS_BUILD_AVX512)
+constexpr int kBlockVectors = 4;  // at most 6 per-channel arrays of 4 vectors: 24 of 32 registers
+#else
+constexpr int kBlockVectors = 1;  // AVX2 and SSE hold a 64-byte vector in 2 or 4 registers
+#endif
 
-constexpr int64_t kStatsRows = 4;
+#define AVK_UNROLL _Pragma("GCC unroll 4")
 
-// Calls body(c, step, r, block) for the channels of each block of rows [r, r + block), block
-// being a std::integral_constant of at most BLOCK.
-template <typename acc_t, int64_t BLOCK, typename Body>
-AVK_INLINE void for_each_row_block(int64_t rows, int64_t C, Body&& body) {
-  int64_t r = 0;
-  for (; r + BLOCK <= rows; r += BLOCK) {
-    for_each_step<acc_t>(C, [&](int64_t c, auto step) {
-      body(c, step, r, std::integral_constant<int64_t, BLOCK>{});
-    });
+// Calls body(c, width, step, r_begin, r_end) for each block of channels and the rows
+// [r_begin, r_end): `width` (a std::integral_constant) vectors from channel c, then the last
+// C % lanes channels one by one with a ScalarStep.
+template <typename acc_t, typename Body>
+AVK_INLINE void for_each_channel_block(int64_t C, int64_t r_begin, int64_t r_end, Body&& body) {
+  constexpr int64_t L = kLanes<acc_t>;
+  int64_t c = 0;
+  for (; c + kBlockVectors * L <= C; c += kBlockVectors * L) {
+    body(c, std::integral_constant<int, kBlockVectors>{}, VectorStep<0>{}, r_begin, r_end);
   }
-  for (; r < rows; ++r) {
-    for_each_step<acc_t>(C, [&](int64_t c, auto step) {
-      body(c, step, r, std::integral_constant<int64_t, 1>{});
-    });
+  for (; c + L <= C; c += L) {
+    body(c, std::integral_constant<int, 1>{}, VectorStep<0>{}, r_begin, r_end);
+  }
+  for (; c < C; ++c) body(c, std::integral_constant<int, 1>{}, ScalarStep{}, r_begin, r_end);
+}
+
+// The elementwise kernels' walk: all rows per block where a block spans a row, else row by row.
+template <typename acc_t, typename Body>
+AVK_INLINE void for_each_elementwise_block(int64_t rows, int64_t C, Body&& body) {
+  if (C <= kBlockVectors * kLanes<acc_t>) {
+    for_each_channel_block<acc_t>(C, 0, rows, body);
+  } else {
+    for (int64_t r = 0; r < rows; ++r) for_each_channel_block<acc_t>(C, r, r + 1, body);
   }
 }
+
+// Values per step: a vector's lanes, or 1.
+template <typename Step, typename acc_t>
+constexpr int64_t kStepLanes = Step::vector ? kLanes<acc_t> : 1;
+
+// The per-channel values of a block of W steps: v[w] covers the channels from c + w * lanes.
+template <typename Step, typename acc_t, int W>
+struct Block {
+  static constexpr int64_t L = kStepLanes<Step, acc_t>;
+  Value<Step, acc_t> v[W];
+
+  AVK_INLINE void load_from(const acc_t* p) {
+    AVK_UNROLL for (int w = 0; w < W; ++w) v[w] = load(Step{}, p + w * L);
+  }
+  AVK_INLINE void store_to(acc_t* p) const {
+    AVK_UNROLL for (int w = 0; w < W; ++w) store(Step{}, p + w * L, v[w]);
+  }
+};
 
 // Adds the column sums of x to sum.
 template <typename acc_t>
 void rows_sum(const acc_t* x, int64_t rows, int64_t C, acc_t* sum) {
-  for_each_row_block<acc_t, kStatsRows>(rows, C, [&](int64_t c, auto step, int64_t r, auto block) {
-    auto acc = load(step, sum + c);
-    for (int64_t j = 0; j < decltype(block)::value; ++j) acc += load(step, x + (r + j) * C + c);
-    store(step, sum + c, acc);
+  for_each_channel_block<acc_t>(C, 0, rows, [&](int64_t c, auto width, auto step, int64_t r_begin,
+                                                int64_t r_end) AVK_INLINE_LAMBDA {
+    using B = Block<decltype(step), acc_t, decltype(width)::value>;
+    B acc;
+    acc.load_from(sum + c);
+    for (int64_t r = r_begin; r < r_end; ++r) {
+      AVK_UNROLL for (int w = 0; w < decltype(width)::value; ++w) {
+        acc.v[w] += load(step, x + r * C + c + w * B::L);
+      }
+    }
+    acc.store_to(sum + c);
   });
 }
 
@@ -642,16 +684,22 @@ void rows_sum(const acc_t* x, int64_t rows, int64_t C, acc_t* sum) {
 template <typename acc_t>
 void rows_deviations(const acc_t* x, int64_t rows, int64_t C, const acc_t* center, acc_t* m2,
                      acc_t* residual) {
-  for_each_row_block<acc_t, kStatsRows>(rows, C, [&](int64_t c, auto step, int64_t r, auto block) {
-    const auto mid = load(step, center + c);
-    auto squares = load(step, m2 + c), deviations = load(step, residual + c);
-    for (int64_t j = 0; j < decltype(block)::value; ++j) {
-      const auto d = load(step, x + (r + j) * C + c) - mid;
-      squares += d * d;
-      deviations += d;
+  for_each_channel_block<acc_t>(C, 0, rows, [&](int64_t c, auto width, auto step, int64_t r_begin,
+                                                int64_t r_end) AVK_INLINE_LAMBDA {
+    using B = Block<decltype(step), acc_t, decltype(width)::value>;
+    B mid, squares, deviations;
+    mid.load_from(center + c);
+    squares.load_from(m2 + c);
+    deviations.load_from(residual + c);
+    for (int64_t r = r_begin; r < r_end; ++r) {
+      AVK_UNROLL for (int w = 0; w < decltype(width)::value; ++w) {
+        const auto d = load(step, x + r * C + c + w * B::L) - mid.v[w];
+        squares.v[w] += d * d;
+        deviations.v[w] += d;
+      }
     }
-    store(step, m2 + c, squares);
-    store(step, residual + c, deviations);
+    squares.store_to(m2 + c);
+    deviations.store_to(residual + c);
   });
 }
 
@@ -660,10 +708,23 @@ void rows_deviations(const acc_t* x, int64_t rows, int64_t C, const acc_t* cente
 template <bool RELU, bool COUNT, bool STREAM, typename acc_t>
 void rows_normalise(const acc_t* x, acc_t* y, int64_t rows, int64_t C, const acc_t* scale,
                     const acc_t* shift, RowCount* counts) {
-  for_each_row_block<acc_t, 1>(rows, C, [&](int64_t c, auto step, int64_t r, auto) {
-    const auto z = load(step, x + r * C + c) * load(step, scale + c) + load(step, shift + c);
-    if constexpr (COUNT) count_non_positive<decltype(step), acc_t>(step, counts + c, z);
-    store_output_vector<STREAM>(step, y + r * C + c, RELU ? relu(z) : z);
+  for_each_elementwise_block<acc_t>(rows, C, [&](int64_t c, auto width, auto step, int64_t r_begin,
+                                                 int64_t r_end) AVK_INLINE_LAMBDA {
+    constexpr int W = decltype(width)::value;
+    using B = Block<decltype(step), acc_t, W>;
+    B s, t;
+    s.load_from(scale + c);
+    t.load_from(shift + c);
+    for (int64_t r = r_begin; r < r_end; ++r) {
+      AVK_UNROLL for (int w = 0; w < W; ++w) {
+        const int64_t i = r * C + c + w * B::L;
+        const auto z = load(step, x + i) * s.v[w] + t.v[w];
+        if constexpr (COUNT) {
+          count_non_positive<decltype(step), acc_t>(step, counts + c + w * B::L, z);
+        }
+        store_output_vector<STREAM>(step, y + i, RELU ? relu(z) : z);
+      }
+    }
   });
 }
 
@@ -671,19 +732,29 @@ void rows_normalise(const acc_t* x, acc_t* y, int64_t rows, int64_t C, const acc
 template <bool RELU, typename acc_t>
 void rows_grad_sums(const acc_t* x, const acc_t* dy, int64_t rows, int64_t C,
                     const GradCoefficients<acc_t>& k, acc_t* sum_dy, acc_t* sum_dy_xc) {
-  for_each_row_block<acc_t, 1>(rows, C, [&](int64_t c, auto step, int64_t r, auto block) {
-    const auto s = load(step, k.scale + c), t = load(step, k.shift + c);
-    const auto mean = load(step, k.mean + c);
-    auto s1 = load(step, sum_dy + c), s2 = load(step, sum_dy_xc + c);
-    for (int64_t j = 0; j < decltype(block)::value; ++j) {
-      const auto xv = load(step, x + (r + j) * C + c);
-      auto g = load(step, dy + (r + j) * C + c);
-      if constexpr (RELU) g = mask_by_relu(xv * s + t, g);
-      s1 += g;
-      s2 += g * (xv - mean);
+  for_each_channel_block<acc_t>(C, 0, rows, [&](int64_t c, auto width, auto step, int64_t r_begin,
+                                                int64_t r_end) AVK_INLINE_LAMBDA {
+    using B = Block<decltype(step), acc_t, decltype(width)::value>;
+    B s, t, mean, s1, s2;
+    if constexpr (RELU) {
+      s.load_from(k.scale + c);
+      t.load_from(k.shift + c);
     }
-    store(step, sum_dy + c, s1);
-    store(step, sum_dy_xc + c, s2);
+    mean.load_from(k.mean + c);
+    s1.load_from(sum_dy + c);
+    s2.load_from(sum_dy_xc + c);
+    for (int64_t r = r_begin; r < r_end; ++r) {
+      AVK_UNROLL for (int w = 0; w < decltype(width)::value; ++w) {
+        const int64_t i = r * C + c + w * B::L;
+        const auto xv = load(step, x + i);
+        auto g = load(step, dy + i);
+        if constexpr (RELU) g = mask_by_relu(xv * s.v[w] + t.v[w], g);
+        s1.v[w] += g;
+        s2.v[w] += g * (xv - mean.v[w]);
+      }
+    }
+    s1.store_to(sum_dy + c);
+    s2.store_to(sum_dy_xc + c);
   });
 }
 
@@ -692,38 +763,48 @@ void rows_grad_sums(const acc_t* x, const acc_t* dy, int64_t rows, int64_t C,
 template <bool RELU, bool BATCH_STATS, bool STREAM, typename acc_t>
 void rows_grad_input(const acc_t* x, const acc_t* dy, acc_t* dx, int64_t rows, int64_t C,
                      const GradCoefficients<acc_t>& k, acc_t* sum_dy, acc_t* sum_dy_xc) {
-  for_each_row_block<acc_t, 1>(rows, C, [&](int64_t c, auto step, int64_t r, auto block) {
-    using V = decltype(load(step, x));
-    const auto s = load(step, k.scale + c), t = load(step, k.shift + c);
-    const auto mean = load(step, k.mean + c), coef_dy = load(step, k.coef_dy + c);
-    V coef_xc{}, coef_const{}, s1{}, s2{};
-    if constexpr (BATCH_STATS) {
-      coef_xc = load(step, k.coef_xc + c);
-      coef_const = load(step, k.coef_const + c);
-    } else {
-      s1 = load(step, sum_dy + c);
-      s2 = load(step, sum_dy_xc + c);
+  for_each_elementwise_block<acc_t>(rows, C, [&](int64_t c, auto width, auto step, int64_t r_begin,
+                                                 int64_t r_end) AVK_INLINE_LAMBDA {
+    using B = Block<decltype(step), acc_t, decltype(width)::value>;
+    B s, t, mean, coef_dy, coef_xc, coef_const, s1, s2;
+    if constexpr (RELU) {
+      s.load_from(k.scale + c);
+      t.load_from(k.shift + c);
     }
-    for (int64_t j = 0; j < decltype(block)::value; ++j) {
-      const auto xv = load(step, x + (r + j) * C + c);
-      auto g = load(step, dy + (r + j) * C + c);
-      if constexpr (RELU) g = mask_by_relu(xv * s + t, g);
-      const auto xc = xv - mean;
-      if constexpr (BATCH_STATS) {
-        store_output_vector<STREAM>(step, dx + (r + j) * C + c,
-                                    g * coef_dy + xc * coef_xc + coef_const);
-      } else {
-        store_output_vector<STREAM>(step, dx + (r + j) * C + c, g * coef_dy);
-        s1 += g;
-        s2 += g * xc;
+    mean.load_from(k.mean + c);
+    coef_dy.load_from(k.coef_dy + c);
+    if constexpr (BATCH_STATS) {
+      coef_xc.load_from(k.coef_xc + c);
+      coef_const.load_from(k.coef_const + c);
+    } else {
+      s1.load_from(sum_dy + c);
+      s2.load_from(sum_dy_xc + c);
+    }
+    for (int64_t r = r_begin; r < r_end; ++r) {
+      AVK_UNROLL for (int w = 0; w < decltype(width)::value; ++w) {
+        const int64_t i = r * C + c + w * B::L;
+        const auto xv = load(step, x + i);
+        auto g = load(step, dy + i);
+        if constexpr (RELU) g = mask_by_relu(xv * s.v[w] + t.v[w], g);
+        const auto xc = xv - mean.v[w];
+        if constexpr (BATCH_STATS) {
+          store_output_vector<STREAM>(step, dx + i,
+                                      g * coef_dy.v[w] + xc * coef_xc.v[w] + coef_const.v[w]);
+        } else {
+          store_output_vector<STREAM>(step, dx + i, g * coef_dy.v[w]);
+          s1.v[w] += g;
+          s2.v[w] += g * xc;
+        }
       }
     }
     if constexpr (!BATCH_STATS) {
-      store(step, sum_dy + c, s1);
-      store(step, sum_dy_xc + c, s2);
+      s1.store_to(sum_dy + c);
+      s2.store_to(sum_dy_xc + c);
     }
   });
 }
+
+#undef AVK_UNROLL
 
 // --- run drivers ----------------------------------------------------------------------------
 
