@@ -728,43 +728,16 @@ void rows_normalise(const acc_t* x, acc_t* y, int64_t rows, int64_t C, const acc
   });
 }
 
-// Adds sum(dy') to sum_dy and sum(dy' * (x - mean)) to sum_dy_xc, per column.
-template <bool RELU, typename acc_t>
-void rows_grad_sums(const acc_t* x, const acc_t* dy, int64_t rows, int64_t C,
-                    const GradCoefficients<acc_t>& k, acc_t* sum_dy, acc_t* sum_dy_xc) {
-  for_each_channel_block<acc_t>(C, 0, rows, [&](int64_t c, auto width, auto step, int64_t r_begin,
-                                                int64_t r_end) AVK_INLINE_LAMBDA {
-    using B = Block<decltype(step), acc_t, decltype(width)::value>;
-    B s, t, mean, s1, s2;
-    if constexpr (RELU) {
-      s.load_from(k.scale + c);
-      t.load_from(k.shift + c);
-    }
-    mean.load_from(k.mean + c);
-    s1.load_from(sum_dy + c);
-    s2.load_from(sum_dy_xc + c);
-    for (int64_t r = r_begin; r < r_end; ++r) {
-      AVK_UNROLL for (int w = 0; w < decltype(width)::value; ++w) {
-        const int64_t i = r * C + c + w * B::L;
-        const auto xv = load(step, x + i);
-        auto g = load(step, dy + i);
-        if constexpr (RELU) g = mask_by_relu(xv * s.v[w] + t.v[w], g);
-        s1.v[w] += g;
-        s2.v[w] += g * (xv - mean.v[w]);
-      }
-    }
-    s1.store_to(sum_dy + c);
-    s2.store_to(sum_dy_xc + c);
-  });
-}
-
-// grad_x per row; without batch statistics also the grad sums, as rows_grad_sums. STREAM: as
-// span_grad_input (the rows are 64-byte aligned, C a whole number of vectors).
-template <bool RELU, bool BATCH_STATS, bool STREAM, typename acc_t>
-void rows_grad_input(const acc_t* x, const acc_t* dy, acc_t* dx, int64_t rows, int64_t C,
-                     const GradCoefficients<acc_t>& k, acc_t* sum_dy, acc_t* sum_dy_xc) {
-  for_each_elementwise_block<acc_t>(rows, C, [&](int64_t c, auto width, auto step, int64_t r_begin,
-                                                 int64_t r_end) AVK_INLINE_LAMBDA {
+// One pass over (x, dy) rows, per column: with SUMS_ONLY, adds sum(dy') to sum_dy and
+// sum(dy' * (x - mean)) to sum_dy_xc; else writes grad_x (as span_grad_input; STREAM: the rows
+// are 64-byte aligned, C a whole number of vectors) and, without batch statistics, adds the same
+// sums.
+template <bool RELU, bool SUMS_ONLY, bool BATCH_STATS, bool STREAM, typename acc_t>
+void rows_grad(const acc_t* x, const acc_t* dy, acc_t* dx, int64_t rows, int64_t C,
+               const GradCoefficients<acc_t>& k, acc_t* sum_dy, acc_t* sum_dy_xc) {
+  constexpr bool kSums = SUMS_ONLY || !BATCH_STATS;
+  const auto block = [&](int64_t c, auto width, auto step, int64_t r_begin,
+                         int64_t r_end) AVK_INLINE_LAMBDA {
     using B = Block<decltype(step), acc_t, decltype(width)::value>;
     B s, t, mean, coef_dy, coef_xc, coef_const, s1, s2;
     if constexpr (RELU) {
@@ -772,11 +745,12 @@ void rows_grad_input(const acc_t* x, const acc_t* dy, acc_t* dx, int64_t rows, i
       t.load_from(k.shift + c);
     }
     mean.load_from(k.mean + c);
-    coef_dy.load_from(k.coef_dy + c);
-    if constexpr (BATCH_STATS) {
+    if constexpr (!SUMS_ONLY) coef_dy.load_from(k.coef_dy + c);
+    if constexpr (!SUMS_ONLY && BATCH_STATS) {
       coef_xc.load_from(k.coef_xc + c);
       coef_const.load_from(k.coef_const + c);
-    } else {
+    }
+    if constexpr (kSums) {
       s1.load_from(sum_dy + c);
       s2.load_from(sum_dy_xc + c);
     }
@@ -787,21 +761,28 @@ void rows_grad_input(const acc_t* x, const acc_t* dy, acc_t* dx, int64_t rows, i
         auto g = load(step, dy + i);
         if constexpr (RELU) g = mask_by_relu(xv * s.v[w] + t.v[w], g);
         const auto xc = xv - mean.v[w];
-        if constexpr (BATCH_STATS) {
+        if constexpr (!SUMS_ONLY && BATCH_STATS) {
           store_output_vector<STREAM>(step, dx + i,
                                       g * coef_dy.v[w] + xc * coef_xc.v[w] + coef_const.v[w]);
-        } else {
+        } else if constexpr (!SUMS_ONLY) {
           store_output_vector<STREAM>(step, dx + i, g * coef_dy.v[w]);
+        }
+        if constexpr (kSums) {
           s1.v[w] += g;
           s2.v[w] += g * xc;
         }
       }
     }
-    if constexpr (!BATCH_STATS) {
+    if constexpr (kSums) {
       s1.store_to(sum_dy + c);
       s2.store_to(sum_dy_xc + c);
     }
-  });
+  };
+  if constexpr (SUMS_ONLY) {
+    for_each_channel_block<acc_t>(C, 0, rows, block);
+  } else {
+    for_each_elementwise_block<acc_t>(rows, C, block);
+  }
 }
 
 #undef AVK_UNROLL
@@ -997,11 +978,7 @@ struct Kernels {
         const acc_t* dya = as_acc(dy + offset, size, scratch.dy.data());
         acc_t* dxa = SUMS_ONLY ? nullptr : output_span(dx + offset, scratch.out.data());
         if (g.rows) {
-          if constexpr (SUMS_ONLY) {
-            rows_grad_sums<RELU>(xa, dya, positions, C, k, s1, s2);
-          } else {
-            rows_grad_input<RELU, BATCH_STATS, STREAM>(xa, dya, dxa, positions, C, k, s1, s2);
-          }
+          rows_grad<RELU, SUMS_ONLY, BATCH_STATS, STREAM>(xa, dya, dxa, positions, C, k, s1, s2);
         } else {
           const int64_t c = run.channel;
           if constexpr (SUMS_ONLY) {
