@@ -173,7 +173,7 @@ def _global_batch_stats(x: Tensor, process_group) -> tuple[Tensor, Tensor, int]:
 class SyncTrackedBNFunction(torch.autograd.Function):
     """Autograd of synchronized tracked BN (training, batch statistics): see the module docstring.
 
-    Saves ``x``, the parameters and the global ``(mean, invstd)``, like ``TrackedBNFunction``.
+    Saves ``x``, the parameters and the global ``(mean, invstd)``, like ``tracked_batch_norm``.
     """
 
     @staticmethod

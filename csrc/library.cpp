@@ -9,7 +9,7 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(avkernels, m) {
-  // avkernels/ops/batch_norm.py: FWD_SCHEMA, BWD_SCHEMA
+  // avkernels/ops/batch_norm.py: FWD_SCHEMA, BWD_SCHEMA, TRACKED_SCHEMA
   m.def(
       "batch_norm_fwd(Tensor x, Tensor? weight, Tensor? bias, Tensor? abri_weight, "
       "Tensor? abri_bias, Tensor? abri_alpha, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
@@ -20,6 +20,12 @@ TORCH_LIBRARY(avkernels, m) {
       "batch_norm_bwd(Tensor grad_y, Tensor x, Tensor? weight, Tensor? bias, Tensor? abri_weight, "
       "Tensor? abri_bias, Tensor? abri_alpha, Tensor mean, Tensor invstd, bool use_batch_stats, "
       "bool relu) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "tracked_batch_norm(Tensor x, Tensor? weight, Tensor? bias, Tensor? abri_weight, "
+      "Tensor? abri_bias, Tensor? abri_alpha, Tensor(a!)? running_mean, Tensor(b!)? running_var, "
+      "Tensor(c!)? abri_running_mean, Tensor(d!)? abri_running_var, Tensor(e!)? dead_count, "
+      "Tensor(f!)? dead_sample_count, Tensor(g!)? seen, bool use_batch_stats, float momentum, "
+      "float eps, bool relu) -> Tensor");
   // avkernels/ops/masking.py: ZERO_MASKED_PATCHES_SCHEMA, MASKED_CONCAT_SCHEMA,
   // MASKED_CONCAT_BACKWARD_SCHEMA
   m.def(

@@ -11,7 +11,7 @@ Backends (``backend`` fixture, one test per backend):
                starts), else on a CUDA GPU, else skipped.
 ``cuda``       the registered ops on CUDA tensors (the Triton kernels); skipped without a GPU.
 
-``Backend.active()`` makes ``TrackedBNFunction`` (and so ``TrackedBN``) run a backend whose
+``Backend.active()`` makes ``tracked_batch_norm`` (and so ``TrackedBN``) run a backend whose
 kernels are not the ones registered for its device, by registering them for CPU while active.
 """
 
@@ -65,7 +65,7 @@ class Backend:
 
     @contextlib.contextmanager
     def active(self):
-        """Within, TrackedBN/TrackedBNFunction on ``self.device`` tensors run this backend."""
+        """Within, TrackedBN/tracked_batch_norm on ``self.device`` tensors run this backend."""
         if self.reroute_cpu:
             with cpu_kernels(self.forward, self.backward):
                 yield

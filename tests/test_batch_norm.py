@@ -9,6 +9,9 @@ PyTorch's own low-precision error (the same computation with ``F.batch_norm`` in
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -232,8 +235,8 @@ def _gradcheck_params():
 
 @pytest.mark.parametrize("backend, case", list(_gradcheck_params()), indirect=["backend"])
 def test_gradcheck(backend, case):
-    """float64 gradients of tracked_batch_norm (TrackedBNFunction: the forward and backward op)
-    vs finite differences."""
+    """float64 gradients of tracked_batch_norm (its autograd: the forward and backward op) vs
+    finite differences."""
     inputs = make_inputs(case, device=backend.device)
     differentiable = ("x",) + PARAMS
     leaves = tuple(None if inputs[n] is None else inputs[n].detach().requires_grad_()
@@ -246,6 +249,68 @@ def test_gradcheck(backend, case):
 
     with backend.active():
         assert torch.autograd.gradcheck(tracked_bn, leaves, fast_mode=backend.name == "triton")
+
+
+AUTOGRAD_CASES = [
+    BNCase(mode="abri_relu", alpha_per_channel=True),
+    BNCase(affine="none", mode="relu", stats="eval"),
+    BNCase(affine="no_bias", mode="abri", stats="eval", layout="channels_last"),
+    BNCase(shape=LOW_PRECISION_SHAPE, dtype=BF16, param_dtype=F32, grad_layout="expanded"),
+]
+
+
+def _python_autograd(x, weight, bias, abri_weight, abri_bias, abri_alpha, *state):
+    return bn_ops.TrackedBNFunction.apply(x, weight, bias, abri_weight, abri_bias, abri_alpha,
+                                          state)
+
+
+@pytest.mark.parametrize("autograd", ["op", "python"])
+@pytest.mark.parametrize("frozen_input", [False, True], ids=["", "frozen_input"])
+@pytest.mark.parametrize("case", AUTOGRAD_CASES, ids=str)
+def test_autograd_runs_the_op_pair(backend, case, frozen_input, autograd):
+    """tracked_batch_norm's autograd (C++ with the extension; "python": TrackedBNFunction, its
+    autograd without the extension) gives exactly the op pair's outputs, gradients, running
+    statistics and counts, and no gradient to absent parameters; also when only the
+    parameters take gradients (the first layer)."""
+    tracked = tracked_batch_norm if autograd == "op" else _python_autograd
+    inputs = make_inputs(case, device=backend.device)
+    with backend.active():
+        expected = run_op_pair(backend.forward, backend.backward, clone_inputs(inputs))
+        fresh = clone_inputs(inputs)
+        leaves = [n for n in ("x",) * (not frozen_input) + PARAMS if fresh[n] is not None]
+        for name in leaves:
+            fresh[name].requires_grad_()
+        y = tracked(*fwd_args(fresh))
+        if leaves:
+            y.backward(fresh["grad_y"])
+    assert y.requires_grad == bool(leaves)
+    assert torch.equal(y.detach(), expected["y"])
+    assert y.stride() == expected["y"].stride()
+    for name in leaves:
+        grad, want = fresh[name].grad, expected["grad_x" if name == "x" else name]
+        assert grad is not None and torch.equal(grad, want), f"gradient of {name}"
+    for name in RUNNING + COUNTERS:
+        if fresh[name] is not None:
+            assert torch.equal(fresh[name], expected[name]), name
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton", "cuda"], indirect=True)
+@pytest.mark.parametrize("no_autograd", [torch.no_grad, torch.inference_mode])
+def test_forward_without_autograd(backend, no_autograd):
+    """Under no_grad and inference_mode tracked_batch_norm is the forward op alone: the same
+    output, running statistics and counts, and no graph."""
+    case = BNCase(mode="abri_relu", alpha_per_channel=True, layout="channels_last")
+    inputs = make_inputs(case, device=backend.device)
+    with backend.active():
+        expected = run_op_pair(backend.forward, backend.backward, clone_inputs(inputs))
+        fresh = clone_inputs(inputs)
+        fresh["weight"].requires_grad_()
+        with no_autograd():
+            y = tracked_batch_norm(*fwd_args(fresh))
+    assert not y.requires_grad and y.grad_fn is None
+    assert torch.equal(y, expected["y"])
+    for name in RUNNING + COUNTERS:
+        assert torch.equal(fresh[name], expected[name]), name
 
 
 OPCHECK_CASES = [
@@ -265,22 +330,71 @@ def test_opcheck(backend, case):
         _, mean, invstd = torch.ops.avkernels.batch_norm_fwd(*fwd_args(clone_inputs(inputs)))
         torch.library.opcheck(torch.ops.avkernels.batch_norm_bwd.default,
                               bwd_args(inputs, mean, invstd))
+        differentiable = clone_inputs(inputs)
+        for name in ("x",) + PARAMS:
+            if differentiable[name] is not None:
+                differentiable[name].requires_grad_()
+        torch.library.opcheck(tracked_batch_norm, fwd_args(differentiable))
 
 
 def test_cpp_schemas_equal_python_constants():
     require_extension()
     for op, schema in ((torch.ops.avkernels.batch_norm_fwd.default, bn_ops.FWD_SCHEMA),
-                       (torch.ops.avkernels.batch_norm_bwd.default, bn_ops.BWD_SCHEMA)):
+                       (torch.ops.avkernels.batch_norm_bwd.default, bn_ops.BWD_SCHEMA),
+                       (tracked_batch_norm, bn_ops.TRACKED_SCHEMA)):
         assert str(op._schema) == str(torch._C.parse_schema("avkernels::" + schema))
 
 
-def test_cpu_kernels_are_the_compiled_ones():
-    """With the extension loaded, the CPU kernels must be registered from C++, not Python."""
+def test_kernels_are_the_compiled_ones():
+    """With the extension loaded, the CPU kernels and tracked_batch_norm's autograd must be
+    registered from C++, not Python."""
     require_extension()
-    for name in ("batch_norm_fwd", "batch_norm_bwd"):
+    for name, key in (("batch_norm_fwd", "CPU"), ("batch_norm_bwd", "CPU"),
+                      ("tracked_batch_norm", r"Autograd\[alias\]")):
         dump = torch._C._dispatch_dump(f"avkernels::{name}")
-        where = re.search(r"^CPU: registered at (\S+)", dump, re.MULTILINE)
-        assert where and ".cpp" in where.group(1), f"CPU kernel of {name}: {dump}"
+        where = re.search(rf"^{key}: registered at (\S+)", dump, re.MULTILINE)
+        assert where and ".cpp" in where.group(1), f"{key} kernel of {name}: {dump}"
+
+
+# Run in a fresh interpreter: once the extension is loaded, its ops stay registered.
+WITHOUT_EXTENSION = textwrap.dedent("""
+    import sys, warnings
+    sys.modules["avkernels._C"] = None  # as if the extension had not been built
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        import torch, avkernels
+    notes = [str(w.message) for w in caught if "could not be loaded" in str(w.message)]
+    assert len(notes) == 1 and "pip install --no-build-isolation" in notes[0], caught
+    assert not avkernels.HAS_EXTENSION
+    dump = torch._C._dispatch_dump("avkernels::tracked_batch_norm")
+    assert "Autograd[alias]: registered at " in dump and ".cpp" not in dump, dump
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, 5, 5, requires_grad=True)
+    reference, tracked = torch.nn.BatchNorm2d(6), avkernels.TrackedBN(6, activation="relu")
+    compiled = torch.compile(tracked, fullgraph=True, backend="aot_eager")
+    results = []
+    for module, forward in ((reference, lambda x: reference(x).relu()), (tracked, compiled)):
+        y = forward(x)
+        y.backward(torch.linspace(-1, 1, y.numel()).reshape(y.shape))
+        results.append([y, x.grad, module.weight.grad, module.bias.grad, module.running_mean,
+                        module.running_var])
+        x.grad = None
+    for expected, got in zip(*results):
+        torch.testing.assert_close(got, expected)
+    z = torch.nn.functional.batch_norm(x, None, None, training=True)
+    assert torch.equal(tracked.dead_count, (z <= 0).sum(dim=(0, 2, 3)))
+    print("fallback ok")
+""")
+
+
+def test_python_fallback_without_extension():
+    """Without the compiled extension avkernels still imports, warns once, and TrackedBN (the
+    reference kernels, TrackedBNFunction's autograd) trains like nn.BatchNorm2d + ReLU, also
+    under torch.compile(fullgraph=True)."""
+    run = subprocess.run([sys.executable, "-c", WITHOUT_EXTENSION], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0 and "fallback ok" in run.stdout, run.stdout + run.stderr
 
 
 # Non-temporal output stores (stream_output in csrc/batch_norm.cpp): chosen for outputs that do

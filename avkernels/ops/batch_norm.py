@@ -12,10 +12,15 @@ Ops, namespace ``avkernels`` (schemas below; every implementation follows them e
     per-channel sums ``S1 = sum(dy)`` and ``S2 = sum(dy * xhat)`` (SPEC section 2). The ReLU
     mask is recomputed from ``x``; nothing but ``x``, the parameters and ``(mean, invstd)`` is
     saved for it.
+``tracked_batch_norm``
+    ``batch_norm_fwd``'s output ``y``, differentiable: its autograd kernel calls the two ops
+    above. This is what ``TrackedBN`` runs.
 
 Implementations: C++ on CPU (``csrc/batch_norm.cpp``), Triton on CUDA
 (``avkernels/ops/batch_norm_triton.py``) and the PyTorch reference in this file, which is the
 test oracle and the CPU implementation when the compiled extension is missing.
+``tracked_batch_norm``'s autograd is C++ for every device (``csrc/batch_norm_autograd.cpp``),
+or :class:`TrackedBNFunction` when the extension is missing.
 
 Conventions shared by all implementations:
 
@@ -52,6 +57,9 @@ BWD_SCHEMA = (
     "batch_norm_bwd(Tensor grad_y, Tensor x, Tensor? weight, Tensor? bias, Tensor? abri_weight, "
     "Tensor? abri_bias, Tensor? abri_alpha, Tensor mean, Tensor invstd, bool use_batch_stats, "
     "bool relu) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+TRACKED_SCHEMA = FWD_SCHEMA.replace("batch_norm_fwd(", "tracked_batch_norm(").replace(
+    "-> (Tensor, Tensor, Tensor)", "-> Tensor"
 )
 
 
@@ -280,8 +288,8 @@ def parameter_grads(
 
 from avkernels.ops._library import define_op  # noqa: E402
 
-batch_norm_fwd = define_op(FWD_SCHEMA, batch_norm_fwd_reference)
-batch_norm_bwd = define_op(BWD_SCHEMA, batch_norm_bwd_reference)
+batch_norm_fwd = define_op(FWD_SCHEMA, {"CPU": batch_norm_fwd_reference})
+batch_norm_bwd = define_op(BWD_SCHEMA, {"CPU": batch_norm_bwd_reference})
 
 
 @torch.library.register_fake("avkernels::batch_norm_fwd")
@@ -304,11 +312,11 @@ def _batch_norm_bwd_fake(grad_y, x, weight, bias, abri_weight, abri_bias, abri_a
 
 
 class TrackedBNFunction(torch.autograd.Function):
-    """Autograd of tracked BN: forward calls ``batch_norm_fwd``, backward ``batch_norm_bwd``.
+    """Autograd of ``tracked_batch_norm`` when the compiled extension (whose C++ autograd serves
+    otherwise) is missing: forward calls ``batch_norm_fwd``, backward ``batch_norm_bwd``.
 
     ``apply(x, weight, bias, abri_weight, abri_bias, abri_alpha, state)``, ``state`` being the
-    rest of ``batch_norm_fwd``'s arguments, in order, as one tuple: they take no gradient, and
-    every argument of ``apply`` costs time in the autograd engine on every step.
+    rest of ``batch_norm_fwd``'s arguments, in order, as one tuple: they take no gradient.
     Saves only ``x``, the parameters and the per-channel ``(mean, invstd)``; the fused ReLU's
     mask is recomputed in backward.
     """
@@ -329,22 +337,25 @@ class TrackedBNFunction(torch.autograd.Function):
         return (grad_x, *(None if p is None else g for p, g in zip(params, param_grads)), None)
 
 
-def tracked_batch_norm(x, weight, bias, abri_weight, abri_bias, abri_alpha, running_mean,
-                       running_var, abri_running_mean, abri_running_var, dead_count,
-                       dead_sample_count, seen, use_batch_stats: bool, momentum: float, eps: float,
-                       relu: bool) -> Tensor:
-    """The functional form of ``TrackedBN``: ``batch_norm_fwd``'s output, differentiable.
+def _tracked_batch_norm_autograd(x, weight, bias, abri_weight, abri_bias, abri_alpha, *state):
+    return TrackedBNFunction.apply(x, weight, bias, abri_weight, abri_bias, abri_alpha, state)
 
-    Without anything to differentiate (inference, ``torch.no_grad``, frozen layers) it calls the
-    forward op directly: ``torch.autograd.Function`` costs about 12 us a call on this machine,
-    as much as the whole of a small eval BN.
-    """
-    differentiable = (x, weight, bias, abri_weight, abri_bias, abri_alpha)
-    state = (running_mean, running_var, abri_running_mean, abri_running_var, dead_count,
-             dead_sample_count, seen, use_batch_stats, momentum, eps, relu)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in differentiable):
-        return TrackedBNFunction.apply(*differentiable, state)
-    return batch_norm_fwd(*differentiable, *state)[0]
+
+def _tracked_batch_norm_forward(*args):
+    return batch_norm_fwd(*args)[0]
+
+
+# The functional form of TrackedBN: batch_norm_fwd's arguments, its output y, differentiable.
+tracked_batch_norm = define_op(TRACKED_SCHEMA, {
+    "Autograd": _tracked_batch_norm_autograd,
+    # Below autograd (inference mode): the forward alone.
+    "CompositeExplicitAutograd": _tracked_batch_norm_forward,
+})
+
+
+@torch.library.register_fake("avkernels::tracked_batch_norm")
+def _tracked_batch_norm_fake(x, *args):
+    return torch.empty_like(x, memory_format=output_memory_format(x))
 
 
 def _register_triton() -> None:

@@ -175,9 +175,11 @@ def masked_concat_backward_reference(grad: Tensor, ratio_a: Optional[Tensor],
 
 from avkernels.ops._library import define_op  # noqa: E402
 
-zero_masked_patches = define_op(ZERO_MASKED_PATCHES_SCHEMA, zero_masked_patches_reference)
-masked_concat = define_op(MASKED_CONCAT_SCHEMA, masked_concat_reference)
-masked_concat_backward = define_op(MASKED_CONCAT_BACKWARD_SCHEMA, masked_concat_backward_reference)
+zero_masked_patches = define_op(ZERO_MASKED_PATCHES_SCHEMA, {"CPU": zero_masked_patches_reference})
+masked_concat = define_op(MASKED_CONCAT_SCHEMA, {"CPU": masked_concat_reference})
+masked_concat_backward = define_op(
+    MASKED_CONCAT_BACKWARD_SCHEMA, {"CPU": masked_concat_backward_reference}
+)
 
 
 @torch.library.register_fake("avkernels::zero_masked_patches")
