@@ -229,18 +229,21 @@ class TrackedBN(nn.BatchNorm2d):
         )
 
     def forward(self, input: Tensor) -> Tensor:
+        # Each parameter and buffer is read once: nn.Module.__getattr__ costs about 1 us a read
+        # here, as much as a small layer's Python overhead budget.
+        weight, bias = self.weight, self.bias
+        running_mean, running_var = self.running_mean, self.running_var
         self._check_input_dim(input)
-        self._check_input(input)
+        self._check_input(input, weight if weight is not None else running_mean)
         # Momentum and running-statistics rules exactly as nn.BatchNorm2d.forward.
         factor = 0.0 if self.momentum is None else self.momentum
-        counting = (
-            self.training and self.track_running_stats and self.num_batches_tracked is not None
-        )
+        num_batches_tracked = self.num_batches_tracked
+        counting = self.training and self.track_running_stats and num_batches_tracked is not None
         if counting:
-            self.num_batches_tracked.add_(1)
+            num_batches_tracked.add_(1)
             if self.abri_enabled:
                 self.abri_num_batches_tracked.add_(1)
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        use_batch_stats = self.training or (running_mean is None and running_var is None)
         # Synced layers check the global batch size instead (inside the sync path).
         synced = self.sync and self.training and sync_enabled(self.process_group)
         if use_batch_stats and not synced:
@@ -251,7 +254,7 @@ class TrackedBN(nn.BatchNorm2d):
                 )
         keep_running = not self.training or self.track_running_stats
         abri_weight, abri_bias, abri_alpha, abri_mean, abri_var = self._abri_tensors()
-        running = [self.running_mean, self.running_var, abri_mean, abri_var]
+        running = [running_mean, running_var, abri_mean, abri_var]
         if not keep_running:
             running = [None] * 4
         cumulative = counting and self.momentum is None
@@ -260,13 +263,13 @@ class TrackedBN(nn.BatchNorm2d):
             # the kernel writes this batch's statistics (momentum 1 on zeros), averaged below with
             # tensor arithmetic (1 / num_batches_tracked as a Python float is a data-dependent
             # scalar that torch.compile(fullgraph=True) cannot pass to the op).
-            batch_stats = [torch.zeros_like(self.running_mean), torch.zeros_like(self.running_var)]
+            batch_stats = [torch.zeros_like(running_mean), torch.zeros_like(running_var)]
             running, factor = batch_stats + [None, None], 1.0
         dead = (self.dead_count, self.dead_sample_count, self.seen) if self.track_dead else (None,) * 3
         args = (
             input,
-            self.weight,
-            self.bias,
+            weight,
+            bias,
             abri_weight,
             abri_bias,
             abri_alpha,
@@ -299,13 +302,13 @@ class TrackedBN(nn.BatchNorm2d):
             mean.lerp_(batch_mean, weight)
             var.lerp_(batch_var, weight)
 
-    def _check_input(self, input: Tensor) -> None:
+    def _check_input(self, input: Tensor, reference: Optional[Tensor]) -> None:
+        """Dtype, channels, and device against ``reference`` (a parameter or buffer)."""
         if not input.is_floating_point():
             raise TypeError(
                 f"TrackedBN expects a floating-point input, got {input.dtype}; "
                 "convert it with input.float()"
             )
-        reference = self.weight if self.weight is not None else self.running_mean
         if reference is not None and input.device != reference.device:
             raise RuntimeError(
                 f"TrackedBN: input is on {input.device} but the layer is on {reference.device}; "
