@@ -15,6 +15,7 @@
 #include <array>
 #include <optional>
 #include <tuple>
+#include <utility>
 
 namespace avkernels::bn {
 namespace {
@@ -48,35 +49,43 @@ const c10::TypedOperatorHandle<BackwardSignature>& backward_op() {
   return op;
 }
 
-// The differentiable arguments after x, in schema order: weight, bias, abri_weight, abri_bias,
-// abri_alpha.
+// Positions in tracked_batch_norm's argument list, which is batch_norm_fwd's.
+constexpr size_t kFirstParameter = 1;  // weight, bias, abri_weight, abri_bias, abri_alpha
 constexpr size_t kParameters = 5;
-// Every argument of tracked_batch_norm: backward returns one gradient slot for each.
-constexpr size_t kArguments = 17;
+constexpr size_t kUseBatchStats = 13;
+constexpr size_t kRelu = 16;
+constexpr size_t kArguments = 17;  // backward returns one gradient slot for each
 
 OptionalTensor optional(const Tensor& t) { return t.defined() ? OptionalTensor(t) : std::nullopt; }
 
+bool requires_grad(const Tensor& t) { return t.requires_grad(); }
+bool requires_grad(const OptionalTensor& t) { return t.has_value() && t->requires_grad(); }
+template <typename T>
+bool requires_grad(const T&) {  // the flags and floats
+  return false;
+}
+
+// x, the parameters (undefined where absent), mean and invstd.
+template <typename Arguments, size_t... I>
+variable_list saved_tensors(const Arguments& arguments, const Tensor& mean, const Tensor& invstd,
+                            std::index_sequence<I...>) {
+  return {std::get<0>(arguments), std::get<kFirstParameter + I>(arguments).value_or(Tensor())...,
+          mean, invstd};
+}
+
 class TrackedBatchNorm : public torch::autograd::Function<TrackedBatchNorm> {
  public:
-  static Tensor forward(AutogradContext* ctx, const Tensor& x, const OptionalTensor& weight,
-                        const OptionalTensor& bias, const OptionalTensor& abri_weight,
-                        const OptionalTensor& abri_bias, const OptionalTensor& abri_alpha,
-                        const OptionalTensor& running_mean, const OptionalTensor& running_var,
-                        const OptionalTensor& abri_running_mean,
-                        const OptionalTensor& abri_running_var, const OptionalTensor& dead_count,
-                        const OptionalTensor& dead_sample_count, const OptionalTensor& seen,
-                        bool use_batch_stats, double momentum, double eps, bool relu) {
+  // args: tracked_batch_norm's arguments.
+  template <typename... Args>
+  static Tensor forward(AutogradContext* ctx, const Args&... args) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    auto [y, mean, invstd] = forward_op().call(
-        x, weight, bias, abri_weight, abri_bias, abri_alpha, running_mean, running_var,
-        abri_running_mean, abri_running_var, dead_count, dead_sample_count, seen,
-        use_batch_stats, momentum, eps, relu);
+    auto [y, mean, invstd] = forward_op().call(args...);
+    const auto arguments = std::forward_as_tuple(args...);
     // Only x, the parameters and (mean, invstd): the ReLU mask is recomputed in backward.
-    ctx->save_for_backward({x, weight.value_or(Tensor()), bias.value_or(Tensor()),
-                            abri_weight.value_or(Tensor()), abri_bias.value_or(Tensor()),
-                            abri_alpha.value_or(Tensor()), mean, invstd});
-    ctx->saved_data["use_batch_stats"] = use_batch_stats;
-    ctx->saved_data["relu"] = relu;
+    ctx->save_for_backward(saved_tensors(arguments, mean, invstd,
+                                         std::make_index_sequence<kParameters>{}));
+    ctx->saved_data["use_batch_stats"] = std::get<kUseBatchStats>(arguments);
+    ctx->saved_data["relu"] = std::get<kRelu>(arguments);
     return y;
   }
 
@@ -96,62 +105,43 @@ class TrackedBatchNorm : public torch::autograd::Function<TrackedBatchNorm> {
                                                          std::get<5>(grads)};
     // An absent parameter has an empty placeholder gradient: it gets none.
     for (size_t i = 0; i < kParameters; ++i) {
-      if (params[i].has_value()) result[1 + i] = param_grads[i];
+      if (params[i].has_value()) result[kFirstParameter + i] = param_grads[i];
     }
     return result;
   }
 };
 
-// Below autograd (inference mode, or tensors that carry no autograd key): the forward alone.
-Tensor tracked_batch_norm_forward(
-    const Tensor& x, const OptionalTensor& weight, const OptionalTensor& bias,
-    const OptionalTensor& abri_weight, const OptionalTensor& abri_bias,
-    const OptionalTensor& abri_alpha, const OptionalTensor& running_mean,
-    const OptionalTensor& running_var, const OptionalTensor& abri_running_mean,
-    const OptionalTensor& abri_running_var, const OptionalTensor& dead_count,
-    const OptionalTensor& dead_sample_count, const OptionalTensor& seen, bool use_batch_stats,
-    double momentum, double eps, bool relu) {
-  return std::get<0>(forward_op().call(x, weight, bias, abri_weight, abri_bias, abri_alpha,
-                                       running_mean, running_var, abri_running_mean,
-                                       abri_running_var, dead_count, dead_sample_count, seen,
-                                       use_batch_stats, momentum, eps, relu));
-}
+// tracked_batch_norm's kernels, for the argument types of batch_norm_fwd's signature.
+template <typename Signature>
+struct Kernels;
 
-Tensor tracked_batch_norm_autograd(
-    const Tensor& x, const OptionalTensor& weight, const OptionalTensor& bias,
-    const OptionalTensor& abri_weight, const OptionalTensor& abri_bias,
-    const OptionalTensor& abri_alpha, const OptionalTensor& running_mean,
-    const OptionalTensor& running_var, const OptionalTensor& abri_running_mean,
-    const OptionalTensor& abri_running_var, const OptionalTensor& dead_count,
-    const OptionalTensor& dead_sample_count, const OptionalTensor& seen, bool use_batch_stats,
-    double momentum, double eps, bool relu) {
-  const auto requires_grad = [](const OptionalTensor& t) {
-    return t.has_value() && t->requires_grad();
-  };
-  if (!at::GradMode::is_enabled() ||
-      !(x.requires_grad() || requires_grad(weight) || requires_grad(bias) ||
-        requires_grad(abri_weight) || requires_grad(abri_bias) || requires_grad(abri_alpha))) {
-    // Nothing to differentiate (inference, frozen layers): skip building an autograd node, a
-    // few microseconds that matter to small eval layers.
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return tracked_batch_norm_forward(x, weight, bias, abri_weight, abri_bias, abri_alpha,
-                                      running_mean, running_var, abri_running_mean,
-                                      abri_running_var, dead_count, dead_sample_count, seen,
-                                      use_batch_stats, momentum, eps, relu);
+template <typename Result, typename... Args>
+struct Kernels<Result(Args...)> {
+  static_assert(sizeof...(Args) == kArguments);
+
+  // Below autograd (inference mode, or tensors that carry no autograd key): the forward alone.
+  static Tensor forward(Args... args) { return std::get<0>(forward_op().call(args...)); }
+
+  static Tensor autograd(Args... args) {
+    if (!at::GradMode::is_enabled() || !(requires_grad(args) || ...)) {
+      // Nothing to differentiate (inference, frozen layers): skip building an autograd node, a
+      // few microseconds that matter to small eval layers.
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      return forward(args...);
+    }
+    return TrackedBatchNorm::apply(args...);
   }
-  return TrackedBatchNorm::apply(x, weight, bias, abri_weight, abri_bias, abri_alpha,
-                                 running_mean, running_var, abri_running_mean, abri_running_var,
-                                 dead_count, dead_sample_count, seen, use_batch_stats, momentum,
-                                 eps, relu);
-}
+};
+
+using TrackedBatchNormKernels = Kernels<ForwardSignature>;
 
 }  // namespace
 }  // namespace avkernels::bn
 
 TORCH_LIBRARY_IMPL(avkernels, Autograd, m) {
-  m.impl("tracked_batch_norm", &avkernels::bn::tracked_batch_norm_autograd);
+  m.impl("tracked_batch_norm", &avkernels::bn::TrackedBatchNormKernels::autograd);
 }
 
 TORCH_LIBRARY_IMPL(avkernels, CompositeExplicitAutograd, m) {
-  m.impl("tracked_batch_norm", &avkernels::bn::tracked_batch_norm_forward);
+  m.impl("tracked_batch_norm", &avkernels::bn::TrackedBatchNormKernels::forward);
 }
