@@ -95,7 +95,8 @@ class TrackedBatchNorm : public torch::autograd::Function<TrackedBatchNorm> {
     std::array<OptionalTensor, kParameters> params;
     for (size_t i = 0; i < kParameters; ++i) params[i] = optional(saved[1 + i]);
     auto grads = backward_op().call(grad_outputs[0], x, params[0], params[1], params[2],
-                                    params[3], params[4], saved[6], saved[7],
+                                    params[3], params[4], saved[1 + kParameters],
+                                    saved[2 + kParameters],
                                     ctx->saved_data["use_batch_stats"].toBool(),
                                     ctx->saved_data["relu"].toBool());
     variable_list result(kArguments);

@@ -259,11 +259,6 @@ AUTOGRAD_CASES = [
 ]
 
 
-def _python_autograd(x, weight, bias, abri_weight, abri_bias, abri_alpha, *state):
-    return bn_ops.TrackedBNFunction.apply(x, weight, bias, abri_weight, abri_bias, abri_alpha,
-                                          state)
-
-
 @pytest.mark.parametrize("autograd", ["op", "python"])
 @pytest.mark.parametrize("frozen_input", [False, True], ids=["", "frozen_input"])
 @pytest.mark.parametrize("case", AUTOGRAD_CASES, ids=str)
@@ -272,7 +267,8 @@ def test_autograd_runs_the_op_pair(backend, case, frozen_input, autograd):
     autograd without the extension) gives exactly the op pair's outputs, gradients, running
     statistics and counts, and no gradient to absent parameters; also when only the
     parameters take gradients (the first layer)."""
-    tracked = tracked_batch_norm if autograd == "op" else _python_autograd
+    tracked = {"op": tracked_batch_norm, "python": bn_ops.tracked_batch_norm_python_autograd}[
+        autograd]
     inputs = make_inputs(case, device=backend.device)
     with backend.active():
         expected = run_op_pair(backend.forward, backend.backward, clone_inputs(inputs))

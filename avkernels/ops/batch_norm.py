@@ -337,7 +337,9 @@ class TrackedBNFunction(torch.autograd.Function):
         return (grad_x, *(None if p is None else g for p, g in zip(params, param_grads)), None)
 
 
-def _tracked_batch_norm_autograd(x, weight, bias, abri_weight, abri_bias, abri_alpha, *state):
+def tracked_batch_norm_python_autograd(x, weight, bias, abri_weight, abri_bias, abri_alpha,
+                                       *state):
+    """``tracked_batch_norm``'s Autograd kernel without the extension: ``TrackedBNFunction``."""
     return TrackedBNFunction.apply(x, weight, bias, abri_weight, abri_bias, abri_alpha, state)
 
 
@@ -347,7 +349,7 @@ def _tracked_batch_norm_forward(*args):
 
 # The functional form of TrackedBN: batch_norm_fwd's arguments, its output y, differentiable.
 tracked_batch_norm = define_op(TRACKED_SCHEMA, {
-    "Autograd": _tracked_batch_norm_autograd,
+    "Autograd": tracked_batch_norm_python_autograd,
     # Below autograd (inference mode): the forward alone.
     "CompositeExplicitAutograd": _tracked_batch_norm_forward,
 })
