@@ -50,7 +50,7 @@ class Timing:
 
 @dataclass(frozen=True)
 class InterleavedRatio:
-    """A candidate/baseline ratio timed interleaved (A B B A rounds), see ``conftest.py``."""
+    """A candidate/baseline ratio timed interleaved (see ``conftest.py``)."""
 
     ratio: float  # median candidate round / median baseline round
     rounds: int  # rounds of each side
@@ -147,7 +147,7 @@ def markdown(rows: list[dict]) -> str:
             cells.append(f"{_format_percent(row['candidate_roofline'])} / "
                          f"{_format_percent(row['baseline_roofline'])}")
         lines.append("| " + " | ".join(cells) + " |")
-    legend = ("\u2020 timed interleaved with its baseline (A B B A rounds); other ratios "
+    legend = ("\u2020 timed interleaved with its baseline (each timed round after an untimed one of the same step); other ratios "
               "compare separate runs.\n\n") if any(row["timing"] == "interleaved"
                                                    for row in rows) else ""
     return "\n".join(lines) + "\n\n" + legend + target_summary(rows) + "\n"
