@@ -73,8 +73,11 @@ def convert(module: nn.Module, **kwargs) -> nn.Module:
 def revert(module: nn.Module) -> nn.Module:
     """Turn every :class:`TrackedBN` of ``module`` back into ``nn.BatchNorm2d``; return the root.
 
-    Raises ``ValueError`` for layers a plain BatchNorm2d cannot represent: a fused activation
-    or (for ABRi) a second BN, which ``avkernels.abri.fold`` merges instead.
+    A layer with ``sync=True`` becomes ``nn.SyncBatchNorm`` with the same ``process_group``,
+    so the model keeps normalising with the statistics of the whole distributed batch (PyTorch's
+    SyncBatchNorm synchronises CUDA tensors only). Raises ``ValueError`` for layers a plain
+    BatchNorm2d cannot represent: a fused activation or (for ABRi) a second BN, which
+    ``avkernels.abri.fold`` merges instead.
     """
     if isinstance(module, TrackedBN):
         if module.activation is not None:
@@ -92,14 +95,12 @@ def revert(module: nn.Module) -> nn.Module:
                 "cannot revert an ABRi layer to one nn.BatchNorm2d; use avkernels.abri.fold(model)"
             )
         reference = module.weight if module.affine else module.running_mean
-        plain = nn.BatchNorm2d(
-            module.num_features,
-            module.eps,
-            module.momentum,
-            module.affine,
-            module.track_running_stats,
-            device=None if reference is None else reference.device,
-        )
+        settings = dict(num_features=module.num_features, eps=module.eps,
+                        momentum=module.momentum, affine=module.affine,
+                        track_running_stats=module.track_running_stats,
+                        device=None if reference is None else reference.device)
+        plain = (nn.SyncBatchNorm(process_group=module.process_group, **settings) if module.sync
+                 else nn.BatchNorm2d(**settings))
         return _move_state(module, plain)
     for name, child in module.named_children():
         reverted = revert(child)

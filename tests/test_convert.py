@@ -122,6 +122,25 @@ def test_revert_reuses_objects_and_keeps_configuration():
                                        plain.running_var, plain.num_batches_tracked)]
 
 
+def test_revert_keeps_synchronisation():
+    group = object()  # revert passes the group through untouched, as SyncBatchNorm stores it
+    model = nn.Sequential(TrackedBN(4, eps=1e-3, momentum=None), TrackedBN(4, sync=True))
+    model[1].process_group = group  # set directly: TrackedBN checks it is a real group
+    objects = [id(t) for t in (model[1].weight, model[1].running_mean)]
+    reverted = revert(model)
+    assert type(reverted[0]) is nn.BatchNorm2d
+    synced = reverted[1]
+    assert type(synced) is nn.SyncBatchNorm and synced.process_group is group
+    assert (synced.eps, synced.momentum, synced.affine, synced.track_running_stats) == (
+        1e-5, 0.1, True, True)
+    assert objects == [id(t) for t in (synced.weight, synced.running_mean)]
+    x = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(0))
+    expected = nn.BatchNorm2d(4)
+    expected.load_state_dict(synced.state_dict())
+    # Not distributed: SyncBatchNorm normalises locally, as BatchNorm2d does.
+    assert torch.equal(synced(x), expected(x))
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"activation": "relu"}, r"cannot revert a TrackedBN with activation='relu'"),
     ({"bias": False}, r"cannot revert a TrackedBN built with bias=False"),
