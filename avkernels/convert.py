@@ -99,9 +99,9 @@ def revert(module: nn.Module) -> nn.Module:
                         momentum=module.momentum, affine=module.affine,
                         track_running_stats=module.track_running_stats,
                         device=None if reference is None else reference.device)
-        plain = (nn.SyncBatchNorm(process_group=module.process_group, **settings) if module.sync
+        layer = (nn.SyncBatchNorm(process_group=module.process_group, **settings) if module.sync
                  else nn.BatchNorm2d(**settings))
-        return _move_state(module, plain)
+        return _move_state(module, layer)
     for name, child in module.named_children():
         reverted = revert(child)
         if reverted is not child:
