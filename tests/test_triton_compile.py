@@ -8,7 +8,8 @@ needed. So this module, run as a script in a process without ``TRITON_INTERPRET`
 ``@triton.jit`` decorator reads it at import), calls the real launchers over a grid of inputs and
 flags (dtypes, memory formats, shapes, every mode of the batch-norm op pair, the masking ops)
 with a stand-in driver that reports the target GPU, records each distinct kernel specialization
-instead of launching it, and compiles it for ``sm_90`` (H100/H200). The tests then check:
+instead of launching it, and compiles it for ``sm_90`` (H100/H200; with ``-m slow`` also for
+``sm_80`` (A100) and ``sm_89`` (L4, RTX 40xx)). The tests then check:
 
 * every specialization compiles;
 * every kernel the launchers can launch was compiled at least once;
@@ -35,16 +36,17 @@ from pathlib import Path
 
 import pytest
 
-ARCH = 90  # sm_90: H100 and H200
-SM_COUNT = 132  # H100 SXM
+# Compute capability: (SM count that sizes the grids, the most shared memory a block can have).
+TARGETS = {90: (132, 227 * 1024),  # H100 SXM; H200
+           80: (108, 163 * 1024),  # A100
+           89: (58, 99 * 1024)}  # L4
 MAX_REGISTERS = 128  # what batch_norm_triton's 1024-element tiles on 4 warps aim for
-MAX_SHARED_BYTES = 227 * 1024  # the most shared memory a block can have on sm_90
 COMPILE_TIMEOUT_S = 900
 
 # --- the script (runs in the subprocess) ---------------------------------------------------------
 
 
-def _record_launches(shard: int, shards: int) -> dict:
+def _record_launches(arch: int, shard: int, shards: int) -> dict:
     """Compiles every specialization that launches[shard::shards] ask for (see the docstring)."""
     import torch
     import triton
@@ -55,7 +57,7 @@ def _record_launches(shard: int, shards: int) -> dict:
 
     from avkernels.ops import batch_norm_triton, masking_triton
 
-    target = GPUTarget("cuda", ARCH, 32)
+    target = GPUTarget("cuda", arch, 32)
     tools = _nvidia_tools(triton)
     records: dict[str, dict] = {}
     launch = ""  # the launch being made, named in its records
@@ -94,7 +96,7 @@ def _record_launches(shard: int, shards: int) -> dict:
     driver.set_active(CompileOnlyDriver())
     knobs.runtime.jit_cache_hook = compile_instead_of_launch
     batch_norm_triton._target_programs = (
-        lambda device: batch_norm_triton._PROGRAMS_PER_SM * SM_COUNT)
+        lambda device: batch_norm_triton._PROGRAMS_PER_SM * TARGETS[arch][0])
     for launch, make in _launches(torch, batch_norm_triton, masking_triton)[shard::shards]:
         make()
     launchable = sorted(
@@ -238,15 +240,17 @@ def _masking_launches(torch, kernels, dtype) -> None:
 
 
 def main() -> None:
-    shard, shards = map(int, sys.argv[1:3])
-    json.dump(_record_launches(shard, shards), sys.stdout)
+    arch, shard, shards = map(int, sys.argv[1:4])
+    json.dump(_record_launches(arch, shard, shards), sys.stdout)
 
 
 # --- the tests ----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def compiled() -> dict:
+@pytest.fixture(scope="module", params=[
+    90, pytest.param(80, marks=pytest.mark.slow), pytest.param(89, marks=pytest.mark.slow)],
+    ids=lambda arch: f"sm_{arch}")
+def compiled(request) -> dict:
     """The records of every shard's subprocess (compiling is single-threaded: one per core)."""
     tools = _nvidia_tools(pytest.importorskip("triton"))
     missing = [tool for tool in ("ptxas", "cuobjdump") if not (tools / tool).exists()]
@@ -257,14 +261,16 @@ def compiled() -> dict:
     environment["PYTHONPATH"] = os.pathsep.join(
         filter(None, (str(root), environment.get("PYTHONPATH"))))
     shards = max(1, min(4, os.cpu_count() or 1))
-    runs = [subprocess.Popen([sys.executable, __file__, str(shard), str(shards)], env=environment,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    arch = request.param
+    runs = [subprocess.Popen([sys.executable, __file__, str(arch), str(shard), str(shards)],
+                             env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
             for shard in range(shards)]
     results = [run.communicate(timeout=COMPILE_TIMEOUT_S) for run in runs]
     for run, (_, stderr) in zip(runs, results):
         assert run.returncode == 0, f"the compile script failed:\n{stderr[-4000:]}"
     outputs = [json.loads(stdout) for stdout, _ in results]
-    return {"records": [r for output in outputs for r in output["records"]],
+    return {"arch": arch, "records": [r for output in outputs for r in output["records"]],
             "launchable": outputs[0]["launchable"]}
 
 
@@ -273,7 +279,7 @@ def _describe(record: dict) -> str:
     return f"{record['kernel']}({constants}) from {record['launch']}"
 
 
-def test_every_specialization_compiles_for_sm90(compiled):
+def test_every_specialization_compiles(compiled):
     failures = [f"{_describe(r)}: {r['error']}" for r in compiled["records"] if r["error"]]
     assert not failures, f"{len(failures)} of {len(compiled['records'])} did not compile:\n" + \
         "\n\n".join(failures[:5])
@@ -295,8 +301,8 @@ def test_no_spills_and_resources_fit(compiled):
     heavy = [f"{_describe(r)}: {r['registers']} registers" for r in built
              if r["registers"] > MAX_REGISTERS and r["x_type"] != "*fp64"]
     assert not heavy, f"more than {MAX_REGISTERS} registers per thread:\n" + "\n".join(heavy[:5])
-    too_much = [_describe(r) for r in built if r["shared"] > MAX_SHARED_BYTES]
-    assert not too_much, "more shared memory than an sm_90 block can have:\n" + \
+    too_much = [_describe(r) for r in built if r["shared"] > TARGETS[compiled["arch"]][1]]
+    assert not too_much, f"more shared memory than an sm_{compiled['arch']} block can have:\n" + \
         "\n".join(too_much[:5])
 
 
