@@ -22,6 +22,7 @@ import dataclasses
 import importlib
 import os
 import warnings
+from pathlib import Path
 from typing import Callable, Optional
 
 import pytest
@@ -36,6 +37,20 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 LOW_PRECISION_SHAPE = (4, 3, 8, 8)  # enough values that PyTorch's max error is a stable yardstick
 
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+
+def script_environment(**changes: Optional[str]) -> dict[str, str]:
+    """The environment for a test module run as a script in a subprocess: this one, with the
+    repository root on PYTHONPATH and ``changes`` applied (None removes a variable)."""
+    environment = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[1])
+    environment["PYTHONPATH"] = os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH"))))
+    for name, value in changes.items():
+        if value is None:
+            environment.pop(name, None)
+        else:
+            environment[name] = value
+    return environment
 
 
 # --- backends -----------------------------------------------------------------------------------

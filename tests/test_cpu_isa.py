@@ -12,7 +12,6 @@ process's build against PyTorch. A build the CPU cannot run is skipped with the 
 from __future__ import annotations
 
 import itertools
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ import pytest
 import torch
 
 import avkernels
+from conftest import script_environment
 
 # (N, C, H, W): channel counts below, at and between vector widths, a 1x1 map (rows layout
 # either way), odd planes, and a sample split into several runs.
@@ -91,27 +91,25 @@ def main(inputs: str, outputs: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def cases_and_expected(tmp_path_factory) -> tuple[Path, list]:
+def cases_and_expected(tmp_path_factory) -> tuple[Path, list[dict], list]:
+    """The saved inputs' folder, the cases, and this process's outputs for them."""
     if not avkernels.HAS_EXTENSION:
         pytest.skip("avkernels._C is not built: there are no instruction-set builds to compare")
     folder = tmp_path_factory.mktemp("isa")
     cases = _inputs()
     torch.save(cases, folder / "inputs.pt")
-    return folder, _outputs(cases)
+    return folder, cases, _outputs(cases)
 
 
 @pytest.mark.parametrize("capability", CAPABILITIES)
 def test_build_matches_this_process_bit_for_bit(cases_and_expected, capability):
-    folder, expected = cases_and_expected
+    folder, cases, expected = cases_and_expected
     if capability == "avx2" and not torch.backends.cpu.get_cpu_capability().startswith("AVX"):
         pytest.skip(f"this CPU runs ATen's {torch.backends.cpu.get_cpu_capability()} build")
-    root = Path(__file__).resolve().parents[1]
-    environment = dict(os.environ, ATEN_CPU_CAPABILITY=capability,
-                       PYTHONPATH=os.pathsep.join(filter(None, (str(root),
-                                                               os.environ.get("PYTHONPATH")))))
     outputs = folder / f"outputs_{capability}.pt"
     run = subprocess.run([sys.executable, __file__, str(folder / "inputs.pt"), str(outputs)],
-                         env=environment, capture_output=True, text=True, timeout=600)
+                         env=script_environment(ATEN_CPU_CAPABILITY=capability),
+                         capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
     result = torch.load(outputs)
     assert result["capability"] == capability.upper(), (
@@ -122,7 +120,7 @@ def test_build_matches_this_process_bit_for_bit(cases_and_expected, capability):
         f"case {index} ({tuple(case['x'].shape)} {case['x'].dtype}, channels_last="
         f"{case['x'].is_contiguous(memory_format=torch.channels_last)}, train={case['train']}, "
         f"relu={case['relu']}, abri={case['abri'] is not None}): {name}"
-        for index, (case, mine, theirs) in enumerate(zip(_inputs(), expected, result["outputs"]))
+        for index, (case, mine, theirs) in enumerate(zip(cases, expected, result["outputs"]))
         for name, a, b in zip(OUTPUTS, mine, theirs)
         if not (a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b))]
     assert not mismatches, f"{len(mismatches)} outputs differ:\n" + "\n".join(mismatches[:10])

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import script_environment
+
 # Compute capability: (SM count that sizes the grids, the most shared memory a block can have).
 TARGETS = {90: (132, 227 * 1024),  # H100 SXM; H200
            80: (108, 163 * 1024),  # A100
@@ -78,7 +80,7 @@ def _record_launches(arch: int, shard: int, shards: int) -> dict:
         return True  # handled: JITFunction.run returns without launching
 
     def _compile(function: JITFunction, spec: dict) -> dict:
-        record = {"kernel": function.__name__, "launch": launch, "num_warps": spec["num_warps"],
+        record = {"kernel": function.__name__, "launch": launch,
                   "constants": {function.arg_names[index]: str(value)
                                 for (index, *_), value in spec["constants"].items()},
                   "x_type": next(iter(spec["signature"].values()))}
@@ -121,12 +123,12 @@ def _resources(cubin: bytes, tools: Path) -> dict:
         file.flush()
         usage = _run([tools / "cuobjdump", "-res-usage", file.name])
         sass = _run([tools / "cuobjdump", "-sass", file.name])
-    fields = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage))
+    fields = dict(re.findall(r"\b(REG|SHARED|LOCAL):(\d+)", usage))
     widths = {op: sorted({int(bits or 32) for bits in re.findall(
         rf"\b{op}\.E(?:\.[A-Z]+)*?(?:\.(64|128))?(?:\.[A-Z]+)*\s", sass)})
         for op in ("LDG", "STG")}
-    return {"registers": int(fields["REG"]), "stack": int(fields["STACK"]),
-            "local": int(fields["LOCAL"]), "shared": int(fields["SHARED"]),
+    return {"registers": int(fields["REG"]), "local": int(fields["LOCAL"]),
+            "shared": int(fields["SHARED"]),
             "load_bits": widths["LDG"], "store_bits": widths["STG"]}
 
 
@@ -256,10 +258,7 @@ def compiled(request) -> dict:
     missing = [tool for tool in ("ptxas", "cuobjdump") if not (tools / tool).exists()]
     if missing:
         pytest.skip(f"this triton install has no {' or '.join(missing)} in {tools}")
-    environment = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parents[1]
-    environment["PYTHONPATH"] = os.pathsep.join(
-        filter(None, (str(root), environment.get("PYTHONPATH"))))
+    environment = script_environment(TRITON_INTERPRET=None)
     shards = max(1, min(4, os.cpu_count() or 1))
     arch = request.param
     runs = [subprocess.Popen([sys.executable, __file__, str(arch), str(shard), str(shards)],
