@@ -6,17 +6,23 @@ TORCH_LIBRARY); the Triton GPU kernels are plain Python and need no build step.
 
 import glob
 import os
+import re
 
 from setuptools import find_packages, setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# The version is written once, in avkernels/_version.py.
+VERSION = re.search(r'__version__ = "([^"]+)"',
+                    open(os.path.join(HERE, "avkernels", "_version.py"), encoding="utf-8").read())[1]
 
 extension = CppExtension(
     "avkernels._C",
-    sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, "csrc", "*.cpp"))),
+    sorted(os.path.relpath(p, HERE)
+           for p in glob.glob(os.path.join(HERE, "csrc", "**", "*.cpp"), recursive=True)),
     # Headers the sources include: rebuild when they change, ship them in the sdist.
-    depends=sorted(os.path.relpath(p, HERE) for p in glob.glob(os.path.join(HERE, "csrc", "*.h"))),
+    depends=sorted(os.path.relpath(p, HERE)
+                   for p in glob.glob(os.path.join(HERE, "csrc", "**", "*.h"), recursive=True)),
     # -ffp-contract=off: no fused multiply-add contraction, so x * scale + shift rounds as in
     # PyTorch and the ReLU mask / dead counts match the reference exactly.
     # -Wno-psabi: the kernels' 64-byte vector types only cross inlined calls.
@@ -27,7 +33,7 @@ extension = CppExtension(
 
 setup(
     name="avkernels",
-    version="0.1.0",
+    version=VERSION,
     description="Fused kernels for audio-visual learning with pre-trained encoders: "
     "dead-channel tracking BatchNorm, ABRi and Fusion Tuning",
     long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read()
@@ -50,6 +56,6 @@ setup(
         ],
         "test": ["pytest", "pytest-benchmark", "torchvision", "matplotlib", "expecttest"],
     },
-    entry_points={"console_scripts": ["avkernels = avkernels.cli:main"]},
+    entry_points={"console_scripts": ["avkernels = avkernels.app.cli:main"]},
     license="MIT",
 )

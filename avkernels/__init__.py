@@ -1,25 +1,23 @@
-"""avkernels: fused kernels for audio-visual learning with pre-trained encoders.
+"""avkernels: fused kernels for audio-visual learning with pre-trained encoders (the library).
 
 ``TrackedBN`` is a drop-in ``nn.BatchNorm2d`` that counts dead channels inside its kernel;
-``convert``/``revert`` swap it into and out of a model; ``abri`` repairs dead channels with
-ABRi (a mode of TrackedBN) and ``diagnose`` reports them; ``fust`` (confidences, mask policy),
-``mask_patches`` and ``MaskedConcatFusion`` implement two-stage Fusion Tuning; ``models`` (the
-audio-visual ResNet classifier, encoder loading) and ``train`` (the resumable FusT/baseline
-training loop) put them together; ``distributed`` synchronises TrackedBN across processes and
-wraps models in DDP (``wrap_ddp``).
+``convert``/``revert`` swap it into and out of a model; :mod:`avkernels.functional` has the
+kernels as functions; :mod:`avkernels.abri` repairs dead channels with ABRi (a mode of TrackedBN)
+and :func:`diagnose` reports them; :mod:`avkernels.fust` (confidences, mask policy),
+:func:`mask_patches` and :class:`MaskedConcatFusion` implement two-stage Fusion Tuning;
+:mod:`avkernels.distributed` synchronises TrackedBN across processes and wraps models in DDP.
+
+The research application built on this library (data, models, trainer, demo, CLI) lives in
+:mod:`avkernels.app`, which ``import avkernels`` does not load.
 """
 
+from avkernels import abri, distributed, functional, fust
 from avkernels._extension import HAS_EXTENSION
+from avkernels._version import __version__
 from avkernels.convert import convert, revert
-from avkernels.modules import TrackedBN
-from avkernels import abri, distributed
 from avkernels.diagnosis import DiagnosisReport, diagnose
-from avkernels import fust
-from avkernels.fusion import FusionOutput, MaskedConcatFusion
-from avkernels.ops.masking import mask_patches
-from avkernels import models, train  # cheap: torchvision is imported only when a model needs it
-
-__version__ = "0.1.0"
+from avkernels.functional import mask_patches
+from avkernels.nn import FusionOutput, MaskedConcatFusion, TrackedBN
 
 __all__ = [
     "HAS_EXTENSION",
@@ -27,14 +25,13 @@ __all__ = [
     "FusionOutput",
     "MaskedConcatFusion",
     "TrackedBN",
+    "__version__",
     "abri",
     "convert",
     "diagnose",
     "distributed",
+    "functional",
     "fust",
     "mask_patches",
-    "models",
     "revert",
-    "train",
-    "__version__",
 ]

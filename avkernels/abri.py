@@ -1,6 +1,6 @@
 """ABRi (Adaptive BatchNorm Re-initialization) for whole models, and the official baselines.
 
-ABRi is a mode of :class:`~avkernels.modules.TrackedBN` (:meth:`TrackedBN.enable_abri`): one
+ABRi is a mode of :class:`~avkernels.nn.tracked_bn.TrackedBN` (:meth:`TrackedBN.enable_abri`): one
 kernel computes ``a * BN_orig(x) + (1 - a) * BN_new(x)`` at the cost of one BN. This module:
 
 * :func:`apply` turns every BN of a model (or only the layers a diagnosis flags) into ABRi;
@@ -20,10 +20,11 @@ from typing import Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
-from avkernels.checkpoints import shorten_keys
+from avkernels._text import shorten_keys
 from avkernels.convert import convert
-from avkernels.modules import TrackedBN
-from avkernels.ops.batch_norm import effective_affine
+from avkernels.diagnosis import diagnose
+from avkernels.nn.tracked_bn import TrackedBN
+from avkernels.ops.batch_norm.reference import effective_affine
 
 # Official name of each of our ABRi tensors, relative to the added BN module.
 _ADDED_BN_FIELDS = {
@@ -63,8 +64,6 @@ def apply(
     """
     flagged = None
     if only_dead:
-        from avkernels.diagnosis import diagnose
-
         report = diagnose(model, **diagnose_kwargs)
         flagged = {layer.name for layer in report.layers if layer.flagged}
     model = convert(model)
@@ -81,7 +80,7 @@ def fold(model: nn.Module) -> nn.Module:
     """Replace every ABRi layer of ``model`` by an ``nn.BatchNorm2d`` with the same eval output.
 
     The folded layer holds the single per-channel affine of ABRi in eval (``scale``, ``shift``,
-    SPEC section 2) as ``running_mean = 0``, ``running_var = 1``,
+    docs/DESIGN.md, "ABRi as one BatchNorm") as ``running_mean = 0``, ``running_var = 1``,
     ``weight = scale * sqrt(1 + eps)``, ``bias = shift``: for export and inference, not for
     further training (its batch-statistics output differs). Returns the (possibly new) root.
     """

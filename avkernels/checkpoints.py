@@ -14,32 +14,15 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
+from avkernels import abri
+from avkernels._text import KEYS_SHOWN, first_line, one_line, shorten_keys
+
 BLOCKS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
 _WRAPPER_KEYS = ("model", "state_dict")
-_KEYS_SHOWN = 5
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model: a one-line message."""
-
-
-def shorten_keys(keys: Iterable[str], separator: str = ", ") -> str:
-    """The first few keys, and how many more there are."""
-    keys = list(keys)
-    extra = f" (+{len(keys) - _KEYS_SHOWN} more)" if len(keys) > _KEYS_SHOWN else ""
-    return separator.join(keys[:_KEYS_SHOWN]) + extra
-
-
-def first_line(error: BaseException) -> str:
-    """``Type: first line of the message`` of an exception."""
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
-
-
-def one_line(message: Any, limit: int = 400) -> str:
-    """``message`` on one line, cut to ``limit`` characters."""
-    text = " ".join(str(message).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -79,7 +62,7 @@ def _is_state_dict(content: Any) -> bool:
 
 def describe(content: Any) -> str:
     if isinstance(content, dict):
-        keys = list(content)[:_KEYS_SHOWN]
+        keys = list(content)[:KEYS_SHOWN]
         return f"a dict with keys {keys}" if keys else "an empty dict"
     return f"a {type(content).__name__}"
 
@@ -164,13 +147,11 @@ def build_resnet(
             f"torchvision is needed to build the ResNet ({error}); "
             "install it with `pip install 'avkernels[av]'`"
         ) from None
-    from avkernels import abri
-
     detected = detect_arch(state_dict)
     if detected is None:
         raise CheckpointError(
             "the checkpoint's keys are not those of a ResNet-18 or ResNet-34 "
-            f"(first keys: {', '.join(list(state_dict)[:_KEYS_SHOWN])})"
+            f"(first keys: {', '.join(list(state_dict)[:KEYS_SHOWN])})"
         )
     if arch is not None and arch != detected:
         raise CheckpointError(

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from avkernels.distributed import check_process_group
-from avkernels.modules import TrackedBN
+from avkernels.ops.batch_norm.sync import check_process_group
+from avkernels.nn.tracked_bn import TrackedBN
 
 _SHARED_STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 # TrackedBN options convert() may set; the BatchNorm2d settings come from each converted layer.
@@ -90,7 +90,7 @@ def revert(module: nn.Module) -> nn.Module:
             raise ValueError(
                 "cannot revert a TrackedBN built with bias=False: nn.BatchNorm2d always has a bias"
             )
-        if module._abri_tensors()[2] is not None:
+        if module.abri_enabled:
             raise ValueError(
                 "cannot revert an ABRi layer to one nn.BatchNorm2d; use avkernels.abri.fold(model)"
             )

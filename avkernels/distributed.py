@@ -1,65 +1,89 @@
-"""TrackedBN across processes: synchronized batch statistics and DDP helpers.
+"""TrackedBN across processes: the process-rank helper, DDP wrapping and dead-counter reduction.
 
-Synchronized TrackedBN (``TrackedBN(..., sync=True)``, :func:`sync_tracked_batch_norm`) follows
-the protocol of ``nn.SyncBatchNorm``: in a training forward every rank computes per-channel
-``(count, mean, M2)`` of its own batch, the ranks all-gather them, and each merges them into the
-statistics of the global batch; in backward the two per-channel sums ``S1 = sum(dy)`` and
-``S2 = sum(dy * xhat)`` are all-reduced so that ``dx`` is the gradient of the global-batch BN.
-Design choices:
-
-* The gathered statistics are one float64 vector ``[count, mean (C), M2 (C)]`` per rank: counts
-  stay exact past 2**24 elements and the merge adds no rounding worth a thought, whatever the
-  input dtype. It is the parallel-variance (Chan) decomposition evaluated with the global mean,
-  ``mean = sum(n_r mean_r) / n``, ``M2 = sum(M2_r + n_r (mean_r - mean)**2)``, summed over ranks
-  in rank order, so every rank gets bitwise the same result. Ranks may hold different batch
-  sizes, zero included.
-* Normalisation, fused ReLU and dead counting reuse the forward op ``batch_norm_fwd`` (C++ on
-  CPU, Triton on CUDA) in its running-statistics mode, fed the global ``(mean, biased var)`` as
-  the running set (both sets for ABRi, whose two BNs share the batch statistics). The running
-  statistics are updated here with the global unbiased variance, exactly as the op would
-  (``momentum=None`` works through TrackedBN's cumulative average, as in the local path).
-* Dead counts of the batch go to zeroed temporaries and are all-reduced (one int64 collective)
-  before being added to the buffers: after a synced training forward every rank holds the same,
-  global counts, so ``dead_fraction()`` needs no communication.
-* Backward reuses the reference's reductions (:func:`avkernels.ops.batch_norm.grad_sums`), all-
-  reduces ``(S1, S2)`` in one collective and applies the batch-statistics ``dx`` formula with the
-  global element count. Parameter gradients come from the local sums: DDP averages parameter
-  gradients over ranks itself, as with ``nn.SyncBatchNorm``.
-* Three collectives per layer and training step (stats, counts, gradient sums), two without
-  dead counting. Eval forwards never communicate. The sync path is not written for
-  ``torch.compile``.
-
-DDP helpers: :func:`wrap_ddp` wraps a model in ``DistributedDataParallel`` without letting DDP's
-buffer broadcast (rank 0's buffers copied to every rank before each forward) overwrite the dead
-counters; :func:`all_reduce_dead_stats` sums the per-rank counters of unsynced layers over the
-ranks.
+Synchronised TrackedBN (``TrackedBN(..., sync=True)``) lives with its op,
+:mod:`avkernels.ops.batch_norm.sync`. Here: :class:`Ranks` (this process's place among the
+training processes, with the few collectives the training loop needs), :func:`wrap_ddp` wraps a
+model in ``DistributedDataParallel`` without letting DDP's buffer broadcast (rank 0's buffers
+copied to every rank before each forward) overwrite the dead counters, and
+:func:`all_reduce_dead_stats` sums the per-rank counters of unsynced layers over the ranks.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from avkernels.ops.batch_norm import (
-    accumulation_dtype,
-    batch_norm_fwd,
-    batch_stats_grad_input,
-    grad_sums,
-    output_memory_format,
-    parameter_grads,
-    update_running_stats,
-)
+from avkernels.nn.tracked_bn import TrackedBN
 
 # TrackedBN's dead-channel counters (non-persistent int64 buffers), kept out of DDP's broadcast.
 DEAD_COUNTERS = ("dead_count", "dead_sample_count", "seen")
 
 
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the training processes: ``rank`` of ``world_size``.
+
+    :meth:`current` reads the initialised default ``torch.distributed`` group, else one process
+    (0 of 1), for which every method is local and free. :meth:`gather`, :meth:`any`,
+    :meth:`barrier` and :meth:`broadcast_float_buffers` are collectives: every rank calls them
+    at the same point.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+
+    @classmethod
+    def current(cls) -> "Ranks":
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size())
+        return cls()
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0, the one that writes files and shows progress."""
+        return self.rank == 0
+
+    def shard(self, size: int) -> range:
+        """This rank's contiguous share of ``range(size)``: the shares differ by at most one,
+        the first ranks take the larger ones, and in rank order they make up the range."""
+        base, extra = divmod(size, self.world_size)
+        start = self.rank * base + min(self.rank, extra)
+        return range(start, start + base + (self.rank < extra))
+
+    def gather(self, value) -> list:
+        """Every rank's ``value`` (picklable, tensors on the CPU), in rank order, on every rank."""
+        if self.world_size == 1:
+            return [value]
+        values = [None] * self.world_size
+        dist.all_gather_object(values, value)
+        return values
+
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` is set on some rank (so that all ranks take the same branch)."""
+        return flag if self.world_size == 1 else any(self.gather(bool(flag)))
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    @torch.no_grad()
+    def broadcast_float_buffers(self, module: nn.Module) -> None:
+        """Rank 0's floating-point buffers (BN running statistics) on every rank, as DDP's
+        ``broadcast_buffers`` does before each training forward; integer buffers (the per-rank
+        dead counters) are left alone."""
+        if self.world_size > 1:
+            for buffer in module.buffers():
+                if buffer.is_floating_point():
+                    dist.broadcast(buffer, 0)
+
+
 def _tracked_layers(model: nn.Module):
     """``(qualified name, layer)`` of every TrackedBN in ``model``."""
-    from avkernels.modules import TrackedBN  # avkernels.modules imports this module
+    from avkernels.nn.tracked_bn import TrackedBN  # avkernels.nn.tracked_bn imports this module
 
     return [(name, m) for name, m in model.named_modules() if isinstance(m, TrackedBN)]
 
@@ -119,123 +143,3 @@ def all_reduce_dead_stats(model: nn.Module, group: Optional[dist.ProcessGroup] =
     dist.all_reduce(flat, group=group)
     for counter, total in zip(counters, flat.split([c.numel() for c in counters])):
         counter.copy_(total)
-
-
-# -- synchronized batch norm ---------------------------------------------------------------------
-
-
-def check_process_group(process_group, owner: str) -> None:
-    """Raise ``TypeError`` unless ``process_group`` is ``None`` or a ``torch.distributed``
-    process group."""
-    if process_group is None:
-        return
-    if not dist.is_available() or not isinstance(process_group, dist.ProcessGroup):
-        raise TypeError(
-            f"{owner}: process_group must be None (the default group) or a "
-            f"torch.distributed.ProcessGroup (e.g. from dist.new_group(ranks)), got "
-            f"{type(process_group).__name__}"
-        )
-
-
-def sync_enabled(process_group: Optional[dist.ProcessGroup]) -> bool:
-    """Whether a synced layer communicates: ``torch.distributed`` is initialised and the group
-    has more than one rank (``nn.SyncBatchNorm``'s rule; otherwise the layer runs locally)."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1
-
-
-def _global_batch_stats(x: Tensor, process_group) -> tuple[Tensor, Tensor, int]:
-    """Per-channel ``(mean, biased var)`` of the batch of every rank, in ``x``'s accumulation
-    dtype, and the global number of elements per channel."""
-    n, channels, h, w = x.shape
-    count = n * h * w
-    if count:
-        var, mean = torch.var_mean(x.to(accumulation_dtype(x)), dim=(0, 2, 3), correction=0)
-        local = torch.cat([mean.new_full((1,), count), mean, var]).double()
-        local[1 + channels :] *= count  # M2 = n * biased var
-    else:  # an empty local batch contributes nothing (var_mean would give NaN)
-        local = torch.zeros(1 + 2 * channels, dtype=torch.float64, device=x.device)
-    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(process_group))]
-    dist.all_gather(gathered, local, group=process_group)
-    stats = torch.stack(gathered)  # (ranks, 1 + 2C) in rank order
-    counts, means, m2s = stats[:, :1], stats[:, 1 : 1 + channels], stats[:, 1 + channels :]
-    total = int(counts.sum().item())
-    if total <= 1:
-        raise ValueError(
-            "Expected more than 1 value per channel when training, got "
-            f"{total} over all ranks (local input size {tuple(x.shape)})"
-        )
-    mean = (counts * means).sum(dim=0) / total
-    m2 = (m2s + counts * (means - mean).square()).sum(dim=0)
-    acc = accumulation_dtype(x)
-    return mean.to(acc), (m2 / total).to(acc), total
-
-
-class SyncTrackedBNFunction(torch.autograd.Function):
-    """Autograd of synchronized tracked BN (training, batch statistics): see the module docstring.
-
-    Saves ``x``, the parameters and the global ``(mean, invstd)``, like ``tracked_batch_norm``.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, abri_weight, abri_bias, abri_alpha, running_mean, running_var,
-                abri_running_mean, abri_running_var, dead_count, dead_sample_count, seen,
-                momentum: float, eps: float, relu: bool, process_group):
-        mean, var, count = _global_batch_stats(x, process_group)
-        update_running_stats(
-            ((running_mean, running_var), (abri_running_mean, abri_running_var)),
-            mean, var, count, momentum,
-        )
-        abri_stats = (mean.clone(), var.clone()) if abri_alpha is not None else (None, None)
-        counting = dead_count is not None
-        channels = x.shape[1]
-        # This batch's counts, in one flat tensor so that a single collective sums them.
-        batch_counts, batch_dead = None, (None,) * 3
-        if counting:
-            batch_counts = torch.zeros(2 * channels + 2, dtype=torch.long, device=x.device)
-            batch_dead = batch_counts.split([channels, channels, 2])
-        y, mean_rows, invstd_rows = batch_norm_fwd(
-            x, weight, bias, abri_weight, abri_bias, abri_alpha, mean, var, *abri_stats,
-            *batch_dead, False, 0.0, eps, relu)
-        if counting:
-            dist.all_reduce(batch_counts, group=process_group)
-            for buffer, total in zip((dead_count, dead_sample_count, seen), batch_dead):
-                buffer += total
-        ctx.save_for_backward(
-            x, weight, bias, abri_weight, abri_bias, abri_alpha, mean_rows[:1], invstd_rows[:1]
-        )
-        ctx.count, ctx.relu, ctx.process_group = count, relu, process_group
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, *params, mean, invstd = ctx.saved_tensors
-        xf, dy, scale, sum_dy, sum_dy_xhat = grad_sums(grad_y, x, *params, mean, invstd, ctx.relu)
-        global_sums = torch.cat([sum_dy, sum_dy_xhat[0]])
-        dist.all_reduce(global_sums, group=ctx.process_group)
-        global_sum_dy, global_sum_dy_xhat = global_sums.chunk(2)
-        grad_x = batch_stats_grad_input(
-            xf, dy, scale, mean[0], invstd[0], global_sum_dy, global_sum_dy_xhat, ctx.count
-        )
-        grad_x = grad_x.to(x.dtype).contiguous(memory_format=output_memory_format(x))
-        grads = parameter_grads(*params, sum_dy, sum_dy_xhat[0], sum_dy_xhat[0])
-        grads = [None if p is None else g for p, g in zip(params, grads)]
-        return (grad_x, *grads) + (None,) * 11
-
-
-def sync_tracked_batch_norm(x, weight, bias, abri_weight, abri_bias, abri_alpha, running_mean,
-                            running_var, abri_running_mean, abri_running_var, dead_count,
-                            dead_sample_count, seen, use_batch_stats: bool, momentum: float,
-                            eps: float, relu: bool, process_group=None) -> Tensor:
-    """:func:`avkernels.ops.batch_norm.tracked_batch_norm` with the batch statistics, dead counts
-    and gradients of the global batch over ``process_group`` (a collective: every rank calls it).
-
-    Only for batch statistics (``use_batch_stats=True``); running statistics never need a sync.
-    """
-    if not use_batch_stats:
-        raise ValueError(
-            "sync_tracked_batch_norm: synchronisation only applies to batch statistics"
-        )
-    return SyncTrackedBNFunction.apply(
-        x, weight, bias, abri_weight, abri_bias, abri_alpha, running_mean, running_var,
-        abri_running_mean, abri_running_var, dead_count, dead_sample_count, seen, momentum, eps,
-        relu, process_group)

@@ -13,7 +13,7 @@ forward) two cases:
 Every implementation is first checked against an eager PyTorch reference (BN, dead counts
 computed from its output, ReLU): output, gradients of input/weight/bias, running statistics and
 the dead counts, whichever the implementation produces. Training steps backpropagate a real,
-materialised gradient (``randn`` in the output's memory format), never ``y.sum()`` (SPEC 5).
+materialised gradient (``randn`` in the output's memory format), never ``y.sum()`` (docs/DESIGN.md, "Performance model").
 GPU cases also report each time as a fraction of the memory roofline (3-pass forward, 5-pass
 backward, 2-pass eval) at the GPU's measured copy bandwidth.
 """
@@ -39,7 +39,7 @@ MEMORY_FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channe
 CPU_TARGET_TRACKED = 1.0  # TrackedBN with statistics vs nn.BatchNorm2d without them
 CPU_TARGET_RELU = 0.85  # TrackedBN(activation="relu") vs nn.BatchNorm2d -> ReLU
 GPU_CALLS_PER_ROUND = 10
-# Memory passes over the activation (SPEC 5): forward 3 (statistics, then read + write),
+# Memory passes over the activation (docs/DESIGN.md, "Performance model"): forward 3 (statistics, then read + write),
 # backward 5 (reduce dy and x, then read both and write dx); eval 2. ReLU adds none.
 TRAIN_PASSES, EVAL_PASSES = 3 + 5, 2
 # Inputs keep every pre-activation value at least this far from 0, so that the ReLU mask and the

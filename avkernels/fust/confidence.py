@@ -2,7 +2,7 @@
 
 Fine-tune each encoder alone; every training step call :meth:`ConfidenceTracker.update` with
 the batch's sample ids, logits and labels, and :meth:`ConfidenceTracker.end_epoch` after each
-epoch. :meth:`ConfidenceTracker.mean` is the sample-wise mean over epochs (SPEC section 3),
+epoch. :meth:`ConfidenceTracker.mean` is the sample-wise mean over epochs (docs/DESIGN.md, "Fusion Tuning (FusT)"),
 joined by id with the other modality's in :func:`avkernels.fust.mask_ratios`.
 A training checkpoint stores :meth:`ConfidenceTracker.state_dict` (the unfinished epoch
 included) and restores it with :meth:`ConfidenceTracker.load_state_dict`.
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from avkernels._io import atomic_write
+from avkernels.files import atomic_write
 
 SampleId = Union[int, str]
 FILE_FORMAT = "avkernels.fust.confidence"

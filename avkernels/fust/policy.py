@@ -1,6 +1,6 @@
 """FusT mask policy: per-sample mask ratios of the audio and visual inputs from stage-1 confidences.
 
-Rules (SPEC section 3; ``tau`` = threshold, ``eta``/``rho`` per modality, unpublished in the
+Rules (docs/DESIGN.md, "Fusion Tuning (FusT)"; ``tau`` = threshold, ``eta``/``rho`` per modality, unpublished in the
 paper, so required here):
 
 ``"symmetric"`` (default, the paper's intent: mask the easier, more confident modality)

@@ -1,31 +1,70 @@
-"""Defines an ``avkernels::`` op once, whichever of C++ and Python provides it.
+"""One definition of each ``avkernels::`` op: its argument table, from which its schema string and
+its Python argument record are both built.
 
-The compiled extension defines each schema with ``TORCH_LIBRARY`` and registers its C++ kernels;
-without the extension the same schema is defined here with Python kernels (the PyTorch
-reference on CPU). CUDA kernels (Triton) and fake (meta) kernels are registered from Python
-either way.
+Every op is defined here, from Python, whether or not the compiled extension is present; the
+extension (``csrc/``) only registers kernels for ops defined here (``TORCH_LIBRARY_IMPL``), and
+the dispatcher checks each C++ kernel's signature against the schema when both are registered.
+So the argument list of an op is written once: in its :class:`OpSignature`.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+import functools
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, NamedTuple
 
 import torch
 
-from avkernels._extension import HAS_EXTENSION
-
 NAMESPACE = "avkernels"
 
-# Holds the Python definitions; only created (and only needed) without the extension.
-_LIBRARY = None if HAS_EXTENSION else torch.library.Library(NAMESPACE, "FRAGMENT")
+# Holds the definitions (and the Python kernels registered on them) for the life of the process.
+_LIBRARY = torch.library.Library(NAMESPACE, "FRAGMENT")
 
 
-def define_op(schema: str, python_kernels: Mapping[str, Callable]) -> torch._ops.OpOverload:
-    """Return ``avkernels::<name>`` for ``schema``; if C++ did not define it, define it here with
-    ``python_kernels`` (dispatch key, e.g. ``"CPU"``, to kernel)."""
-    name = schema.split("(", 1)[0]
-    if _LIBRARY is not None:
-        _LIBRARY.define(schema)
-        for dispatch_key, kernel in python_kernels.items():
-            _LIBRARY.impl(name, kernel, dispatch_key)
-    return getattr(getattr(torch.ops, NAMESPACE), name).default
+@dataclass(frozen=True)
+class OpSignature:
+    """An op's name, its arguments as ``(name, schema type)`` pairs in order, and its return type.
+
+    ``schema`` is the dispatcher schema; ``record`` a ``NamedTuple`` class with one field per
+    argument, which the Python kernels build from the positional call (``Args(*args)``) and read
+    by name.
+    """
+
+    name: str
+    arguments: tuple[tuple[str, str], ...]
+    returns: str
+
+    @property
+    def schema(self) -> str:
+        listed = ", ".join(f"{kind} {name}" for name, kind in self.arguments)
+        return f"{self.name}({listed}) -> {self.returns}"
+
+    @property
+    def argument_names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.arguments)
+
+    @functools.cached_property
+    def record(self) -> type[NamedTuple]:
+        record = NamedTuple(_camel(self.name) + "Args", [(n, Any) for n in self.argument_names])
+        record.__doc__ = f"The arguments of ``{NAMESPACE}::{self.schema}``, by name."
+        return record
+
+    def renamed(self, name: str, returns: str) -> "OpSignature":
+        """The same arguments under another op name and return type."""
+        return OpSignature(name, self.arguments, returns)
+
+
+def _camel(name: str) -> str:
+    return "".join(part.capitalize() for part in name.split("_"))
+
+
+def define_op(signature: OpSignature) -> torch._ops.OpOverload:
+    """Define ``avkernels::<name>`` and return its overload."""
+    _LIBRARY.define(signature.schema)
+    return getattr(getattr(torch.ops, NAMESPACE), signature.name).default
+
+
+def register_python_kernels(signature: OpSignature, kernels: Mapping[str, Callable]) -> None:
+    """Register Python ``kernels`` (dispatch key, e.g. ``"CPU"``, to kernel) for the op."""
+    for dispatch_key, kernel in kernels.items():
+        _LIBRARY.impl(signature.name, kernel, dispatch_key)

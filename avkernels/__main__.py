@@ -1,5 +1,0 @@
-import sys
-
-from avkernels.cli import main
-
-sys.exit(main())

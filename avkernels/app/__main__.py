@@ -1,0 +1,5 @@
+import sys
+
+from avkernels.app.cli import main
+
+sys.exit(main())

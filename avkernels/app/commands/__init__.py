@@ -1,0 +1,1 @@
+"""Sub-commands of the ``avkernels`` CLI (see ``avkernels.app.cli``)."""

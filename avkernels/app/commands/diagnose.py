@@ -1,0 +1,175 @@
+"""``avkernels diagnose``: dead-channel report of a ResNet-18/34 checkpoint.
+
+Reads torchvision-layout checkpoints (with or without ``fc``, i.e. also the official plain
+backbone), official ABRi checkpoints (``bn1_addition``, ``fusion_weight1``, ``downsample.conv``)
+and avkernels ABRi checkpoints (``bn1.abri_weight``...), as a plain state dict or wrapped under
+a ``model``/``state_dict`` key, with or without a DDP ``module.`` prefix. Writes ``report.md``,
+``report.json`` and PNG plots into ``--out`` and prints a short summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from avkernels.files import atomic_write_text
+from avkernels.checkpoints import (
+    BLOCKS,
+    CheckpointError,
+    build_resnet,
+    describe,
+    first_line,
+    load_state_dict,
+    select_encoder,
+)
+from avkernels.app.cli import CommandError
+
+NAME = "diagnose"
+HELP = "report the dead BatchNorm channels of a ResNet-18/34 checkpoint"
+
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", type=Path, help="a .pth/.pt file holding a state dict")
+    parser.add_argument("--arch", choices=sorted(BLOCKS), default=None,
+                        help="network (default: recognised from the checkpoint's keys)")
+    parser.add_argument("--in-channels", type=int, choices=(1, 3), default=None,
+                        help="input channels: 1 for spectrograms, 3 for images (default: from "
+                        "the checkpoint's first convolution)")
+    parser.add_argument("--prefix", default=None,
+                        help="diagnose the encoder stored under this key prefix (e.g. "
+                        "'audio_net.'); default: found automatically")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="inputs for the activation statistics: a .pt/.pth file with a "
+                        "tensor (N, C, H, W) (or (N, H, W) for 1 channel), or .npy/.npz")
+    parser.add_argument("--batch-size", type=int, default=32, help="batch size for --data")
+    parser.add_argument("--max-batches", type=int, default=None, help="use at most this many")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="tau of the |gamma|, |beta| criterion (default 1e-10, 1e-3 with "
+                        "--relative)")
+    parser.add_argument("--relative", action="store_true",
+                        help="tau is a fraction of each layer's median |gamma|")
+    parser.add_argument("--before", type=Path, default=None,
+                        help="report.json of an earlier diagnosis (e.g. before fine-tuning) to "
+                        "compare with: writes comparison.md and comparison.png")
+    parser.add_argument("--device", default=None,
+                        help="device for the forward passes (default: cuda if available)")
+    parser.add_argument("--out", type=Path, default=Path("diagnosis"),
+                        help="output directory (default ./diagnosis)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from avkernels.diagnosis import DiagnosisReport, compare, diagnose
+
+    if args.batch_size < 1:
+        raise CommandError("--batch-size must be >= 1")
+    try:
+        state_dict = load_state_dict(args.checkpoint)
+        state_dict, prefix_note = select_encoder(state_dict, args.prefix)
+        model, description = build_resnet(state_dict, args.arch, args.in_channels)
+    except CheckpointError as error:
+        raise CommandError(str(error)) from None
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        model.to(torch.device(device))
+    except (RuntimeError, AssertionError) as error:
+        raise CommandError(f"cannot use --device {device}: {first_line(error)}") from None
+    in_channels = model.conv1.in_channels
+    batches = None
+    if args.data is not None:
+        batches = load_batches(args.data, in_channels, args.batch_size)
+    report = diagnose(
+        model,
+        batches,
+        threshold=args.threshold,
+        relative=args.relative,
+        max_batches=args.max_batches,
+        title=f"{args.checkpoint.name} ({description})",
+    )
+    out = args.out
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        written = [out / "report.md", out / "report.json"]
+        atomic_write_text(written[0], report.to_markdown())
+        atomic_write_text(written[1], report.to_json())
+        written += report.plot(out)
+        if args.before is not None:
+            before = _read_report(args.before, DiagnosisReport)
+            try:
+                comparison = compare(before, report, labels=("before", "now"))
+            except ValueError as error:
+                raise CommandError(f"{args.before}: {error}") from None
+            atomic_write_text(out / "comparison.md", comparison.to_markdown())
+            written += [out / "comparison.md", comparison.plot(out / "comparison.png")]
+    except OSError as error:
+        reason = error.strerror or error
+        raise CommandError(f"cannot write the report into {out}: {reason}") from None
+    print(f"{args.checkpoint}: {description}{prefix_note}")
+    print(report.summary())
+    print("wrote " + ", ".join(str(path) for path in written))
+    return 0
+
+
+# --- data -------------------------------------------------------------------------------------
+
+
+def load_batches(path: Path, in_channels: int, batch_size: int) -> list[torch.Tensor]:
+    """Inputs from a .pt/.pth/.npy/.npz file as (N, C, H, W) float batches."""
+    if not path.is_file():
+        raise CommandError(f"--data {path}: no such file")
+    try:
+        if path.suffix in (".npy", ".npz"):
+            import numpy as np
+
+            content = np.load(path, allow_pickle=False)
+            if path.suffix == ".npz":
+                if len(content.files) != 1:
+                    raise CommandError(f"--data {path}: expected one array, found {content.files}")
+                content = content[content.files[0]]
+            inputs = torch.from_numpy(np.asarray(content))
+        else:
+            inputs = torch.load(path, map_location="cpu", weights_only=True)
+    except CommandError:
+        raise
+    except Exception as error:  # noqa: BLE001 - foreign files raise many error types
+        raise CommandError(f"--data {path}: cannot read it ({first_line(error)})") from None
+    inputs = _input_tensor(inputs, path)
+    if inputs.dim() == 3 and in_channels == 1:
+        inputs = inputs.unsqueeze(1)
+    if inputs.dim() != 4 or inputs.shape[1] != in_channels or inputs.shape[0] == 0:
+        raise CommandError(
+            f"--data {path}: expected a tensor (N, {in_channels}, H, W), got shape "
+            f"{tuple(inputs.shape)}"
+        )
+    if not inputs.is_floating_point():
+        inputs = inputs.float()
+    return list(inputs.split(batch_size))
+
+
+def _input_tensor(content: Any, path: Path) -> torch.Tensor:
+    if isinstance(content, dict) and len(content) == 1:
+        content = next(iter(content.values()))
+    elif isinstance(content, dict):
+        content = next((content[k] for k in ("inputs", "x", "data") if k in content), content)
+    if isinstance(content, (tuple, list)) and content:
+        content = content[0]
+    if not isinstance(content, torch.Tensor):
+        raise CommandError(
+            f"--data {path}: expected a tensor (or a dict/tuple holding one), found "
+            f"{describe(content)}"
+        )
+    return content
+
+
+def _read_report(path: Path, report_class):
+    try:
+        return report_class.from_json(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise CommandError(f"--before {path}: {error.strerror or error}") from None
+    except (ValueError, KeyError, TypeError) as error:
+        raise CommandError(
+            f"--before {path}: not a diagnosis report ({first_line(error)})"
+        ) from None

@@ -1,0 +1,296 @@
+"""``avkernels train stage1|stage2|joint MANIFEST --out DIR``: one training run on a manifest.
+
+Every :class:`~avkernels.app.train.TrainConfig` field is an option (``--lr``, ``--mask-target``...);
+with ``--resume`` the run's saved ``config.json`` is the starting point and an option given
+again must keep its value. Ctrl-C stops after the current step with a checkpoint (exit 130);
+``--resume`` continues exactly there.
+
+Under ``torchrun --nproc_per_node N avkernels ...`` (or ``python -m avkernels.app``) every process
+joins the process group (:func:`~avkernels.app.train.torchrun_process_group`) and trains with DDP;
+``--batch-size`` stays the global batch, and rank 0 alone prints and writes the run directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+from avkernels.app.cli import CommandError
+
+NAME = "train"
+HELP = "train one run on a manifest: FusT stage 1 or stage 2, or naive joint training"
+
+FBANK_STATS = "fbank_stats.json"  # where `avkernels data-stats` writes by default
+# One line of help per TrainConfig field (defaults are appended).
+FIELD_HELP = {
+    "num_classes": "classes (default: from the manifest's labels)",
+    "epochs": "training epochs",
+    "batch_size": "samples per batch (under torchrun: the global batch, split over the processes)",
+    "seed": "seed of the initialisation, data order and masks",
+    "optimizer": "optimizer",
+    "lr": "learning rate",
+    "momentum": "SGD momentum",
+    "weight_decay": "weight decay",
+    "schedule": "learning-rate schedule, stepped every epoch",
+    "lr_step": "epochs between learning-rate drops (--schedule step)",
+    "lr_gamma": "factor of each drop (--schedule step)",
+    "audio_arch": "audio encoder",
+    "visual_arch": "visual encoder",
+    "width": "encoder width (64 = ResNet; smaller for quick experiments)",
+    "visual_channels": "colour channels of the frames",
+    "audio_init": "checkpoint of the audio encoder (torchvision, official or avkernels layout)",
+    "visual_init": "checkpoint of the visual encoder",
+    "adapt_first_conv": "how RGB stem weights become the audio encoder's one channel",
+    "init_from": "run directory (or checkpoint) whose audio_net/visual_net start this run "
+                 "(stage 2: the stage-1 run)",
+    "abri": "modalities whose encoder gets ABRi",
+    "modalities": "stage 1: modalities to fine-tune",
+    "audio_confidence": "stage 2: audio confidence file (default: from --init-from)",
+    "visual_confidence": "stage 2: visual confidence file (default: from --init-from)",
+    "mask_threshold": "stage 2: tau, the confidence an easy sample's stronger modality reaches",
+    "mask_eta": "stage 2: eta (audio, visual)",
+    "mask_rho": "stage 2: rho, the largest ratio (audio, visual)",
+    "mask_rule": "stage 2: mask-ratio rule",
+    "mask_mode": "stage 2: per-sample ratios or their dataset mean",
+    "mask_target": "stage 2: mask input patches (official), fused features, or both",
+    "audio_patch_grid": "stage 2: patch grid over (frames, mel) (32 16: 32x8 patches on 1024x128)",
+    "visual_patch_grid": "stage 2: patch grid over (H, W) (22 22: 10x10 patches on 224x224)",
+    "feature_group": "stage 2: features per masked group (--mask-target features/both)",
+    "checkpoint_every": "also checkpoint every N steps (0: at epoch ends only)",
+    "probe_epochs": "epochs of the final linear probes of each encoder (0: none)",
+    "probe_lr": "learning rate of the linear probes",
+    "sync_bn": "under torchrun: BN statistics of the whole global batch (N processes then train "
+               "as one does)",
+    "precision": "training steps in fp32, bf16 (autocast, CPU or GPU) or fp16 (autocast with "
+                 "a gradient scaler, GPU only); evaluation stays fp32",
+    "channels_last": "model and inputs in channels_last memory format",
+}
+_PAIR_TYPES = {"mask_eta": float, "mask_rho": float, "audio_patch_grid": int,
+               "visual_patch_grid": int}
+_MODALITY_LISTS = ("abri", "modalities")
+_PATH_FIELDS = ("audio_init", "visual_init", "init_from", "audio_confidence", "visual_confidence")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from avkernels.app.train import STAGES
+
+    parser.add_argument("stage", choices=STAGES,
+                        help="stage1: uni-modal fine-tuning with confidences; stage2: FusT "
+                        "joint training with masking; joint: naive joint training")
+    add_data_arguments(parser)
+    parser.add_argument("--out", type=Path, required=True, help="run directory")
+    add_config_arguments(parser, skip={"stage"})
+
+
+def add_data_arguments(parser: argparse.ArgumentParser) -> None:
+    """Manifest, splits, front-end settings, device and run control (shared with ``fust``)."""
+    parser.add_argument("manifest", type=Path, help="a manifest (.csv or .jsonl)")
+    parser.add_argument("--train-split", default="train", help="training split (default train)")
+    parser.add_argument("--eval-split", default=None,
+                        help="split evaluated after every epoch (default: test, when the "
+                        "manifest has it); 'none' to skip")
+    parser.add_argument("--fbank-stats", type=Path, default=None,
+                        help=f"audio normalisation statistics (default: {FBANK_STATS} next to "
+                        "the manifest, else the official Kinetics-Sounds values)")
+    parser.add_argument("--mel-bins", type=int, default=128, help="fbank mel bins (default 128)")
+    parser.add_argument("--target-length", type=int, default=1024,
+                        help="fbank frames per clip (default 1024)")
+    parser.add_argument("--sample-rate", type=int, default=16000, help="default 16000")
+    parser.add_argument("--image-size", type=int, default=224, help="frame side (default 224)")
+    parser.add_argument("--frames", type=int, default=3, help="frames per clip (default 3)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in the output directory where it stopped")
+    parser.add_argument("--device", default=None,
+                        help="default: cuda if available, else cpu (under torchrun: "
+                        "cuda:LOCAL_RANK)")
+    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="progress bars (default: when stderr is a terminal)")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, skip=frozenset()) -> None:
+    """One option per TrainConfig field, default None (= the config's or the saved value)."""
+    from avkernels.app.train import CHOICES, MODALITIES, TrainConfig
+
+    group = parser.add_argument_group("training configuration (TrainConfig fields)")
+    for field in dataclasses.fields(TrainConfig):
+        if field.name in skip:
+            continue
+        option = "--" + field.name.replace("_", "-")
+        help_text = FIELD_HELP[field.name]
+        if "default" not in help_text and field.default is not dataclasses.MISSING:
+            help_text += f" (default {_shown(field.default)})"
+        if field.name in _MODALITY_LISTS:
+            group.add_argument(option, nargs="*", choices=MODALITIES, default=None, help=help_text)
+        elif field.name in _PAIR_TYPES:
+            group.add_argument(option, nargs=2, type=_PAIR_TYPES[field.name], default=None,
+                               metavar=("AUDIO", "VISUAL") if field.name.startswith("mask")
+                               else ("ROWS", "COLS"), help=help_text)
+        elif field.default is None:
+            group.add_argument(option, default=None, help=help_text)
+        elif isinstance(field.default, bool):
+            group.add_argument(option, action=argparse.BooleanOptionalAction, default=None,
+                               help=help_text)
+        else:
+            # num_classes, the one field without a default, is an int
+            kind = int if field.default is dataclasses.MISSING else type(field.default)
+            group.add_argument(option, type=kind, default=None, choices=CHOICES.get(field.name),
+                               help=help_text)
+
+
+def _shown(value) -> str:
+    if isinstance(value, tuple):
+        return " ".join(map(str, value)) or "none"
+    return str(value)
+
+
+def run(args: argparse.Namespace) -> int:
+    from avkernels.app.train import STAGES, Ranks, torchrun_process_group
+
+    if args.stage not in STAGES:
+        raise CommandError(f"unknown stage {args.stage!r}; choose one of {STAGES}")
+    with torchrun_process_group(args.device) as device:
+        args.device = device
+        train_data, eval_data = open_datasets(args)
+        config = config_from_args(args, args.out, stage=args.stage,
+                                  num_classes=getattr(train_data, "num_classes", None))
+        history = run_stage(config, train_data, eval_data, args.out, args)
+        if Ranks.current().is_main:
+            print(summary_line(args.stage, history))
+            print(f"wrote {args.out}")
+    return 0
+
+
+# --- shared with `avkernels fust` ---------------------------------------------------------------
+
+
+def open_datasets(args: argparse.Namespace):
+    """(train, eval or None) AVDatasets of the manifest; CommandError for every data problem."""
+    from avkernels.app.data import AudioConfig, AVDataset, DataError, FbankStats, read_manifest
+
+    manifest = args.manifest
+    if not manifest.is_file():
+        raise CommandError(f"manifest {manifest}: no such file (write one with `avkernels "
+                           "prepare`)")
+    for name in ("mel_bins", "target_length", "sample_rate", "image_size", "frames"):
+        if getattr(args, name) < 1:
+            raise CommandError(f"--{name.replace('_', '-')} must be >= 1")
+    if args.num_workers < 0:
+        raise CommandError("--num-workers must be >= 0")
+    try:
+        from avkernels.app.data import VisualConfig
+
+        audio = AudioConfig(args.sample_rate, args.mel_bins, args.target_length)
+        stats_path = args.fbank_stats or manifest.parent / FBANK_STATS
+        if args.fbank_stats is not None and not stats_path.is_file():
+            raise CommandError(f"--fbank-stats {stats_path}: no such file (compute it with "
+                               "`avkernels data-stats`)")
+        if stats_path.is_file():
+            audio = audio.with_stats(FbankStats.load(stats_path))
+        visual = VisualConfig(frames_per_clip=args.frames, size=args.image_size)
+        splits = {record.split for record in read_manifest(manifest)}
+        if args.train_split not in splits:
+            raise CommandError(f"manifest {manifest} has no split {args.train_split!r} "
+                               f"(splits: {sorted(splits)}); choose one with --train-split")
+        train_data = AVDataset(manifest, args.train_split, audio, visual)
+        eval_split = args.eval_split
+        if eval_split is None:
+            eval_split = "test" if "test" in splits else "none"
+        eval_data = None
+        if eval_split != "none":
+            if eval_split not in splits:
+                raise CommandError(f"manifest {manifest} has no split {eval_split!r} "
+                                   f"(splits: {sorted(splits)}); choose one with --eval-split "
+                                   "or pass --eval-split none")
+            eval_data = AVDataset(manifest, eval_split, audio, visual)
+    except (DataError, ValueError) as error:
+        raise CommandError(str(error)) from None
+    return train_data, eval_data
+
+
+def config_from_args(args: argparse.Namespace, run_dir: Path, *, num_classes: Optional[int],
+                     **fixed):
+    """The TrainConfig of this run: the saved config when resuming, else the defaults; then
+    the options given on the command line, then ``fixed`` values."""
+    from avkernels.app.train import CONFIG, TrainConfig
+
+    values = {}
+    saved = run_dir / CONFIG
+    if args.resume and saved.is_file():
+        try:
+            values = json.loads(saved.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise CommandError(f"{saved}: cannot read the saved config ({error})") from None
+    for field in dataclasses.fields(TrainConfig):
+        given = getattr(args, field.name, None)
+        if isinstance(given, list):
+            given = tuple(given)
+        elif field.name in _PATH_FIELDS and given is not None:
+            given = str(Path(given).resolve())  # the saved config must work from any directory
+        if given is not None:
+            values[field.name] = given
+    values.update(fixed)
+    if not values.get("num_classes"):
+        if num_classes is None:
+            raise CommandError("--num-classes is required: the dataset does not say how many "
+                               "classes it has")
+        values["num_classes"] = num_classes
+    try:
+        return TrainConfig.from_dict(values)
+    except (TypeError, ValueError) as error:
+        raise CommandError(_option_names(str(error))) from None
+
+
+def _option_names(message: str) -> str:
+    """``TrainConfig.lr_step`` -> ``--lr-step`` in messages meant for the command line."""
+    import re
+
+    return re.sub(r"TrainConfig\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), message)
+
+
+def run_stage(config, train_data, eval_data, run_dir: Path, args: argparse.Namespace) -> list:
+    """Train (or resume) one run; CommandError for setup problems, exit 130 on Ctrl-C."""
+    from avkernels.app.data import DataError
+    from avkernels.app.train import Ranks, Trainer, TrainingInterrupted
+
+    try:
+        trainer = Trainer(config, train_data, run_dir, eval_data=eval_data, resume=args.resume,
+                          device=args.device, num_workers=args.num_workers,
+                          progress=args.progress)
+    except FileExistsError as error:
+        raise CommandError(f"{run_dir} already holds a run: add --resume to continue it, or "
+                           "choose another --out") from error
+    except FileNotFoundError as error:
+        message = str(error).removeprefix("Trainer: ")
+        raise CommandError(_option_names(message)) from None
+    except (ValueError, KeyError, RuntimeError) as error:
+        message = str(error.args[0] if error.args else error).removeprefix("Trainer: ")
+        raise CommandError(_option_names(message)) from None
+    try:
+        return trainer.fit()
+    except TrainingInterrupted as stop:
+        if Ranks.current().is_main:
+            print(f"avkernels: {stop}: run the same command with --resume", file=sys.stderr)
+        raise KeyboardInterrupt from None
+    except DataError as error:
+        raise CommandError(f"{error} (the checkpoint in {run_dir} holds the progress so far: "
+                           "fix the file and --resume)") from None
+
+
+def summary_line(stage: str, history: list) -> str:
+    """The last epoch's evaluation (or training) accuracies, and the probes, in one line."""
+    last = {}
+    for row in history:
+        if row["split"] in ("train", "eval"):
+            last[row["split"]] = row
+    row = last.get("eval") or last.get("train") or {}
+    split = "eval" if "eval" in last else "train"
+    parts = [f"{key} {value:.4f}" for key, value in row.items() if key.startswith("acc")]
+    for probe in (r for r in history if r["split"].startswith("probe_")):
+        accuracy = probe.get("probe_eval_acc", probe["probe_train_acc"])
+        parts.append(f"{probe['split']} {accuracy:.4f}")
+    return f"{stage}: epoch {row.get('epoch', 0)} {split}: " + ", ".join(parts)

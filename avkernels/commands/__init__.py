@@ -1,1 +1,0 @@
-"""Sub-commands of the ``avkernels`` CLI (see ``avkernels.cli``)."""

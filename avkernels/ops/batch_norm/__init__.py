@@ -1,0 +1,28 @@
+"""The tracked batch-norm op family: ``batch_norm_fwd``, ``batch_norm_bwd`` and the
+differentiable ``tracked_batch_norm`` (one op for plain, ReLU-fused and ABRi BatchNorm).
+
+Files: :mod:`.schema` (the contract: argument tables, conventions), :mod:`.definition` (the op
+handles), :mod:`.reference` (plain PyTorch, the oracle), :mod:`.triton_kernels` and
+:mod:`.triton_launch` (CUDA), :mod:`.autograd` (Python autograd without the extension),
+:mod:`.registration` (registers the Python kernels), :mod:`.sync` (the synchronised variant).
+The C++ kernels are in ``csrc/ops/``.
+"""
+
+from avkernels.ops.batch_norm import registration  # noqa: F401  (registers the kernels)
+from avkernels.ops.batch_norm.definition import batch_norm_bwd, batch_norm_fwd, tracked_batch_norm
+from avkernels.ops.batch_norm.schema import (
+    BackwardArgs,
+    ForwardArgs,
+    accumulation_dtype,
+    output_memory_format,
+)
+
+__all__ = [
+    "BackwardArgs",
+    "ForwardArgs",
+    "accumulation_dtype",
+    "batch_norm_bwd",
+    "batch_norm_fwd",
+    "output_memory_format",
+    "tracked_batch_norm",
+]

@@ -1,0 +1,10 @@
+"""The tracked batch-norm ops, defined once from their signatures in :mod:`.schema`; kernels are
+registered on them by :mod:`.registration` (Python) and by the compiled extension (C++)."""
+
+from avkernels.ops._library import define_op
+from avkernels.ops.batch_norm.schema import BACKWARD, FORWARD, TRACKED
+
+batch_norm_fwd = define_op(FORWARD)
+batch_norm_bwd = define_op(BACKWARD)
+# The functional form of TrackedBN: batch_norm_fwd's arguments, its output y, differentiable.
+tracked_batch_norm = define_op(TRACKED)

@@ -1,0 +1,79 @@
+"""Kernels of the tracked batch-norm ops registered from Python: fake (meta) kernels for
+``torch.compile``, Triton on CUDA, and, without the compiled extension, the PyTorch reference on
+CPU with the Python autograd."""
+
+from __future__ import annotations
+
+import torch
+
+from avkernels._extension import HAS_EXTENSION
+from avkernels.ops._library import register_python_kernels
+from avkernels.ops.batch_norm import reference
+from avkernels.ops.batch_norm.autograd import tracked_batch_norm_python_autograd
+from avkernels.ops.batch_norm.definition import batch_norm_fwd
+from avkernels.ops.batch_norm.schema import (
+    BACKWARD,
+    FORWARD,
+    PARAMETERS,
+    TRACKED,
+    BackwardArgs,
+    ForwardArgs,
+    accumulation_dtype,
+    output_memory_format,
+)
+
+
+def reference_forward(*args):
+    return reference.forward(ForwardArgs(*args))
+
+
+def reference_backward(*args):
+    return reference.backward(BackwardArgs(*args))
+
+
+def _tracked_forward(*args):
+    """``tracked_batch_norm`` below autograd (inference mode): the forward alone."""
+    return batch_norm_fwd(*args)[0]
+
+
+@torch.library.register_fake(f"avkernels::{FORWARD.name}")
+def _forward_fake(*args):
+    a = ForwardArgs(*args)
+    rows = 2 if (a.abri_alpha is not None and not a.use_batch_stats) else 1
+    stats = a.x.new_empty((rows, a.x.shape[1]), dtype=accumulation_dtype(a.x))
+    y = torch.empty_like(a.x, memory_format=output_memory_format(a.x))
+    return y, stats, torch.empty_like(stats)
+
+
+@torch.library.register_fake(f"avkernels::{BACKWARD.name}")
+def _backward_fake(*args):
+    a = BackwardArgs(*args)
+    grad_x = torch.empty_like(a.x, memory_format=output_memory_format(a.x))
+    # The added BN's parameters only count in ABRi mode (abri_alpha given), as in the reference.
+    abri = a.abri_alpha is not None
+    params = [getattr(a, name) for name in PARAMETERS]
+    if not abri:
+        params[2:4] = (None, None)
+    return (grad_x, *(a.mean.new_empty(0) if p is None else torch.empty_like(p) for p in params))
+
+
+@torch.library.register_fake(f"avkernels::{TRACKED.name}")
+def _tracked_fake(x, *args):
+    return torch.empty_like(x, memory_format=output_memory_format(x))
+
+
+if not HAS_EXTENSION:
+    register_python_kernels(FORWARD, {"CPU": reference_forward})
+    register_python_kernels(BACKWARD, {"CPU": reference_backward})
+    register_python_kernels(TRACKED, {
+        "Autograd": tracked_batch_norm_python_autograd,
+        "CompositeExplicitAutograd": _tracked_forward,
+    })
+
+try:
+    from avkernels.ops.batch_norm import triton_launch
+except ImportError:  # no triton: CUDA tensors cannot use avkernels kernels
+    triton_launch = None
+if triton_launch is not None:
+    torch.library.register_kernel(f"avkernels::{FORWARD.name}", "cuda", triton_launch.forward)
+    torch.library.register_kernel(f"avkernels::{BACKWARD.name}", "cuda", triton_launch.backward)

@@ -1,0 +1,99 @@
+"""The contract of the tracked batch-norm ops (docs/DESIGN.md, "Op contracts").
+
+``batch_norm_fwd``
+    Normalises ``x`` (N, C, H, W) per channel, applies the (possibly ABRi-blended) affine,
+    optionally a fused ReLU, and in the same pass counts, per channel, the pre-activation
+    outputs ``<= 0`` and the samples whose whole HxW map is ``<= 0``. With batch statistics
+    it also updates the running statistics in place. Returns ``(y, mean, invstd)``.
+``batch_norm_bwd``
+    Gradients of ``x`` and of every affine parameter, ABRi's ``alpha`` included, from the two
+    per-channel sums ``S1 = sum(dy)`` and ``S2 = sum(dy * xhat)`` (docs/DESIGN.md, "ABRi as one
+    BatchNorm"). The ReLU mask is recomputed from ``x``; nothing but ``x``, the parameters and
+    ``(mean, invstd)`` is saved for it.
+``tracked_batch_norm``
+    ``batch_norm_fwd``'s output ``y``, differentiable: its autograd kernel calls the two ops
+    above. This is what ``TrackedBN`` runs.
+
+Conventions shared by all implementations (C++ on CPU, Triton on CUDA, the PyTorch reference):
+
+* Accumulation in float64 for float64 input, else float32. ``mean``/``invstd`` have that dtype
+  and shape (K, C): K = 1 with batch statistics; with running statistics K = 1 for plain BN and
+  K = 2 for ABRi (row 0: the original BN's running set, row 1: the added BN's).
+* ABRi: ``y = a * BN_orig(x) + (1 - a) * BN_new(x)`` with ``a = abri_alpha`` of shape (1,) or
+  (C,); it is a single per-channel affine ``y = x * scale + shift``. ``weight``/``bias``
+  absent mean 1/0.
+* ``y`` and ``grad_x`` have ``x``'s dtype and the layout :func:`output_memory_format` gives.
+* Running statistics are updated as ``r = (1 - momentum) * r + momentum * batch_stat`` with the
+  unbiased batch variance; both ABRi sets see the same batch statistics.
+* Dead counters (int64, mutated in place, all three present or all absent): ``dead_count`` (C,)
+  outputs ``<= 0`` before the activation, ``dead_sample_count`` (C,) samples with a whole map
+  ``<= 0``, ``seen`` (2,) elements per channel and samples counted so far.
+* Parameter gradients have the parameter's dtype; an absent parameter gets an empty (0,) tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from avkernels.ops._library import OpSignature
+
+# The affine parameters, in argument order: the ones that take a gradient.
+PARAMETERS = ("weight", "bias", "abri_weight", "abri_bias", "abri_alpha")
+
+FORWARD = OpSignature(
+    "batch_norm_fwd",
+    (
+        ("x", "Tensor"),
+        ("weight", "Tensor?"),
+        ("bias", "Tensor?"),
+        ("abri_weight", "Tensor?"),
+        ("abri_bias", "Tensor?"),
+        ("abri_alpha", "Tensor?"),
+        ("running_mean", "Tensor(a!)?"),
+        ("running_var", "Tensor(b!)?"),
+        ("abri_running_mean", "Tensor(c!)?"),
+        ("abri_running_var", "Tensor(d!)?"),
+        ("dead_count", "Tensor(e!)?"),
+        ("dead_sample_count", "Tensor(f!)?"),
+        ("seen", "Tensor(g!)?"),
+        ("use_batch_stats", "bool"),
+        ("momentum", "float"),
+        ("eps", "float"),
+        ("relu", "bool"),
+    ),
+    "(Tensor, Tensor, Tensor)",
+)
+BACKWARD = OpSignature(
+    "batch_norm_bwd",
+    (
+        ("grad_y", "Tensor"),
+        ("x", "Tensor"),
+        ("weight", "Tensor?"),
+        ("bias", "Tensor?"),
+        ("abri_weight", "Tensor?"),
+        ("abri_bias", "Tensor?"),
+        ("abri_alpha", "Tensor?"),
+        ("mean", "Tensor"),
+        ("invstd", "Tensor"),
+        ("use_batch_stats", "bool"),
+        ("relu", "bool"),
+    ),
+    "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+)
+TRACKED = FORWARD.renamed("tracked_batch_norm", returns="Tensor")
+
+ForwardArgs = FORWARD.record
+BackwardArgs = BACKWARD.record
+
+
+def accumulation_dtype(x: Tensor) -> torch.dtype:
+    """float64 for float64 input, float32 for every other floating dtype."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def output_memory_format(x: Tensor) -> torch.memory_format:
+    """channels_last when ``x`` is channels_last-dense (and not also NCHW-dense), else NCHW."""
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format

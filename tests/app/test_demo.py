@@ -1,0 +1,166 @@
+"""``avkernels demo``: the quick run end to end (report files, sections, inline figures,
+resume) and the exit codes of bad arguments."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import re
+
+import pytest
+
+pytest.importorskip("torchvision")
+pytest.importorskip("matplotlib")
+pytest.importorskip("mlxtend")
+if importlib.util.find_spec("spokennumbers") is None:  # found, not imported: it needs pydub
+    pytest.skip("AV-Digits needs spokennumbers (pip install --no-deps spokennumbers)",
+                allow_module_level=True)
+
+from avkernels.app.cli import main  # noqa: E402
+
+SECTIONS = ("environment", "data", "pretrain", "transfer", "fust", "kernels", "timings")
+
+
+@pytest.fixture(scope="session")
+def av_digits_cache(tmp_path_factory):
+    """AV-Digits builds once per test session: in $AVKERNELS_CACHE when set, else a tmp dir."""
+    saved = os.environ.get("AVKERNELS_CACHE")
+    if not saved:
+        os.environ["AVKERNELS_CACHE"] = str(tmp_path_factory.mktemp("avkernels-cache"))
+    yield os.environ["AVKERNELS_CACHE"]
+    if saved is None:
+        del os.environ["AVKERNELS_CACHE"]
+
+
+@pytest.fixture(scope="module")
+def quick_run(av_digits_cache, tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "quick"
+    assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+def _numbers(value):
+    if isinstance(value, dict):
+        for item in value.values():
+            yield from _numbers(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _numbers(item)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        yield value
+
+
+def test_quick_demo_writes_the_three_report_files(quick_run):
+    for name in ("report.md", "report.html", "report.json"):
+        assert (quick_run / name).is_file() and (quick_run / name).stat().st_size > 0
+
+
+def test_report_json_has_every_section_with_measured_numbers(quick_run):
+    report = json.loads((quick_run / "report.json").read_text())
+    for section in SECTIONS:
+        assert section in report, section
+        if section != "environment":
+            assert list(_numbers(report[section])), f"{section} holds no number"
+    assert all(math.isfinite(x) for x in _numbers(report))
+    assert report["seed"] == 0 and report["mode"] == "quick"
+    assert report["environment"]["torch"] and report["environment"]["cpu"]
+    accuracies = [report["pretrain"]["eval_acc_visual"]]
+    accuracies += [r["eval_acc_audio"] for r in report["transfer"]["finetune"].values()]
+    assert set(report["transfer"]["finetune"]) == {"random_init", "pretrained", "pretrained_abri"}
+    fust = report["fust"]
+    assert set(fust["runs"]) == {"fust_stage2", "joint_naive"}
+    for run in fust["runs"].values():
+        accuracies += [run["eval_acc_joint"], *run["probe_acc"].values()]
+        assert set(run["probe_acc"]) == {"audio", "visual"}
+    assert all(0.0 <= a <= 1.0 for a in accuracies)
+    policy = fust["mask_policy"]
+    assert policy["samples"] == report["data"]["clips"]["train"]
+    assert 0 <= policy["audio_masked"] + policy["visual_masked"] <= policy["samples"]
+    for row in report["kernels"]["rows"]:
+        assert row["tracked_over_batchnorm"] > 0 and row["tracked_relu_over_batchnorm_relu"] > 0
+    assert set(report["timings"]["steps"]) == {"data", "pretrain", "transfer", "fust", "kernels"}
+
+
+def test_html_embeds_every_figure_and_markdown_links_them(quick_run):
+    report = json.loads((quick_run / "report.json").read_text())
+    figures = [*report["transfer"]["figures"].values(), *report["fust"]["figures"].values()]
+    assert len(figures) >= 4
+    page = (quick_run / "report.html").read_text()
+    images = re.findall(r'<img [^>]*src="([^"]+)"', page)
+    assert len(images) == len(figures)
+    assert all(src.startswith("data:image/png;base64,iVBORw0KGgo") for src in images)
+    markdown = (quick_run / "report.md").read_text()
+    for file in figures:
+        assert f"](figures/{file})" in markdown
+        assert (quick_run / "figures" / file).stat().st_size > 1000
+
+
+def test_rerun_with_the_same_out_skips_the_finished_steps(quick_run, capsys):
+    before = json.loads((quick_run / "report.json").read_text())
+    assert main(["demo", "--quick", "--out", str(quick_run), "--no-progress"]) == 0
+    assert capsys.readouterr().out.count("done earlier, skipped") == 4
+    after = json.loads((quick_run / "report.json").read_text())
+    for section in ("pretrain", "transfer", "fust", "kernels"):
+        assert after[section] == before[section]
+
+
+def test_a_lost_step_is_rebuilt_from_its_finished_runs_with_the_same_numbers(quick_run, capsys):
+    before = json.loads((quick_run / "report.json").read_text())
+    (quick_run / "steps" / "fust.json").unlink()
+    assert main(["demo", "--quick", "--out", str(quick_run), "--no-progress"]) == 0
+    assert "(trained earlier)" in capsys.readouterr().out
+    after = json.loads((quick_run / "report.json").read_text())
+    for key in ("stage1", "mask_policy", "runs", "findings"):
+        assert after["fust"][key] == before["fust"][key]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--quick", "--seed", "-1"], "--seed must be >= 0"),
+    (["--quick", "--seed", "1"], "other settings"),  # the quick run's folder, another seed
+    ([], "other settings"),  # the quick run's folder, default sizes
+])
+def test_bad_arguments_exit_2_with_one_line(quick_run, capsys, argv, message):
+    assert main(["demo", "--out", str(quick_run), *argv]) == 2
+    error = capsys.readouterr().err
+    assert message in error and error.count("\n") == 1
+
+
+def test_out_that_is_a_file_or_a_foreign_folder_exits_2(tmp_path, capsys):
+    file = tmp_path / "file"
+    file.write_text("x")
+    assert main(["demo", "--quick", "--out", str(file)]) == 2
+    assert "is a file" in capsys.readouterr().err
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    assert main(["demo", "--quick", "--out", str(foreign)]) == 2
+    assert "holds no demo run" in capsys.readouterr().err
+    assert (foreign / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("argv", [["--seed", "x"], ["--bogus"]])
+def test_unparsable_arguments_exit_2(argv):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", *argv])
+    assert exit_info.value.code == 2
+
+
+def test_resuming_on_another_av_digits_build_exits_2(quick_run, capsys):
+    """Installing or removing a voice makes a new AV-Digits build: a demo folder made on the
+    old one is not resumed on it (its report would mix two datasets)."""
+    record = quick_run / "dataset.json"
+    saved = record.read_text()
+    assert json.loads(saved)["av_digits"].startswith("av-digits-")
+    try:
+        record.write_text(json.dumps({"av_digits": "av-digits-000000000000"}))
+        assert main(["demo", "--quick", "--out", str(quick_run), "--no-progress"]) == 2
+        error = capsys.readouterr().err
+        assert "another AV-Digits build (av-digits-000000000000" in error
+        assert error.count("\n") == 1
+        record.unlink()
+        assert main(["demo", "--quick", "--out", str(quick_run), "--no-progress"]) == 2
+        assert "no record of their AV-Digits build" in capsys.readouterr().err
+    finally:
+        record.write_text(saved)

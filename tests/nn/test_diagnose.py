@@ -1,0 +1,275 @@
+"""Dead-channel diagnosis (``avkernels.diagnose``), its report formats and plots, and the
+``avkernels diagnose`` command."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from tests.helpers.official import OfficialResNet18, randomise
+from torch import nn
+
+from avkernels import DiagnosisReport, TrackedBN, abri, diagnose
+from avkernels.app.cli import main
+from avkernels.diagnosis import compare
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def resnet_with_dead_channels() -> nn.Module:
+    """ResNet-18 whose layer1.0.bn1 has, by channel: 0 closed (g = b = 0), 1 constant
+    (tiny positive b), 2 collapsed gamma but a real bias (not abnormal), 3 just above tau."""
+    model = torchvision.models.resnet18(num_classes=10)
+    with torch.no_grad():
+        bn = model.layer1[0].bn1
+        bn.weight[:4] = torch.tensor([0.0, 1e-12, -1e-12, 2e-10])
+        bn.bias[:4] = torch.tensor([0.0, 1e-12, -0.5, 0.0])
+    return model
+
+
+def layer(report: DiagnosisReport, name: str):
+    return next(item for item in report.layers if item.name == name)
+
+
+def test_parameter_criterion_absolute():
+    report = diagnose(resnet_with_dead_channels())
+    assert len(report.layers) == 20
+    bn = layer(report, "layer1.0.bn1")
+    assert bn.status[:4] == ["closed", "constant", "ok", "ok"]
+    assert (bn.closed, bn.constant, bn.abnormal) == (1, 1, 2)
+    assert bn.abnormal_ratio == pytest.approx(2 / 64)
+    assert bn.flagged and not layer(report, "bn1").flagged
+    assert report.abnormal == 2 and report.channels == 4800
+    assert bn.gamma[1] == pytest.approx(1e-12) and bn.beta[2] == pytest.approx(-0.5)
+    assert not report.has_activations and bn.dead_fraction is None
+
+
+def test_parameter_criterion_relative_and_threshold():
+    model = torchvision.models.resnet18()
+    with torch.no_grad():
+        bn = model.layer2[0].bn1
+        bn.weight.fill_(0.5)
+        bn.weight[3], bn.bias[3] = 1e-4, -2e-4
+    absolute = diagnose(model)
+    relative = diagnose(model, relative=True)  # tau = 1e-3 x median |gamma| = 5e-4
+    assert layer(absolute, "layer2.0.bn1").abnormal == 0
+    assert layer(relative, "layer2.0.bn1").status[3] == "closed"
+    assert layer(relative, "layer2.0.bn1").threshold == pytest.approx(5e-4)
+    assert layer(diagnose(model, threshold=1e-3), "layer2.0.bn1").abnormal == 1
+    with pytest.raises(ValueError, match="threshold"):
+        diagnose(model, threshold=-1)
+
+
+def test_which_layers_feed_a_relu():
+    report = diagnose(torchvision.models.resnet18())
+    feeds = {item.name: item.feeds_relu for item in report.layers}
+    assert feeds["bn1"] and feeds["layer1.0.bn1"] and feeds["layer4.1.bn1"]
+    assert feeds["layer1.0.bn2"] is False and feeds["layer2.0.downsample.1"] is False
+    fused = nn.Sequential(nn.Conv2d(3, 4, 1), TrackedBN(4, activation="relu"), nn.Sigmoid())
+    assert diagnose(fused).layers[0].feeds_relu is True
+
+    class Untraceable(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(2)
+
+        def forward(self, x):
+            return self.bn(x).relu() if x.sum() > 0 else x  # control flow on a tensor
+
+    assert diagnose(Untraceable()).layers[0].feeds_relu is None
+
+
+def test_abri_layers_are_judged_by_their_blended_affine():
+    model = abri.apply(resnet_with_dead_channels(), alpha=0.5)
+    bn = layer(diagnose(model), "layer1.0.bn1")
+    assert bn.abri and bn.abnormal == 0  # 0.5 * 0 + 0.5 * 1 (the fresh BN)
+    np.testing.assert_allclose(bn.gamma[0], 0.5)
+    with torch.no_grad():
+        model.layer1[0].bn1.abri_alpha.fill_(1.0)
+    assert layer(diagnose(model), "layer1.0.bn1").abnormal == 2
+
+
+def conv_bn_model(bn: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), bn, nn.ReLU())
+    with torch.no_grad():
+        bn.bias.copy_(torch.tensor([0.0, -3.0, 0.5, 3.0]))
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2)
+    return model
+
+
+@pytest.mark.parametrize("tracked", [False, True])
+def test_activation_statistics_match_a_direct_count(tracked):
+    bn = TrackedBN(4) if tracked else nn.BatchNorm2d(4)
+    model = conv_bn_model(bn).train()
+    batches = [torch.randn(3, 2, 5, 5) for _ in range(3)]
+    if tracked:
+        bn.dead_count.fill_(7)
+    kept = {name: value.clone() for name, value in model.state_dict().items()}
+    report = diagnose(model, [(x, torch.zeros(3)) for x in batches])  # (input, label) batches
+    with torch.no_grad():
+        reference = conv_bn_model(nn.BatchNorm2d(4)).eval()
+        reference.load_state_dict(kept)
+        z = torch.cat([reference[1](reference[0](x)) for x in batches])
+    stats = report.layers[0]
+    assert report.batches == 3 and stats.samples == 9
+    np.testing.assert_allclose(stats.dead_fraction, (z <= 0).double().mean((0, 2, 3)).numpy())
+    np.testing.assert_allclose(stats.dead_sample_fraction,
+                               (z <= 0).flatten(2).all(2).double().mean(0).numpy())
+    assert stats.dead_on_all_samples == int(((z <= 0).flatten(2).all(2).all(0)).sum())
+    # The user's model is left as it was: same layer types, mode, state and counters.
+    assert type(model[1]) is type(bn) and model.training and model[1].training
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, kept[name]), name
+    if tracked:
+        assert bn.dead_count.tolist() == [7] * 4 and bn.seen.tolist() == [0, 0]
+
+
+def test_activation_options():
+    model = conv_bn_model(nn.BatchNorm2d(4))
+    batches = [torch.randn(2, 2, 4, 4) for _ in range(4)]
+    assert diagnose(model, batches, max_batches=2).batches == 2
+    calls = []
+    diagnose(model, [{"image": x} for x in batches],
+             forward=lambda m, batch: calls.append(m(batch["image"])))
+    assert len(calls) == 4
+    with pytest.raises(TypeError, match="forward="):
+        diagnose(model, [{"image": batches[0]}])
+    with pytest.raises(ValueError, match="no batches"):
+        diagnose(model, [])
+
+
+def test_json_round_trip_tables_and_markdown():
+    model = resnet_with_dead_channels()
+    report = diagnose(model, [torch.randn(2, 3, 32, 32)], title="demo")
+    data = json.loads(report.to_json())
+    assert data["summary"] == {"channels": 4800, "abnormal": 2}
+    assert len(data["layer_table"]) == 20
+    restored = DiagnosisReport.from_json(report.to_json())
+    assert restored.layer_table() == report.layer_table()
+    assert restored.channel_table() == report.channel_table()
+    assert len(report.channel_table()) == 4800
+    row = report.channel_table()[64 + 1]  # layer1.0.bn1, channel 1
+    assert (row["layer"], row["channel"], row["status"]) == ("layer1.0.bn1", 1, "constant")
+    markdown = report.to_markdown()
+    assert "# Dead-channel diagnosis: demo" in markdown
+    assert "| layer1.0.bn2 | 64 | no |" in markdown
+    assert "### layer1.0.bn1" in markdown and "| 1 | 1e-12 | 1e-12 | constant |" in markdown
+    with pytest.raises(ValueError, match="version"):
+        DiagnosisReport.from_json(json.dumps({"version": 0}))
+
+
+def test_plots_and_before_after_comparison(tmp_path):
+    model = resnet_with_dead_channels()
+    batches = [torch.randn(2, 3, 32, 32)]
+    before = diagnose(model, batches)
+    after = diagnose(abri.apply(model), batches)
+    paths = before.plot(tmp_path / "before")
+    assert [p.name for p in paths] == ["layer_dead_ratio.png", "gamma_beta.png", "dead_samples.png"]
+    comparison = compare(before, after, labels=("pre-trained", "ABRi"))
+    paths.append(comparison.plot(tmp_path / "comparison.png"))
+    for path in paths:
+        assert path.read_bytes()[:8] == PNG_SIGNATURE
+    rows = {row["layer"]: row for row in comparison.rows()}
+    assert rows["layer1.0.bn1"]["abnormal_ratio_pre-trained"] == pytest.approx(2 / 64)
+    assert rows["layer1.0.bn1"]["abnormal_ratio_ABRi"] == 0
+    assert "| layer1.0.bn1 | 3.1% | 0.0% |" in comparison.to_markdown()
+    assert json.loads(comparison.to_json())["labels"] == ["pre-trained", "ABRi"]
+    with pytest.raises(ValueError, match="different models"):
+        compare(before, diagnose(nn.Sequential(nn.BatchNorm2d(3))))
+
+
+# --- command line -------------------------------------------------------------------------------
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    code = main(["diagnose", *map(str, argv)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_cli_torchvision_checkpoint(tmp_path, capsys):
+    checkpoint = tmp_path / "tv.pth"
+    torch.save(resnet_with_dead_channels().state_dict(), checkpoint)
+    code, out, err = run_cli(capsys, checkpoint, "--out", tmp_path / "out")
+    assert code == 0, err
+    assert "resnet18, torchvision layout, 3 input channel(s)" in out
+    assert "2 abnormal" in out and "layer1.0.bn1" in out
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == ["gamma_beta.png", "layer_dead_ratio.png", "report.json", "report.md"]
+    report = DiagnosisReport.from_json((tmp_path / "out" / "report.json").read_text())
+    assert layer(report, "layer1.0.bn1").abnormal == 2
+
+
+def test_cli_official_abri_checkpoint_with_data_and_comparison(tmp_path, capsys):
+    official = randomise(OfficialResNet18("channel", in_channels=1), 3)
+    checkpoint = tmp_path / "official.pth"
+    torch.save({"model": official.state_dict(), "epoch": 3}, checkpoint)
+    data = tmp_path / "fbank.pt"
+    torch.save(torch.randn(3, 32, 24), data)  # (N, time, mel): one channel
+    plain = tmp_path / "plain.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), plain)
+    code, _, err = run_cli(capsys, plain, "--out", tmp_path / "before")
+    assert code == 0, err
+    code, out, err = run_cli(capsys, checkpoint, "--data", data, "--batch-size", 2,
+                             "--in-channels", 1, "--before", tmp_path / "before" / "report.json",
+                             "--out", tmp_path / "out")
+    assert code == 0, err
+    assert "resnet18, official ABRi, 1 input channel(s)" in out
+    assert "activations (2 batches, eval)" in out
+    report = DiagnosisReport.from_json((tmp_path / "out" / "report.json").read_text())
+    assert all(item.abri and item.has_activations for item in report.layers)
+    assert (tmp_path / "out" / "comparison.png").read_bytes()[:8] == PNG_SIGNATURE
+    assert "before vs now" in (tmp_path / "out" / "comparison.md").read_text()
+
+
+def test_cli_avkernels_checkpoint_from_ddp_classifier(tmp_path, capsys):
+    encoder = abri.apply(torchvision.models.resnet34(), granularity="channel")
+    classifier = nn.ModuleDict({"audio_net": encoder, "fc": nn.Linear(512, 3)})
+    checkpoint = tmp_path / "ddp.pth"
+    torch.save({"state_dict": {"module." + k: v for k, v in classifier.state_dict().items()}},
+               checkpoint)
+    code, out, err = run_cli(capsys, checkpoint, "--out", tmp_path / "out")
+    assert code == 0, err
+    assert "resnet34, avkernels ABRi" in out and "'audio_net.'; 2 other keys ignored" in out
+
+
+def save(path, value):
+    torch.save(value, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "make_checkpoint, extra, message",
+    [
+        (lambda tmp: tmp / "missing.pth", [], "no such file"),
+        (lambda tmp: tmp, [], "not a file"),
+        (lambda tmp: (tmp / "notes.pth").write_text("hello") and tmp / "notes.pth", [],
+         "is not a PyTorch checkpoint"),
+        (lambda tmp: save(tmp / "list.pth", [1, 2]), [], "holds no state dict"),
+        (lambda tmp: save(tmp / "r34.pth", torchvision.models.resnet34().state_dict()),
+         ["--arch", "resnet18"], "those of a resnet34, not of --arch resnet18"),
+        (lambda tmp: save(tmp / "r50.pth", torchvision.models.resnet50().state_dict()), [],
+         "not those of a ResNet-18 or ResNet-34"),
+        (lambda tmp: save(tmp / "r18.pth", torchvision.models.resnet18().state_dict()),
+         ["--in-channels", "1"], "takes 3 channels"),
+        (lambda tmp: save(tmp / "r18x.pth", dict(torchvision.models.resnet18().state_dict(),
+                                                 extra=torch.zeros(1))), [],
+         "unexpected extra"),
+        (lambda tmp: save(tmp / "r18d.pth", torchvision.models.resnet18().state_dict()),
+         ["--data", "nowhere.pt"], "--data nowhere.pt: no such file"),
+    ],
+    ids=["missing", "directory", "text", "not-a-dict", "other-arch", "resnet50", "in-channels",
+         "extra-key", "no-data"],
+)
+def test_cli_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, make_checkpoint, extra,
+                                                  message):
+    checkpoint = make_checkpoint(tmp_path)
+    code, out, err = run_cli(capsys, checkpoint, *extra, "--out", tmp_path / "out")
+    assert code == 2
+    assert err.startswith("avkernels diagnose: error: ") and message in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
