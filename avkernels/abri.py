@@ -15,7 +15,7 @@ kernel computes ``a * BN_orig(x) + (1 - a) * BN_new(x)`` at the cost of one BN. 
 from __future__ import annotations
 
 import re
-from typing import Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -218,7 +218,6 @@ def load_official_state_dict(model: nn.Module, state_dict: Mapping[str, Tensor])
         )
     model.load_state_dict(translated, strict=True)
     return model
-
 
 
 # --- the official code's baselines --------------------------------------------------------------

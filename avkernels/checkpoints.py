@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,7 +26,8 @@ class CheckpointError(ValueError):
 
 
 def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """The state dict in ``path`` (unwrapped from ``model``/``state_dict``), or a CheckpointError."""
+    """The state dict in ``path`` (unwrapped from ``model``/``state_dict``), or a
+    CheckpointError."""
     if not path.exists():
         raise CheckpointError(f"{path}: no such file")
     if not path.is_file():
@@ -48,7 +49,7 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
             f"'model' or 'state_dict' key; found {describe(content)})"
         )
     if all(key.startswith("module.") for key in content):  # saved from DistributedDataParallel
-        content = {key[len("module."):]: value for key, value in content.items()}
+        content = {key[len("module.") :]: value for key, value in content.items()}
     return content
 
 
@@ -68,7 +69,7 @@ def describe(content: Any) -> str:
 
 
 def select_encoder(
-    state_dict: dict[str, torch.Tensor], prefix: Optional[str]
+    state_dict: dict[str, torch.Tensor], prefix: str | None
 ) -> tuple[dict[str, torch.Tensor], str]:
     """Keys of the ResNet stored under ``prefix`` (found when None), and a note saying so."""
     if prefix is None:
@@ -86,7 +87,7 @@ def select_encoder(
     if not prefix:
         return state_dict, ""
     selected = {
-        key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)
+        key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)
     }
     if not selected:
         raise CheckpointError(f"no key of the checkpoint starts with the prefix {prefix!r}")
@@ -96,7 +97,7 @@ def select_encoder(
     return selected, note
 
 
-def detect_arch(state_dict: dict[str, torch.Tensor]) -> Optional[str]:
+def detect_arch(state_dict: dict[str, torch.Tensor]) -> str | None:
     """``resnet18``/``resnet34`` from the number of blocks per stage, or None."""
     blocks = [0, 0, 0, 0]
     for key in state_dict:
@@ -109,7 +110,7 @@ def detect_arch(state_dict: dict[str, torch.Tensor]) -> Optional[str]:
     return next((arch for arch, counts in BLOCKS.items() if tuple(blocks) == counts), None)
 
 
-def abri_layout(state_dict: dict[str, torch.Tensor]) -> Optional[str]:
+def abri_layout(state_dict: dict[str, torch.Tensor]) -> str | None:
     """``"official ABRi"``, ``"avkernels ABRi"`` or None (no ABRi key) from the keys."""
     if any(re.search(r"(^|\.)(bn\d*_addition\.|fusion_weight\d*$)", key) for key in state_dict):
         return "official ABRi"
@@ -131,8 +132,8 @@ def abri_granularity(state_dict: dict[str, torch.Tensor], layout: str) -> str:
 
 def build_resnet(
     state_dict: dict[str, torch.Tensor],
-    arch: Optional[str] = None,
-    in_channels: Optional[int] = None,
+    arch: str | None = None,
+    in_channels: int | None = None,
 ) -> tuple[nn.Module, str]:
     """A torchvision-layout ResNet holding ``state_dict`` (loaded strictly), and a description.
 
@@ -155,8 +156,7 @@ def build_resnet(
         )
     if arch is not None and arch != detected:
         raise CheckpointError(
-            f"the checkpoint's keys are those of a {detected}, not of --arch {arch}; "
-            f"use {detected}"
+            f"the checkpoint's keys are those of a {detected}, not of --arch {arch}; use {detected}"
         )
     conv1 = state_dict.get("conv1.weight")
     if conv1 is None or conv1.dim() != 4:
@@ -187,8 +187,14 @@ def build_resnet(
     return model, f"{detected}, {kind}, {stored_channels} input channel(s)"
 
 
-def load_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], arch: str, *,
-                description: Optional[str] = None, caller: str = "") -> None:
+def load_strict(
+    model: nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    arch: str,
+    *,
+    description: str | None = None,
+    caller: str = "",
+) -> None:
     """``model.load_state_dict(state_dict, strict=True)``, with the problem named first.
 
     Missing and unexpected keys, then mis-shaped ones, raise :class:`CheckpointError`
@@ -207,15 +213,27 @@ def load_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], arch: str
     missing = sorted(required - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     if missing or unexpected:
-        parts = [f"{name} {shorten_keys(keys)}" for name, keys in
-                 (("missing", missing), ("unexpected", unexpected)) if keys]
+        parts = [
+            f"{name} {shorten_keys(keys)}"
+            for name, keys in (("missing", missing), ("unexpected", unexpected))
+            if keys
+        ]
         detected = detect_arch(state_dict)
-        hint = (f" (its blocks are those of a {detected}: build the model with arch="
-                f"{detected!r})" if detected not in (None, arch) else "")
-        raise CheckpointError(f"{context}the checkpoint does not match a {description or arch}: "
-                              + "; ".join(parts) + hint)
-    mismatched = [f"{key}: checkpoint {tuple(value.shape)}, model {tuple(expected[key].shape)}"
-                  for key, value in state_dict.items() if value.shape != expected[key].shape]
+        hint = (
+            f" (its blocks are those of a {detected}: build the model with arch={detected!r})"
+            if detected not in (None, arch)
+            else ""
+        )
+        raise CheckpointError(
+            f"{context}the checkpoint does not match a {description or arch}: "
+            + "; ".join(parts)
+            + hint
+        )
+    mismatched = [
+        f"{key}: checkpoint {tuple(value.shape)}, model {tuple(expected[key].shape)}"
+        for key, value in state_dict.items()
+        if value.shape != expected[key].shape
+    ]
     if mismatched:
         raise CheckpointError(f"{context}shape mismatch for " + shorten_keys(mismatched, "; "))
     model.load_state_dict(state_dict, strict=True)

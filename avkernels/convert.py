@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from avkernels.ops.batch_norm.sync import check_process_group
 from avkernels.nn.tracked_bn import TrackedBN
+from avkernels.ops.batch_norm.sync import check_process_group
 
 _SHARED_STATE = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 # TrackedBN options convert() may set; the BatchNorm2d settings come from each converted layer.
@@ -95,12 +95,19 @@ def revert(module: nn.Module) -> nn.Module:
                 "cannot revert an ABRi layer to one nn.BatchNorm2d; use avkernels.abri.fold(model)"
             )
         reference = module.weight if module.affine else module.running_mean
-        settings = dict(num_features=module.num_features, eps=module.eps,
-                        momentum=module.momentum, affine=module.affine,
-                        track_running_stats=module.track_running_stats,
-                        device=None if reference is None else reference.device)
-        layer = (nn.SyncBatchNorm(process_group=module.process_group, **settings) if module.sync
-                 else nn.BatchNorm2d(**settings))
+        settings = dict(
+            num_features=module.num_features,
+            eps=module.eps,
+            momentum=module.momentum,
+            affine=module.affine,
+            track_running_stats=module.track_running_stats,
+            device=None if reference is None else reference.device,
+        )
+        layer = (
+            nn.SyncBatchNorm(process_group=module.process_group, **settings)
+            if module.sync
+            else nn.BatchNorm2d(**settings)
+        )
         return _move_state(module, layer)
     for name, child in module.named_children():
         reverted = revert(child)

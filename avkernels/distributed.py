@@ -11,11 +11,10 @@ copied to every rank before each forward) overwrite the dead counters, and
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import nn
 
 from avkernels.nn.tracked_bn import TrackedBN
 
@@ -37,7 +36,7 @@ class Ranks:
     world_size: int = 1
 
     @classmethod
-    def current(cls) -> "Ranks":
+    def current(cls) -> Ranks:
         if dist.is_available() and dist.is_initialized():
             return cls(dist.get_rank(), dist.get_world_size())
         return cls()
@@ -83,7 +82,6 @@ class Ranks:
 
 def _tracked_layers(model: nn.Module):
     """``(qualified name, layer)`` of every TrackedBN in ``model``."""
-    from avkernels.nn.tracked_bn import TrackedBN  # avkernels.nn.tracked_bn imports this module
 
     return [(name, m) for name, m in model.named_modules() if isinstance(m, TrackedBN)]
 
@@ -116,7 +114,7 @@ def wrap_ddp(model: nn.Module, **ddp_kwargs) -> nn.parallel.DistributedDataParal
 
 
 @torch.no_grad()
-def all_reduce_dead_stats(model: nn.Module, group: Optional[dist.ProcessGroup] = None) -> None:
+def all_reduce_dead_stats(model: nn.Module, group: dist.ProcessGroup | None = None) -> None:
     """Sum the dead counters of every TrackedBN with ``sync=False`` over the ranks of ``group``,
     in place, so that each rank holds the global counts and ``dead_fraction()`` describes the
     union of the ranks' batches.

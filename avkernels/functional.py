@@ -9,7 +9,8 @@ over these.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -50,25 +51,25 @@ class AbriState(NamedTuple):
     """
 
     weight: Tensor
-    bias: Optional[Tensor]
+    bias: Tensor | None
     alpha: Tensor
-    running_mean: Optional[Tensor]
-    running_var: Optional[Tensor]
+    running_mean: Tensor | None
+    running_var: Tensor | None
 
 
 def tracked_batch_norm(
     input: Tensor,
-    running_mean: Optional[Tensor],
-    running_var: Optional[Tensor],
-    weight: Optional[Tensor] = None,
-    bias: Optional[Tensor] = None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
     *,
     training: bool = False,
     momentum: float = 0.1,
     eps: float = 1e-5,
-    activation: Optional[str] = None,
-    dead_stats: Optional[DeadStats] = None,
-    abri: Optional[AbriState] = None,
+    activation: str | None = None,
+    dead_stats: DeadStats | None = None,
+    abri: AbriState | None = None,
     process_group=None,
 ) -> Tensor:
     """``torch.nn.functional.batch_norm`` of a (N, C, H, W) ``input``, plus dead-channel counts,
@@ -96,14 +97,29 @@ def tracked_batch_norm(
         ``weight``, ``bias`` and the ABRi parameters.
     """
     if activation not in ACTIVATIONS:
-        raise ValueError(f"tracked_batch_norm: activation must be one of {ACTIVATIONS}, got "
-                         f"{activation!r}")
+        raise ValueError(
+            f"tracked_batch_norm: activation must be one of {ACTIVATIONS}, got {activation!r}"
+        )
     no_abri = (None,) * 5
     abri_weight, abri_bias, abri_alpha, abri_mean, abri_var = no_abri if abri is None else abri
     counters = (None,) * 3 if dead_stats is None else dead_stats
-    args = ForwardArgs(input, weight, bias, abri_weight, abri_bias, abri_alpha, running_mean,
-                       running_var, abri_mean, abri_var, *counters, training, momentum, eps,
-                       activation == "relu")
+    args = ForwardArgs(
+        input,
+        weight,
+        bias,
+        abri_weight,
+        abri_bias,
+        abri_alpha,
+        running_mean,
+        running_var,
+        abri_mean,
+        abri_var,
+        *counters,
+        training,
+        momentum,
+        eps,
+        activation == "relu",
+    )
     if process_group is not None and training:
         return sync_tracked_batch_norm(args, process_group)
     return _tracked_batch_norm_op(*args)
@@ -111,9 +127,9 @@ def tracked_batch_norm(
 
 def mask_patches(
     x: Tensor,
-    ratio: Union[float, Tensor],
-    patch_size: Union[int, Sequence[int]],
-    seed: Union[None, int, Tensor] = None,
+    ratio: float | Tensor,
+    patch_size: int | Sequence[int],
+    seed: None | int | Tensor = None,
     *,
     inplace: bool = False,
 ) -> Tensor:
@@ -144,13 +160,15 @@ def mask_patches(
     if not isinstance(x, Tensor) or not x.is_floating_point() or x.dim() not in (3, 4, 5):
         raise ValueError(
             "mask_patches: x must be a floating tensor of shape (B, H, W), (B, C, H, W) or "
-            f"(B, C, T, H, W), got {describe(x)}")
+            f"(B, C, T, H, W), got {describe(x)}"
+        )
     patch_h, patch_w = positive_pair(patch_size, "mask_patches: patch_size")
     height, width = x.shape[-2:]
     if patch_h > height or patch_w > width:
         raise ValueError(
             f"mask_patches: patch_size {(patch_h, patch_w)} is larger than the masked plane "
-            f"{(height, width)} (the last two dims of x)")
+            f"{(height, width)} (the last two dims of x)"
+        )
     # Canonical (B, C, T, H, W) view: no copy for any layout.
     frames = x if x.dim() == 5 else x.unsqueeze(-3)
     frames = frames if frames.dim() == 5 else frames.unsqueeze(1)
@@ -161,7 +179,8 @@ def mask_patches(
         if x.requires_grad and torch.is_grad_enabled():
             raise RuntimeError(
                 "mask_patches(inplace=True) cannot mask a tensor that requires grad; use "
-                "inplace=False (differentiable) or mask under torch.no_grad()")
+                "inplace=False (differentiable) or mask under torch.no_grad()"
+            )
         zero_masked_patches(frames, ratio, seeds, patch_h, patch_w)
         return x
     return MaskPatchesFunction.apply(frames, ratio, seeds, patch_h, patch_w).view(x.shape)

@@ -41,7 +41,6 @@ import re
 import statistics
 import time
 from pathlib import Path
-from typing import Optional
 
 import pytest
 import torch
@@ -72,8 +71,9 @@ class _BenchSession:
         self.cases.setdefault(suite, {}).setdefault(case.id, case)
         self.timings.setdefault(suite, {})[case.id, implementation] = timing
 
-    def record_interleaved(self, suite: str, case: Case, comparison: Comparison,
-                           ratio: report.InterleavedRatio) -> None:
+    def record_interleaved(
+        self, suite: str, case: Case, comparison: Comparison, ratio: report.InterleavedRatio
+    ) -> None:
         key = (case.id, comparison.candidate, comparison.baseline)
         self.interleaved.setdefault(suite, {})[key] = ratio
 
@@ -90,17 +90,30 @@ _SESSION = pytest.StashKey[_BenchSession]()
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("avkernels benchmarks")
-    group.addoption("--bench-quick", action="store_true",
-                    help="small smoke-test shapes; results are not saved unless "
-                         "--bench-results-dir is given")
-    group.addoption("--bench-results-dir", default=None,
-                    help=f"where to write the ratio files (default {RESULTS_DIR})")
-    group.addoption("--bench-no-save", action="store_true",
-                    help="print the ratio table only, write no files")
-    group.addoption("--bench-tag", default=None,
-                    help="device part of the result file names (default: 'cpu' or the GPU name)")
-    group.addoption("--bench-threads", type=int, default=None,
-                    help="torch.set_num_threads for the run (default: torch's own choice)")
+    group.addoption(
+        "--bench-quick",
+        action="store_true",
+        help="small smoke-test shapes; results are not saved unless --bench-results-dir is given",
+    )
+    group.addoption(
+        "--bench-results-dir",
+        default=None,
+        help=f"where to write the ratio files (default {RESULTS_DIR})",
+    )
+    group.addoption(
+        "--bench-no-save", action="store_true", help="print the ratio table only, write no files"
+    )
+    group.addoption(
+        "--bench-tag",
+        default=None,
+        help="device part of the result file names (default: 'cpu' or the GPU name)",
+    )
+    group.addoption(
+        "--bench-threads",
+        type=int,
+        default=None,
+        help="torch.set_num_threads for the run (default: torch's own choice)",
+    )
 
 
 # mallopt(3) parameters and values: keep freed memory in the heap instead of unmapping it.
@@ -117,16 +130,21 @@ def _steady_malloc() -> bool:
     except (OSError, AttributeError, TypeError):  # not glibc (macOS, musl without mallopt, ...)
         return False
     return bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)) and bool(
-        mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+        mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
     _steady_malloc()
-    config.addinivalue_line("markers", "bench_cases(factory): parametrise a benchmark over "
-                                       "every (case, implementation) of factory(quick)")
+    config.addinivalue_line(
+        "markers",
+        "bench_cases(factory): parametrise a benchmark over "
+        "every (case, implementation) of factory(quick)",
+    )
     config.stash[_SESSION] = _BenchSession()
     config.addinivalue_line(  # raised inside Inductor's compile, not by the code measured
-        "filterwarnings", "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+        "filterwarnings", "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"
+    )
     if config.getoption("bench_threads"):
         torch.set_num_threads(config.getoption("bench_threads"))
     # One function (e.g. BN -> ReLU) is compiled for many static shapes: past Dynamo's default
@@ -151,15 +169,20 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize(names, [pytest.param(None, None, id="skipped")])
         return
     cases = marker.kwargs["factory"](metafunc.config.getoption("bench_quick"))
-    metafunc.parametrize(names, [
-        pytest.param(case, key, id=f"{case.id}-{key}")
-        for case in cases for key in case.implementations
-    ])
+    metafunc.parametrize(
+        names,
+        [
+            pytest.param(case, key, id=f"{case.id}-{key}")
+            for case in cases
+            for key in case.implementations
+        ],
+    )
 
 
 def _skipped(metafunc: pytest.Metafunc) -> bool:
-    return any(mark.args and mark.args[0] is True
-               for mark in metafunc.definition.iter_markers("skipif"))
+    return any(
+        mark.args and mark.args[0] is True for mark in metafunc.definition.iter_markers("skipif")
+    )
 
 
 @pytest.fixture
@@ -183,7 +206,8 @@ def compare(benchmark, request):
             _synchronize(case.device)
         benchmark.group = case.title
         benchmark.extra_info.update(
-            implementation=case.implementations[implementation].label, calls_per_round=calls)
+            implementation=case.implementations[implementation].label, calls_per_round=calls
+        )
         benchmark(timed_round)
         if benchmark.stats is None:  # --benchmark-disable: checked and run once, not timed
             return
@@ -198,8 +222,12 @@ def compare(benchmark, request):
                 continue
             baseline = case.implementations[comparison.baseline].build()
             ratio = _interleaved_ratio(
-                step, baseline, case, float(options("benchmark_max_time")),
-                max(int(options("benchmark_min_rounds")), INTERLEAVED_MIN_ROUNDS))
+                step,
+                baseline,
+                case,
+                float(options("benchmark_max_time")),
+                max(int(options("benchmark_min_rounds")), INTERLEAVED_MIN_ROUNDS),
+            )
             session.record_interleaved(suite, case, comparison, ratio)
 
     return run
@@ -210,8 +238,9 @@ def compare(benchmark, request):
 INTERLEAVED_MIN_ROUNDS = 20
 
 
-def _interleaved_ratio(candidate: Step, baseline: Step, case: Case, seconds: float,
-                       min_rounds: int) -> report.InterleavedRatio:
+def _interleaved_ratio(
+    candidate: Step, baseline: Step, case: Case, seconds: float, min_rounds: int
+) -> report.InterleavedRatio:
     """Median candidate round / median baseline round, the implementations alternating.
 
     Each timed round follows an untimed round of the same step, so each implementation is timed
@@ -222,6 +251,7 @@ def _interleaved_ratio(candidate: Step, baseline: Step, case: Case, seconds: flo
     channels_last BN+ReLU training, TrackedBN took 600 us after itself and 667 us after
     nn.BatchNorm2d -> ReLU, which took 734 and 742 us (2-core VM with about 20 MiB of usable L3).
     """
+
     def timed(step: Step) -> float:
         start = time.perf_counter()
         for _ in range(case.calls_per_round):
@@ -253,8 +283,9 @@ def _checked_step(case: Case, implementation: str):
         case.check(actual, expected)
     except AssertionError as error:
         label = case.implementations[implementation].label
-        raise AssertionError(f"{label} on {case.title} does not match the reference: {error}") \
-            from None
+        raise AssertionError(
+            f"{label} on {case.title} does not match the reference: {error}"
+        ) from None
     return step
 
 
@@ -284,7 +315,7 @@ def _suite_name(path: Path) -> str:
     return re.sub(r"^test_(bench_)?", "", path.stem)
 
 
-def _results_dir(config: pytest.Config) -> Optional[Path]:
+def _results_dir(config: pytest.Config) -> Path | None:
     if config.getoption("bench_no_save"):
         return None
     explicit = config.getoption("bench_results_dir")
@@ -316,6 +347,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
             terminalreporter.write_line(f"Warning: {warning}", yellow=True)
         terminalreporter.write_line(report.markdown(rows))
         if directory is not None:
-            written = report.write(directory, f"{suite}_{_device_tag(config)}", suite, env, rows,
-                                   report.timing_rows(cases.values(), timings))
+            written = report.write(
+                directory,
+                f"{suite}_{_device_tag(config)}",
+                suite,
+                env,
+                rows,
+                report.timing_rows(cases.values(), timings),
+            )
             terminalreporter.write_line("written: " + ", ".join(map(str, written)))

@@ -8,7 +8,7 @@ reported, optionally with a target the candidate should stay at or under.
 
 A benchmark module declares its cases with a factory and one line of test body::
 
-    @pytest.mark.bench_cases(factory=my_cases)   # my_cases(quick: bool) -> list[Case]
+    @pytest.mark.bench_cases(factory=my_cases)  # my_cases(quick: bool) -> list[Case]
     def test_my_op(compare, case, implementation):
         compare(case, implementation)
 
@@ -18,8 +18,8 @@ check, warm-up and timing, and at the end of the session prints and saves the ra
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Mapping, Optional
 
 import torch
 from torch import Tensor
@@ -58,7 +58,7 @@ class Comparison:
 
     candidate: str
     baseline: str
-    target: Optional[float] = None
+    target: float | None = None
     interleave: bool = False
 
     @property
@@ -67,7 +67,7 @@ class Comparison:
 
 
 def assert_results_close(
-    actual: Result, expected: Result, atol: Optional[Mapping[str, float]] = None
+    actual: Result, expected: Result, atol: Mapping[str, float] | None = None
 ) -> None:
     """Every tensor of ``actual`` matches the tensor of the same name in ``expected``.
 
@@ -86,19 +86,24 @@ def assert_results_close(
         message = f"{name}: {{}}".format
         if value.dim() == 4:
             formats = [
-                "channels_last" if t.is_contiguous(memory_format=torch.channels_last)
-                and not t.is_contiguous() else "contiguous" for t in (value, reference)
+                "channels_last"
+                if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+                else "contiguous"
+                for t in (value, reference)
             ]
             assert formats[0] == formats[1], message(
-                f"memory format {formats[0]}, the reference has {formats[1]}")
+                f"memory format {formats[0]}, the reference has {formats[1]}"
+            )
         if value.is_floating_point():
             tolerance = _float_tolerance(reference.dtype)
-            torch.testing.assert_close(value, reference, rtol=tolerance,
-                                       atol=atol.get(name, tolerance), msg=message)
+            torch.testing.assert_close(
+                value, reference, rtol=tolerance, atol=atol.get(name, tolerance), msg=message
+            )
         else:
             allowed = atol.get(name, 0)
             assert value.dtype == reference.dtype, message(
-                f"dtype {value.dtype}, the reference has {reference.dtype}")
+                f"dtype {value.dtype}, the reference has {reference.dtype}"
+            )
             worst = (value.long() - reference.long()).abs().max().item() if value.numel() else 0
             assert worst <= allowed, message(f"counts differ by up to {worst} (allowed {allowed})")
 
@@ -139,7 +144,7 @@ class Case:
     reference: Callable[[], Step]
     comparisons: tuple[Comparison, ...]
     check: Callable[[Result, Result], None] = assert_results_close
-    roofline_bytes: Optional[int] = None
+    roofline_bytes: int | None = None
     calls_per_round: int = 1
     warmup_calls: int = 3
 
@@ -148,4 +153,5 @@ class Case:
             for side in (comparison.candidate, comparison.baseline):
                 if side not in self.implementations:
                     raise ValueError(
-                        f"case {self.id}: comparison names unknown implementation {side!r}")
+                        f"case {self.id}: comparison names unknown implementation {side!r}"
+                    )

@@ -32,13 +32,23 @@ def plot_ratios(json_path: Path, png_path: Path) -> Path:
     figure, axes = plt.subplots(figsize=(10, 1.0 + 0.45 * max(len(rows), 1)))
     positions = range(len(rows))
     # Bars grow from parity: right of 1x the candidate is slower, left of it faster.
-    axes.barh(positions, [row["ratio"] - 1 for row in rows], left=1,
-              color=[COLORS.get(row["status"], NO_TARGET_COLOR) for row in rows])
+    axes.barh(
+        positions,
+        [row["ratio"] - 1 for row in rows],
+        left=1,
+        color=[COLORS.get(row["status"], NO_TARGET_COLOR) for row in rows],
+    )
     for position, row in zip(positions, rows):
         if row["target"] is not None:
             axes.plot([row["target"]] * 2, [position - 0.4, position + 0.4], color="black", lw=2)
-        axes.text(row["ratio"], position, f" {row['ratio']:.2f}x ", va="center", fontsize=7,
-                  ha="left" if row["ratio"] >= 1 else "right")
+        axes.text(
+            row["ratio"],
+            position,
+            f" {row['ratio']:.2f}x ",
+            va="center",
+            fontsize=7,
+            ha="left" if row["ratio"] >= 1 else "right",
+        )
     axes.axvline(1.0, color="black", linestyle="--", linewidth=0.8)
     axes.set_xscale("log")  # ratios are multiplicative: 0.5x and 2x sit equally far from 1x
     axes.margins(x=0.12)  # room for the labels at the bar ends
@@ -46,8 +56,11 @@ def plot_ratios(json_path: Path, png_path: Path) -> Path:
     axes.set_yticks(list(positions), labels, fontsize=6)
     axes.invert_yaxis()  # first comparison on top, as in the table
     env = report["environment"]
-    device = (env["cuda"]["device"] if env["cuda"]
-              else f"{env['cpu']}, torch threads: {env['torch_threads']}")
+    device = (
+        env["cuda"]["device"]
+        if env["cuda"]
+        else f"{env['cpu']}, torch threads: {env['torch_threads']}"
+    )
     axes.set_xlabel("time ratio, candidate / baseline (lower is better; black tick: target)")
     axes.set_title(f"{report['suite']}: {device}, torch {env['torch']}, {env['date']}", fontsize=9)
     figure.tight_layout()

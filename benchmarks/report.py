@@ -14,11 +14,11 @@ import os
 import platform
 import shlex
 import subprocess
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Iterable, Optional
 
 import torch
 
@@ -37,15 +37,20 @@ class Timing:
     stddev: float
     rounds: int
     calls_per_round: int
-    roofline_fraction: Optional[float]  # CUDA: roofline time / median, else None
+    roofline_fraction: float | None  # CUDA: roofline time / median, else None
 
     @classmethod
-    def from_stats(cls, stats, calls_per_round: int, roofline_seconds: Optional[float]) -> "Timing":
-        per_call = [getattr(stats, name) / calls_per_round
-                    for name in ("median", "min", "mean", "stddev")]
+    def from_stats(cls, stats, calls_per_round: int, roofline_seconds: float | None) -> Timing:
+        per_call = [
+            getattr(stats, name) / calls_per_round for name in ("median", "min", "mean", "stddev")
+        ]
         fraction = None if roofline_seconds is None else roofline_seconds / per_call[0]
-        return cls(*per_call, rounds=stats.rounds, calls_per_round=calls_per_round,
-                   roofline_fraction=fraction)
+        return cls(
+            *per_call,
+            rounds=stats.rounds,
+            calls_per_round=calls_per_round,
+            roofline_fraction=fraction,
+        )
 
 
 @dataclass(frozen=True)
@@ -56,8 +61,11 @@ class InterleavedRatio:
     rounds: int  # rounds of each side
 
 
-def comparison_rows(cases: Iterable[Case], timings: dict[tuple[str, str], Timing],
-                    interleaved: dict[tuple[str, str, str], InterleavedRatio]) -> list[dict]:
+def comparison_rows(
+    cases: Iterable[Case],
+    timings: dict[tuple[str, str], Timing],
+    interleaved: dict[tuple[str, str, str], InterleavedRatio],
+) -> list[dict]:
     """One row per comparison of every case that had at least one implementation timed.
 
     ``timings`` maps (case id, implementation id) to its :class:`Timing`; ``interleaved``
@@ -84,37 +92,44 @@ def comparison_rows(cases: Iterable[Case], timings: dict[tuple[str, str], Timing
                 status = ""
             else:
                 status = MET if ratio <= comparison.target else MISSED
-            rows.append({
-                "case": case.title,
-                "case_id": case.id,
-                "candidate": case.implementations[comparison.candidate].label,
-                "baseline": case.implementations[comparison.baseline].label,
-                "candidate_s": candidate.median if candidate else None,
-                "baseline_s": baseline.median if baseline else None,
-                "ratio": ratio,
-                "timing": "separate" if paired is None else "interleaved",
-                "interleaved_rounds": None if paired is None else paired.rounds,
-                "ratio_min": ratio_min,
-                "target": comparison.target,
-                "status": status,
-                "candidate_roofline": candidate.roofline_fraction if candidate else None,
-                "baseline_roofline": baseline.roofline_fraction if baseline else None,
-            })
+            rows.append(
+                {
+                    "case": case.title,
+                    "case_id": case.id,
+                    "candidate": case.implementations[comparison.candidate].label,
+                    "baseline": case.implementations[comparison.baseline].label,
+                    "candidate_s": candidate.median if candidate else None,
+                    "baseline_s": baseline.median if baseline else None,
+                    "ratio": ratio,
+                    "timing": "separate" if paired is None else "interleaved",
+                    "interleaved_rounds": None if paired is None else paired.rounds,
+                    "ratio_min": ratio_min,
+                    "target": comparison.target,
+                    "status": status,
+                    "candidate_roofline": candidate.roofline_fraction if candidate else None,
+                    "baseline_roofline": baseline.roofline_fraction if baseline else None,
+                }
+            )
     return rows
 
 
 def timing_rows(cases: Iterable[Case], timings: dict[tuple[str, str], Timing]) -> list[dict]:
     """Every timed implementation (per-call seconds), for the JSON file."""
     return [
-        {"case": case.title, "case_id": case.id, "implementation": key,
-         "label": impl.label, **asdict(timings[case.id, key])}
+        {
+            "case": case.title,
+            "case_id": case.id,
+            "implementation": key,
+            "label": impl.label,
+            **asdict(timings[case.id, key]),
+        }
         for case in cases
         for key, impl in case.implementations.items()
         if (case.id, key) in timings
     ]
 
 
-def _format_time(seconds: Optional[float]) -> str:
+def _format_time(seconds: float | None) -> str:
     if seconds is None:
         return "-"
     if seconds >= 1e-3:
@@ -122,34 +137,55 @@ def _format_time(seconds: Optional[float]) -> str:
     return f"{seconds * 1e6:.3g} us"
 
 
-def _format_percent(fraction: Optional[float]) -> str:
+def _format_percent(fraction: float | None) -> str:
     return "-" if fraction is None else f"{fraction:.0%}"
 
 
 def markdown(rows: list[dict]) -> str:
     """The ratio table; a missed target reads **MISSED** and is summarised under the table."""
     with_roofline = any(row["candidate_roofline"] is not None for row in rows)
-    header = ["Case", "Candidate", "Baseline", "Baseline time", "Candidate time",
-              "Ratio", "Target", "Status"]
+    header = [
+        "Case",
+        "Candidate",
+        "Baseline",
+        "Baseline time",
+        "Candidate time",
+        "Ratio",
+        "Target",
+        "Status",
+    ]
     if with_roofline:
         header.append("Roofline (candidate / baseline)")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         status = f"**{row['status']}**" if row["status"] == MISSED else row["status"]
         cells = [
-            row["case"], row["candidate"], row["baseline"], _format_time(row["baseline_s"]),
+            row["case"],
+            row["candidate"],
+            row["baseline"],
+            _format_time(row["baseline_s"]),
             _format_time(row["candidate_s"]),
-            "-" if row["ratio"] is None else
-            f"{row['ratio']:.2f}x" + ("\u2020" if row["timing"] == "interleaved" else ""),
-            "-" if row["target"] is None else f"<= {row['target']:.2f}x", status,
+            "-"
+            if row["ratio"] is None
+            else f"{row['ratio']:.2f}x" + ("\u2020" if row["timing"] == "interleaved" else ""),
+            "-" if row["target"] is None else f"<= {row['target']:.2f}x",
+            status,
         ]
         if with_roofline:
-            cells.append(f"{_format_percent(row['candidate_roofline'])} / "
-                         f"{_format_percent(row['baseline_roofline'])}")
+            cells.append(
+                f"{_format_percent(row['candidate_roofline'])} / "
+                f"{_format_percent(row['baseline_roofline'])}"
+            )
         lines.append("| " + " | ".join(cells) + " |")
-    legend = ("\u2020 timed interleaved with its baseline (each timed round after an untimed one of the same step); other ratios "
-              "compare separate runs.\n\n") if any(row["timing"] == "interleaved"
-                                                   for row in rows) else ""
+    legend = (
+        (
+            "\u2020 timed interleaved with its baseline (each timed round after an untimed one of "
+            "the same step); other ratios "
+            "compare separate runs.\n\n"
+        )
+        if any(row["timing"] == "interleaved" for row in rows)
+        else ""
+    )
     return "\n".join(lines) + "\n\n" + legend + target_summary(rows) + "\n"
 
 
@@ -163,12 +199,15 @@ def target_summary(rows: list[dict]) -> str:
     if missed:
         text += " MISSED: " + "; ".join(
             f"{row['case']}: {row['candidate']} vs {row['baseline']} "
-            f"{row['ratio']:.2f}x > {row['target']:.2f}x" for row in missed)
+            f"{row['ratio']:.2f}x > {row['target']:.2f}x"
+            for row in missed
+        )
     return text
 
 
-def environment(config, load_at_start: tuple[float, float, float],
-                copy_bandwidth: dict[str, float]) -> dict:
+def environment(
+    config, load_at_start: tuple[float, float, float], copy_bandwidth: dict[str, float]
+) -> dict:
     """Where and how the figures were measured."""
     benchmark_options = {
         name: config.getoption(f"benchmark_{name}", None)
@@ -183,8 +222,9 @@ def environment(config, load_at_start: tuple[float, float, float],
             "memory_GiB": round(properties.total_memory / 2**30, 1),
             "cuda": torch.version.cuda,
             "cudnn": torch.backends.cudnn.version(),
-            "copy_bandwidth_GBps": {device: round(bandwidth / 1e9, 1)
-                                    for device, bandwidth in copy_bandwidth.items()},
+            "copy_bandwidth_GBps": {
+                device: round(bandwidth / 1e9, 1) for device, bandwidth in copy_bandwidth.items()
+            },
         }
     from avkernels import HAS_EXTENSION
 
@@ -209,10 +249,16 @@ def environment(config, load_at_start: tuple[float, float, float],
 
 def environment_markdown(env: dict) -> str:
     cuda = env["cuda"]
-    device = "CPU only" if cuda is None else (
-        f"{cuda['device']} (CUDA {cuda['cuda']}, cuDNN {cuda['cudnn']}, measured copy bandwidth "
-        + ", ".join(f"{dev}: {bw} GB/s" for dev, bw in cuda["copy_bandwidth_GBps"].items())
-        + ")")
+    device = (
+        "CPU only"
+        if cuda is None
+        else (
+            f"{cuda['device']} (CUDA {cuda['cuda']}, cuDNN {cuda['cudnn']}, "
+            "measured copy bandwidth "
+            + ", ".join(f"{dev}: {bw} GB/s" for dev, bw in cuda["copy_bandwidth_GBps"].items())
+            + ")"
+        )
+    )
     lines = [
         f"- Date (UTC): {env['date']}",
         f"- Command: `{env['command']}`",
@@ -222,8 +268,8 @@ def environment_markdown(env: dict) -> str:
         f"- Versions: python {env['python']}, torch {env['torch']}, triton {env['triton']}, "
         f"pytest-benchmark {env['pytest_benchmark']}; avkernels C++ extension loaded: "
         f"{env['avkernels_cpp_extension']}; git {env['git']}",
-        "- pytest-benchmark options: " + ", ".join(
-            f"{key}={value}" for key, value in env["benchmark_options"].items()),
+        "- pytest-benchmark options: "
+        + ", ".join(f"{key}={value}" for key, value in env["benchmark_options"].items()),
     ]
     warnings = load_warnings(env)
     return "\n".join(lines + [f"- **Warning:** {text}" for text in warnings]) + "\n"
@@ -237,25 +283,35 @@ def load_warnings(env: dict) -> list[str]:
     if env["load_average_at_start"][0] >= 1.0:
         warnings.append(
             f"the 1-minute load average was {env['load_average_at_start'][0]} when the run "
-            "started: other work shared the CPU, figures may be noisy.")
+            "started: other work shared the CPU, figures may be noisy."
+        )
     if not env["avkernels_cpp_extension"]:
-        warnings.append("the avkernels C++ extension was not loaded: CPU figures are the "
-                        "PyTorch reference path, not the kernels.")
+        warnings.append(
+            "the avkernels C++ extension was not loaded: CPU figures are the "
+            "PyTorch reference path, not the kernels."
+        )
     return warnings
 
 
-def write(directory: Path, stem: str, suite: str, env: dict, rows: list[dict],
-          timings: list[dict]) -> list[Path]:
+def write(
+    directory: Path, stem: str, suite: str, env: dict, rows: list[dict], timings: list[dict]
+) -> list[Path]:
     """Write ``<stem>.json``, ``<stem>.md`` and (with matplotlib) ``<stem>.png``; return them."""
     directory.mkdir(parents=True, exist_ok=True)
     json_path, md_path = directory / f"{stem}.json", directory / f"{stem}.md"
-    json_path.write_text(json.dumps(
-        {"suite": suite, "environment": env, "comparisons": rows, "timings": timings},
-        indent=2) + "\n")
+    json_path.write_text(
+        json.dumps(
+            {"suite": suite, "environment": env, "comparisons": rows, "timings": timings}, indent=2
+        )
+        + "\n"
+    )
     md_path.write_text(
         f"# Benchmark ratios: {suite}\n\nRatio = candidate time / baseline time (medians per "
         "call, measured in the same run); a target is met when the ratio is at or under it.\n\n"
-        + environment_markdown(env) + "\n" + markdown(rows))
+        + environment_markdown(env)
+        + "\n"
+        + markdown(rows)
+    )
     written = [json_path, md_path]
     if importlib.util.find_spec("matplotlib") is None:  # no plot: the tables are the report
         return written
@@ -276,21 +332,28 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def _version(distribution: str) -> Optional[str]:
+def _version(distribution: str) -> str | None:
     try:
         return metadata.version(distribution)
     except metadata.PackageNotFoundError:
         return None
 
 
-def _git_revision(root: Path) -> Optional[str]:
+def _git_revision(root: Path) -> str | None:
     """``<commit>`` or ``<commit>+dirty`` (tracked files modified), None outside a checkout."""
     try:
-        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-                                capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain",
-                                "--untracked-files=no"],
-                               capture_output=True, text=True, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
     return commit + ("+dirty" if dirty else "")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+
 import pytest
 import torch
 import torchvision
@@ -33,7 +34,10 @@ CPU_SHAPES = ((32, 64, 56, 56), (32, 128, 28, 28), (32, 512, 7, 7))
 GPU_SHAPES = ((64, 64, 56, 56), (64, 128, 28, 28), (64, 256, 14, 14), (64, 512, 7, 7))
 QUICK_SHAPES = ((4, 32, 12, 12),)
 CPU_NETWORK_INPUT, GPU_NETWORK_INPUT, QUICK_NETWORK_INPUT = (
-    (8, 3, 112, 112), (64, 3, 224, 224), (2, 3, 64, 64))
+    (8, 3, 112, 112),
+    (64, 3, 224, 224),
+    (2, 3, 64, 64),
+)
 GRANULARITIES = ("layer", "channel")
 # Issue targets: ABRi time / baseline time at most this.
 TARGETS = {"cpu": {"official": 0.5, "bn": 1.1}, "cuda": {"official": 0.4, "bn": 1.05}}
@@ -67,9 +71,11 @@ class Setting:
     def describe(self) -> tuple[str, str]:
         size = "x".join(map(str, self.shape))
         what = "resnet18" if self.network else "layer"
-        return (f"{what}-{size}-{self.granularity}-{self.device}",
-                f"{'ResNet-18' if self.network else 'ABRi layer'} train fwd+bwd ({size}) "
-                f"float32 alpha per {self.granularity} {self.device}")
+        return (
+            f"{what}-{size}-{self.granularity}-{self.device}",
+            f"{'ResNet-18' if self.network else 'ABRi layer'} train fwd+bwd ({size}) "
+            f"float32 alpha per {self.granularity} {self.device}",
+        )
 
 
 @functools.lru_cache(maxsize=1)  # a setting's tests run one after another: keep only its inputs
@@ -82,8 +88,11 @@ def _inputs(setting: Setting) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         model = torchvision.models.resnet18(num_classes=NETWORK_CLASSES)
         grad_y = torch.randn(setting.shape[0], NETWORK_CLASSES, generator=generator)
         state = model.state_dict()
-        return x.requires_grad_(), grad_y.to(setting.device), {
-            k: v.to(setting.device) for k, v in state.items()}
+        return (
+            x.requires_grad_(),
+            grad_y.to(setting.device),
+            {k: v.to(setting.device) for k, v in state.items()},
+        )
     channels = setting.shape[1]
     state = {
         "weight": 1 + 0.5 * torch.randn(channels, generator=generator),
@@ -150,13 +159,21 @@ def _step(setting: Setting, model: nn.Module) -> Step:
     else:
         layer = model[0]
         if isinstance(layer, OfficialABRi):
-            wrt.update(grad_weight=layer.bn.weight, grad_bias=layer.bn.bias,
-                       grad_abri_weight=layer.bn_addition.weight,
-                       grad_abri_bias=layer.bn_addition.bias, grad_abri_alpha=layer.fusion_weight)
+            wrt.update(
+                grad_weight=layer.bn.weight,
+                grad_bias=layer.bn.bias,
+                grad_abri_weight=layer.bn_addition.weight,
+                grad_abri_bias=layer.bn_addition.bias,
+                grad_abri_alpha=layer.fusion_weight,
+            )
         elif isinstance(layer, TrackedBN):
-            wrt.update(grad_weight=layer.weight, grad_bias=layer.bias,
-                       grad_abri_weight=layer.abri_weight, grad_abri_bias=layer.abri_bias,
-                       grad_abri_alpha=layer.abri_alpha)
+            wrt.update(
+                grad_weight=layer.weight,
+                grad_bias=layer.bias,
+                grad_abri_weight=layer.abri_weight,
+                grad_abri_bias=layer.abri_bias,
+                grad_abri_alpha=layer.abri_alpha,
+            )
         else:  # the plain BN: its affine gradients are of the blended affine, computed not checked
             wrt.update(_weight=layer.weight, _bias=layer.bias)
 
@@ -164,8 +181,13 @@ def _step(setting: Setting, model: nn.Module) -> Step:
         y = model(x)
         grads = torch.autograd.grad(y, list(wrt.values()), grad_y)
         result = {"y": y}
-        result.update({name: g.flatten() if name == "grad_abri_alpha" else g
-                       for name, g in zip(wrt, grads) if not name.startswith("_")})
+        result.update(
+            {
+                name: g.flatten() if name == "grad_abri_alpha" else g
+                for name, g in zip(wrt, grads)
+                if not name.startswith("_")
+            }
+        )
         if not setting.network:
             result.update(_running_stats(model[0]))
         return result
@@ -175,13 +197,17 @@ def _step(setting: Setting, model: nn.Module) -> Step:
 
 def _running_stats(layer: nn.Module) -> Result:
     if isinstance(layer, OfficialABRi):
-        return {"running_mean": layer.bn.running_mean, "running_var": layer.bn.running_var,
-                "abri_running_mean": layer.bn_addition.running_mean,
-                "abri_running_var": layer.bn_addition.running_var}
+        return {
+            "running_mean": layer.bn.running_mean,
+            "running_var": layer.bn.running_var,
+            "abri_running_mean": layer.bn_addition.running_mean,
+            "abri_running_var": layer.bn_addition.running_var,
+        }
     stats = {"running_mean": layer.running_mean, "running_var": layer.running_var}
     if isinstance(layer, TrackedBN):
-        stats.update(abri_running_mean=layer.abri_running_mean,
-                     abri_running_var=layer.abri_running_var)
+        stats.update(
+            abri_running_mean=layer.abri_running_mean, abri_running_var=layer.abri_running_var
+        )
     return stats
 
 
@@ -190,15 +216,21 @@ def _case(setting: Setting) -> Case:
     device = "cpu" if setting.device == "cpu" else "cuda"
     targets = TARGETS[device]
     implementations = {
-        "official": Implementation("official ABRi (2x nn.BatchNorm2d + blend)",
-                                   lambda: _step(setting, _official_model(setting))),
-        "abri": Implementation("TrackedBN.enable_abri()",
-                               lambda: _step(setting, _abri_model(setting))),
-        "bn": Implementation("nn.BatchNorm2d (blended affine)",
-                             lambda: _step(setting, _plain_model(setting))),
+        "official": Implementation(
+            "official ABRi (2x nn.BatchNorm2d + blend)",
+            lambda: _step(setting, _official_model(setting)),
+        ),
+        "abri": Implementation(
+            "TrackedBN.enable_abri()", lambda: _step(setting, _abri_model(setting))
+        ),
+        "bn": Implementation(
+            "nn.BatchNorm2d (blended affine)", lambda: _step(setting, _plain_model(setting))
+        ),
     }
-    comparisons = (Comparison("abri", "official", None if setting.network else targets["official"]),
-                   Comparison("abri", "bn", None if setting.network else targets["bn"]))
+    comparisons = (
+        Comparison("abri", "official", None if setting.network else targets["official"]),
+        Comparison("abri", "bn", None if setting.network else targets["bn"]),
+    )
     return Case(
         id=setting_id,
         title=title,
@@ -211,8 +243,11 @@ def _case(setting: Setting) -> Case:
 
 
 def _cases(layer_shapes, network_input, device: str) -> list[Case]:
-    cases = [_case(Setting(shape, device, granularity, network=False))
-             for shape in layer_shapes for granularity in GRANULARITIES]
+    cases = [
+        _case(Setting(shape, device, granularity, network=False))
+        for shape in layer_shapes
+        for granularity in GRANULARITIES
+    ]
     return cases + [_case(Setting(network_input, device, "layer", network=True))]
 
 
@@ -234,8 +269,10 @@ def test_abri_cpu(compare, case, implementation):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(),
-                    reason="GPU ABRi benchmarks need CUDA (torch.cuda.is_available() is False)")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="GPU ABRi benchmarks need CUDA (torch.cuda.is_available() is False)",
+)
 @pytest.mark.bench_cases(factory=gpu_cases)
 def test_abri_gpu(compare, case, implementation):
     compare(case, implementation)

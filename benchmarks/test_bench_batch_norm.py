@@ -13,7 +13,8 @@ forward) two cases:
 Every implementation is first checked against an eager PyTorch reference (BN, dead counts
 computed from its output, ReLU): output, gradients of input/weight/bias, running statistics and
 the dead counts, whichever the implementation produces. Training steps backpropagate a real,
-materialised gradient (``randn`` in the output's memory format), never ``y.sum()`` (docs/DESIGN.md, "Performance model").
+materialised gradient (``randn`` in the output's memory format), never ``y.sum()``
+(docs/DESIGN.md, "Performance model").
 GPU cases also report each time as a fraction of the memory roofline (3-pass forward, 5-pass
 backward, 2-pass eval) at the GPU's measured copy bandwidth.
 """
@@ -21,8 +22,8 @@ backward, 2-pass eval) at the GPU's measured copy bandwidth.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import pytest
 import torch
@@ -39,8 +40,9 @@ MEMORY_FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channe
 CPU_TARGET_TRACKED = 1.0  # TrackedBN with statistics vs nn.BatchNorm2d without them
 CPU_TARGET_RELU = 0.85  # TrackedBN(activation="relu") vs nn.BatchNorm2d -> ReLU
 GPU_CALLS_PER_ROUND = 10
-# Memory passes over the activation (docs/DESIGN.md, "Performance model"): forward 3 (statistics, then read + write),
-# backward 5 (reduce dy and x, then read both and write dx); eval 2. ReLU adds none.
+# Memory passes over the activation (docs/DESIGN.md, "Performance model"): forward 3
+# (statistics, then read + write), backward 5 (reduce dy and x, then read both and write dx);
+# eval 2. ReLU adds none.
 TRAIN_PASSES, EVAL_PASSES = 3 + 5, 2
 # Inputs keep every pre-activation value at least this far from 0, so that the ReLU mask and the
 # dead counts have one right answer: within float32 rounding of 0 a correct kernel may land on
@@ -65,9 +67,11 @@ class Setting:
         mode = "train" if self.training else "eval"
         dtype = str(self.dtype).removeprefix("torch.")
         size = "x".join(map(str, self.shape))
-        return (f"{mode}-{size}-{dtype}-{self.memory_format}-{self.device}",
-                f"{'train fwd+bwd' if self.training else 'eval fwd'} ({size}) {dtype} "
-                f"{self.memory_format} {self.device}")
+        return (
+            f"{mode}-{size}-{dtype}-{self.memory_format}-{self.device}",
+            f"{'train fwd+bwd' if self.training else 'eval fwd'} ({size}) {dtype} "
+            f"{self.memory_format} {self.device}",
+        )
 
 
 @dataclass(frozen=True)
@@ -97,12 +101,16 @@ def _inputs(setting: Setting) -> Inputs:
 
     def activation(values: Tensor) -> Tensor:
         return values.to(setting.device, setting.dtype).contiguous(
-            memory_format=MEMORY_FORMATS[setting.memory_format])
+            memory_format=MEMORY_FORMATS[setting.memory_format]
+        )
 
     x = _off_relu_boundary(randn(*setting.shape), state, setting)
     grad_y = activation(randn(*setting.shape))
-    return Inputs(activation(x).requires_grad_(setting.training), grad_y,
-                  {k: v.to(setting.device) for k, v in state.items()})
+    return Inputs(
+        activation(x).requires_grad_(setting.training),
+        grad_y,
+        {k: v.to(setting.device) for k, v in state.items()},
+    )
 
 
 def _off_relu_boundary(x: Tensor, state: dict[str, Tensor], setting: Setting) -> Tensor:
@@ -132,8 +140,12 @@ def _layer(setting: Setting, layer_type: type, **kwargs) -> nn.Module:
     return layer.train(setting.training)
 
 
-def _step(setting: Setting, forward: Callable[[Tensor], Tensor], layer: nn.Module,
-          counters: dict[str, Tensor]) -> Step:
+def _step(
+    setting: Setting,
+    forward: Callable[[Tensor], Tensor],
+    layer: nn.Module,
+    counters: dict[str, Tensor],
+) -> Step:
     """One call: training forward + backward of a real gradient, or an eval forward.
 
     The result holds the output, the gradients, the running statistics and ``counters`` (the
@@ -142,9 +154,11 @@ def _step(setting: Setting, forward: Callable[[Tensor], Tensor], layer: nn.Modul
     inputs = _inputs(setting)
     x, grad_y = inputs.x, inputs.grad_y
     if not setting.training:
+
         def step() -> Result:
             with torch.no_grad():
                 return {"y": forward(x), **counters}
+
         return step
 
     wrt = (x, layer.weight, layer.bias)
@@ -152,29 +166,45 @@ def _step(setting: Setting, forward: Callable[[Tensor], Tensor], layer: nn.Modul
     def step() -> Result:
         y = forward(x)
         grad_x, grad_weight, grad_bias = torch.autograd.grad(y, wrt, grad_y)
-        return {"y": y, "grad_x": grad_x, "grad_weight": grad_weight, "grad_bias": grad_bias,
-                "running_mean": layer.running_mean, "running_var": layer.running_var,
-                **counters}
+        return {
+            "y": y,
+            "grad_x": grad_x,
+            "grad_weight": grad_weight,
+            "grad_bias": grad_bias,
+            "running_mean": layer.running_mean,
+            "running_var": layer.running_var,
+            **counters,
+        }
+
     return step
 
 
 def _tracked_bn(setting: Setting, relu: bool) -> Step:
     layer = _layer(setting, TrackedBN, activation="relu" if relu else None, track_dead=True)
-    counters = {"dead_count": layer.dead_count, "dead_sample_count": layer.dead_sample_count,
-                "seen": layer.seen}
+    counters = {
+        "dead_count": layer.dead_count,
+        "dead_sample_count": layer.dead_sample_count,
+        "seen": layer.seen,
+    }
     return _step(setting, layer, layer, counters)
 
 
-def _torch_bn(setting: Setting, relu: bool, dead_counts: bool = False,
-              compiled: bool = False) -> Step:
+def _torch_bn(
+    setting: Setting, relu: bool, dead_counts: bool = False, compiled: bool = False
+) -> Step:
     """nn.BatchNorm2d, optionally followed by PyTorch dead counts and an in-place ReLU."""
     layer = _layer(setting, nn.BatchNorm2d)
     n, channels, h, w = setting.shape
     counters = {}
     if dead_counts:
-        counters = {name: torch.zeros(size, dtype=torch.long, device=setting.device)
-                    for name, size in (("dead_count", channels), ("dead_sample_count", channels),
-                                       ("seen", 2))}
+        counters = {
+            name: torch.zeros(size, dtype=torch.long, device=setting.device)
+            for name, size in (
+                ("dead_count", channels),
+                ("dead_sample_count", channels),
+                ("seen", 2),
+            )
+        }
         seen_per_call = torch.tensor([n * h * w, n], device=setting.device)
 
     def forward(x: Tensor) -> Tensor:
@@ -198,9 +228,11 @@ def _case(setting: Setting, relu: bool) -> Case:
         implementations = {
             "bn_relu": Implementation("nn.BatchNorm2d -> ReLU", lambda: _torch_bn(setting, True)),
             "compiled_bn_relu": Implementation(
-                "torch.compile(BN -> ReLU)", lambda: _torch_bn(setting, True, compiled=True)),
-            "tracked_relu": Implementation('TrackedBN(activation="relu")',
-                                           lambda: _tracked_bn(setting, True)),
+                "torch.compile(BN -> ReLU)", lambda: _torch_bn(setting, True, compiled=True)
+            ),
+            "tracked_relu": Implementation(
+                'TrackedBN(activation="relu")', lambda: _tracked_bn(setting, True)
+            ),
         }
         comparisons = (
             Comparison("tracked_relu", "bn_relu", CPU_TARGET_RELU if on_cpu else None),
@@ -209,8 +241,10 @@ def _case(setting: Setting, relu: bool) -> Case:
     else:
         implementations = {
             "bn": Implementation("nn.BatchNorm2d", lambda: _torch_bn(setting, False)),
-            "bn_dead": Implementation("nn.BatchNorm2d + PyTorch dead counts",
-                                      lambda: _torch_bn(setting, False, dead_counts=True)),
+            "bn_dead": Implementation(
+                "nn.BatchNorm2d + PyTorch dead counts",
+                lambda: _torch_bn(setting, False, dead_counts=True),
+            ),
             "tracked": Implementation("TrackedBN", lambda: _tracked_bn(setting, False)),
         }
         comparisons = (
@@ -245,8 +279,11 @@ def _sum_tolerance(per_channel: int) -> dict[str, float]:
 def _cases(shapes, dtypes, device: str) -> list[Case]:
     return [
         _case(Setting(shape, dtype, memory_format, device, training), relu)
-        for shape in shapes for dtype in dtypes for memory_format in MEMORY_FORMATS
-        for training in (True, False) for relu in (False, True)
+        for shape in shapes
+        for dtype in dtypes
+        for memory_format in MEMORY_FORMATS
+        for training in (True, False)
+        for relu in (False, True)
     ]
 
 
@@ -264,9 +301,10 @@ def test_batch_norm_cpu(compare, case, implementation):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(),
-                    reason="GPU batch-norm benchmarks need CUDA (torch.cuda.is_available() is "
-                           "False)")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="GPU batch-norm benchmarks need CUDA (torch.cuda.is_available() is False)",
+)
 @pytest.mark.bench_cases(factory=gpu_cases)
 def test_batch_norm_gpu(compare, case, implementation):
     compare(case, implementation)

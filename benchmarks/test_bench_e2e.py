@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Optional
 
 import pytest
 import torch
@@ -56,9 +55,14 @@ TARGET = 1.03  # avkernels ABRi + FusT / plain BN
 GPU_CALLS_PER_ROUND = 3
 SGD = {"lr": 1e-3, "momentum": 0.9, "weight_decay": 1e-4}
 # Gradient names compared with the reference: the stems, the deepest convolution, the head.
-CHECKED_PARAMETERS = ("audio_net.conv1.weight", "visual_net.conv1.weight",
-                      "audio_net.layer4.1.conv2.weight", "visual_net.layer4.1.conv2.weight",
-                      "fusion_module.fc_out.weight", "fusion_module.fc_out.bias")
+CHECKED_PARAMETERS = (
+    "audio_net.conv1.weight",
+    "visual_net.conv1.weight",
+    "audio_net.layer4.1.conv2.weight",
+    "visual_net.layer4.1.conv2.weight",
+    "fusion_module.fc_out.weight",
+    "fusion_module.fc_out.bias",
+)
 # Each variant's relative error against a float64 run of the plain model may be twice PyTorch's
 # own (the plain model in the same precision) plus a floor: for the loss a few ulps of the dtype;
 # for gradients more, because a ReLU or max-pool decision within rounding of a tie (masked
@@ -66,8 +70,10 @@ CHECKED_PARAMETERS = ("audio_net.conv1.weight", "visual_net.conv1.weight",
 # gradient upstream of it. Measured here on the CPU case, float32: 2e-6 without a flip, up to
 # 3e-2 (PyTorch's own visual stem gradient) or 5e-3 (avkernels') with one. A wrong formula (an
 # unblended affine, a missing mask) is off by 5e-2 in the loss alone, O(1) in the gradients.
-RELATIVE_FLOOR = {torch.float32: {"loss": 1e-6, "grad": 1e-2},
-                  torch.bfloat16: {"loss": 1e-2, "grad": 5e-2}}
+RELATIVE_FLOOR = {
+    torch.float32: {"loss": 1e-6, "grad": 1e-2},
+    torch.bfloat16: {"loss": 1e-2, "grad": 5e-2},
+}
 
 
 @dataclass(frozen=True)
@@ -90,20 +96,28 @@ class Setting:
 
     def patch_settings(self) -> tuple[PatchSetting, PatchSetting]:
         """Masking settings of the audio (B, 1, T, F) and of the frames (B*T, 3, H, W)."""
-        return (PatchSetting("audio", (self.batch, 1, *self.audio_size), self.audio_patch, 1,
-                             "cpu"),
-                PatchSetting("frames", (self.batch * self.frames, 3, *self.frame_size),
-                             self.frame_patch, self.frames, "cpu"))
+        return (
+            PatchSetting("audio", (self.batch, 1, *self.audio_size), self.audio_patch, 1, "cpu"),
+            PatchSetting(
+                "frames",
+                (self.batch * self.frames, 3, *self.frame_size),
+                self.frame_patch,
+                self.frames,
+                "cpu",
+            ),
+        )
 
     def describe(self) -> tuple[str, str]:
         dtype = str(self.dtype).removeprefix("torch.")
         layout = "cl" if self.channels_last else "nchw"
         audio = "x".join(map(str, self.audio_size))
         frames = f"{self.frames}x" + "x".join(map(str, self.frame_size))
-        return (f"B{self.batch}-a{audio}-v{frames}-{dtype}-{layout}-{self.device}",
-                f"AVClassifier train step B={self.batch} audio {audio} frames {frames} "
-                f"{dtype}{' (autocast)' if self.dtype != torch.float32 else ''} "
-                f"{'channels_last' if self.channels_last else 'NCHW'} {self.device}")
+        return (
+            f"B{self.batch}-a{audio}-v{frames}-{dtype}-{layout}-{self.device}",
+            f"AVClassifier train step B={self.batch} audio {audio} frames {frames} "
+            f"{dtype}{' (autocast)' if self.dtype != torch.float32 else ''} "
+            f"{'channels_last' if self.channels_last else 'NCHW'} {self.device}",
+        )
 
 
 @dataclass
@@ -120,8 +134,7 @@ class Inputs:
 def _inputs(setting: Setting) -> Inputs:
     generator = torch.Generator().manual_seed(0)
     audio = torch.randn(setting.batch, 1, *setting.audio_size, generator=generator)
-    visual = torch.randn(setting.batch, 3, setting.frames, *setting.frame_size,
-                         generator=generator)
+    visual = torch.randn(setting.batch, 3, setting.frames, *setting.frame_size, generator=generator)
     if setting.channels_last:  # the frames (B*T, 3, H, W) the encoder sees: channels_last views
         audio = audio.contiguous(memory_format=torch.channels_last)
         visual = visual.contiguous(memory_format=torch.channels_last_3d)
@@ -131,8 +144,14 @@ def _inputs(setting: Setting) -> Inputs:
     # FusT masks one modality per sample: the visual ratio where the audio one is 0
     ratio_v = torch.where(ratio_a == 0, sample_ratios(setting.batch, seed=2).roll(1), 0.0)
     labels = torch.randint(0, CLASSES, (setting.batch,), generator=generator)
-    return Inputs(audio, visual, labels.to(setting.device),
-                  ratio_a.to(setting.device), ratio_v.to(setting.device), _pretrained_state())
+    return Inputs(
+        audio,
+        visual,
+        labels.to(setting.device),
+        ratio_a.to(setting.device),
+        ratio_v.to(setting.device),
+        _pretrained_state(),
+    )
 
 
 @functools.lru_cache(maxsize=1)
@@ -199,8 +218,14 @@ def _prepare(setting: Setting, model: nn.Module) -> nn.Module:
 # --- training steps -----------------------------------------------------------------------------
 
 
-def _train_step(setting: Setting, model: nn.Module, audio: Tensor, visual: Tensor,
-                optimizer: Optional[torch.optim.Optimizer], autocast: bool = True) -> Result:
+def _train_step(
+    setting: Setting,
+    model: nn.Module,
+    audio: Tensor,
+    visual: Tensor,
+    optimizer: torch.optim.Optimizer | None,
+    autocast: bool = True,
+) -> Result:
     """Forward, loss, backward (and the SGD update): the loss and the checked gradients.
     ``autocast=False``: in the model's dtype even for a bfloat16 setting (the float64 check)."""
     inputs = _inputs(setting)
@@ -218,7 +243,7 @@ def _train_step(setting: Setting, model: nn.Module, audio: Tensor, visual: Tenso
     return result
 
 
-def _step(setting: Setting, model: nn.Module, masking: Optional[str]) -> Step:
+def _step(setting: Setting, model: nn.Module, masking: str | None) -> Step:
     """The timed step of ``model``; ``masking``: None, "official" or "avkernels"."""
     inputs = _inputs(setting)
     model = _prepare(setting, model)
@@ -242,8 +267,9 @@ def _step(setting: Setting, model: nn.Module, masking: Optional[str]) -> Step:
                 copied.synchronize()
             official_numpy_mask_(batch_audio, ratios_a, *_grid_and_patch(setting, "audio"))
             for frame in range(setting.frames):
-                official_numpy_mask_(batch_visual[:, :, frame], ratios_v,
-                                     *_grid_and_patch(setting, "frames"))
+                official_numpy_mask_(
+                    batch_visual[:, :, frame], ratios_v, *_grid_and_patch(setting, "frames")
+                )
         if not on_cpu:
             batch_audio = batch_audio.to(setting.device, non_blocking=True)
             batch_visual = batch_visual.to(setting.device, non_blocking=True)
@@ -272,8 +298,12 @@ def _reference(setting: Setting) -> Step:
     """The source batch and the ratios (the check recomputes the step on what each variant
     fed its model)."""
     inputs = _inputs(setting)
-    return lambda: {"audio": inputs.audio, "visual": inputs.visual,
-                    "ratio_a": inputs.ratio_a, "ratio_v": inputs.ratio_v}
+    return lambda: {
+        "audio": inputs.audio,
+        "visual": inputs.visual,
+        "ratio_a": inputs.ratio_a,
+        "ratio_v": inputs.ratio_v,
+    }
 
 
 def check_step(setting: Setting, actual: Result, expected: Result) -> None:
@@ -285,8 +315,12 @@ def check_step(setting: Setting, actual: Result, expected: Result) -> None:
         audio_setting, frames_setting = setting.patch_settings()
         for patches, masked, source, ratios in (
             (audio_setting, audio, expected["audio"], expected["ratio_a"]),
-            (frames_setting, _frames(visual), _frames(expected["visual"]),
-             expected["ratio_v"].repeat_interleave(setting.frames)),
+            (
+                frames_setting,
+                _frames(visual),
+                _frames(expected["visual"]),
+                expected["ratio_v"].repeat_interleave(setting.frames),
+            ),
         ):
             total = patches.grid[0] * patches.grid[1]
             counts = torch.tensor([int(total * r) for r in ratios.tolist()])
@@ -300,15 +334,17 @@ def check_step(setting: Setting, actual: Result, expected: Result) -> None:
     # stem on the CPU case), so no fixed tolerance would be both safe and tight.
     precise = _plain_model(setting, blended=True).to(setting.device, torch.float64).train()
     want = _train_step(setting, precise, audio.double(), visual.double(), None, autocast=False)
-    pytorch = _train_step(setting, _plain_model(setting, blended=True).to(setting.device).train(),
-                          audio, visual, None)
+    pytorch = _train_step(
+        setting, _plain_model(setting, blended=True).to(setting.device).train(), audio, visual, None
+    )
     for name, value in want.items():
         floor = RELATIVE_FLOOR[setting.dtype]["loss" if name == "loss" else "grad"]
         got = actual[name]
         assert got.shape == value.shape and got.isfinite().all(), f"{name}: bad shape or values"
         error, allowed = _relative_error(got, value), 2 * _relative_error(pytorch[name], value)
         assert error <= allowed + floor, (
-            f"{name}: relative error {error:.2e} against float64, PyTorch's {allowed / 2:.2e}")
+            f"{name}: relative error {error:.2e} against float64, PyTorch's {allowed / 2:.2e}"
+        )
 
 
 def _relative_error(value: Tensor, reference: Tensor) -> float:
@@ -328,15 +364,22 @@ def _frames(visual: Tensor) -> Tensor:
 def _case(setting: Setting) -> Case:
     setting_id, title = setting.describe()
     implementations = {
-        "bn": Implementation("nn.BatchNorm2d -> ReLU (blended affine), no masking",
-                             lambda: _step(setting, _plain_model(setting, True), None)),
-        "official": Implementation("official ABRi (2x nn.BatchNorm2d) + numpy input masking",
-                                   lambda: _step(setting, _official_model(setting), "official")),
-        "avkernels": Implementation("avkernels ABRi + mask_patches",
-                                    lambda: _step(setting, _avkernels_model(setting, True),
-                                                  "avkernels")),
-        "tracked": Implementation("TrackedBN (dead statistics), no ABRi, no masking",
-                                  lambda: _step(setting, _avkernels_model(setting, False), None)),
+        "bn": Implementation(
+            "nn.BatchNorm2d -> ReLU (blended affine), no masking",
+            lambda: _step(setting, _plain_model(setting, True), None),
+        ),
+        "official": Implementation(
+            "official ABRi (2x nn.BatchNorm2d) + numpy input masking",
+            lambda: _step(setting, _official_model(setting), "official"),
+        ),
+        "avkernels": Implementation(
+            "avkernels ABRi + mask_patches",
+            lambda: _step(setting, _avkernels_model(setting, True), "avkernels"),
+        ),
+        "tracked": Implementation(
+            "TrackedBN (dead statistics), no ABRi, no masking",
+            lambda: _step(setting, _avkernels_model(setting, False), None),
+        ),
     }
     on_cpu = setting.device == "cpu"
     return Case(
@@ -345,10 +388,12 @@ def _case(setting: Setting) -> Case:
         device=torch.device(setting.device),
         implementations=implementations,
         reference=lambda: _reference(setting),
-        comparisons=(Comparison("avkernels", "bn", TARGET),
-                     Comparison("official", "bn", interleave=True),
-                     Comparison("avkernels", "official", interleave=True),
-                     Comparison("tracked", "bn", interleave=True)),
+        comparisons=(
+            Comparison("avkernels", "bn", TARGET),
+            Comparison("official", "bn", interleave=True),
+            Comparison("avkernels", "official", interleave=True),
+            Comparison("tracked", "bn", interleave=True),
+        ),
         check=functools.partial(check_step, setting),
         calls_per_round=1 if on_cpu else GPU_CALLS_PER_ROUND,
         warmup_calls=1 if on_cpu else 3,
@@ -364,8 +409,11 @@ def cpu_cases(quick: bool) -> list[Case]:
 def gpu_cases(quick: bool) -> list[Case]:
     if quick:
         return [_case(Setting("cuda", 4, (128, 64), 2, (64, 64), torch.float32, False))]
-    return [_case(Setting("cuda", 64, (1024, 128), 3, (224, 224), dtype, channels_last))
-            for dtype in (torch.float32, torch.bfloat16) for channels_last in (False, True)]
+    return [
+        _case(Setting("cuda", 64, (1024, 128), 3, (224, 224), dtype, channels_last))
+        for dtype in (torch.float32, torch.bfloat16)
+        for channels_last in (False, True)
+    ]
 
 
 @pytest.mark.bench_cases(factory=cpu_cases)
@@ -374,8 +422,10 @@ def test_e2e_cpu(compare, case, implementation):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(),
-                    reason="GPU end-to-end benchmarks need CUDA (torch.cuda.is_available() is False)")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="GPU end-to-end benchmarks need CUDA (torch.cuda.is_available() is False)",
+)
 @pytest.mark.bench_cases(factory=gpu_cases)
 def test_e2e_gpu(compare, case, implementation):
     compare(case, implementation)

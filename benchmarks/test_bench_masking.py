@@ -74,15 +74,17 @@ def _patch_inputs(setting: PatchSetting) -> tuple[Tensor, Tensor]:
     x = torch.randn(setting.shape, generator=generator).to(setting.device)
     rows = setting.shape[0]
     ratios = sample_ratios(rows // setting.frames_per_sample).repeat_interleave(
-        setting.frames_per_sample)
+        setting.frames_per_sample
+    )
     return x, ratios.to(setting.device)
 
 
 # --- patch masking implementations ------------------------------------------------------------
 
 
-def official_numpy_mask_(images: Tensor, ratios: list[float], grid: tuple[int, int],
-                         patch: tuple[int, int]) -> Tensor:
+def official_numpy_mask_(
+    images: Tensor, ratios: list[float], grid: tuple[int, int], patch: tuple[int, int]
+) -> Tensor:
     """The released loaders' masking, in place on ``images`` (rows, C, H, W): per row, numpy
     picks ``int(P * ratio)`` of the ``P`` grid patches, a loop zeroes them."""
     grid_h, grid_w = grid
@@ -93,7 +95,7 @@ def official_numpy_mask_(images: Tensor, ratios: list[float], grid: tuple[int, i
             image = images[row]
             for index in np.random.choice(total, int(total * ratio), replace=False):
                 top, left = index // grid_w * patch_h, index % grid_w * patch_w
-                image[:, top:top + patch_h, left:left + patch_w] = 0.0
+                image[:, top : top + patch_h, left : left + patch_w] = 0.0
     return images
 
 
@@ -124,6 +126,7 @@ def _torch_mask_multiply(setting: PatchSetting, inplace: bool) -> Step:
     def step() -> Result:
         keep = _torch_keep_mask(setting, ratios)
         return {"y": buffer.mul_(keep) if inplace else buffer * keep}
+
     return step
 
 
@@ -133,6 +136,7 @@ def _avkernels_mask(setting: PatchSetting, inplace: bool) -> Step:
 
     def step() -> Result:
         return {"y": avkernels.mask_patches(buffer, ratios, setting.patch, inplace=inplace)}
+
     return step
 
 
@@ -163,7 +167,8 @@ def check_patches(setting: PatchSetting, actual: Result, expected: Result) -> No
     counts = zeroed.sum(dim=1)
     assert torch.equal(counts, expected["counts"]), (
         f"zeroed patches per row {counts.tolist()[:8]}..., expected "
-        f"{expected['counts'].tolist()[:8]}...")
+        f"{expected['counts'].tolist()[:8]}..."
+    )
 
 
 def _patch_cases(settings: list[PatchSetting]) -> list[Case]:
@@ -172,44 +177,61 @@ def _patch_cases(settings: list[PatchSetting]) -> list[Case]:
         on_cpu = setting.device == "cpu"
         size = "x".join(map(str, setting.shape))
         implementations = {
-            "torch_inplace": Implementation("PyTorch mask, mul_ (in place)",
-                                            lambda s=setting: _torch_mask_multiply(s, True)),
-            "avkernels_inplace": Implementation("mask_patches(inplace=True)",
-                                                lambda s=setting: _avkernels_mask(s, True)),
-            "torch": Implementation("PyTorch mask, multiply",
-                                    lambda s=setting: _torch_mask_multiply(s, False)),
-            "avkernels": Implementation("mask_patches", lambda s=setting: _avkernels_mask(s, False)),
+            "torch_inplace": Implementation(
+                "PyTorch mask, mul_ (in place)", lambda s=setting: _torch_mask_multiply(s, True)
+            ),
+            "avkernels_inplace": Implementation(
+                "mask_patches(inplace=True)", lambda s=setting: _avkernels_mask(s, True)
+            ),
+            "torch": Implementation(
+                "PyTorch mask, multiply", lambda s=setting: _torch_mask_multiply(s, False)
+            ),
+            "avkernels": Implementation(
+                "mask_patches", lambda s=setting: _avkernels_mask(s, False)
+            ),
         }
         comparisons = (
-            Comparison("avkernels_inplace", "torch_inplace", TARGET_VS_TORCH_CPU if on_cpu else None),
+            Comparison(
+                "avkernels_inplace", "torch_inplace", TARGET_VS_TORCH_CPU if on_cpu else None
+            ),
             Comparison("avkernels", "torch", TARGET_VS_TORCH_CPU if on_cpu else None),
         )
         if on_cpu:  # the released code masks in CPU data-loader workers
-            implementations["official"] = Implementation("official numpy loops (in place)",
-                                                         lambda s=setting: _official_loops(s))
-            comparisons = (Comparison("avkernels_inplace", "official", TARGET_VS_OFFICIAL),
-                           Comparison("avkernels", "official"), *comparisons)
-        cases.append(Case(
-            id=f"patches-{setting.name}-{size}-{setting.device}",
-            title=f"mask_patches {setting.name} ({size}) {setting.patch[0]}x{setting.patch[1]} "
-                  f"patches {setting.device}",
-            device=torch.device(setting.device),
-            implementations=implementations,
-            reference=lambda s=setting: _patch_reference(s),
-            comparisons=comparisons,
-            check=functools.partial(check_patches, setting),
-            calls_per_round=1 if on_cpu else GPU_CALLS_PER_ROUND,
-            warmup_calls=1 if on_cpu else 3,
-        ))
+            implementations["official"] = Implementation(
+                "official numpy loops (in place)", lambda s=setting: _official_loops(s)
+            )
+            comparisons = (
+                Comparison("avkernels_inplace", "official", TARGET_VS_OFFICIAL),
+                Comparison("avkernels", "official"),
+                *comparisons,
+            )
+        cases.append(
+            Case(
+                id=f"patches-{setting.name}-{size}-{setting.device}",
+                title=f"mask_patches {setting.name} ({size}) {setting.patch[0]}x{setting.patch[1]} "
+                f"patches {setting.device}",
+                device=torch.device(setting.device),
+                implementations=implementations,
+                reference=lambda s=setting: _patch_reference(s),
+                comparisons=comparisons,
+                check=functools.partial(check_patches, setting),
+                calls_per_round=1 if on_cpu else GPU_CALLS_PER_ROUND,
+                warmup_calls=1 if on_cpu else 3,
+            )
+        )
     return cases
 
 
 def _patch_settings(quick: bool, device: str) -> list[PatchSetting]:
     if quick:
-        return [PatchSetting("audio", (4, 1, 64, 32), (8, 4), 1, device),
-                PatchSetting("frames", (6, 3, 32, 32), (10, 10), 3, device)]
-    return [PatchSetting("audio", (64, 1, 1024, 128), (32, 8), 1, device),
-            PatchSetting("frames", (64 * 3, 3, 224, 224), (10, 10), 3, device)]
+        return [
+            PatchSetting("audio", (4, 1, 64, 32), (8, 4), 1, device),
+            PatchSetting("frames", (6, 3, 32, 32), (10, 10), 3, device),
+        ]
+    return [
+        PatchSetting("audio", (64, 1, 1024, 128), (32, 8), 1, device),
+        PatchSetting("frames", (64 * 3, 3, 224, 224), (10, 10), 3, device),
+    ]
 
 
 # --- fusion layer -------------------------------------------------------------------------------
@@ -251,9 +273,18 @@ def _fusion_step(inputs: dict, forward, parameters) -> Step:
     def step() -> Result:
         logits, logits_a, logits_v = forward(a, v)
         grad_a, grad_v, grad_weight, grad_bias = torch.autograd.grad(
-            logits, (a, v, *parameters), grad_logits)
-        return {"logits": logits, "logits_a": logits_a, "logits_v": logits_v, "grad_a": grad_a,
-                "grad_v": grad_v, "grad_weight": grad_weight, "grad_bias": grad_bias}
+            logits, (a, v, *parameters), grad_logits
+        )
+        return {
+            "logits": logits,
+            "logits_a": logits_a,
+            "logits_v": logits_v,
+            "grad_a": grad_a,
+            "grad_v": grad_v,
+            "grad_weight": grad_weight,
+            "grad_bias": grad_bias,
+        }
+
     return step
 
 
@@ -263,8 +294,10 @@ def _avkernels_fusion(setting: FusionSetting) -> Step:
     layer.load_state_dict({"fc_out.weight": inputs["weight"], "fc_out.bias": inputs["bias"]})
     layer.train()
     return _fusion_step(
-        inputs, lambda a, v: layer(a, v, inputs["ratio_a"], inputs["ratio_v"]),
-        (layer.fc_out.weight, layer.fc_out.bias))
+        inputs,
+        lambda a, v: layer(a, v, inputs["ratio_a"], inputs["ratio_v"]),
+        (layer.fc_out.weight, layer.fc_out.bias),
+    )
 
 
 def _torch_keep(ratio: Tensor, features: int) -> Tensor:
@@ -284,8 +317,12 @@ def _torch_fusion(setting: FusionSetting) -> Step:
         a = a * _torch_keep(inputs["ratio_a"], features_a).to(a.dtype)
         v = v * _torch_keep(inputs["ratio_v"], features_v).to(v.dtype)
         logits = F.linear(torch.cat([a, v], dim=1), weight, bias)
-        return (logits, a @ weight[:, :features_a].T + bias / 2,
-                v @ weight[:, features_a:].T + bias / 2)
+        return (
+            logits,
+            a @ weight[:, :features_a].T + bias / 2,
+            v @ weight[:, features_a:].T + bias / 2,
+        )
+
     return _fusion_step(inputs, forward, (weight, bias))
 
 
@@ -298,11 +335,14 @@ def check_fusion(actual: Result, expected: Result) -> None:
     """Exact masked counts, then every output recomputed (float64) from the mask used."""
     features_a, features_v = FEATURES
     kept_a, kept_v = actual["grad_a"] != 0, actual["grad_v"] != 0
-    for kept, ratio, features in ((kept_a, expected["ratio_a"], features_a),
-                                  (kept_v, expected["ratio_v"], features_v)):
+    for kept, ratio, features in (
+        (kept_a, expected["ratio_a"], features_a),
+        (kept_v, expected["ratio_v"], features_v),
+    ):
         counts = torch.tensor([int(features * r) for r in ratio.tolist()], device=kept.device)
-        assert torch.equal((~kept).sum(1), counts), "masked features per sample differ from " \
-                                                    "floor(P * ratio)"
+        assert torch.equal((~kept).sum(1), counts), (
+            "masked features per sample differ from floor(P * ratio)"
+        )
     a, v = (expected[name].detach().double() for name in ("a", "v"))
     weight, bias = expected["weight"].double(), expected["bias"].double()
     grad_logits = expected["grad_logits"].double()
@@ -320,43 +360,52 @@ def check_fusion(actual: Result, expected: Result) -> None:
     for name, value in want.items():
         got = actual[name].double()
         scale = max(1.0, value.abs().max().item())
-        torch.testing.assert_close(got, value, rtol=tolerance, atol=tolerance * scale,
-                                   msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(
+            got, value, rtol=tolerance, atol=tolerance * scale, msg=lambda m, n=name: f"{n}: {m}"
+        )
 
 
 def _fusion_cases(quick: bool, device: str, dtypes) -> list[Case]:
     cases = []
     target = TARGET_VS_TORCH_CPU if device == "cpu" else TARGET_FUSION_GPU
-    for batch in ((8,) if quick else (64, 256)):
+    for batch in (8,) if quick else (64, 256):
         for dtype in dtypes:
             setting = FusionSetting(batch, dtype, device)
             name = str(dtype).removeprefix("torch.")
-            cases.append(Case(
-                id=f"fusion-B{batch}-{name}-{device}",
-                title=f"MaskedConcatFusion fwd+bwd B={batch} {FEATURES[0]}+{FEATURES[1]}->"
-                      f"{CLASSES} {name} {device}",
-                device=torch.device(device),
-                implementations={
-                    "torch": Implementation("PyTorch mask, multiply, cat, Linear",
-                                            lambda s=setting: _torch_fusion(s)),
-                    "avkernels": Implementation("MaskedConcatFusion",
-                                                lambda s=setting: _avkernels_fusion(s)),
-                },
-                reference=lambda s=setting: _fusion_reference(s),
-                comparisons=(Comparison("avkernels", "torch", target),),
-                check=check_fusion,
-                calls_per_round=1 if device == "cpu" else GPU_CALLS_PER_ROUND,
-            ))
+            cases.append(
+                Case(
+                    id=f"fusion-B{batch}-{name}-{device}",
+                    title=f"MaskedConcatFusion fwd+bwd B={batch} {FEATURES[0]}+{FEATURES[1]}->"
+                    f"{CLASSES} {name} {device}",
+                    device=torch.device(device),
+                    implementations={
+                        "torch": Implementation(
+                            "PyTorch mask, multiply, cat, Linear",
+                            lambda s=setting: _torch_fusion(s),
+                        ),
+                        "avkernels": Implementation(
+                            "MaskedConcatFusion", lambda s=setting: _avkernels_fusion(s)
+                        ),
+                    },
+                    reference=lambda s=setting: _fusion_reference(s),
+                    comparisons=(Comparison("avkernels", "torch", target),),
+                    check=check_fusion,
+                    calls_per_round=1 if device == "cpu" else GPU_CALLS_PER_ROUND,
+                )
+            )
     return cases
 
 
 def cpu_cases(quick: bool) -> list[Case]:
-    return _patch_cases(_patch_settings(quick, "cpu")) + _fusion_cases(quick, "cpu", (torch.float32,))
+    return _patch_cases(_patch_settings(quick, "cpu")) + _fusion_cases(
+        quick, "cpu", (torch.float32,)
+    )
 
 
 def gpu_cases(quick: bool) -> list[Case]:
-    return (_patch_cases(_patch_settings(quick, "cuda"))
-            + _fusion_cases(quick, "cuda", (torch.float32, torch.bfloat16)))
+    return _patch_cases(_patch_settings(quick, "cuda")) + _fusion_cases(
+        quick, "cuda", (torch.float32, torch.bfloat16)
+    )
 
 
 @pytest.mark.bench_cases(factory=cpu_cases)
@@ -365,8 +414,10 @@ def test_masking_cpu(compare, case, implementation):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(),
-                    reason="GPU masking benchmarks need CUDA (torch.cuda.is_available() is False)")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="GPU masking benchmarks need CUDA (torch.cuda.is_available() is False)",
+)
 @pytest.mark.bench_cases(factory=gpu_cases)
 def test_masking_gpu(compare, case, implementation):
     compare(case, implementation)

@@ -1,4 +1,5 @@
-"""Audio-visual models: TrackedBN ResNet encoders and the FusT classifier (docs/DESIGN.md, "Audio-visual setup").
+"""Audio-visual models: TrackedBN ResNet encoders and the FusT classifier (docs/DESIGN.md,
+"Audio-visual setup").
 
 * :class:`ResNetEncoder`: torchvision's ResNet-18/34 layout (``conv1``, ``bn1``, ``layer1``..
   ``layer4``, ``downsample.0``/``downsample.1``; no ``avgpool``, no ``fc``) built from
@@ -29,17 +30,17 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
-from typing import Mapping, Optional, Union
+from typing import Union
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from avkernels import checkpoints
+from avkernels import FusionOutput, MaskedConcatFusion, TrackedBN, checkpoints
 from avkernels.checkpoints import BLOCKS, CheckpointError
-from avkernels import FusionOutput, MaskedConcatFusion, TrackedBN
 
 logger = logging.getLogger(__name__)
 
@@ -85,14 +86,23 @@ class ResNetEncoder(nn.Module):
     Forward: (N, in_channels, H, W) -> feature map (N, 8*width, H/32, W/32) (not pooled).
     """
 
-    def __init__(self, arch: str = "resnet18", in_channels: int = 3, *, width: int = 64,
-                 fuse_relu: bool = True, track_dead: bool = True) -> None:
+    def __init__(
+        self,
+        arch: str = "resnet18",
+        in_channels: int = 3,
+        *,
+        width: int = 64,
+        fuse_relu: bool = True,
+        track_dead: bool = True,
+    ) -> None:
         super().__init__()
         if arch not in BLOCKS:
             raise ValueError(f"ResNetEncoder: arch must be one of {sorted(BLOCKS)}, got {arch!r}")
         if in_channels not in (1, 3):
-            raise ValueError(f"ResNetEncoder: in_channels must be 1 (spectrograms) or 3 (images), "
-                             f"got {in_channels!r}")
+            raise ValueError(
+                f"ResNetEncoder: in_channels must be 1 (spectrograms) or 3 (images), "
+                f"got {in_channels!r}"
+            )
         if not isinstance(width, int) or width < 1:
             raise ValueError(f"ResNetEncoder: width must be a positive int, got {width!r}")
         self.arch, self.in_channels, self.width = arch, in_channels, width
@@ -115,8 +125,9 @@ class ResNetEncoder(nn.Module):
                         nn.Conv2d(inplanes, planes, kernel_size=1, stride=stride, bias=False),
                         norm(planes),
                     )
-                layer = block(inplanes, planes, stride if index == 0 else 1, downsample,
-                              norm_layer=norm)
+                layer = block(
+                    inplanes, planes, stride if index == 0 else 1, downsample, norm_layer=norm
+                )
                 if fuse_relu:
                     layer.bn1.activation = "relu"
                 layers.append(layer)
@@ -131,8 +142,9 @@ class ResNetEncoder(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(f"ResNetEncoder: expected (N, {self.in_channels}, H, W), got "
-                             f"{tuple(x.shape)}")
+            raise ValueError(
+                f"ResNetEncoder: expected (N, {self.in_channels}, H, W), got {tuple(x.shape)}"
+            )
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
@@ -140,7 +152,7 @@ class ResNetEncoder(nn.Module):
 # --- checkpoints --------------------------------------------------------------------------------
 
 
-def read_state_dict(source: Union[str, os.PathLike, Mapping[str, Tensor]]) -> dict[str, Tensor]:
+def read_state_dict(source: str | os.PathLike | Mapping[str, Tensor]) -> dict[str, Tensor]:
     """The state dict of a file (see :func:`avkernels.checkpoints.load_state_dict`: unwrapped
     from ``model``/``state_dict``, DDP prefix removed) or of a mapping."""
     if isinstance(source, Mapping):
@@ -159,15 +171,18 @@ def adapt_first_conv(weight: Tensor, in_channels: int, mode: str = "sum") -> Ten
     if weight.shape[1] == in_channels:
         return weight
     if weight.shape[1] != 3 or in_channels != 1:
-        raise ValueError(f"adapt_first_conv: can move 3-channel weights to 1 channel only, got "
-                         f"{weight.shape[1]} -> {in_channels}")
+        raise ValueError(
+            f"adapt_first_conv: can move 3-channel weights to 1 channel only, got "
+            f"{weight.shape[1]} -> {in_channels}"
+        )
     adapted = weight.sum(dim=1, keepdim=True) if mode == "sum" else weight.mean(dim=1, keepdim=True)
     logger.info("adapt_first_conv: %s of the RGB stem weights -> 1 input channel", mode)
     return adapted
 
 
-def load_encoder(encoder: ResNetEncoder, source, *, prefix: str = "",
-                 adapt: Optional[str] = None) -> ResNetEncoder:
+def load_encoder(
+    encoder: ResNetEncoder, source, *, prefix: str = "", adapt: str | None = None
+) -> ResNetEncoder:
     """Load a checkpoint into ``encoder`` strictly; return ``encoder``.
 
     Args:
@@ -188,7 +203,7 @@ def load_encoder(encoder: ResNetEncoder, source, *, prefix: str = "",
 
     state_dict = read_state_dict(source)
     if prefix:
-        state_dict = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        state_dict = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
         if not state_dict:
             raise CheckpointError(f"load_encoder: no key of the checkpoint starts with {prefix!r}")
     dropped = sorted(key for key in state_dict if key.startswith("fc."))
@@ -201,7 +216,8 @@ def load_encoder(encoder: ResNetEncoder, source, *, prefix: str = "",
             raise CheckpointError(
                 f"load_encoder: the checkpoint's stem takes {stem.shape[1]} channels, the "
                 f"encoder {encoder.in_channels}; pass adapt='sum' or 'mean' to move RGB weights "
-                "to one channel")
+                "to one channel"
+            )
         state_dict["conv1.weight"] = adapt_first_conv(stem, encoder.in_channels, adapt)
     layout = checkpoints.abri_layout(state_dict)
     if layout is not None and not any(True for _ in abri.abri_layers(encoder)):
@@ -212,8 +228,13 @@ def load_encoder(encoder: ResNetEncoder, source, *, prefix: str = "",
         except (KeyError, ValueError) as error:
             raise CheckpointError(checkpoints.one_line(error.args[0])) from None
         return encoder
-    checkpoints.load_strict(encoder, state_dict, encoder.arch, caller="load_encoder",
-                            description=f"{encoder.arch} of width {encoder.width}")
+    checkpoints.load_strict(
+        encoder,
+        state_dict,
+        encoder.arch,
+        caller="load_encoder",
+        description=f"{encoder.arch} of width {encoder.width}",
+    )
     return encoder
 
 
@@ -239,16 +260,30 @@ class AVClassifier(nn.Module):
     official uni-modal classifiers' ``fc``).
     """
 
-    def __init__(self, num_classes: int, audio: Encoder = "resnet18", visual: Encoder = "resnet18",
-                 *, visual_channels: int = 3, width: int = 64, fuse_relu: bool = True,
-                 track_dead: bool = True, feature_group: int = 1) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        audio: Encoder = "resnet18",
+        visual: Encoder = "resnet18",
+        *,
+        visual_channels: int = 3,
+        width: int = 64,
+        fuse_relu: bool = True,
+        track_dead: bool = True,
+        feature_group: int = 1,
+    ) -> None:
         super().__init__()
         if not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"AVClassifier: num_classes must be an int >= 2, got {num_classes!r}")
         options = {"width": width, "fuse_relu": fuse_relu, "track_dead": track_dead}
-        self.audio_net = audio if isinstance(audio, nn.Module) else ResNetEncoder(audio, 1, **options)
-        self.visual_net = (visual if isinstance(visual, nn.Module)
-                           else ResNetEncoder(visual, visual_channels, **options))
+        self.audio_net = (
+            audio if isinstance(audio, nn.Module) else ResNetEncoder(audio, 1, **options)
+        )
+        self.visual_net = (
+            visual
+            if isinstance(visual, nn.Module)
+            else ResNetEncoder(visual, visual_channels, **options)
+        )
         if self.audio_net.in_channels != 1:
             raise ValueError("AVClassifier: the audio encoder must take 1 input channel")
         features = (self.audio_net.out_features, self.visual_net.out_features)
@@ -260,8 +295,10 @@ class AVClassifier(nn.Module):
     def encode_audio(self, audio: Tensor) -> Tensor:
         """(B, 1, frames, mel) -> pooled features (B, Fa)."""
         if audio.dim() != 4 or audio.shape[1] != 1:
-            raise ValueError(f"AVClassifier: audio must be (B, 1, frames, mel) spectrograms, got "
-                             f"{tuple(audio.shape)}")
+            raise ValueError(
+                f"AVClassifier: audio must be (B, 1, frames, mel) spectrograms, got "
+                f"{tuple(audio.shape)}"
+            )
         return torch.flatten(F.adaptive_avg_pool2d(self.audio_net(audio), 1), 1)
 
     def encode_visual(self, visual: Tensor) -> Tensor:
@@ -270,11 +307,15 @@ class AVClassifier(nn.Module):
         if visual.dim() != 5 or visual.shape[1] != channels:
             hint = ""
             if visual.dim() == 5 and visual.shape[2] == channels:
-                hint = ("; it looks like (B, T, C, H, W): permute it with "
-                        "visual.permute(0, 2, 1, 3, 4) (or each sample's (T, C, H, W) frames "
-                        "with .permute(1, 0, 2, 3) in the dataset)")
-            raise ValueError(f"AVClassifier: visual must be (B, C={channels}, T, H, W), got "
-                             f"{tuple(visual.shape)}{hint}")
+                hint = (
+                    "; it looks like (B, T, C, H, W): permute it with "
+                    "visual.permute(0, 2, 1, 3, 4) (or each sample's (T, C, H, W) frames "
+                    "with .permute(1, 0, 2, 3) in the dataset)"
+                )
+            raise ValueError(
+                f"AVClassifier: visual must be (B, C={channels}, T, H, W), got "
+                f"{tuple(visual.shape)}{hint}"
+            )
         batch, _, frames, height, width = visual.shape
         images = visual.transpose(1, 2).reshape(batch * frames, channels, height, width)
         maps = self.visual_net(images)
@@ -286,8 +327,10 @@ class AVClassifier(nn.Module):
         features per sample in training (see :class:`MaskedConcatFusion`)."""
         features_a, features_v = self.encode_audio(audio), self.encode_visual(visual)
         if features_a.shape[0] != features_v.shape[0]:
-            raise ValueError(f"AVClassifier: {features_a.shape[0]} audio and "
-                             f"{features_v.shape[0]} visual samples in one batch")
+            raise ValueError(
+                f"AVClassifier: {features_a.shape[0]} audio and "
+                f"{features_v.shape[0]} visual samples in one batch"
+            )
         return self.fusion_module(features_a, features_v, ratio_a, ratio_v)
 
     def forward_audio(self, audio: Tensor) -> Tensor:

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import sys
-from typing import Optional
 
 
-def progress_enabled(progress: Optional[bool]) -> bool:
+def progress_enabled(progress: bool | None) -> bool:
     """``progress`` when given, else whether stderr is a terminal (quiet in logs and CI)."""
     return sys.stderr.isatty() if progress is None else progress

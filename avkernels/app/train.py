@@ -63,9 +63,9 @@ import random
 import signal
 import sys
 import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -74,13 +74,12 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from avkernels.files import atomic_write, atomic_write_text
+from avkernels import mask_patches
+from avkernels.app.models import AVClassifier, load_encoder, read_state_dict
 from avkernels.app.progress import progress_enabled
 from avkernels.distributed import Ranks, wrap_ddp
-from avkernels.fust import ConfidenceTracker
-from avkernels.fust import MaskRatios, mask_ratios
-from avkernels.app.models import AVClassifier, load_encoder, read_state_dict
-from avkernels import mask_patches
+from avkernels.files import atomic_write, atomic_write_text
+from avkernels.fust import ConfidenceTracker, MaskRatios, mask_ratios
 
 STAGES = ("stage1", "stage2", "joint")
 MODALITIES = ("audio", "visual")
@@ -92,11 +91,18 @@ CHECKPOINT_VERSION = 1
 CHECKPOINT, CONFIG, MODEL = "checkpoint.pt", "config.json", "model.pt"
 METRICS_JSONL, METRICS_CSV = "metrics.jsonl", "metrics.csv"
 # Allowed values of the TrainConfig fields that take one of a few names.
-CHOICES = {"stage": STAGES, "optimizer": OPTIMIZERS, "schedule": SCHEDULES,
-           "mask_target": MASK_TARGETS, "adapt_first_conv": ("sum", "mean"),
-           "mask_rule": ("symmetric", "official"), "mask_mode": ("conf", "mean"),
-           "audio_arch": ("resnet18", "resnet34"), "visual_arch": ("resnet18", "resnet34"),
-           "precision": ("fp32", "bf16", "fp16")}
+CHOICES = {
+    "stage": STAGES,
+    "optimizer": OPTIMIZERS,
+    "schedule": SCHEDULES,
+    "mask_target": MASK_TARGETS,
+    "adapt_first_conv": ("sum", "mean"),
+    "mask_rule": ("symmetric", "official"),
+    "mask_mode": ("conf", "mean"),
+    "audio_arch": ("resnet18", "resnet34"),
+    "visual_arch": ("resnet18", "resnet34"),
+    "precision": ("fp32", "bf16", "fp16"),
+}
 # torch.autocast dtype of each TrainConfig.precision (fp32: autocast off).
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -162,14 +168,14 @@ class TrainConfig:
     visual_arch: str = "resnet18"
     width: int = 64
     visual_channels: int = 3
-    audio_init: Optional[str] = None
-    visual_init: Optional[str] = None
+    audio_init: str | None = None
+    visual_init: str | None = None
     adapt_first_conv: str = "sum"
-    init_from: Optional[str] = None
+    init_from: str | None = None
     abri: tuple = ()
     modalities: tuple = MODALITIES
-    audio_confidence: Optional[str] = None
-    visual_confidence: Optional[str] = None
+    audio_confidence: str | None = None
+    visual_confidence: str | None = None
     mask_threshold: float = 0.5
     mask_eta: tuple = (5.0, 5.0)
     mask_rho: tuple = (0.5, 0.5)
@@ -187,8 +193,14 @@ class TrainConfig:
     channels_last: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("abri", "modalities", "mask_eta", "mask_rho", "audio_patch_grid",
-                     "visual_patch_grid"):
+        for name in (
+            "abri",
+            "modalities",
+            "mask_eta",
+            "mask_rho",
+            "audio_patch_grid",
+            "visual_patch_grid",
+        ):
             value = getattr(self, name)
             if isinstance(value, (list, tuple)):
                 setattr(self, name, tuple(value))
@@ -198,22 +210,25 @@ class TrainConfig:
         """Raise ``ValueError`` naming the first bad field and its allowed values."""
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"TrainConfig.{name} must be one of {allowed}, got "
-                                 f"{getattr(self, name)!r}")
+                raise ValueError(
+                    f"TrainConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}"
+                )
         for name in ("abri", "modalities"):
             unknown = set(getattr(self, name)) - set(MODALITIES)
             if unknown:
-                raise ValueError(f"TrainConfig.{name} takes modalities {MODALITIES}, got "
-                                 f"{sorted(unknown)}")
+                raise ValueError(
+                    f"TrainConfig.{name} takes modalities {MODALITIES}, got {sorted(unknown)}"
+                )
         if not self.modalities:
             raise ValueError("TrainConfig.modalities must name at least one modality")
         positive = ("num_classes", "epochs", "batch_size", "width", "lr_step", "feature_group")
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name} must be a positive int, got "
-                                 f"{getattr(self, name)!r}"
-                                 + (" (the number of classes of the dataset)"
-                                    if name == "num_classes" else ""))
+                raise ValueError(
+                    f"TrainConfig.{name} must be a positive int, got "
+                    f"{getattr(self, name)!r}"
+                    + (" (the number of classes of the dataset)" if name == "num_classes" else "")
+                )
         if self.num_classes < 2:
             raise ValueError(f"TrainConfig.num_classes must be >= 2, got {self.num_classes}")
         for name in ("checkpoint_every", "probe_epochs"):
@@ -224,29 +239,34 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be > 0, got {getattr(self, name)}")
         for name in ("mask_eta", "mask_rho", "audio_patch_grid", "visual_patch_grid"):
             if len(getattr(self, name)) != 2:
-                raise ValueError(f"TrainConfig.{name} must be an (audio, visual) pair"
-                                 if name.startswith("mask") else
-                                 f"TrainConfig.{name} must be a (rows, columns) pair")
+                raise ValueError(
+                    f"TrainConfig.{name} must be an (audio, visual) pair"
+                    if name.startswith("mask")
+                    else f"TrainConfig.{name} must be a (rows, columns) pair"
+                )
         if self.visual_channels not in (1, 3):
             raise ValueError("TrainConfig.visual_channels must be 1 or 3")
         for name in ("sync_bn", "channels_last"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"TrainConfig.{name} must be True or False, got "
-                                 f"{getattr(self, name)!r}")
+                raise ValueError(
+                    f"TrainConfig.{name} must be True or False, got {getattr(self, name)!r}"
+                )
 
     def to_dict(self) -> dict:
-        return {name: list(value) if isinstance(value, tuple) else value
-                for name, value in dataclasses.asdict(self).items()}
+        return {
+            name: list(value) if isinstance(value, tuple) else value
+            for name, value in dataclasses.asdict(self).items()
+        }
 
     @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
+    def from_dict(cls, values: dict) -> TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
             raise ValueError(f"TrainConfig: unknown fields {unknown}")
         return cls(**values)
 
-    def differences(self, other: "TrainConfig") -> list[str]:
+    def differences(self, other: TrainConfig) -> list[str]:
         """``"field: this != other"`` for every field that differs."""
         mine, theirs = self.to_dict(), other.to_dict()
         return [f"{k}: {mine[k]!r} != {theirs[k]!r}" for k in mine if mine[k] != theirs[k]]
@@ -289,7 +309,7 @@ class EpochSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
         order = torch.randperm(self.size, generator=generator)
-        return iter(order[self.start_batch * self.batch_size:].tolist())
+        return iter(order[self.start_batch * self.batch_size :].tolist())
 
     def __len__(self) -> int:
         return max(0, self.size - self.start_batch * self.batch_size)
@@ -304,13 +324,13 @@ class RankBatchSampler(Sampler[list]):
     trainer weighs it 0 and does not record it (:meth:`Ranks.shard` tells which ranks pad).
     """
 
-    def __init__(self, sampler: EpochSampler, ranks: "Ranks") -> None:
+    def __init__(self, sampler: EpochSampler, ranks: Ranks) -> None:
         self.sampler, self.ranks = sampler, ranks
 
     def __iter__(self) -> Iterator[list]:
         order, size = list(self.sampler), self.sampler.batch_size
         for start in range(0, len(order), size):
-            batch = order[start:start + size]
+            batch = order[start : start + size]
             yield [batch[i] for i in self.ranks.shard(len(batch))] or batch[:1]
 
     def __len__(self) -> int:
@@ -330,8 +350,9 @@ def training_device(device=None) -> torch.device:
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and device.index is None:
         local_rank = os.environ.get("LOCAL_RANK")
-        device = torch.device("cuda", int(local_rank) if local_rank is not None
-                              else torch.cuda.current_device())
+        device = torch.device(
+            "cuda", int(local_rank) if local_rank is not None else torch.cuda.current_device()
+        )
     return device
 
 
@@ -365,11 +386,17 @@ def rng_state() -> dict:
     """Global RNG states of torch (CPU and CUDA), numpy and python, loadable with
     ``torch.load(weights_only=True)``."""
     name, keys, position, has_gauss, cached = np.random.get_state()
-    state = {"torch": torch.get_rng_state(),
-             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)),
-                       "position": int(position), "has_gauss": int(has_gauss),
-                       "cached_gaussian": float(cached)},
-             "python": random.getstate()}
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "name": name,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "position": int(position),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "python": random.getstate(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -378,9 +405,15 @@ def rng_state() -> dict:
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     numpy_state = state["numpy"]
-    np.random.set_state((numpy_state["name"], numpy_state["keys"].numpy().astype(np.uint32),
-                         numpy_state["position"], numpy_state["has_gauss"],
-                         numpy_state["cached_gaussian"]))
+    np.random.set_state(
+        (
+            numpy_state["name"],
+            numpy_state["keys"].numpy().astype(np.uint32),
+            numpy_state["position"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        )
+    )
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
@@ -402,9 +435,14 @@ def build_model(config: TrainConfig) -> AVClassifier:
     from avkernels import abri
     from avkernels.convert import convert
 
-    model = AVClassifier(config.num_classes, config.audio_arch, config.visual_arch,
-                         visual_channels=config.visual_channels, width=config.width,
-                         feature_group=config.feature_group)
+    model = AVClassifier(
+        config.num_classes,
+        config.audio_arch,
+        config.visual_arch,
+        visual_channels=config.visual_channels,
+        width=config.width,
+        feature_group=config.feature_group,
+    )
     for modality, path in (("audio", config.audio_init), ("visual", config.visual_init)):
         if path is not None:
             load_encoder(getattr(model, f"{modality}_net"), path, adapt=config.adapt_first_conv)
@@ -426,8 +464,9 @@ def build_model(config: TrainConfig) -> AVClassifier:
 def build_optimizer(config: TrainConfig, parameters) -> torch.optim.Optimizer:
     parameters = [p for p in parameters if p.requires_grad]
     if config.optimizer == "sgd":
-        return torch.optim.SGD(parameters, lr=config.lr, momentum=config.momentum,
-                               weight_decay=config.weight_decay)
+        return torch.optim.SGD(
+            parameters, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay
+        )
     optimizer = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
     return optimizer(parameters, lr=config.lr, weight_decay=config.weight_decay)
 
@@ -461,16 +500,22 @@ class _StageNet(nn.Module):
         # The whole model stays out of the module tree: its untrained parts (the fusion layer in
         # stage 1, the uni-modal heads otherwise) would be parameters DDP waits for in vain.
         object.__setattr__(self, "model", model)
-        parts = ([f"{m}_{part}" for m in self.modalities for part in ("net", "fc")]
-                 if stage == "stage1" else ["audio_net", "visual_net", "fusion_module"])
+        parts = (
+            [f"{m}_{part}" for m in self.modalities for part in ("net", "fc")]
+            if stage == "stage1"
+            else ["audio_net", "visual_net", "fusion_module"]
+        )
         for name in parts:
             self.add_module(name, getattr(model, name))
 
-    def forward(self, audio: Optional[Tensor], visual: Optional[Tensor], ratio_a=None,
-                ratio_v=None):
+    def forward(self, audio: Tensor | None, visual: Tensor | None, ratio_a=None, ratio_v=None):
         if self.stage == "stage1":
-            return tuple(self.model.forward_audio(audio) if m == "audio"
-                         else self.model.forward_visual(visual) for m in self.modalities)
+            return tuple(
+                self.model.forward_audio(audio)
+                if m == "audio"
+                else self.model.forward_visual(visual)
+                for m in self.modalities
+            )
         return self.model(audio, visual, ratio_a, ratio_v)
 
 
@@ -493,10 +538,19 @@ class Trainer:
     same arguments and calls :meth:`fit` (module docstring, "Several processes").
     """
 
-    def __init__(self, config: TrainConfig, train_data: Dataset, run_dir, *,
-                 eval_data: Optional[Dataset] = None, resume: bool = False,
-                 device=None, num_workers: int = 0, progress: Optional[bool] = None,
-                 on_step: Optional[Callable[["Trainer", int], None]] = None) -> None:
+    def __init__(
+        self,
+        config: TrainConfig,
+        train_data: Dataset,
+        run_dir,
+        *,
+        eval_data: Dataset | None = None,
+        resume: bool = False,
+        device=None,
+        num_workers: int = 0,
+        progress: bool | None = None,
+        on_step: Callable[[Trainer, int], None] | None = None,
+    ) -> None:
         config.validate()
         self.config, self.train_data, self.eval_data = config, train_data, eval_data
         self.run_dir = Path(run_dir)
@@ -507,21 +561,28 @@ class Trainer:
         if len(train_data) == 0:
             raise ValueError("Trainer: the training set is empty")
         if config.batch_size < self.ranks.world_size:
-            raise ValueError(f"Trainer: batch_size={config.batch_size} is the global batch, "
-                             f"split over the {self.ranks.world_size} processes: make it at "
-                             "least the number of processes")
+            raise ValueError(
+                f"Trainer: batch_size={config.batch_size} is the global batch, "
+                f"split over the {self.ranks.world_size} processes: make it at "
+                "least the number of processes"
+            )
         checkpoint_path = self.run_dir / CHECKPOINT
         if resume and not checkpoint_path.is_file():
-            raise FileNotFoundError(f"Trainer: nothing to resume: no {CHECKPOINT} in "
-                                    f"{self.run_dir}")
+            raise FileNotFoundError(
+                f"Trainer: nothing to resume: no {CHECKPOINT} in {self.run_dir}"
+            )
         if not resume and checkpoint_path.exists():
-            raise FileExistsError(f"Trainer: {self.run_dir} already holds a run; resume it "
-                                  "(resume=True / --resume) or choose another directory")
+            raise FileExistsError(
+                f"Trainer: {self.run_dir} already holds a run; resume it "
+                "(resume=True / --resume) or choose another directory"
+            )
         if self.device.type == "cuda" and self.ranks.world_size > 1:
             torch.cuda.set_device(self.device)  # the device of the collectives
         if config.precision == "fp16" and self.device.type != "cuda":
-            raise ValueError("Trainer: precision='fp16' needs a CUDA device (float16 autocast "
-                             "with a gradient scaler); on the CPU use precision='bf16'")
+            raise ValueError(
+                "Trainer: precision='fp16' needs a CUDA device (float16 autocast "
+                "with a gradient scaler); on the CPU use precision='bf16'"
+            )
         seed_everything(config.seed)
         self.model = build_model(config).to(self.device)
         if config.channels_last:
@@ -536,7 +597,7 @@ class Trainer:
         self.trackers: dict[str, ConfidenceTracker] = {}
         if config.stage == "stage1":
             self.trackers = {m: ConfidenceTracker(len(train_data)) for m in config.modalities}
-        self.ratios: Optional[MaskRatios] = None
+        self.ratios: MaskRatios | None = None
         if config.stage == "stage2":
             self.ratios = self._mask_ratios()
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
@@ -547,8 +608,9 @@ class Trainer:
             self._load_checkpoint(checkpoint_path)
         self._net = _StageNet(self.model, config.stage, self.modalities)
         if self.ranks.world_size > 1:
-            self._net = wrap_ddp(self._net, device_ids=[self.device.index]
-                                 if self.device.type == "cuda" else None)
+            self._net = wrap_ddp(
+                self._net, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
 
     # -- state ------------------------------------------------------------------------------
 
@@ -559,29 +621,49 @@ class Trainer:
             path = getattr(config, f"{modality}_confidence")
             if path is None:
                 if config.init_from is None or not Path(config.init_from).is_dir():
-                    raise ValueError(f"stage 2 needs the stage-1 confidences: set "
-                                     f"{modality}_confidence or init_from (a stage-1 run dir)")
+                    raise ValueError(
+                        f"stage 2 needs the stage-1 confidences: set "
+                        f"{modality}_confidence or init_from (a stage-1 run dir)"
+                    )
                 path = Path(config.init_from) / f"confidence_{modality}.pt"
             if not Path(path).is_file():
-                raise FileNotFoundError(f"stage 2: no {modality} confidence file at {path} "
-                                        "(stage 1 writes confidence_<modality>.pt when it ends)")
+                raise FileNotFoundError(
+                    f"stage 2: no {modality} confidence file at {path} "
+                    "(stage 1 writes confidence_<modality>.pt when it ends)"
+                )
             sources.append(path)
-        return mask_ratios(*sources, config.mask_threshold, config.mask_eta, config.mask_rho,
-                           rule=config.mask_rule, mode=config.mask_mode, verbose=False)
+        return mask_ratios(
+            *sources,
+            config.mask_threshold,
+            config.mask_eta,
+            config.mask_rho,
+            rule=config.mask_rule,
+            mode=config.mask_mode,
+            verbose=False,
+        )
 
     def _zero_totals(self) -> dict:
         return {"loss": 0.0, "samples": 0, **{f"correct_{m}": 0 for m in ("joint",) + MODALITIES}}
 
     def state_dict(self) -> dict:
-        return {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
-                "config": self.config.to_dict(), "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": self.scaler.state_dict(),
-                "rng": rng_state(), "rng_other_ranks": [], "epoch": self.epoch,
-                "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
-                "finished": self.finished,
-                "trackers": {m: t.state_dict() for m, t in self.trackers.items()},
-                "totals": dict(self._totals), "history": list(self.history)}
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "config": self.config.to_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_state(),
+            "rng_other_ranks": [],
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "finished": self.finished,
+            "trackers": {m: t.state_dict() for m, t in self.trackers.items()},
+            "totals": dict(self._totals),
+            "history": list(self.history),
+        }
 
     def save_checkpoint(self) -> Path:
         """Write ``checkpoint.pt`` atomically (and the metrics files from the history).
@@ -610,9 +692,12 @@ class Trainer:
         saved = TrainConfig.from_dict(state["config"])
         differences = saved.differences(self.config)
         if differences:
-            raise ValueError("Trainer: the config differs from the run being resumed ("
-                             + "; ".join(differences) + "); resume with the saved config "
-                             f"({self.run_dir / CONFIG})")
+            raise ValueError(
+                "Trainer: the config differs from the run being resumed ("
+                + "; ".join(differences)
+                + "); resume with the saved config "
+                f"({self.run_dir / CONFIG})"
+            )
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -661,19 +746,29 @@ class Trainer:
         with _stop_on_sigint(self):
             while self.epoch < config.epochs:
                 sampler.set_epoch(self.epoch, self.step_in_epoch)
-                loader = DataLoader(self.train_data, batch_sampler=batches,
-                                    num_workers=self.num_workers,
-                                    generator=torch.Generator().manual_seed(
-                                        epoch_seed(self._own_seed, self.epoch)))
+                loader = DataLoader(
+                    self.train_data,
+                    batch_sampler=batches,
+                    num_workers=self.num_workers,
+                    generator=torch.Generator().manual_seed(epoch_seed(self._own_seed, self.epoch)),
+                )
                 self._train_epoch(loader)
                 self._end_epoch()
             if config.probe_epochs:
                 self.ranks.broadcast_float_buffers(self.model)
                 for modality in self.modalities:
-                    row = linear_probe(self.model, modality, self.train_data, self.eval_data,
-                                       epochs=config.probe_epochs, lr=config.probe_lr,
-                                       batch_size=config.batch_size, seed=config.seed,
-                                       device=self.device, ranks=self.ranks)
+                    row = linear_probe(
+                        self.model,
+                        modality,
+                        self.train_data,
+                        self.eval_data,
+                        epochs=config.probe_epochs,
+                        lr=config.probe_lr,
+                        batch_size=config.batch_size,
+                        seed=config.seed,
+                        device=self.device,
+                        ranks=self.ranks,
+                    )
                     self.history.append({"epoch": self.epoch, "split": f"probe_{modality}", **row})
             self.finished = True
             if self.ranks.is_main:
@@ -687,9 +782,14 @@ class Trainer:
 
         self.model.train()
         size, batch_size = len(self.train_data), self.config.batch_size
-        bar = tqdm(loader, total=batches_per_epoch(size, batch_size), initial=self.step_in_epoch,
-                   leave=False, disable=not self._show_progress,
-                   desc=f"{self.config.stage} epoch {self.epoch + 1}/{self.config.epochs}")
+        bar = tqdm(
+            loader,
+            total=batches_per_epoch(size, batch_size),
+            initial=self.step_in_epoch,
+            leave=False,
+            disable=not self._show_progress,
+            desc=f"{self.config.stage} epoch {self.epoch + 1}/{self.config.epochs}",
+        )
         for batch in bar:
             global_batch = min(batch_size, size - self.step_in_epoch * batch_size)
             loss = self._record(self.ranks.gather(self._train_step(batch, global_batch)))
@@ -702,23 +802,32 @@ class Trainer:
                 self.save_checkpoint()
                 raise TrainingInterrupted(
                     f"stopped at epoch {self.epoch + 1}, step {self.step_in_epoch}; the "
-                    f"checkpoint in {self.run_dir} holds everything: resume it")
-            if self.config.checkpoint_every and self.global_step % self.config.checkpoint_every == 0:
+                    f"checkpoint in {self.run_dir} holds everything: resume it"
+                )
+            if (
+                self.config.checkpoint_every
+                and self.global_step % self.config.checkpoint_every == 0
+            ):
                 self.save_checkpoint()
         bar.close()
 
-    def _inputs(self, batch: dict) -> tuple[Optional[Tensor], Optional[Tensor], Tensor, list]:
+    def _inputs(self, batch: dict) -> tuple[Tensor | None, Tensor | None, Tensor, list]:
         """(audio, visual, labels, ids) on the device; an input the stage does not use is None."""
         missing = {"label", "id", *self.modalities} - set(batch)
         if missing:
-            raise KeyError(f"Trainer: a batch lacks {sorted(missing)}; batches are dicts with "
-                           f"'label', 'id' and the inputs {list(self.modalities)}")
-        audio, visual = (batch[m].to(self.device, non_blocking=True) if m in self.modalities
-                         else None for m in MODALITIES)
+            raise KeyError(
+                f"Trainer: a batch lacks {sorted(missing)}; batches are dicts with "
+                f"'label', 'id' and the inputs {list(self.modalities)}"
+            )
+        audio, visual = (
+            batch[m].to(self.device, non_blocking=True) if m in self.modalities else None
+            for m in MODALITIES
+        )
         if self.config.channels_last:
             audio = None if audio is None else audio.contiguous(memory_format=torch.channels_last)
-            visual = None if visual is None else visual.contiguous(
-                memory_format=torch.channels_last_3d)
+            visual = (
+                None if visual is None else visual.contiguous(memory_format=torch.channels_last_3d)
+            )
         ids = batch["id"]  # collated int ids are a tensor
         ids = ids.tolist() if isinstance(ids, Tensor) else list(ids)
         return audio, visual, batch["label"].to(self.device), ids
@@ -739,13 +848,15 @@ class Trainer:
         audio, visual, labels, ids = self._inputs(batch)
         padding = not self.ranks.shard(global_batch)  # see RankBatchSampler
         autocast_dtype = AUTOCAST_DTYPES[config.precision]
-        autocast = torch.autocast(self.device.type, dtype=autocast_dtype,
-                                  enabled=autocast_dtype is not None)
+        autocast = torch.autocast(
+            self.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None
+        )
         if config.stage == "stage1":
             with autocast:
                 heads = dict(zip(config.modalities, self._net(audio, visual)))
-                loss = sum(F.cross_entropy(logits, labels, reduction="sum")
-                           for logits in heads.values())
+                loss = sum(
+                    F.cross_entropy(logits, labels, reduction="sum") for logits in heads.values()
+                )
         else:
             ratio_a = ratio_v = None
             if self.ratios is not None:
@@ -754,12 +865,18 @@ class Trainer:
                     # In place is safe: the loader's default collate stacks the samples into
                     # fresh batch tensors, so the dataset's own data is never touched.
                     with torch.no_grad():
-                        mask_patches(audio, ratio_a.to(self.device),
-                                     patch_size(audio.shape[-2:], config.audio_patch_grid),
-                                     inplace=True)
-                        mask_patches(visual, ratio_v.to(self.device),
-                                     patch_size(visual.shape[-2:], config.visual_patch_grid),
-                                     inplace=True)
+                        mask_patches(
+                            audio,
+                            ratio_a.to(self.device),
+                            patch_size(audio.shape[-2:], config.audio_patch_grid),
+                            inplace=True,
+                        )
+                        mask_patches(
+                            visual,
+                            ratio_v.to(self.device),
+                            patch_size(visual.shape[-2:], config.visual_patch_grid),
+                            inplace=True,
+                        )
                 if config.mask_target == "input":
                     ratio_a = ratio_v = None
             with autocast:
@@ -775,14 +892,24 @@ class Trainer:
         self.scaler.update()
         kept = slice(0, 0) if padding else slice(None)
         labels = labels[kept].cpu()
-        result = {"ids": ids[kept], "loss": 0.0 if padding else float(loss.detach()),
-                  "correct": {name: int((logits[kept].argmax(1).cpu() == labels).sum())
-                              for name, logits in heads.items()}}
+        result = {
+            "ids": ids[kept],
+            "loss": 0.0 if padding else float(loss.detach()),
+            "correct": {
+                name: int((logits[kept].argmax(1).cpu() == labels).sum())
+                for name, logits in heads.items()
+            },
+        }
         if self.trackers:
             result["labels"] = labels
             # Autocast logits are bf16/fp16: confidences are computed from float32 at least.
-            result["logits"] = {m: heads[m][kept].detach().cpu().to(
-                torch.promote_types(heads[m].dtype, torch.float32)) for m in self.trackers}
+            result["logits"] = {
+                m: heads[m][kept]
+                .detach()
+                .cpu()
+                .to(torch.promote_types(heads[m].dtype, torch.float32))
+                for m in self.trackers
+            }
         return result
 
     def _record(self, results: list[dict]) -> float:
@@ -804,27 +931,49 @@ class Trainer:
     def _end_epoch(self) -> None:
         totals, stage = self._totals, self.config.stage
         names = self.config.modalities if stage == "stage1" else ("joint",) + MODALITIES
-        row = {"epoch": self.epoch + 1, "split": "train",
-               "lr": self.optimizer.param_groups[0]["lr"],
-               "loss": totals["loss"] / totals["samples"]}
+        row = {
+            "epoch": self.epoch + 1,
+            "split": "train",
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "loss": totals["loss"] / totals["samples"],
+        }
         row.update({_acc_name(n): totals[f"correct_{n}"] / totals["samples"] for n in names})
         self.history.append(row)
         for tracker in self.trackers.values():
             tracker.end_epoch()
         if self.eval_data is not None:
             self.ranks.broadcast_float_buffers(self.model)  # evaluate rank 0's model everywhere
-            self.history.append({"epoch": self.epoch + 1, "split": "eval",
-                                 **evaluate(self.model, self.eval_data, stage,
-                                            self.config.batch_size, self.device,
-                                            self.modalities, ranks=self.ranks)})
+            self.history.append(
+                {
+                    "epoch": self.epoch + 1,
+                    "split": "eval",
+                    **evaluate(
+                        self.model,
+                        self.eval_data,
+                        stage,
+                        self.config.batch_size,
+                        self.device,
+                        self.modalities,
+                        ranks=self.ranks,
+                    ),
+                }
+            )
         if self._show_progress:
             from tqdm.auto import tqdm
 
             rows = [r for r in self.history if r["epoch"] == self.epoch + 1]
-            tqdm.write(f"{stage} epoch {self.epoch + 1}/{self.config.epochs}: " + "; ".join(
-                r["split"] + " " + ", ".join(f"{k} {v:.4f}" for k, v in r.items()
-                                             if k.startswith(("acc", "loss")))
-                for r in rows), file=sys.stderr)
+            tqdm.write(
+                f"{stage} epoch {self.epoch + 1}/{self.config.epochs}: "
+                + "; ".join(
+                    r["split"]
+                    + " "
+                    + ", ".join(
+                        f"{k} {v:.4f}" for k, v in r.items() if k.startswith(("acc", "loss"))
+                    )
+                    for r in rows
+                ),
+                file=sys.stderr,
+            )
         self.scheduler.step()
         self.epoch += 1
         self.step_in_epoch = 0
@@ -851,8 +1000,10 @@ def _stop_on_sigint(trainer: Trainer):
         trainer.request_stop()
         signal.signal(signal.SIGINT, previous)
         if trainer.ranks.is_main:
-            print("\navkernels: stopping after this step (Ctrl-C again to abort at once)",
-                  file=sys.stderr)
+            print(
+                "\navkernels: stopping after this step (Ctrl-C again to abort at once)",
+                file=sys.stderr,
+            )
 
     signal.signal(signal.SIGINT, handler)
     try:
@@ -864,18 +1015,24 @@ def _stop_on_sigint(trainer: Trainer):
 # --- evaluation ---------------------------------------------------------------------------------
 
 
-def _sequential(data: Dataset, batch_size: int, ranks: Optional[Ranks] = None) -> DataLoader:
+def _sequential(data: Dataset, batch_size: int, ranks: Ranks | None = None) -> DataLoader:
     """``data`` in order, or this rank's contiguous shard of it."""
     if ranks is not None and ranks.world_size > 1:
         data = Subset(data, ranks.shard(len(data)))
-    return DataLoader(data, batch_size, shuffle=False,
-                      generator=torch.Generator().manual_seed(0))
+    return DataLoader(data, batch_size, shuffle=False, generator=torch.Generator().manual_seed(0))
 
 
 @torch.no_grad()
-def evaluate(model: AVClassifier, data: Dataset, stage: str, batch_size: int,
-             device=None, modalities: Sequence[str] = MODALITIES, *,
-             ranks: Optional[Ranks] = None) -> dict:
+def evaluate(
+    model: AVClassifier,
+    data: Dataset,
+    stage: str,
+    batch_size: int,
+    device=None,
+    modalities: Sequence[str] = MODALITIES,
+    *,
+    ranks: Ranks | None = None,
+) -> dict:
     """Loss and accuracy on ``data`` in eval mode: per modality (``acc_audio``,
     ``acc_visual``) from the uni-modal heads of ``modalities`` for ``stage="stage1"``, else
     the joint ``acc`` and each modality's half of the fusion layer. Restores the model's
@@ -908,8 +1065,14 @@ def evaluate(model: AVClassifier, data: Dataset, stage: str, batch_size: int,
 
 
 @torch.no_grad()
-def _features(model: AVClassifier, modality: str, data: Dataset, batch_size: int,
-              device, ranks: Optional[Ranks] = None) -> tuple[Tensor, Tensor]:
+def _features(
+    model: AVClassifier,
+    modality: str,
+    data: Dataset,
+    batch_size: int,
+    device,
+    ranks: Ranks | None = None,
+) -> tuple[Tensor, Tensor]:
     """Pooled features and labels of ``data`` in order; with ``ranks``, each rank encodes its
     shard and every rank gets the whole set."""
     encode = model.encode_audio if modality == "audio" else model.encode_visual
@@ -927,10 +1090,19 @@ def _features(model: AVClassifier, modality: str, data: Dataset, batch_size: int
     return features, labels
 
 
-def linear_probe(model: AVClassifier, modality: str, train_data: Dataset,
-                 eval_data: Optional[Dataset] = None, *, epochs: int = 20, lr: float = 1e-2,
-                 batch_size: int = 64, seed: int = 0, device=None,
-                 ranks: Optional[Ranks] = None) -> dict:
+def linear_probe(
+    model: AVClassifier,
+    modality: str,
+    train_data: Dataset,
+    eval_data: Dataset | None = None,
+    *,
+    epochs: int = 20,
+    lr: float = 1e-2,
+    batch_size: int = 64,
+    seed: int = 0,
+    device=None,
+    ranks: Ranks | None = None,
+) -> dict:
     """Linear-probe accuracy of one frozen encoder: pooled eval-mode features of
     ``train_data``, a Linear layer trained with Adam for ``epochs``; accuracy on the train
     features and on ``eval_data`` (when given). The global RNG state is left untouched. With

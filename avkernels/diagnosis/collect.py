@@ -19,7 +19,8 @@ so its "dead" outputs mean something else.
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Iterable, Optional
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,19 +37,18 @@ from avkernels.diagnosis.report import (
 from avkernels.nn.tracked_bn import TrackedBN
 from avkernels.ops.batch_norm.reference import effective_affine
 
-
 # --- the diagnosis ------------------------------------------------------------------------------
 
 
 def diagnose(
     model: nn.Module,
-    data: Optional[Iterable] = None,
+    data: Iterable | None = None,
     *,
-    threshold: Optional[float] = None,
+    threshold: float | None = None,
     relative: bool = False,
     activation_threshold: float = ACTIVATION_THRESHOLD,
-    max_batches: Optional[int] = None,
-    forward: Optional[Callable[[nn.Module, Any], Any]] = None,
+    max_batches: int | None = None,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
     title: str = "",
 ) -> DiagnosisReport:
     """Diagnose dead channels in every BatchNorm2d of ``model``; return a :class:`DiagnosisReport`.
@@ -130,7 +130,7 @@ class _BatchNormLeafTracer(torch.fx.Tracer):
         return isinstance(module, nn.BatchNorm2d) or super().is_leaf_module(module, qualified_name)
 
 
-def _relu_feeders(model: nn.Module) -> Optional[dict[str, bool]]:
+def _relu_feeders(model: nn.Module) -> dict[str, bool] | None:
     """``{BN name: whether every use of its output is a ReLU}``, or None if untraceable."""
     try:
         graph = _BatchNormLeafTracer().trace(model)
@@ -145,9 +145,7 @@ def _relu_feeders(model: nn.Module) -> Optional[dict[str, bool]]:
     return feeders
 
 
-def _feeds_relu(
-    bn: nn.BatchNorm2d, name: str, feeders: Optional[dict[str, bool]]
-) -> Optional[bool]:
+def _feeds_relu(bn: nn.BatchNorm2d, name: str, feeders: dict[str, bool] | None) -> bool | None:
     if isinstance(bn, TrackedBN) and bn.activation == "relu":
         return True
     if feeders is None:
@@ -159,8 +157,8 @@ def _activation_criterion(
     report: DiagnosisReport,
     model: nn.Module,
     data: Iterable,
-    max_batches: Optional[int],
-    forward: Optional[Callable[[nn.Module, Any], Any]],
+    max_batches: int | None,
+    forward: Callable[[nn.Module, Any], Any] | None,
 ) -> int:
     """Runs ``data`` through the model in eval mode; fills the layers' activation statistics."""
     plain = any(not isinstance(bn, TrackedBN) for _, bn in _batchnorms(model))

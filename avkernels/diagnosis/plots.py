@@ -39,12 +39,12 @@ def _save(figure, path: Path) -> Path:
     return path
 
 
-def _layer_labels(report: "DiagnosisReport") -> list[str]:
+def _layer_labels(report: DiagnosisReport) -> list[str]:
     """Layer names; a trailing '*' marks layers that do not feed a ReLU directly."""
     return [layer.name + ("" if layer.feeds_relu is not False else "*") for layer in report.layers]
 
 
-def plot_layer_ratios(report: "DiagnosisReport", path: Path) -> Path:
+def plot_layer_ratios(report: DiagnosisReport, path: Path) -> Path:
     """Per-layer bars of the abnormal-channel ratio (closed + constant stacked), and next to
     them, with data, the ratio of channels dead on (almost) every sample."""
     layers = report.layers
@@ -55,24 +55,44 @@ def plot_layer_ratios(report: "DiagnosisReport", path: Path) -> Path:
     offset = -width / 2 if report.has_activations else 0.0
     closed = np.array([layer.closed / layer.channels for layer in layers])
     constant = np.array([layer.constant / layer.channels for layer in layers])
-    axes.bar(positions + offset, closed, width, color=STATUS_COLOURS["closed"],
-             label="abnormal |gamma|, |beta| (closed)")
-    axes.bar(positions + offset, constant, width, bottom=closed, color=STATUS_COLOURS["constant"],
-             label="abnormal |gamma|, |beta| (constant)")
+    axes.bar(
+        positions + offset,
+        closed,
+        width,
+        color=STATUS_COLOURS["closed"],
+        label="abnormal |gamma|, |beta| (closed)",
+    )
+    axes.bar(
+        positions + offset,
+        constant,
+        width,
+        bottom=closed,
+        color=STATUS_COLOURS["constant"],
+        label="abnormal |gamma|, |beta| (constant)",
+    )
     if report.has_activations:
         dead = [layer.dead_channel_ratio or 0.0 for layer in layers]
-        axes.bar(positions + width / 2, dead, width, color="tab:gray",
-                 label=f"map <= 0 on >= {100 * report.activation_threshold:.0f}% of samples")
+        axes.bar(
+            positions + width / 2,
+            dead,
+            width,
+            color="tab:gray",
+            label=f"map <= 0 on >= {100 * report.activation_threshold:.0f}% of samples",
+        )
     axes.set_xticks(positions, _layer_labels(report), rotation=60, ha="right", fontsize=8)
     axes.set_ylim(0, 1)
     axes.set_ylabel("fraction of channels")
-    axes.set_title("Dead channels per BN layer" + (f" ({report.title})" if report.title else "")
-                   + "\n* = does not feed a ReLU directly", fontsize=10)
+    axes.set_title(
+        "Dead channels per BN layer"
+        + (f" ({report.title})" if report.title else "")
+        + "\n* = does not feed a ReLU directly",
+        fontsize=10,
+    )
     axes.legend(fontsize=8, loc="upper left")
     return _save(figure, path)
 
 
-def plot_gamma_beta(report: "DiagnosisReport", path: Path) -> Path:
+def plot_gamma_beta(report: DiagnosisReport, path: Path) -> Path:
     """|gamma| against |beta| of every channel on log axes, coloured by status."""
     figure = _figure(6.0, 5.0)
     axes = figure.add_subplot()
@@ -90,14 +110,25 @@ def plot_gamma_beta(report: "DiagnosisReport", path: Path) -> Path:
         for status, colour in STATUS_COLOURS.items():
             chosen = statuses == status
             if chosen.any():
-                axes.scatter(gamma[chosen], beta[chosen], s=6, color=colour, alpha=0.6,
-                             label=f"{status} ({int(chosen.sum())})")
+                axes.scatter(
+                    gamma[chosen],
+                    beta[chosen],
+                    s=6,
+                    color=colour,
+                    alpha=0.6,
+                    label=f"{status} ({int(chosen.sum())})",
+                )
         axes.set_xscale("log")
         axes.set_yscale("log")
         if not report.relative:
             axes.axvline(report.threshold, color="k", linestyle=":", linewidth=1)
-            axes.axhline(report.threshold, color="k", linestyle=":", linewidth=1,
-                         label=f"threshold {report.threshold:g}")
+            axes.axhline(
+                report.threshold,
+                color="k",
+                linestyle=":",
+                linewidth=1,
+                label=f"threshold {report.threshold:g}",
+            )
         axes.legend(fontsize=8)
     axes.set_xlabel(f"|gamma| (zeros drawn at {LOG_FLOOR:g})")
     axes.set_ylabel("|beta|")
@@ -105,7 +136,7 @@ def plot_gamma_beta(report: "DiagnosisReport", path: Path) -> Path:
     return _save(figure, path)
 
 
-def plot_dead_sample_histogram(report: "DiagnosisReport", path: Path) -> Path:
+def plot_dead_sample_histogram(report: DiagnosisReport, path: Path) -> Path:
     """Histogram over all channels of the fraction of samples whose map is entirely <= 0."""
     values = [layer.dead_sample_fraction for layer in report.layers if layer.has_activations]
     figure = _figure(6.0, 4.0)
@@ -119,7 +150,7 @@ def plot_dead_sample_histogram(report: "DiagnosisReport", path: Path) -> Path:
     return _save(figure, path)
 
 
-def plot_comparison(comparison: "ReportComparison", path: Path) -> Path:
+def plot_comparison(comparison: ReportComparison, path: Path) -> Path:
     """Per-layer abnormal-channel ratio (and, with data, dead-channel ratio) of two reports."""
     before, after = comparison.before, comparison.after
     with_activations = before.has_activations and after.has_activations
@@ -127,16 +158,22 @@ def plot_comparison(comparison: "ReportComparison", path: Path) -> Path:
     figure = _figure(max(6.0, 0.45 * len(positions) + 2), 4.5 * (2 if with_activations else 1))
     panels = [("abnormal |gamma|, |beta| ratio", lambda layer: layer.abnormal_ratio or 0.0)]
     if with_activations:
-        panels.append(("channels dead on (almost) all samples",
-                       lambda layer: layer.dead_channel_ratio or 0.0))
+        panels.append(
+            ("channels dead on (almost) all samples", lambda layer: layer.dead_channel_ratio or 0.0)
+        )
     for index, (title, value) in enumerate(panels):
         axes = figure.add_subplot(len(panels), 1, index + 1)
         for shift, report, label, colour in (
             (-0.2, before, comparison.labels[0], "tab:red"),
             (0.2, after, comparison.labels[1], "tab:green"),
         ):
-            axes.bar(positions + shift, [value(layer) for layer in report.layers], 0.4,
-                     color=colour, label=label)
+            axes.bar(
+                positions + shift,
+                [value(layer) for layer in report.layers],
+                0.4,
+                color=colour,
+                label=label,
+            )
         axes.set_xticks(positions, _layer_labels(before), rotation=60, ha="right", fontsize=8)
         axes.set_ylim(0, 1)
         axes.set_ylabel("fraction of channels")

@@ -8,7 +8,7 @@ import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import numpy as np
 
@@ -29,14 +29,14 @@ class LayerDiagnosis:
 
     name: str
     channels: int
-    feeds_relu: Optional[bool]
+    feeds_relu: bool | None
     abri: bool
-    threshold: Optional[float] = None
-    gamma: Optional[np.ndarray] = None
-    beta: Optional[np.ndarray] = None
-    status: Optional[list[str]] = None  # per channel: "ok", "closed" or "constant"
-    dead_fraction: Optional[np.ndarray] = None
-    dead_sample_fraction: Optional[np.ndarray] = None
+    threshold: float | None = None
+    gamma: np.ndarray | None = None
+    beta: np.ndarray | None = None
+    status: list[str] | None = None  # per channel: "ok", "closed" or "constant"
+    dead_fraction: np.ndarray | None = None
+    dead_sample_fraction: np.ndarray | None = None
     samples: int = 0
     activation_threshold: float = ACTIVATION_THRESHOLD
 
@@ -54,7 +54,7 @@ class LayerDiagnosis:
         return self.closed + self.constant
 
     @property
-    def abnormal_ratio(self) -> Optional[float]:
+    def abnormal_ratio(self) -> float | None:
         return None if self.status is None else self.abnormal / self.channels
 
     @property
@@ -62,19 +62,19 @@ class LayerDiagnosis:
         return self.dead_sample_fraction is not None
 
     @property
-    def dead_on_all_samples(self) -> Optional[int]:
+    def dead_on_all_samples(self) -> int | None:
         """Channels whose map is ``<= 0`` for at least ``activation_threshold`` of the samples."""
         if not self.has_activations:
             return None
         return int((self.dead_sample_fraction >= self.activation_threshold).sum())
 
     @property
-    def dead_channel_ratio(self) -> Optional[float]:
+    def dead_channel_ratio(self) -> float | None:
         count = self.dead_on_all_samples
         return None if count is None else count / self.channels
 
     @property
-    def mean_dead_fraction(self) -> Optional[float]:
+    def mean_dead_fraction(self) -> float | None:
         return None if self.dead_fraction is None else float(np.mean(self.dead_fraction))
 
     @property
@@ -123,7 +123,7 @@ class LayerDiagnosis:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "LayerDiagnosis":
+    def from_dict(cls, data: dict[str, Any]) -> LayerDiagnosis:
         values = dict(data)
         for key in ("gamma", "beta", "dead_fraction", "dead_sample_fraction"):
             if values.get(key) is not None:
@@ -131,11 +131,11 @@ class LayerDiagnosis:
         return cls(**values)
 
 
-def _item(values: Optional[np.ndarray], index: int) -> Optional[float]:
+def _item(values: np.ndarray | None, index: int) -> float | None:
     return None if values is None else float(values[index])
 
 
-def _json_float(value: float) -> Optional[float]:
+def _json_float(value: float) -> float | None:
     """JSON has no NaN/inf: a diverged model's non-finite values become null."""
     return value if math.isfinite(value) else None
 
@@ -210,11 +210,11 @@ class DiagnosisReport:
             "layers": [layer.to_dict() for layer in self.layers],
         }
 
-    def to_json(self, indent: Optional[int] = 2) -> str:
+    def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
 
     @classmethod
-    def from_json(cls, text: str) -> "DiagnosisReport":
+    def from_json(cls, text: str) -> DiagnosisReport:
         data = json.loads(text)
         if data.get("version") != REPORT_VERSION:
             raise ValueError(
@@ -250,7 +250,8 @@ class DiagnosisReport:
             lines += ["", "## Flagged channels", ""]
             for layer in flagged:
                 rows = [
-                    row for row in layer.channel_rows()
+                    row
+                    for row in layer.channel_rows()
                     if row["status"] not in (None, "ok")
                     or (row["dead_sample_fraction"] or 0) >= self.activation_threshold
                 ]
@@ -260,9 +261,14 @@ class DiagnosisReport:
                 lines += _markdown_table(
                     ["channel", "gamma", "beta", "status", "outputs <= 0", "dead samples"],
                     [
-                        [row["channel"], _number(row["gamma"]), _number(row["beta"]),
-                         row["status"] or "", _fraction(row["dead_fraction"]),
-                         _fraction(row["dead_sample_fraction"])]
+                        [
+                            row["channel"],
+                            _number(row["gamma"]),
+                            _number(row["beta"]),
+                            row["status"] or "",
+                            _fraction(row["dead_fraction"]),
+                            _fraction(row["dead_sample_fraction"]),
+                        ]
                         for row in shown
                     ],
                 )
@@ -287,7 +293,7 @@ class DiagnosisReport:
 
     # -- plots ------------------------------------------------------------------------------
 
-    def plot(self, directory: Union[str, Path]) -> list[Path]:
+    def plot(self, directory: str | Path) -> list[Path]:
         """Write the report's plots (PNG) into ``directory``; return their paths."""
         from avkernels.diagnosis import plots
 
@@ -332,7 +338,7 @@ class ReportComparison:
             )
         return rows
 
-    def to_json(self, indent: Optional[int] = 2) -> str:
+    def to_json(self, indent: int | None = 2) -> str:
         return json.dumps({"labels": list(self.labels), "layers": self.rows()}, indent=indent)
 
     def to_markdown(self) -> str:
@@ -354,11 +360,15 @@ class ReportComparison:
         ]
         if with_activations:
             total += ["", ""]
-        return "\n".join(
-            [f"# Dead channels: {first} vs {second}", ""] + _markdown_table(headers, rows + [total])
-        ) + "\n"
+        return (
+            "\n".join(
+                [f"# Dead channels: {first} vs {second}", ""]
+                + _markdown_table(headers, rows + [total])
+            )
+            + "\n"
+        )
 
-    def plot(self, path: Union[str, Path]) -> Path:
+    def plot(self, path: str | Path) -> Path:
         from avkernels.diagnosis import plots
 
         return plots.plot_comparison(self, Path(path))
@@ -384,13 +394,13 @@ def _percent(value: float) -> str:
     return f"{100 * value:.1f}%"
 
 
-def _fraction(value: Optional[float]) -> str:
+def _fraction(value: float | None) -> str:
     return "" if value is None or math.isnan(value) else _percent(value)
 
 
-def _count(value: Optional[int]) -> str:
+def _count(value: int | None) -> str:
     return "" if value is None else str(value)
 
 
-def _number(value: Optional[float]) -> str:
+def _number(value: float | None) -> str:
     return "" if value is None else f"{value:.3g}"

@@ -6,7 +6,7 @@ confidences into per-sample mask ratios, applied by :func:`avkernels.mask_patche
 :class:`avkernels.MaskedConcatFusion` (fused features).
 """
 
-from avkernels.fust.confidence import ConfidenceTracker, Confidences
+from avkernels.fust.confidence import Confidences, ConfidenceTracker
 from avkernels.fust.policy import MaskRatios, mask_ratios
 
 __all__ = ["ConfidenceTracker", "Confidences", "MaskRatios", "mask_ratios"]

@@ -1,7 +1,7 @@
 """FusT mask policy: per-sample mask ratios of the audio and visual inputs from stage-1 confidences.
 
-Rules (docs/DESIGN.md, "Fusion Tuning (FusT)"; ``tau`` = threshold, ``eta``/``rho`` per modality, unpublished in the
-paper, so required here):
+Rules (docs/DESIGN.md, "Fusion Tuning (FusT)"; ``tau`` = threshold, ``eta``/``rho`` per
+modality, unpublished in the paper, so required here):
 
 ``"symmetric"`` (default, the paper's intent: mask the easier, more confident modality)
     gap = c_a - c_v;  gap > 0 and c_a >= tau: r_a = rho_a * tanh(eta_a * gap);
@@ -20,16 +20,17 @@ Final ratios are clipped to [0, 1).
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from avkernels.fust.confidence import (
-    ConfidenceTracker,
     Confidences,
+    ConfidenceTracker,
     _normalise_ids,
     as_confidences,
 )
@@ -49,7 +50,7 @@ class MaskRatios:
     position (then :meth:`gather` takes positions). ``str(ratios)`` is the summary.
     """
 
-    ids: Optional[tuple]
+    ids: tuple | None
     audio: Tensor
     visual: Tensor
     rule: str
@@ -73,9 +74,11 @@ class MaskRatios:
             ids = _normalise_ids(sample_ids)
             unknown = [i for i in ids if i not in index]
             if unknown:
-                raise KeyError(f"MaskRatios.gather: {len(unknown)} sample id(s) have no mask "
-                               f"ratio (e.g. {unknown[:5]}); they were not in the stage-1 "
-                               "confidences")
+                raise KeyError(
+                    f"MaskRatios.gather: {len(unknown)} sample id(s) have no mask "
+                    f"ratio (e.g. {unknown[:5]}); they were not in the stage-1 "
+                    "confidences"
+                )
             rows = torch.tensor([index[i] for i in ids], dtype=torch.long)
         return self.audio[rows], self.visual[rows]
 
@@ -86,7 +89,9 @@ class MaskRatios:
             masked = ratio > 0
             result[f"{name}_masked"] = int(masked.sum())
             result[f"{name}_mean_ratio"] = float(ratio.mean()) if len(self) else 0.0
-            result[f"{name}_mean_ratio_masked"] = float(ratio[masked].mean()) if masked.any() else 0.0
+            result[f"{name}_mean_ratio_masked"] = (
+                float(ratio[masked].mean()) if masked.any() else 0.0
+            )
             result[f"{name}_max_ratio"] = float(ratio.max()) if len(self) else 0.0
         return result
 
@@ -98,8 +103,10 @@ class MaskRatios:
             f"max {s[f'{name}_max_ratio']:.4f})"
             for name in ("audio", "visual")
         ]
-        return (f"FusT mask ratios (rule={self.rule}, mode={self.mode}, threshold="
-                f"{self.threshold}, eta={self.eta}, rho={self.rho}): " + "; ".join(parts))
+        return (
+            f"FusT mask ratios (rule={self.rule}, mode={self.mode}, threshold="
+            f"{self.threshold}, eta={self.eta}, rho={self.rho}): " + "; ".join(parts)
+        )
 
     def _index(self) -> dict:
         index = self.__dict__.get("_index_cache")
@@ -182,8 +189,10 @@ def _symmetric_ratio(c_a: float, c_v: float, threshold: float, eta, rho) -> tupl
 def _pair(value: Pair, name: str) -> tuple[float, float]:
     pair = (value, value) if np.isscalar(value) else tuple(value)
     if len(pair) != 2 or not all(np.isfinite(float(p)) for p in pair):
-        raise ValueError(f"mask_ratios: {name} must be a finite number or an (audio, visual) "
-                         f"pair of them, got {value!r}")
+        raise ValueError(
+            f"mask_ratios: {name} must be a finite number or an (audio, visual) "
+            f"pair of them, got {value!r}"
+        )
     return float(pair[0]), float(pair[1])
 
 
@@ -191,13 +200,15 @@ def _is_keyed(source) -> bool:
     return isinstance(source, (ConfidenceTracker, Confidences, dict, str, os.PathLike))
 
 
-def _joined(conf_a, conf_v) -> tuple[Optional[tuple], Tensor, Tensor]:
+def _joined(conf_a, conf_v) -> tuple[tuple | None, Tensor, Tensor]:
     """(ids or None, audio, visual): float64 confidences of the same samples, aligned."""
     keyed = _is_keyed(conf_a), _is_keyed(conf_v)
     if keyed[0] != keyed[1]:
-        raise TypeError("mask_ratios: give both confidences keyed by sample id (trackers, "
-                        "Confidences, files or dicts) or both by position (1-D tensors or "
-                        "arrays), not one of each")
+        raise TypeError(
+            "mask_ratios: give both confidences keyed by sample id (trackers, "
+            "Confidences, files or dicts) or both by position (1-D tensors or "
+            "arrays), not one of each"
+        )
     if keyed[0]:
         audio, visual = as_confidences(conf_a), as_confidences(conf_v)
         ids = audio.ids
@@ -206,9 +217,11 @@ def _joined(conf_a, conf_v) -> tuple[Optional[tuple], Tensor, Tensor]:
         ids = None
         values = tuple(torch.as_tensor(np.asarray(c, dtype=np.float64)) for c in (conf_a, conf_v))
         if values[0].dim() != 1 or values[0].shape != values[1].shape:
-            raise ValueError(f"mask_ratios: positional confidences must be 1-D of the same "
-                             f"length, got shapes {tuple(values[0].shape)} and "
-                             f"{tuple(values[1].shape)}")
+            raise ValueError(
+                f"mask_ratios: positional confidences must be 1-D of the same "
+                f"length, got shapes {tuple(values[0].shape)} and "
+                f"{tuple(values[1].shape)}"
+            )
     for name, value in zip(("audio", "visual"), values):
         if not torch.isfinite(value).all() or (value < 0).any() or (value > 1).any():
             raise ValueError(f"mask_ratios: {name} confidences must be probabilities in [0, 1]")

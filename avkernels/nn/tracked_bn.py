@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
-from torch import Tensor, nn
-
 import torch.distributed as dist
+from torch import Tensor, nn
 
 from avkernels.functional import ACTIVATIONS, AbriState, DeadStats, tracked_batch_norm
 from avkernels.ops.batch_norm.sync import check_process_group, sync_enabled
@@ -59,14 +56,14 @@ class TrackedBN(nn.BatchNorm2d):
         self,
         num_features: int,
         eps: float = 1e-5,
-        momentum: Optional[float] = 0.1,
+        momentum: float | None = 0.1,
         affine: bool = True,
         track_running_stats: bool = True,
         device=None,
         dtype=None,
         *,
         bias: bool = True,
-        activation: Optional[str] = None,
+        activation: str | None = None,
         track_dead: bool = True,
         process_group=None,
         sync: bool = False,
@@ -85,8 +82,8 @@ class TrackedBN(nn.BatchNorm2d):
         self.track_dead = track_dead
         self.sync = sync
         self.process_group = process_group
-        self.abri_granularity: Optional[str] = None
-        self.abri_alpha_init: Optional[float] = None
+        self.abri_granularity: str | None = None
+        self.abri_alpha_init: float | None = None
         counter = {"dtype": torch.long, "device": device}
         self.register_buffer("dead_count", torch.zeros(num_features, **counter), persistent=False)
         self.register_buffer(
@@ -119,7 +116,7 @@ class TrackedBN(nn.BatchNorm2d):
     def abri_enabled(self) -> bool:
         return self.abri_granularity is not None
 
-    def enable_abri(self, alpha: float = 0.5, granularity: str = "layer") -> "TrackedBN":
+    def enable_abri(self, alpha: float = 0.5, granularity: str = "layer") -> TrackedBN:
         """Turn this layer into an ABRi layer; return ``self``.
 
         The existing ``weight``/``bias``/running statistics stay the original (pre-trained) BN.
@@ -245,24 +242,43 @@ class TrackedBN(nn.BatchNorm2d):
             running_mean = running_var = None
         abri = None
         if self.abri_enabled:
-            abri = AbriState(self.abri_weight, self.abri_bias, self.abri_alpha,
-                             self.abri_running_mean if keep_running else None,
-                             self.abri_running_var if keep_running else None)
+            abri = AbriState(
+                self.abri_weight,
+                self.abri_bias,
+                self.abri_alpha,
+                self.abri_running_mean if keep_running else None,
+                self.abri_running_var if keep_running else None,
+            )
         cumulative = counting and self.momentum is None
         if cumulative:
             # Cumulative averages over each BN's own batch count, as nn.BatchNorm2d keeps them:
             # the kernel writes this batch's statistics (momentum 1 on zeros), averaged below with
             # tensor arithmetic (1 / num_batches_tracked as a Python float is a data-dependent
             # scalar that torch.compile(fullgraph=True) cannot pass to the op).
-            running_mean, running_var = torch.zeros_like(running_mean), torch.zeros_like(running_var)
+            running_mean, running_var = (
+                torch.zeros_like(running_mean),
+                torch.zeros_like(running_var),
+            )
             factor = 1.0
             if abri is not None:
                 abri = abri._replace(running_mean=None, running_var=None)
-        dead = (DeadStats(self.dead_count, self.dead_sample_count, self.seen)
-                if self.track_dead else None)
+        dead = (
+            DeadStats(self.dead_count, self.dead_sample_count, self.seen)
+            if self.track_dead
+            else None
+        )
         output = tracked_batch_norm(
-            input, running_mean, running_var, weight, bias, training=use_batch_stats,
-            momentum=factor, eps=self.eps, activation=self.activation, dead_stats=dead, abri=abri,
+            input,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            training=use_batch_stats,
+            momentum=factor,
+            eps=self.eps,
+            activation=self.activation,
+            dead_stats=dead,
+            abri=abri,
             process_group=(self.process_group or dist.group.WORLD) if synced else None,
         )
         if cumulative:
@@ -283,7 +299,7 @@ class TrackedBN(nn.BatchNorm2d):
             mean.lerp_(batch_mean, weight)
             var.lerp_(batch_var, weight)
 
-    def _check_input(self, input: Tensor, reference: Optional[Tensor]) -> None:
+    def _check_input(self, input: Tensor, reference: Tensor | None) -> None:
         """Dtype, channels, and device against ``reference`` (a parameter or buffer)."""
         if not input.is_floating_point():
             raise TypeError(

@@ -10,8 +10,9 @@ So the argument list of an op is written once: in its :class:`OpSignature`.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -49,7 +50,7 @@ class OpSignature:
         record.__doc__ = f"The arguments of ``{NAMESPACE}::{self.schema}``, by name."
         return record
 
-    def renamed(self, name: str, returns: str) -> "OpSignature":
+    def renamed(self, name: str, returns: str) -> OpSignature:
         """The same arguments under another op name and return type."""
         return OpSignature(name, self.arguments, returns)
 

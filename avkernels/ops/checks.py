@@ -4,8 +4,6 @@ inputs with the same message as its C++ kernel (``csrc/ops/cpu/``)."""
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -22,21 +20,33 @@ def _fail(message: str) -> None:
 def batch_norm_input(name: str, x: Tensor) -> None:
     """4-D, a supported floating dtype, one sample addressable with int32 offsets."""
     if x.dim() != 4:
-        _fail(f"{name}: expected a 4-D (N, C, H, W) tensor, got shape {tuple(x.shape)}; "
-              "reshape 2-D/3-D input to 4-D first")
+        _fail(
+            f"{name}: expected a 4-D (N, C, H, W) tensor, got shape {tuple(x.shape)}; "
+            "reshape 2-D/3-D input to 4-D first"
+        )
     if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{name}: dtype {x.dtype} is not supported; use float16, bfloat16, "
-                        "float32 or float64")
+        raise TypeError(
+            f"{name}: dtype {x.dtype} is not supported; use float16, bfloat16, float32 or float64"
+        )
     # Offsets inside one sample are int32 in the GPU kernels (the sample offset is int64).
-    sample_extent = sum((size - 1) * abs(stride)
-                        for size, stride in zip(x.shape[1:], x.stride()[1:]) if size > 0)
+    sample_extent = sum(
+        (size - 1) * abs(stride) for size, stride in zip(x.shape[1:], x.stride()[1:]) if size > 0
+    )
     if sample_extent >= 2**31:
-        _fail(f"{name}: one sample spans {sample_extent} elements, more than the 2**31 the "
-              "GPU kernels address; split the channels")
+        _fail(
+            f"{name}: one sample spans {sample_extent} elements, more than the 2**31 the "
+            "GPU kernels address; split the channels"
+        )
 
 
-def per_channel(name: str, t: Optional[Tensor], channels: int, device: torch.device,
-                mutable: bool = False, allow_single: bool = False) -> None:
+def per_channel(
+    name: str,
+    t: Tensor | None,
+    channels: int,
+    device: torch.device,
+    mutable: bool = False,
+    allow_single: bool = False,
+) -> None:
     """``t`` is None or a (C,) tensor on ``device`` (contiguous when updated in place)."""
     if t is None:
         return
@@ -58,27 +68,38 @@ def batch_norm_forward(a) -> None:
     for name in ("weight", "bias", "abri_weight", "abri_bias"):
         per_channel(name, getattr(a, name), channels, device)
     per_channel("abri_alpha", a.abri_alpha, channels, device, allow_single=True)
-    for name in ("running_mean", "running_var", "abri_running_mean", "abri_running_var",
-                 "dead_count", "dead_sample_count"):
+    for name in (
+        "running_mean",
+        "running_var",
+        "abri_running_mean",
+        "abri_running_var",
+        "dead_count",
+        "dead_sample_count",
+    ):
         per_channel(name, getattr(a, name), channels, device, mutable=True)
     if (a.running_mean is None) != (a.running_var is None) or (
-            (a.abri_running_mean is None) != (a.abri_running_var is None)):
+        (a.abri_running_mean is None) != (a.abri_running_var is None)
+    ):
         _fail(f"{op}: a running mean and its running var come together")
     counting = a.dead_count is not None
     if counting != (a.dead_sample_count is not None) or counting != (a.seen is not None):
         _fail(f"{op}: dead_count, dead_sample_count and seen are all given or all None")
-    if counting and (a.seen.shape != (2,) or not a.seen.is_contiguous()
-                     or a.seen.device != device):
-        _fail(f"{op}: seen must be a contiguous (2,) tensor on x's device, got "
-              f"{tuple(a.seen.shape)} on {a.seen.device}")
-    if not a.use_batch_stats and (a.running_mean is None or (
-            a.abri_alpha is not None and a.abri_running_mean is None)):
+    if counting and (a.seen.shape != (2,) or not a.seen.is_contiguous() or a.seen.device != device):
+        _fail(
+            f"{op}: seen must be a contiguous (2,) tensor on x's device, got "
+            f"{tuple(a.seen.shape)} on {a.seen.device}"
+        )
+    if not a.use_batch_stats and (
+        a.running_mean is None or (a.abri_alpha is not None and a.abri_running_mean is None)
+    ):
         _fail(f"{op}: use_batch_stats=False needs the running statistics (both sets with ABRi)")
     batch, _, height, width = a.x.shape
     updates_running = a.running_mean is not None or a.abri_running_mean is not None
     if a.use_batch_stats and updates_running and batch * height * width < 2:
-        _fail(f"{op}: expected more than 1 value per channel when training (got input of "
-              f"shape {tuple(a.x.shape)})")
+        _fail(
+            f"{op}: expected more than 1 value per channel when training (got input of "
+            f"shape {tuple(a.x.shape)})"
+        )
 
 
 def batch_norm_backward(a) -> None:
@@ -87,18 +108,24 @@ def batch_norm_backward(a) -> None:
     batch_norm_input(f"{op}: x", a.x)
     channels, device = a.x.shape[1], a.x.device
     if a.grad_y.shape != a.x.shape:
-        _fail(f"{op}: grad_y has shape {tuple(a.grad_y.shape)}, expected x's "
-              f"{tuple(a.x.shape)}")
+        _fail(f"{op}: grad_y has shape {tuple(a.grad_y.shape)}, expected x's {tuple(a.x.shape)}")
     batch_norm_input(f"{op}: grad_y", a.grad_y)
     for name in ("weight", "bias", "abri_weight", "abri_bias"):
         per_channel(name, getattr(a, name), channels, device)
     per_channel("abri_alpha", a.abri_alpha, channels, device, allow_single=True)
     mean, invstd = a.mean, a.invstd
-    if (mean.dim() != 2 or mean.shape[0] not in (1, 2) or mean.shape[1] != channels
-            or invstd.shape != mean.shape or mean.dtype not in (torch.float32, torch.float64)
-            or invstd.dtype != mean.dtype):
-        _fail(f"{op}: mean and invstd must be the forward's (K, C) float32/float64 statistics, "
-              f"got {tuple(mean.shape)} {mean.dtype} and {tuple(invstd.shape)} {invstd.dtype}")
+    if (
+        mean.dim() != 2
+        or mean.shape[0] not in (1, 2)
+        or mean.shape[1] != channels
+        or invstd.shape != mean.shape
+        or mean.dtype not in (torch.float32, torch.float64)
+        or invstd.dtype != mean.dtype
+    ):
+        _fail(
+            f"{op}: mean and invstd must be the forward's (K, C) float32/float64 statistics, "
+            f"got {tuple(mean.shape)} {mean.dtype} and {tuple(invstd.shape)} {invstd.dtype}"
+        )
     for name, t in (("grad_y", a.grad_y), ("mean", mean), ("invstd", invstd)):
         if t.device != device:
             _fail(f"{op}: {name} is on {t.device} but x is on {device}")
@@ -109,21 +136,27 @@ def batch_norm_backward(a) -> None:
 
 def masking_dtype(op: str, x: Tensor) -> None:
     if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"{op}: unsupported dtype {x.dtype}; expected one of "
-                        f"{[str(d) for d in SUPPORTED_DTYPES]}")
+        raise TypeError(
+            f"{op}: unsupported dtype {x.dtype}; expected one of "
+            f"{[str(d) for d in SUPPORTED_DTYPES]}"
+        )
 
 
-def ratios(op: str, name: str, ratio: Optional[Tensor], batch: int) -> None:
+def ratios(op: str, name: str, ratio: Tensor | None, batch: int) -> None:
     """None or a float64 (B,) tensor: ``floor(P * ratio)`` is defined in float64."""
     if ratio is not None and (ratio.dtype != torch.float64 or tuple(ratio.shape) != (batch,)):
-        raise TypeError(f"{op}: {name} must be float64 of shape (B,) = ({batch},), got "
-                        f"{ratio.dtype} {tuple(ratio.shape)}")
+        raise TypeError(
+            f"{op}: {name} must be float64 of shape (B,) = ({batch},), got "
+            f"{ratio.dtype} {tuple(ratio.shape)}"
+        )
 
 
 def seeds(op: str, seeds: Tensor, shape: tuple[int, int], columns: str) -> None:
     if seeds.dtype != torch.int64 or tuple(seeds.shape) != shape:
-        raise TypeError(f"{op}: seeds must be int64 of shape {columns} = {shape}, got "
-                        f"{seeds.dtype} {tuple(seeds.shape)}")
+        raise TypeError(
+            f"{op}: seeds must be int64 of shape {columns} = {shape}, got "
+            f"{seeds.dtype} {tuple(seeds.shape)}"
+        )
 
 
 def positive_sizes(op: str, what: str, *sizes: int) -> None:
@@ -131,8 +164,9 @@ def positive_sizes(op: str, what: str, *sizes: int) -> None:
         _fail(f"{op}: {what} must be positive, got {sizes}")
 
 
-def zero_masked_patches(x: Tensor, ratio: Tensor, seed_values: Tensor, patch_h: int,
-                        patch_w: int) -> None:
+def zero_masked_patches(
+    x: Tensor, ratio: Tensor, seed_values: Tensor, patch_h: int, patch_w: int
+) -> None:
     op = "zero_masked_patches"
     if x.dim() != 5:
         _fail(f"{op}: x must be (B, C, T, H, W), got {tuple(x.shape)}")
@@ -142,12 +176,20 @@ def zero_masked_patches(x: Tensor, ratio: Tensor, seed_values: Tensor, patch_h: 
     seeds(op, seed_values, (x.shape[0], x.shape[2]), "(B, T)")
 
 
-def masked_concat(a: Tensor, v: Tensor, ratio_a: Optional[Tensor], ratio_v: Optional[Tensor],
-                  seed_values: Tensor, group_a: int, group_v: int) -> None:
+def masked_concat(
+    a: Tensor,
+    v: Tensor,
+    ratio_a: Tensor | None,
+    ratio_v: Tensor | None,
+    seed_values: Tensor,
+    group_a: int,
+    group_v: int,
+) -> None:
     op = "masked_concat"
     if a.dim() != 2 or v.dim() != 2 or a.shape[0] != v.shape[0]:
-        _fail(f"{op}: a and v must be (B, Fa) and (B, Fv), got {tuple(a.shape)} and "
-              f"{tuple(v.shape)}")
+        _fail(
+            f"{op}: a and v must be (B, Fa) and (B, Fv), got {tuple(a.shape)} and {tuple(v.shape)}"
+        )
     if a.dtype != v.dtype:
         _fail(f"{op}: a and v must share a dtype, got {a.dtype} and {v.dtype}")
     masking_dtype(op, a)
@@ -157,9 +199,15 @@ def masked_concat(a: Tensor, v: Tensor, ratio_a: Optional[Tensor], ratio_v: Opti
     seeds(op, seed_values, (a.shape[0], 2), "(B, 2)")
 
 
-def masked_concat_backward(grad: Tensor, ratio_a: Optional[Tensor], ratio_v: Optional[Tensor],
-                           seed_values: Tensor, features_a: int, group_a: int,
-                           group_v: int) -> None:
+def masked_concat_backward(
+    grad: Tensor,
+    ratio_a: Tensor | None,
+    ratio_v: Tensor | None,
+    seed_values: Tensor,
+    features_a: int,
+    group_a: int,
+    group_v: int,
+) -> None:
     op = "masked_concat_backward"
     if grad.dim() != 2 or not 0 <= features_a <= grad.shape[1]:
         _fail(f"{op}: grad must be (B, Fa + Fv) with Fa = {features_a}, got {tuple(grad.shape)}")

@@ -9,8 +9,9 @@ import soundfile
 from PIL import Image
 
 
-def write_wav(path: Path, seconds: float = 0.5, rate: int = 16000, channels: int = 1,
-              seed: int = 0) -> np.ndarray:
+def write_wav(
+    path: Path, seconds: float = 0.5, rate: int = 16000, channels: int = 1, seed: int = 0
+) -> np.ndarray:
     """A tone plus noise; returns the float32 samples (samples, channels) as written (PCM_16)."""
     rng = np.random.default_rng(seed)
     t = np.arange(int(seconds * rate)) / rate
@@ -26,15 +27,17 @@ def frame_colour(index: int) -> tuple:
     return (10 * index, 100 + 5 * index, 250 - 7 * index)
 
 
-def write_frames(folder: Path, count: int = 3, size: int = 8, name=lambda i: f"frame_0000{i}.jpg"
-                 ) -> list[Path]:
+def write_frames(
+    folder: Path, count: int = 3, size: int = 8, name=lambda i: f"frame_0000{i}.jpg"
+) -> list[Path]:
     """``count`` solid-colour frames named by ``name(i)`` (1-based, the official naming)."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(1, count + 1):
         path = folder / name(i)
         Image.new("RGB", (size, size), frame_colour(i)).save(
-            path, quality=100 if path.suffix == ".jpg" else None)
+            path, quality=100 if path.suffix == ".jpg" else None
+        )
         paths.append(path)
     return paths
 

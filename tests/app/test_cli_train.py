@@ -16,9 +16,27 @@ from avkernels.app.data import ClipRecord, write_manifest  # noqa: E402
 from tests.app.data_fixtures import write_clip  # noqa: E402
 
 # Small front end and model: 64 fbank frames x 32 mel bins, 2 frames of 32x32, width 4.
-TINY = ["--mel-bins", "32", "--target-length", "64", "--image-size", "32", "--frames", "2",
-        "--width", "4", "--batch-size", "4", "--epochs", "1", "--optimizer", "adam",
-        "--lr", "0.01", "--no-progress"]
+TINY = [
+    "--mel-bins",
+    "32",
+    "--target-length",
+    "64",
+    "--image-size",
+    "32",
+    "--frames",
+    "2",
+    "--width",
+    "4",
+    "--batch-size",
+    "4",
+    "--epochs",
+    "1",
+    "--optimizer",
+    "adam",
+    "--lr",
+    "0.01",
+    "--no-progress",
+]
 
 
 @pytest.fixture(scope="module")
@@ -52,25 +70,29 @@ def test_missing_media_file_is_named(tmp_path, capsys):
 
 
 def test_unknown_stage_and_bad_choice_are_argparse_errors(tmp_path, manifest):
-    for argv in (["train", "stage3", str(manifest), "--out", str(tmp_path)],
-                 ["train", "joint", str(manifest), "--out", str(tmp_path), "--mask-target", "x"],
-                 ["train", "joint", str(manifest)]):  # --out is required
+    for argv in (
+        ["train", "stage3", str(manifest), "--out", str(tmp_path)],
+        ["train", "joint", str(manifest), "--out", str(tmp_path), "--mask-target", "x"],
+        ["train", "joint", str(manifest)],
+    ):  # --out is required
         with pytest.raises(SystemExit) as exit_info:
             main(argv)
         assert exit_info.value.code == 2
 
 
-@pytest.mark.parametrize("options, message", [
-    (["--epochs", "0"], "--epochs must be a positive int"),
-    (["--lr", "-1"], "--lr must be > 0"),
-    (["--train-split", "dev"], "has no split 'dev'"),
-    (["--eval-split", "val"], "has no split 'val'"),
-    (["--fbank-stats", "missing.json"], "--fbank-stats missing.json: no such file"),
-    (["--num-workers", "-1"], "--num-workers must be >= 0"),
-    (["--audio-init", "/nonexistent.pth"], "/nonexistent.pth: no such file"),
-])
-def test_bad_values_are_exit_2_with_the_option_named(tmp_path, manifest, capsys, options,
-                                                      message):
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--epochs", "0"], "--epochs must be a positive int"),
+        (["--lr", "-1"], "--lr must be > 0"),
+        (["--train-split", "dev"], "has no split 'dev'"),
+        (["--eval-split", "val"], "has no split 'val'"),
+        (["--fbank-stats", "missing.json"], "--fbank-stats missing.json: no such file"),
+        (["--num-workers", "-1"], "--num-workers must be >= 0"),
+        (["--audio-init", "/nonexistent.pth"], "/nonexistent.pth: no such file"),
+    ],
+)
+def test_bad_values_are_exit_2_with_the_option_named(tmp_path, manifest, capsys, options, message):
     argv = ["train", "joint", str(manifest), "--out", str(tmp_path / "run"), *TINY, *options]
     assert main(argv) == 2
     assert message in error_line(capsys)
@@ -91,26 +113,64 @@ def test_train_stage1_then_stage2_then_resume_rules(tmp_path, manifest, capsys):
     config = json.loads((stage1 / "config.json").read_text())
     assert config["num_classes"] == 2 and config["width"] == 4  # classes from the manifest
 
-    argv = ["train", "stage2", str(manifest), "--out", str(stage2), *TINY, "--init-from",
-            str(stage1), "--mask-threshold", "0", "--mask-target", "both"]
+    argv = [
+        "train",
+        "stage2",
+        str(manifest),
+        "--out",
+        str(stage2),
+        *TINY,
+        "--init-from",
+        str(stage1),
+        "--mask-threshold",
+        "0",
+        "--mask-target",
+        "both",
+    ]
     assert main(argv) == 0
     assert "stage2: epoch 1 eval: acc " in capsys.readouterr().out
 
     assert main(argv) == 2  # the directory holds a run
     assert "add --resume" in error_line(capsys)
     assert main(argv + ["--resume"]) == 0  # finished: nothing left to do, same result
-    assert main(["train", "stage2", str(manifest), "--out", str(stage2), *TINY, "--resume",
-                 "--lr", "0.5"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "stage2",
+                str(manifest),
+                "--out",
+                str(stage2),
+                *TINY,
+                "--resume",
+                "--lr",
+                "0.5",
+            ]
+        )
+        == 2
+    )
     assert "lr: 0.01 != 0.5" in error_line(capsys)
-    assert main(["train", "joint", str(manifest), "--out", str(tmp_path / "new"), *TINY,
-                 "--resume"]) == 2
+    assert (
+        main(["train", "joint", str(manifest), "--out", str(tmp_path / "new"), *TINY, "--resume"])
+        == 2
+    )
     assert "nothing to resume" in error_line(capsys)
 
 
 def test_fust_pipeline_and_resume(tmp_path, manifest, capsys):
     out = tmp_path / "fust"
-    argv = ["fust", str(manifest), "--out", str(out), *TINY, "--baseline", "--mask-threshold",
-            "0", "--probe-epochs", "2"]
+    argv = [
+        "fust",
+        str(manifest),
+        "--out",
+        str(out),
+        *TINY,
+        "--baseline",
+        "--mask-threshold",
+        "0",
+        "--probe-epochs",
+        "2",
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     for stage in ("stage1", "stage2", "joint"):

@@ -5,8 +5,18 @@ import pytest
 import torch
 import torchaudio
 
-from avkernels.app.data import (AudioConfig, DataError, FbankStats, audio_input, compute_fbank_stats,
-                            kaldi_fbank, load_waveform, pad_or_cut, raw_fbank, read_wav)
+from avkernels.app.data import (
+    AudioConfig,
+    DataError,
+    FbankStats,
+    audio_input,
+    compute_fbank_stats,
+    kaldi_fbank,
+    load_waveform,
+    pad_or_cut,
+    raw_fbank,
+    read_wav,
+)
 from tests.app.data_fixtures import write_wav
 
 
@@ -14,15 +24,23 @@ def official_fbank(samples: np.ndarray, rate: int, bins: int) -> torch.Tensor:
     waveform = torch.from_numpy(samples.T.copy()).float()
     waveform = waveform - waveform.mean()
     return torchaudio.compliance.kaldi.fbank(
-        waveform, htk_compat=True, sample_frequency=rate, use_energy=False,
-        window_type="hanning", num_mel_bins=bins, dither=0.0, frame_shift=10)
+        waveform,
+        htk_compat=True,
+        sample_frequency=rate,
+        use_energy=False,
+        window_type="hanning",
+        num_mel_bins=bins,
+        dither=0.0,
+        frame_shift=10,
+    )
 
 
 @pytest.mark.parametrize("target_length", [20, 48, 200])  # cut, exact, pad
 def test_input_matches_the_official_pipeline(tmp_path, target_length):
     samples = write_wav(tmp_path / "a.wav", seconds=0.5)
-    config = AudioConfig(sample_rate=16000, num_mel_bins=32, target_length=target_length,
-                         mean=-3.0, std=2.5)
+    config = AudioConfig(
+        sample_rate=16000, num_mel_bins=32, target_length=target_length, mean=-3.0, std=2.5
+    )
     expected = official_fbank(samples, 16000, 32)
     assert expected.shape[0] == 48
     missing = target_length - expected.shape[0]
@@ -72,8 +90,9 @@ def test_fbank_stats_match_a_direct_computation(tmp_path):
         paths.append(tmp_path / f"{seed}.wav")
         write_wav(paths[-1], seconds=seconds, seed=seed)
     stats = compute_fbank_stats(paths, config)
-    every = torch.stack([pad_or_cut(official_fbank(read_wav(p)[0].numpy().T, 16000, 24), 40)
-                         for p in paths]).double()
+    every = torch.stack(
+        [pad_or_cut(official_fbank(read_wav(p)[0].numpy().T, 16000, 24), 40) for p in paths]
+    ).double()
     assert stats.clips == 3
     assert stats.mean == pytest.approx(every.mean().item(), rel=1e-12)
     assert stats.std == pytest.approx(every.std(unbiased=False).item(), rel=1e-10)

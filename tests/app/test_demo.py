@@ -15,8 +15,10 @@ pytest.importorskip("torchvision")
 pytest.importorskip("matplotlib")
 pytest.importorskip("mlxtend")
 if importlib.util.find_spec("spokennumbers") is None:  # found, not imported: it needs pydub
-    pytest.skip("AV-Digits needs spokennumbers (pip install --no-deps spokennumbers)",
-                allow_module_level=True)
+    pytest.skip(
+        "AV-Digits needs spokennumbers (pip install --no-deps spokennumbers)",
+        allow_module_level=True,
+    )
 
 from avkernels.app.cli import main  # noqa: E402
 
@@ -116,11 +118,14 @@ def test_a_lost_step_is_rebuilt_from_its_finished_runs_with_the_same_numbers(qui
         assert after["fust"][key] == before["fust"][key]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--quick", "--seed", "-1"], "--seed must be >= 0"),
-    (["--quick", "--seed", "1"], "other settings"),  # the quick run's folder, another seed
-    ([], "other settings"),  # the quick run's folder, default sizes
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--quick", "--seed", "-1"], "--seed must be >= 0"),
+        (["--quick", "--seed", "1"], "other settings"),  # the quick run's folder, another seed
+        ([], "other settings"),  # the quick run's folder, default sizes
+    ],
+)
 def test_bad_arguments_exit_2_with_one_line(quick_run, capsys, argv, message):
     assert main(["demo", "--out", str(quick_run), *argv]) == 2
     error = capsys.readouterr().err

@@ -23,7 +23,7 @@ whole model takes minutes on 2 cores, so it is ``slow``); GPU variants need CUDA
 from __future__ import annotations
 
 import copy
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -115,8 +115,14 @@ def make_batch(device: str, seed: int = 1) -> dict:
     }
 
 
-def train(model: nn.Module, batch: dict, *, forward: Optional[Callable] = None,
-          autocast: Optional[torch.dtype] = None, steps: int = STEPS) -> Record:
+def train(
+    model: nn.Module,
+    batch: dict,
+    *,
+    forward: Callable | None = None,
+    autocast: torch.dtype | None = None,
+    steps: int = STEPS,
+) -> Record:
     """``steps`` SGD training steps on ``batch``; the losses, the first step's gradients, and
     the buffers afterwards (running statistics, batch counts, dead counts)."""
     forward = model if forward is None else forward
@@ -132,8 +138,13 @@ def train(model: nn.Module, batch: dict, *, forward: Optional[Callable] = None,
         loss.backward()
         record[f"loss{step}"] = loss.detach()
         if step == 0:
-            record.update({f"grad {name}": p.grad.clone() for name, p in model.named_parameters()
-                           if p.grad is not None})
+            record.update(
+                {
+                    f"grad {name}": p.grad.clone()
+                    for name, p in model.named_parameters()
+                    if p.grad is not None
+                }
+            )
         optimizer.step()
     record.update({name: b.clone() for name, b in model.named_buffers()})
     return record
@@ -148,8 +159,9 @@ def float64_run(model: nn.Module, batch: dict, **options) -> Record:
 # --- comparisons --------------------------------------------------------------------------------
 
 
-def assert_within_yardstick(candidate: Record, reference: Record, baseline: Record,
-                            baseline_reference: Record, what: str) -> None:
+def assert_within_yardstick(
+    candidate: Record, reference: Record, baseline: Record, baseline_reference: Record, what: str
+) -> None:
     """Every float of ``reference`` (float64) that the baseline has too: the candidate's error is
     at most twice the baseline's error against ``baseline_reference`` plus ``ATOL_SCALE`` times
     the largest value of the same module (a sum with cancellation, like ABRi's alpha gradient
@@ -172,8 +184,11 @@ def assert_within_yardstick(candidate: Record, reference: Record, baseline: Reco
 def module_magnitude(record: Record, name: str) -> Tensor:
     """The largest value of the floats of ``record`` that belong to ``name``'s module."""
     module = name.removeprefix("grad ").rsplit(".", 1)[0]
-    return max(value.abs().max() for key, value in record.items() if value.is_floating_point()
-               and key.removeprefix("grad ").rsplit(".", 1)[0] == module)
+    return max(
+        value.abs().max()
+        for key, value in record.items()
+        if value.is_floating_point() and key.removeprefix("grad ").rsplit(".", 1)[0] == module
+    )
 
 
 def assert_counts_match(candidate: Record, expected: Record, slack: float, what: str) -> None:
@@ -262,10 +277,12 @@ def check_autocast_training(device: str, dtype: torch.dtype) -> None:
             del yardstick[f"grad {name}"]
 
     assert dtypes_seen and all(seen == (dtype, dtype) for seen in dtypes_seen), (
-        f"TrackedBN under autocast must take and return {dtype}, saw {set(dtypes_seen)}")
+        f"TrackedBN under autocast must take and return {dtype}, saw {set(dtypes_seen)}"
+    )
     assert all(got[f"loss{step}"].isfinite() for step in range(STEPS))
-    assert_within_yardstick(got, ours_reference, yardstick, theirs_reference,
-                            f"autocast {dtype} vs PyTorch's layers")
+    assert_within_yardstick(
+        got, ours_reference, yardstick, theirs_reference, f"autocast {dtype} vs PyTorch's layers"
+    )
 
 
 def test_autocast_bfloat16_training_cpu():
@@ -285,8 +302,11 @@ def test_autocast_training_cuda(dtype):
 def to_channels_last(batch: dict) -> dict:
     """Audio (B, 1, T, F) channels_last; video (B, C, T, H, W) channels_last_3d, whose frames
     (B*T, C, H, W) the encoder sees are channels_last views (no copy)."""
-    return dict(batch, audio=batch["audio"].contiguous(memory_format=torch.channels_last),
-                visual=batch["visual"].contiguous(memory_format=torch.channels_last_3d))
+    return dict(
+        batch,
+        audio=batch["audio"].contiguous(memory_format=torch.channels_last),
+        visual=batch["visual"].contiguous(memory_format=torch.channels_last_3d),
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -301,8 +321,9 @@ def test_channels_last_training_matches_nchw(device):
     formats = []
 
     def record_format(module, inputs, output):
-        formats.append(all(t.is_contiguous(memory_format=torch.channels_last)
-                           for t in (inputs[0], output)))
+        formats.append(
+            all(t.is_contiguous(memory_format=torch.channels_last) for t in (inputs[0], output))
+        )
 
     hooks = [layer.register_forward_hook(record_format) for layer in tracked_layers(channels_last)]
     got = train(channels_last, to_channels_last(batch))
@@ -310,8 +331,9 @@ def test_channels_last_training_matches_nchw(device):
         hook.remove()
 
     assert len(formats) == STEPS * len(tracked_layers(channels_last))
-    assert all(formats), f"{formats.count(False)} TrackedBN calls saw or made a non-channels_last " \
-                         "tensor"
+    assert all(formats), (
+        f"{formats.count(False)} TrackedBN calls saw or made a non-channels_last tensor"
+    )
     assert_within_yardstick(got, reference, want, reference, "channels_last")
     # Counted on the same values up to rounding of the convolutions' different kernels.
     assert_counts_match(got, want, DEAD_COUNT_SLACK, "channels_last")

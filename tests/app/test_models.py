@@ -12,7 +12,6 @@ from torch import nn
 torchvision = pytest.importorskip("torchvision")
 
 from avkernels import abri  # noqa: E402
-from avkernels.checkpoints import CheckpointError  # noqa: E402
 from avkernels.app.models import (  # noqa: E402
     AVClassifier,
     ResNetEncoder,
@@ -20,6 +19,7 @@ from avkernels.app.models import (  # noqa: E402
     load_encoder,
     read_state_dict,
 )
+from avkernels.checkpoints import CheckpointError  # noqa: E402
 from avkernels.nn.tracked_bn import TrackedBN  # noqa: E402
 
 
@@ -36,8 +36,9 @@ def randomised(model: nn.Module, seed: int = 0) -> nn.Module:
             if isinstance(module, nn.BatchNorm2d):
                 for tensor in (module.weight, module.bias, module.running_mean):
                     tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.3)
-                module.running_var.copy_(torch.rand(module.running_var.shape,
-                                                    generator=generator) + 0.5)
+                module.running_var.copy_(
+                    torch.rand(module.running_var.shape, generator=generator) + 0.5
+                )
     return model
 
 
@@ -52,8 +53,9 @@ def test_encoder_matches_torchvision_on_its_checkpoint(arch, fuse_relu):
     # rounding differences grow over 20 layers, hence the looser tolerance there.
     for train, tolerance in ((False, 1e-5), (True, 5e-4)):
         reference.train(train), encoder.train(train)
-        torch.testing.assert_close(encoder(x), torchvision_trunk(reference)(x), rtol=tolerance,
-                                   atol=tolerance)
+        torch.testing.assert_close(
+            encoder(x), torchvision_trunk(reference)(x), rtol=tolerance, atol=tolerance
+        )
 
 
 def test_encoder_layout_fused_relu_and_width():
@@ -92,8 +94,12 @@ def test_adapt_first_conv_moves_rgb_weights_to_one_channel(mode, caplog):
     assert torch.equal(encoder.conv1.weight, expected)
     if mode == "sum":  # a grey image gives the RGB network's output
         grey = torch.randn(1, 1, 32, 32)
-        torch.testing.assert_close(encoder(grey), torchvision_trunk(reference)(grey.expand(-1, 3, -1, -1)),
-                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            encoder(grey),
+            torchvision_trunk(reference)(grey.expand(-1, 3, -1, -1)),
+            rtol=1e-4,
+            atol=1e-4,
+        )
 
 
 def test_loading_errors_name_the_problem():
@@ -101,8 +107,10 @@ def test_loading_errors_name_the_problem():
     with pytest.raises(ValueError, match="adapt='sum' or 'mean'"):
         load_encoder(ResNetEncoder("resnet18", 1), state_dict)
     with pytest.raises(CheckpointError, match="missing layer1.0.conv1.weight"):
-        load_encoder(ResNetEncoder("resnet18", 3),
-                     {k: v for k, v in state_dict.items() if k != "layer1.0.conv1.weight"})
+        load_encoder(
+            ResNetEncoder("resnet18", 3),
+            {k: v for k, v in state_dict.items() if k != "layer1.0.conv1.weight"},
+        )
     with pytest.raises(CheckpointError, match="unexpected layer1.2.*those of a resnet34"):
         load_encoder(ResNetEncoder("resnet18", 3), torchvision.models.resnet34().state_dict())
     with pytest.raises(ValueError, match="shape mismatch"):
@@ -158,18 +166,24 @@ def test_read_state_dict_unwraps_and_strips_ddp_prefix(tmp_path):
 
 def test_classifier_keys_follow_the_official_layout():
     keys = set(AVClassifier(5, width=4).state_dict())
-    assert {"fusion_module.fc_out.weight", "fusion_module.fc_out.bias", "audio_fc.weight",
-            "visual_fc.weight", "audio_net.conv1.weight", "visual_net.layer4.1.bn2.bias"} <= keys
+    assert {
+        "fusion_module.fc_out.weight",
+        "fusion_module.fc_out.bias",
+        "audio_fc.weight",
+        "visual_fc.weight",
+        "audio_net.conv1.weight",
+        "visual_net.layer4.1.bn2.bias",
+    } <= keys
 
 
 def test_visual_features_pool_over_frames_and_space():
     torch.manual_seed(0)
     model = AVClassifier(4, width=4).eval()
     visual = torch.randn(2, 3, 3, 32, 32)  # (B, C, T, H, W)
-    per_frame = torch.stack([model.visual_net(visual[:, :, t]).mean(dim=(2, 3))
-                             for t in range(3)], dim=1)
-    torch.testing.assert_close(model.encode_visual(visual), per_frame.mean(1), rtol=1e-5,
-                               atol=1e-6)
+    per_frame = torch.stack(
+        [model.visual_net(visual[:, :, t]).mean(dim=(2, 3)) for t in range(3)], dim=1
+    )
+    torch.testing.assert_close(model.encode_visual(visual), per_frame.mean(1), rtol=1e-5, atol=1e-6)
     output = model(torch.randn(2, 1, 64, 32), visual)
     assert output.logits.shape == (2, 4)
     torch.testing.assert_close(output.logits, output.logits_a + output.logits_v)

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-from avkernels.fust import ConfidenceTracker
 from avkernels.app.train import (
     CHECKPOINT,
     EpochSampler,
@@ -25,6 +24,7 @@ from avkernels.app.train import (
     rng_state,
     set_rng_state,
 )
+from avkernels.fust import ConfidenceTracker
 
 NUM_CLASSES = 3
 
@@ -54,8 +54,12 @@ class SyntheticAV(torch.utils.data.Dataset):
         audio = self.audio[index]
         if self.noise:
             audio = audio + 0.1 * torch.randn(audio.shape)
-        return {"audio": audio, "visual": self.visual[index], "label": int(self.labels[index]),
-                "id": f"clip{index:03d}"}
+        return {
+            "audio": audio,
+            "visual": self.visual[index],
+            "label": int(self.labels[index]),
+            "id": f"clip{index:03d}",
+        }
 
 
 class Without(SyntheticAV):
@@ -72,15 +76,29 @@ class Without(SyntheticAV):
 
 
 def tiny_config(**overrides) -> TrainConfig:
-    values = dict(num_classes=NUM_CLASSES, epochs=2, batch_size=4, width=4, optimizer="adam",
-                  lr=1e-2, schedule="cosine", seed=7)
+    values = dict(
+        num_classes=NUM_CLASSES,
+        epochs=2,
+        batch_size=4,
+        width=4,
+        optimizer="adam",
+        lr=1e-2,
+        schedule="cosine",
+        seed=7,
+    )
     values.update(overrides)
     return TrainConfig(**values)
 
 
 def run(config, run_dir, data=None, **kwargs) -> Trainer:
-    trainer = Trainer(config, data or SyntheticAV(noise=True), run_dir,
-                      eval_data=SyntheticAV(6, seed=1), progress=False, **kwargs)
+    trainer = Trainer(
+        config,
+        data or SyntheticAV(noise=True),
+        run_dir,
+        eval_data=SyntheticAV(6, seed=1),
+        progress=False,
+        **kwargs,
+    )
     trainer.fit()
     return trainer
 
@@ -89,8 +107,11 @@ def assert_same_state(left: dict, right: dict, path: str = "") -> None:
     """Bitwise equality of nested checkpoint states (tensors, numbers, strings, containers)."""
     if isinstance(left, torch.Tensor):
         assert isinstance(right, torch.Tensor) and left.dtype == right.dtype, path
-        assert torch.equal(left, right) or (left.isnan() == right.isnan()).all() and torch.equal(
-            left.nan_to_num(), right.nan_to_num()), f"{path} differs"
+        assert (
+            torch.equal(left, right)
+            or (left.isnan() == right.isnan()).all()
+            and torch.equal(left.nan_to_num(), right.nan_to_num())
+        ), f"{path} differs"
     elif isinstance(left, dict):
         assert set(left) == set(right), f"{path}: keys {set(left) ^ set(right)}"
         for key in left:
@@ -105,8 +126,19 @@ def assert_same_state(left: dict, right: dict, path: str = "") -> None:
 
 def final_state(run_dir) -> dict:
     state = torch.load(run_dir / CHECKPOINT, weights_only=True)
-    return {key: state[key] for key in ("model", "optimizer", "scheduler", "rng", "epoch",
-                                        "global_step", "trackers", "history")}
+    return {
+        key: state[key]
+        for key in (
+            "model",
+            "optimizer",
+            "scheduler",
+            "rng",
+            "epoch",
+            "global_step",
+            "trackers",
+            "history",
+        )
+    }
 
 
 @pytest.fixture(scope="module")
@@ -120,16 +152,26 @@ def stop_at(step: int):
     def on_step(trainer, global_step):
         if global_step == step:
             trainer.request_stop()
+
     return on_step
 
 
 # 10 samples, batch 4: 3 steps per epoch. Step 2 is mid-epoch 1, step 3 its last batch
 # (before the epoch is closed), step 5 mid-epoch 2.
-@pytest.mark.parametrize("stage, stop_step", [("stage1", 2), ("stage1", 3), ("stage2", 3),
-                                              ("stage2", 5)])
+@pytest.mark.parametrize(
+    "stage, stop_step", [("stage1", 2), ("stage1", 3), ("stage2", 3), ("stage2", 5)]
+)
 def test_stopped_and_resumed_run_equals_uninterrupted(tmp_path, stage1_dir, stage, stop_step):
-    extra = {"init_from": str(stage1_dir), "mask_target": "both", "mask_threshold": 0.0,
-             "mask_rho": (0.9, 0.9)} if stage == "stage2" else {}
+    extra = (
+        {
+            "init_from": str(stage1_dir),
+            "mask_target": "both",
+            "mask_threshold": 0.0,
+            "mask_rho": (0.9, 0.9),
+        }
+        if stage == "stage2"
+        else {}
+    )
     config = tiny_config(stage=stage, **extra)
     run(config, tmp_path / "straight")
     with pytest.raises(TrainingInterrupted):
@@ -140,11 +182,15 @@ def test_stopped_and_resumed_run_equals_uninterrupted(tmp_path, stage1_dir, stag
     run(config, tmp_path / "resumed", resume=True)
     assert_same_state(final_state(tmp_path / "straight"), final_state(tmp_path / "resumed"))
     for name in ("metrics.jsonl", "metrics.csv"):
-        assert (tmp_path / "straight" / name).read_text() == (tmp_path / "resumed" / name).read_text()
+        assert (tmp_path / "straight" / name).read_text() == (
+            tmp_path / "resumed" / name
+        ).read_text()
     if stage == "stage1":
         for modality in ("audio", "visual"):
-            files = [ConfidenceTracker.load(tmp_path / d / f"confidence_{modality}.pt").mean()
-                     for d in ("straight", "resumed")]
+            files = [
+                ConfidenceTracker.load(tmp_path / d / f"confidence_{modality}.pt").mean()
+                for d in ("straight", "resumed")
+            ]
             assert files[0].ids == files[1].ids and torch.equal(files[0].values, files[1].values)
 
 
@@ -207,15 +253,24 @@ def test_stage1_writes_confidences_of_every_sample(stage1_dir):
         assert sorted(confidences.ids) == [f"clip{i:03d}" for i in range(10)]
         assert ((confidences.values > 0) & (confidences.values < 1)).all()
     rows = [json.loads(line) for line in (stage1_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["epoch"], r["split"]) for r in rows] == [(1, "train"), (1, "eval"), (2, "train"),
-                                                        (2, "eval")]
+    assert [(r["epoch"], r["split"]) for r in rows] == [
+        (1, "train"),
+        (1, "eval"),
+        (2, "train"),
+        (2, "eval"),
+    ]
     assert {"acc_audio", "acc_visual", "loss"} <= set(rows[1])
 
 
 def test_stage1_single_modality_needs_only_its_input(tmp_path):
     config = tiny_config(stage="stage1", modalities=("audio",), epochs=1, probe_epochs=2)
-    trainer = Trainer(config, Without("visual"), tmp_path / "run",
-                      eval_data=Without("visual", 6, seed=1), progress=False)
+    trainer = Trainer(
+        config,
+        Without("visual"),
+        tmp_path / "run",
+        eval_data=Without("visual", 6, seed=1),
+        progress=False,
+    )
     history = trainer.fit()
     assert "acc_audio" in history[0] and "acc_visual" not in history[0]
     assert [row["split"] for row in history] == ["train", "eval", "probe_audio"]
@@ -231,8 +286,15 @@ def test_stage2_uses_stage1_encoders_and_reports_missing_confidences(tmp_path, s
         assert torch.equal(value, stage1[f"audio_net.{key}"]), key
     assert len(trainer.ratios) == 10
     with pytest.raises(FileNotFoundError, match="no audio confidence file"):
-        Trainer(tiny_config(stage="stage2", audio_confidence=str(tmp_path / "none.pt"),
-                            init_from=str(stage1_dir)), SyntheticAV(), tmp_path / "other")
+        Trainer(
+            tiny_config(
+                stage="stage2",
+                audio_confidence=str(tmp_path / "none.pt"),
+                init_from=str(stage1_dir),
+            ),
+            SyntheticAV(),
+            tmp_path / "other",
+        )
     with pytest.raises(ValueError, match="needs the stage-1 confidences"):
         Trainer(tiny_config(stage="stage2"), SyntheticAV(), tmp_path / "third")
 
@@ -242,9 +304,16 @@ def test_stage2_masks_inputs_or_fused_features(tmp_path, stage1_dir, monkeypatch
     """mask_mode="mean": every sample gets the same ratio per modality, so with
     mask_target="input" exactly floor(P * ratio) patches of each arrive as zeros, and with
     "features" the inputs arrive whole and the ratios go to the fusion layer."""
-    config = tiny_config(stage="stage2", init_from=str(stage1_dir), epochs=1, mask_mode="mean",
-                         mask_threshold=0.0, mask_eta=(50.0, 50.0), mask_rho=(0.5, 0.5),
-                         mask_target=target)
+    config = tiny_config(
+        stage="stage2",
+        init_from=str(stage1_dir),
+        epochs=1,
+        mask_mode="mean",
+        mask_threshold=0.0,
+        mask_eta=(50.0, 50.0),
+        mask_rho=(0.5, 0.5),
+        mask_target=target,
+    )
     trainer = Trainer(config, SyntheticAV(), tmp_path / "run", progress=False)
     seen = []
     forward = trainer.model.forward
@@ -316,14 +385,17 @@ def test_linear_probe_separates_separable_features_and_keeps_rng(tmp_path):
     assert not model.training
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("stage", "stage3", "stage must be one of"),
-    ("num_classes", 0, "num_classes must be a positive int"),
-    ("mask_target", "everything", "mask_target must be one of"),
-    ("modalities", ("audio", "text"), "modalities"),
-    ("mask_eta", (1.0,), "mask_eta must be an"),
-    ("lr", 0.0, "lr must be > 0"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("stage", "stage3", "stage must be one of"),
+        ("num_classes", 0, "num_classes must be a positive int"),
+        ("mask_target", "everything", "mask_target must be one of"),
+        ("modalities", ("audio", "text"), "modalities"),
+        ("mask_eta", (1.0,), "mask_eta must be an"),
+        ("lr", 0.0, "lr must be > 0"),
+    ],
+)
 def test_config_rejects_bad_values(field, value, message):
     with pytest.raises(ValueError, match=message):
         tiny_config(**{field: value})
@@ -337,33 +409,48 @@ def test_bad_batches_are_named(tmp_path):
 def _record_bn_outputs(model) -> tuple[list, list]:
     """Forward hooks on every BN: (dtype, is channels_last) of each output."""
     seen = []
-    hooks = [m.register_forward_hook(lambda m, i, o: seen.append((o.dtype, o.is_contiguous(
-        memory_format=torch.channels_last)))) for m in model.modules()
-        if isinstance(m, torch.nn.BatchNorm2d)]
+    hooks = [
+        m.register_forward_hook(
+            lambda m, i, o: seen.append(
+                (o.dtype, o.is_contiguous(memory_format=torch.channels_last))
+            )
+        )
+        for m in model.modules()
+        if isinstance(m, torch.nn.BatchNorm2d)
+    ]
     return seen, hooks
 
 
 @pytest.mark.parametrize("stage", ["stage1", "joint"])
 def test_channels_last_training_matches_nchw(tmp_path, stage):
     reference = run(tiny_config(stage=stage, epochs=1), tmp_path / "nchw")
-    trainer = Trainer(tiny_config(stage=stage, epochs=1, channels_last=True),
-                      SyntheticAV(noise=True), tmp_path / "cl", progress=False)
+    trainer = Trainer(
+        tiny_config(stage=stage, epochs=1, channels_last=True),
+        SyntheticAV(noise=True),
+        tmp_path / "cl",
+        progress=False,
+    )
     seen, _ = _record_bn_outputs(trainer.model)
     trainer.fit()
     assert seen and all(entry == (torch.float32, True) for entry in seen), set(seen)
     assert trainer.history[0]["loss"] == pytest.approx(reference.history[0]["loss"], rel=1e-4)
     for name, value in trainer.model.state_dict().items():
         if value.is_floating_point():
-            torch.testing.assert_close(value, reference.model.state_dict()[name], rtol=1e-3,
-                                       atol=1e-4, msg=name)
+            torch.testing.assert_close(
+                value, reference.model.state_dict()[name], rtol=1e-3, atol=1e-4, msg=name
+            )
 
 
 @pytest.mark.parametrize("stage", ["stage1", "joint"])
 def test_bf16_autocast_training(tmp_path, stage):
     """precision='bf16': every BN runs on bf16 activations (channels_last kept), float32
     parameters are updated, the loss stays finite."""
-    trainer = Trainer(tiny_config(stage=stage, epochs=1, precision="bf16", channels_last=True),
-                      SyntheticAV(noise=True), tmp_path / "bf16", progress=False)
+    trainer = Trainer(
+        tiny_config(stage=stage, epochs=1, precision="bf16", channels_last=True),
+        SyntheticAV(noise=True),
+        tmp_path / "bf16",
+        progress=False,
+    )
     seen, _ = _record_bn_outputs(trainer.model)
     initial = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     trainer.fit()

@@ -19,8 +19,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from avkernels.fust import ConfidenceTracker
 from avkernels.app.train import CHECKPOINT, EpochSampler, RankBatchSampler, Ranks, Trainer
+from avkernels.fust import ConfidenceTracker
 from tests.app.test_train import SyntheticAV, assert_same_state, final_state, run, tiny_config
 
 pytest.importorskip("torchvision")
@@ -37,9 +37,28 @@ COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=120)
 # few values amplifies float32's rounding differences to ~1e-4 in two epochs.
 STAGE1 = dict(stage="stage1", sync_bn=True, optimizer="sgd", lr=0.01)
 # `avkernels train` with a tiny front end and model.
-CLI_OPTIONS = ["--mel-bins", "32", "--target-length", "64", "--image-size", "32", "--frames", "2",
-               "--width", "4", "--batch-size", "4", "--epochs", "1", "--optimizer", "adam",
-               "--lr", "0.01", "--no-progress", "--sync-bn"]
+CLI_OPTIONS = [
+    "--mel-bins",
+    "32",
+    "--target-length",
+    "64",
+    "--image-size",
+    "32",
+    "--frames",
+    "2",
+    "--width",
+    "4",
+    "--batch-size",
+    "4",
+    "--epochs",
+    "1",
+    "--optimizer",
+    "adam",
+    "--lr",
+    "0.01",
+    "--no-progress",
+    "--sync-bn",
+]
 
 
 @contextlib.contextmanager
@@ -58,14 +77,19 @@ def float64_defaults():
 
 def _record_writes(log: list) -> None:
     """Log every file the trainer and the confidence trackers write (atomically)."""
-    import avkernels.fust.confidence as confidence_module
     import avkernels.app.train as train_module
+    import avkernels.fust.confidence as confidence_module
 
-    for module, name in ((train_module, "atomic_write"), (train_module, "atomic_write_text"),
-                         (confidence_module, "atomic_write")):
-        def logged(path, *args, _write=getattr(module, name)):
+    for module, name in (
+        (train_module, "atomic_write"),
+        (train_module, "atomic_write_text"),
+        (confidence_module, "atomic_write"),
+    ):
+
+        def logged(path, *args, _write=getattr(module, name)):  # noqa: B008 - bound now
             log.append(Path(path).name)
             return _write(path, *args)
+
         setattr(module, name, logged)
 
 
@@ -85,8 +109,7 @@ def _scenarios(rank: int, root: Path) -> dict:
 
     with float64_defaults():
         try:
-            run(tiny_config(**STAGE1), root / "resumed", data=SyntheticAV(),
-                on_step=stop_on_rank_1)
+            run(tiny_config(**STAGE1), root / "resumed", data=SyntheticAV(), on_step=stop_on_rank_1)
             report["stopped"] = False
         except TrainingInterrupted:
             report["stopped"] = True
@@ -98,29 +121,52 @@ def _scenarios(rank: int, root: Path) -> dict:
 
     def count_epoch_1(trainer, global_step):
         if global_step == 3:
-            counts.update({m: trainer.trackers[m].state_dict()["count"].tolist()
-                           for m in trainer.trackers})
+            counts.update(
+                {m: trainer.trackers[m].state_dict()["count"].tolist() for m in trainer.trackers}
+            )
 
-    trainer = Trainer(tiny_config(stage="stage1", epochs=1), SyntheticAV(9), root / "padded",
-                      progress=False, on_step=count_epoch_1)
+    trainer = Trainer(
+        tiny_config(stage="stage1", epochs=1),
+        SyntheticAV(9),
+        root / "padded",
+        progress=False,
+        on_step=count_epoch_1,
+    )
     history = trainer.fit()
-    report["padded"] = {"counts": counts, "ids": list(trainer.trackers["audio"].ids),
-                        "history": history}
+    report["padded"] = {
+        "counts": counts,
+        "ids": list(trainer.trackers["audio"].ids),
+        "history": history,
+    }
 
     # Stage 2 from the stage-1 run, masking inputs and fused features.
     with float64_defaults():
-        report["stage2"] = run(tiny_config(stage="stage2", init_from=str(root / "straight"),
-                                           mask_target="both", mask_threshold=0.0,
-                                           mask_rho=(0.9, 0.9), epochs=1, probe_epochs=2),
-                               root / "stage2", data=SyntheticAV()).history
+        report["stage2"] = run(
+            tiny_config(
+                stage="stage2",
+                init_from=str(root / "straight"),
+                mask_target="both",
+                mask_threshold=0.0,
+                mask_rho=(0.9, 0.9),
+                epochs=1,
+                probe_epochs=2,
+            ),
+            root / "stage2",
+            data=SyntheticAV(),
+        ).history
     return report
 
 
 def _worker(rank: int, root: str) -> None:
     torch.set_num_threads(1)  # two ranks on a small machine
     root = Path(root)
-    dist.init_process_group("gloo", init_method=f"file://{root / 'rendezvous'}", rank=rank,
-                            world_size=WORLD_SIZE, timeout=COLLECTIVE_TIMEOUT)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{root / 'rendezvous'}",
+        rank=rank,
+        world_size=WORLD_SIZE,
+        timeout=COLLECTIVE_TIMEOUT,
+    )
     try:
         report = _scenarios(rank, root)
         (root / f"report{rank}.json").write_text(json.dumps(report))
@@ -129,8 +175,9 @@ def _worker(rank: int, root: str) -> None:
 
 
 def spawn_ranks(root: Path) -> None:
-    context = mp.start_processes(_worker, args=(str(root),), nprocs=WORLD_SIZE,
-                                 join=False, start_method="spawn")
+    context = mp.start_processes(
+        _worker, args=(str(root),), nprocs=WORLD_SIZE, join=False, start_method="spawn"
+    )
     deadline = time.monotonic() + SPAWN_DEADLINE_S
     try:
         while not context.join(timeout=2):
@@ -174,8 +221,9 @@ def test_two_processes_train_as_one_does(ranks_run, one_process_run):
         torch.testing.assert_close(files[0].per_epoch(), files[1].per_epoch(), rtol=0, atol=1e-10)
     states = [torch.load(d / CHECKPOINT, weights_only=True) for d in (two, one)]
     for key, value in states[1]["model"].items():
-        torch.testing.assert_close(states[0]["model"][key], value, rtol=1e-9, atol=1e-10,
-                                   msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(
+            states[0]["model"][key], value, rtol=1e-9, atol=1e-10, msg=lambda m: f"{key}: {m}"
+        )
     for row_two, row_one in zip(states[0]["history"], states[1]["history"]):
         assert row_two.keys() == row_one.keys()
         for key in row_one:
@@ -189,8 +237,15 @@ def test_only_rank_0_writes(ranks_run):
     written = reports[0]["writes"]["straight"]
     # config.json, checkpoint.pt and the two metrics files at each of the 2 epoch ends and at
     # the end; model.pt and the confidence files once.
-    assert sorted(set(written)) == ["checkpoint.pt", "confidence_audio.pt", "confidence_visual.pt",
-                                    "config.json", "metrics.csv", "metrics.jsonl", "model.pt"]
+    assert sorted(set(written)) == [
+        "checkpoint.pt",
+        "confidence_audio.pt",
+        "confidence_visual.pt",
+        "config.json",
+        "metrics.csv",
+        "metrics.jsonl",
+        "model.pt",
+    ]
     assert written.count("checkpoint.pt") == 3 and written.count("model.pt") == 1
     assert written.count("confidence_audio.pt") == written.count("confidence_visual.pt") == 1
     assert not list(root.glob("**/*.partial"))
@@ -222,8 +277,9 @@ def test_stage2_and_probes_run_and_every_rank_agrees(ranks_run):
     history = reports[0]["stage2"]
     assert history == reports[1]["stage2"]
     assert [row["split"] for row in history] == ["train", "eval", "probe_audio", "probe_visual"]
-    assert all(value == value for row in history for value in row.values()
-               if isinstance(value, float))
+    assert all(
+        value == value for row in history for value in row.values() if isinstance(value, float)
+    )
 
 
 def test_rank_batches_split_every_batch_into_contiguous_shares():
@@ -232,11 +288,13 @@ def test_rank_batches_split_every_batch_into_contiguous_shares():
     sampler = EpochSampler(11, 4, seed=0)
     order = list(sampler)
     shares = [list(RankBatchSampler(sampler, Ranks(rank, 3))) for rank in range(3)]
-    assert [[len(share) for share in rank_shares] for rank_shares in shares] == [[2, 2, 1],
-                                                                                [1, 1, 1],
-                                                                                [1, 1, 1]]
+    assert [[len(share) for share in rank_shares] for rank_shares in shares] == [
+        [2, 2, 1],
+        [1, 1, 1],
+        [1, 1, 1],
+    ]
     for step, start in enumerate(range(0, 11, 4)):
-        assert [i for rank in range(3) for i in shares[rank][step]] == order[start:start + 4]
+        assert [i for rank in range(3) for i in shares[rank][step]] == order[start : start + 4]
     sampler.set_epoch(0, start_batch=1)
     assert list(RankBatchSampler(sampler, Ranks(2, 3))) == shares[2][1:]
 
@@ -266,8 +324,15 @@ def write_clips_manifest(root: Path) -> Path:
     for index in range(8):
         audio, frames = f"audio/{index}.wav", f"frames/{index}"
         write_clip(root, audio, frames, seed=index, frame_count=2)
-        records.append(ClipRecord(f"clip{index}", "train" if index < 6 else "test", index % 2,
-                                  root / audio, root / frames))
+        records.append(
+            ClipRecord(
+                f"clip{index}",
+                "train" if index < 6 else "test",
+                index % 2,
+                root / audio,
+                root / frames,
+            )
+        )
     return write_manifest(root / "manifest.csv", records)
 
 
@@ -277,10 +342,27 @@ def test_torchrun_launches_the_cli(tmp_path):
     (on 6 clips, batches of 4 and 2): both ranks join through torchrun's variables and leave;
     rank 0 alone prints, and every clip gets a confidence."""
     manifest = write_clips_manifest(tmp_path / "clips")
-    command = [TORCHRUN, "--standalone", "--nproc_per_node", str(WORLD_SIZE), "-m", "avkernels.app",
-               "train", "stage1", str(manifest), "--out", str(tmp_path / "run"), *CLI_OPTIONS]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=SPAWN_DEADLINE_S,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    command = [
+        TORCHRUN,
+        "--standalone",
+        "--nproc_per_node",
+        str(WORLD_SIZE),
+        "-m",
+        "avkernels.app",
+        "train",
+        "stage1",
+        str(manifest),
+        "--out",
+        str(tmp_path / "run"),
+        *CLI_OPTIONS,
+    ]
+    result = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=SPAWN_DEADLINE_S,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("stage1: epoch 1 eval: acc_audio") == 1
     assert result.stdout.count("wrote") == 1

@@ -23,14 +23,18 @@ import dataclasses
 import importlib
 import os
 import warnings
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import pytest
 import torch
 
 import avkernels
 from avkernels.ops.batch_norm import registration
-from avkernels.ops.batch_norm.schema import BACKWARD, FORWARD, accumulation_dtype, output_memory_format
+from avkernels.ops.batch_norm.schema import (
+    BACKWARD,
+    FORWARD,
+    output_memory_format,
+)
 
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_CUDA = torch.cuda.is_available()
@@ -90,11 +94,18 @@ def require_extension() -> None:
 
 def get_backend(name: str) -> Backend:
     """The backend ``name``, or skip/fail (see the module docstring) where it cannot run."""
-    registered = (torch.ops.avkernels.batch_norm_fwd.default,
-                  torch.ops.avkernels.batch_norm_bwd.default)
+    registered = (
+        torch.ops.avkernels.batch_norm_fwd.default,
+        torch.ops.avkernels.batch_norm_bwd.default,
+    )
     if name == "reference":
-        return Backend(name, "cpu", registration.reference_forward,
-                       registration.reference_backward, reroute_cpu=True)
+        return Backend(
+            name,
+            "cpu",
+            registration.reference_forward,
+            registration.reference_backward,
+            reroute_cpu=True,
+        )
     if name == "cpp":
         require_extension()
         return Backend(name, "cpu", *registered, reroute_cpu=False)
@@ -104,8 +115,7 @@ def get_backend(name: str) -> Backend:
         pytest.importorskip("triton")
         kernels = importlib.import_module("avkernels.ops.batch_norm.triton_launch")
         device = "cpu" if INTERPRETER else "cuda"
-        return Backend(name, device, kernels.forward, kernels.backward,
-                       reroute_cpu=device == "cpu")
+        return Backend(name, device, kernels.forward, kernels.backward, reroute_cpu=device == "cpu")
     if name == "cuda":
         if not HAS_CUDA:
             pytest.skip("needs a CUDA GPU")
@@ -130,7 +140,7 @@ class BNCase:
 
     shape: tuple = (2, 3, 5, 7)
     dtype: torch.dtype = torch.float32
-    param_dtype: Optional[torch.dtype] = None  # None: same as dtype
+    param_dtype: torch.dtype | None = None  # None: same as dtype
     mode: str = "plain"  # plain | relu | abri | abri_relu
     alpha_per_channel: bool = False  # ABRi alpha of shape (C,) instead of (1,)
     affine: str = "full"  # full | no_bias | none
@@ -157,8 +167,12 @@ class BNCase:
         dtype = str(self.dtype).removeprefix("torch.")
         if self.param_dtype is not None and self.param_dtype != self.dtype:
             dtype += "+" + str(self.param_dtype).removeprefix("torch.") + "_params"
-        parts = ["x".join(map(str, self.shape)), dtype,
-                 self.mode + ("_perC" if self.alpha_per_channel else ""), self.stats]
+        parts = [
+            "x".join(map(str, self.shape)),
+            dtype,
+            self.mode + ("_perC" if self.alpha_per_channel else ""),
+            self.stats,
+        ]
         defaults = BNCase()
         for field in ("affine", "layout", "grad_layout", "momentum", "eps", "dead"):
             if getattr(self, field) != getattr(defaults, field):
@@ -245,18 +259,20 @@ def copy_strided(value: torch.Tensor, dtype=None, device=None) -> torch.Tensor:
     for dim, stride in enumerate(value.stride()):
         if stride == 0:
             compact = compact.narrow(dim, 0, 1)
-    copy = torch.empty_strided(compact.shape, compact.stride(), dtype=dtype or value.dtype,
-                               device=device or value.device)
+    copy = torch.empty_strided(
+        compact.shape, compact.stride(), dtype=dtype or value.dtype, device=device or value.device
+    )
     copy.copy_(compact)
     return copy.expand(value.shape) if compact is not value else copy
 
 
-def clone_inputs(inputs: dict, dtype: Optional[torch.dtype] = None, device=None) -> dict:
+def clone_inputs(inputs: dict, dtype: torch.dtype | None = None, device=None) -> dict:
     """Independent copies (the ops mutate running stats and counters), strides kept; floating
     tensors cast to ``dtype`` when given."""
     return {
         name: copy_strided(value, dtype if value.is_floating_point() else None, device)
-        if isinstance(value, torch.Tensor) else value
+        if isinstance(value, torch.Tensor)
+        else value
         for name, value in inputs.items()
     }
 
@@ -298,15 +314,20 @@ def assert_dead_counts(counters, start, pre_activations, tol: float) -> None:
         low_samples += surely.flatten(2).all(dim=2).sum(dim=0)
         high_samples += maybe.flatten(2).all(dim=2).sum(dim=0)
         expected_seen += torch.tensor([z.shape[0] * z.shape[2] * z.shape[3], z.shape[0]])
-    for name, value in (("dead_count", dead_count), ("dead_sample_count", dead_sample_count),
-                        ("seen", seen)):
+    for name, value in (
+        ("dead_count", dead_count),
+        ("dead_sample_count", dead_sample_count),
+        ("seen", seen),
+    ):
         assert value.dtype == torch.int64, f"{name} must stay int64, is {value.dtype}"
     assert torch.equal(seen, expected_seen), f"seen {seen.tolist()} != {expected_seen.tolist()}"
     assert ((low_count <= dead_count) & (dead_count <= high_count)).all(), (
-        f"dead_count {dead_count.tolist()} outside [{low_count.tolist()}, {high_count.tolist()}]")
+        f"dead_count {dead_count.tolist()} outside [{low_count.tolist()}, {high_count.tolist()}]"
+    )
     assert ((low_samples <= dead_sample_count) & (dead_sample_count <= high_samples)).all(), (
         f"dead_sample_count {dead_sample_count.tolist()} outside "
-        f"[{low_samples.tolist()}, {high_samples.tolist()}]")
+        f"[{low_samples.tolist()}, {high_samples.tolist()}]"
+    )
 
 
 def dead_tolerance(dtype: torch.dtype) -> float:

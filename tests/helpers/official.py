@@ -7,7 +7,6 @@ import torch
 from torch import nn
 
 
-
 class OfficialABRi(nn.Module):
     """The official ABRi layer: the original BN, an added BN and a learnable blend weight."""
 
@@ -68,8 +67,10 @@ class OfficialResNet18(nn.Module):
         inplanes = 64
         for index, planes in enumerate((64, 128, 256, 512)):
             stride = 1 if index == 0 else 2
-            blocks = [OfficialBlock(inplanes, planes, stride, granularity),
-                      OfficialBlock(planes, planes, 1, granularity)]
+            blocks = [
+                OfficialBlock(inplanes, planes, stride, granularity),
+                OfficialBlock(planes, planes, 1, granularity),
+            ]
             setattr(self, f"layer{index + 1}", nn.Sequential(*blocks))
             inplanes = planes
 

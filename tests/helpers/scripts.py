@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
 
 
-def script_environment(**changes: Optional[str]) -> dict[str, str]:
+def script_environment(**changes: str | None) -> dict[str, str]:
     """The environment for a test module run as a script in a subprocess: this one, with the
     repository root on PYTHONPATH and ``changes`` applied (None removes a variable)."""
     environment = dict(os.environ)

@@ -15,10 +15,9 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from avkernels import TrackedBN, abri, revert
 from tests.helpers.batch_norm import assert_close, assert_dead_counts, dead_tolerance
 from tests.helpers.official import OfficialABRi, OfficialResNet18, randomise
-
-from avkernels import TrackedBN, abri, revert
 
 F32, F64 = torch.float32, torch.float64
 
@@ -26,11 +25,17 @@ F32, F64 = torch.float32, torch.float64
 # --- the layer ------------------------------------------------------------------------------------
 
 OFFICIAL_TO_TRACKED = {
-    "bn.weight": "weight", "bn.bias": "bias", "bn.running_mean": "running_mean",
-    "bn.running_var": "running_var", "bn.num_batches_tracked": "num_batches_tracked",
-    "bn_addition.weight": "abri_weight", "bn_addition.bias": "abri_bias",
-    "bn_addition.running_mean": "abri_running_mean", "bn_addition.running_var": "abri_running_var",
-    "bn_addition.num_batches_tracked": "abri_num_batches_tracked", "fusion_weight": "abri_alpha",
+    "bn.weight": "weight",
+    "bn.bias": "bias",
+    "bn.running_mean": "running_mean",
+    "bn.running_var": "running_var",
+    "bn.num_batches_tracked": "num_batches_tracked",
+    "bn_addition.weight": "abri_weight",
+    "bn_addition.bias": "abri_bias",
+    "bn_addition.running_mean": "abri_running_mean",
+    "bn_addition.running_var": "abri_running_var",
+    "bn_addition.num_batches_tracked": "abri_num_batches_tracked",
+    "fusion_weight": "abri_alpha",
 }
 
 
@@ -39,8 +44,12 @@ def layer_pair(channels, granularity, activation=None, momentum=0.1, device="cpu
     official = randomise(OfficialABRi(channels, 0.5, granularity, momentum), seed).double()
     tracked = TrackedBN(channels, momentum=momentum, activation=activation, device=device)
     tracked.enable_abri(0.5, granularity)
-    state = {OFFICIAL_TO_TRACKED[k]: v.reshape(tracked.get_parameter(OFFICIAL_TO_TRACKED[k]).shape)
-             if k == "fusion_weight" else v for k, v in official.state_dict().items()}
+    state = {
+        OFFICIAL_TO_TRACKED[k]: v.reshape(tracked.get_parameter(OFFICIAL_TO_TRACKED[k]).shape)
+        if k == "fusion_weight"
+        else v
+        for k, v in official.state_dict().items()
+    }
     tracked.load_state_dict(state)
     return tracked, official.to(device)
 
@@ -83,15 +92,20 @@ def test_layer_matches_official_two_batchnorms(backend, granularity, activation)
             assert_close(x32.grad, x64.grad, name=f"step {step}: grad x")
             for key, param in official.named_parameters():
                 ours = tracked.get_parameter(OFFICIAL_TO_TRACKED[key])
-                assert_close(ours.grad, param.grad.reshape(ours.shape),
-                             name=f"step {step}: grad {key}")
+                assert_close(
+                    ours.grad, param.grad.reshape(ours.shape), name=f"step {step}: grad {key}"
+                )
             with torch.no_grad():  # the same SGD step on both
                 for param in list(tracked.parameters()) + list(official.parameters()):
                     param -= lr * param.grad
                     param.grad = None
         assert_layers_match(tracked, official, "after training")
-        assert_dead_counts((tracked.dead_count, tracked.dead_sample_count, tracked.seen), start,
-                           pre_activations, dead_tolerance(F32))
+        assert_dead_counts(
+            (tracked.dead_count, tracked.dead_sample_count, tracked.seen),
+            start,
+            pre_activations,
+            dead_tolerance(F32),
+        )
         tracked.eval()
         official.eval()
         x = torch.randn(shape, generator=g, dtype=F64).to(device)
@@ -152,8 +166,14 @@ def test_enable_abri_initial_state_and_errors():
     assert torch.equal(layer.abri_running_var, torch.ones(6))
     assert layer.abri_num_batches_tracked.item() == 0
     assert all(p.requires_grad for p in (layer.abri_weight, layer.abri_bias, layer.abri_alpha))
-    added = {"abri_weight", "abri_bias", "abri_alpha", "abri_running_mean", "abri_running_var",
-             "abri_num_batches_tracked"}
+    added = {
+        "abri_weight",
+        "abri_bias",
+        "abri_alpha",
+        "abri_running_mean",
+        "abri_running_var",
+        "abri_num_batches_tracked",
+    }
     assert set(layer.state_dict()) == keys | added
     assert "abri='channel'" in repr(layer)
     assert TrackedBN(6).enable_abri().abri_alpha.shape == (1,)
@@ -178,8 +198,14 @@ def test_state_dict_loading():
     for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
         assert torch.equal(getattr(layer, name), getattr(plain, name))
     fresh = TrackedBN(5).enable_abri(0.25)
-    for name in ("abri_weight", "abri_bias", "abri_alpha", "abri_running_mean", "abri_running_var",
-                 "abri_num_batches_tracked"):
+    for name in (
+        "abri_weight",
+        "abri_bias",
+        "abri_alpha",
+        "abri_running_mean",
+        "abri_running_var",
+        "abri_num_batches_tracked",
+    ):
         assert torch.equal(getattr(layer, name), getattr(fresh, name)), name
     randomise(layer, 5)
     restored = TrackedBN(5).enable_abri()
@@ -284,8 +310,13 @@ def test_load_official_checkpoint_matches_official_model(granularity):
     mapping = abri.official_key_map(model)
     ours = model.state_dict()
     for key, value in official.state_dict().items():
-        torch.testing.assert_close(ours[mapping[key]], value.reshape(ours[mapping[key]].shape),
-                                   rtol=1e-5, atol=1e-5, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(
+            ours[mapping[key]],
+            value.reshape(ours[mapping[key]].shape),
+            rtol=1e-5,
+            atol=1e-5,
+            msg=lambda m: f"{key}: {m}",
+        )
 
 
 def test_load_official_checkpoint_errors_name_the_keys():

@@ -52,8 +52,9 @@ def test_ids_as_tensor_numpy_and_float32_logits_without_grad():
 def test_repeated_and_missing_samples():
     tracker = ConfidenceTracker(2)
     # epoch 1: sample 0 seen twice (a sampler with replacement), sample 1 once
-    tracker.update([0, 0, 1], logits_for([[0.2, 0.8], [0.6, 0.4], [0.5, 0.5]]),
-                   torch.tensor([0, 0, 1]))
+    tracker.update(
+        [0, 0, 1], logits_for([[0.2, 0.8], [0.6, 0.4], [0.5, 0.5]]), torch.tensor([0, 0, 1])
+    )
     tracker.end_epoch()
     # epoch 2: sample 1 dropped (drop_last)
     tracker.update([0], logits_for([[0.9, 0.1]]), torch.tensor([0]))
@@ -106,8 +107,11 @@ def test_crash_mid_write_keeps_the_old_file(tmp_path, monkeypatch, suffix):
         next(a for a in args if hasattr(a, "write")).write(b"half a file")
         raise KeyboardInterrupt("killed mid-write")
 
-    monkeypatch.setattr(confidence_module.torch if suffix == ".pt" else confidence_module.np,
-                        "save" if suffix == ".pt" else "savez", crash)
+    monkeypatch.setattr(
+        confidence_module.torch if suffix == ".pt" else confidence_module.np,
+        "save" if suffix == ".pt" else "savez",
+        crash,
+    )
     with pytest.raises(KeyboardInterrupt):
         tracker.save(path)
     assert path.read_bytes() == before

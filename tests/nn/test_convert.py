@@ -112,14 +112,30 @@ def test_revert_restores_identical_outputs():
 
 def test_revert_reuses_objects_and_keeps_configuration():
     layer = TrackedBN(4, eps=1e-3, momentum=None, affine=True, track_running_stats=True).eval()
-    objects = [id(t) for t in (layer.weight, layer.bias, layer.running_mean, layer.running_var,
-                               layer.num_batches_tracked)]
+    objects = [
+        id(t)
+        for t in (
+            layer.weight,
+            layer.bias,
+            layer.running_mean,
+            layer.running_var,
+            layer.num_batches_tracked,
+        )
+    ]
     plain = revert(layer)
     assert type(plain) is nn.BatchNorm2d and not plain.training
     flags = (plain.eps, plain.momentum, plain.affine, plain.track_running_stats)
     assert flags == (1e-3, None, True, True)
-    assert objects == [id(t) for t in (plain.weight, plain.bias, plain.running_mean,
-                                       plain.running_var, plain.num_batches_tracked)]
+    assert objects == [
+        id(t)
+        for t in (
+            plain.weight,
+            plain.bias,
+            plain.running_mean,
+            plain.running_var,
+            plain.num_batches_tracked,
+        )
+    ]
 
 
 def test_revert_keeps_synchronisation():
@@ -132,7 +148,11 @@ def test_revert_keeps_synchronisation():
     synced = reverted[1]
     assert type(synced) is nn.SyncBatchNorm and synced.process_group is group
     assert (synced.eps, synced.momentum, synced.affine, synced.track_running_stats) == (
-        1e-5, 0.1, True, True)
+        1e-5,
+        0.1,
+        True,
+        True,
+    )
     assert objects == [id(t) for t in (synced.weight, synced.running_mean)]
     x = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(0))
     expected = nn.BatchNorm2d(4)
@@ -141,10 +161,13 @@ def test_revert_keeps_synchronisation():
     assert torch.equal(synced(x), expected(x))
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"activation": "relu"}, r"cannot revert a TrackedBN with activation='relu'"),
-    ({"bias": False}, r"cannot revert a TrackedBN built with bias=False"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"activation": "relu"}, r"cannot revert a TrackedBN with activation='relu'"),
+        ({"bias": False}, r"cannot revert a TrackedBN built with bias=False"),
+    ],
+)
 def test_revert_refuses_what_batchnorm2d_cannot_represent(kwargs, message):
     model = nn.Sequential(nn.Conv2d(3, 4, 1), TrackedBN(4, **kwargs))
     with pytest.raises(ValueError, match=message):
@@ -155,8 +178,12 @@ def test_convert_root_nested_and_untouched_layers():
     root = nn.BatchNorm2d(4, eps=1e-3, momentum=0.2, affine=False, track_running_stats=False).eval()
     converted = convert(root)
     assert isinstance(converted, TrackedBN) and converted is not root and not converted.training
-    assert (converted.eps, converted.momentum, converted.affine, converted.track_running_stats) == \
-        (1e-3, 0.2, False, False)
+    assert (converted.eps, converted.momentum, converted.affine, converted.track_running_stats) == (
+        1e-3,
+        0.2,
+        False,
+        False,
+    )
     already = TrackedBN(3)
     inner = nn.BatchNorm2d(5)
     tree = nn.Sequential(nn.Sequential(nn.Conv2d(3, 5, 1), inner), nn.BatchNorm1d(5), already)

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 import torchvision
-from tests.helpers.official import OfficialResNet18, randomise
 from torch import nn
 
 from avkernels import DiagnosisReport, TrackedBN, abri, diagnose
 from avkernels.app.cli import main
 from avkernels.diagnosis import compare
+from tests.helpers.official import OfficialResNet18, randomise
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -118,8 +118,9 @@ def test_activation_statistics_match_a_direct_count(tracked):
     stats = report.layers[0]
     assert report.batches == 3 and stats.samples == 9
     np.testing.assert_allclose(stats.dead_fraction, (z <= 0).double().mean((0, 2, 3)).numpy())
-    np.testing.assert_allclose(stats.dead_sample_fraction,
-                               (z <= 0).flatten(2).all(2).double().mean(0).numpy())
+    np.testing.assert_allclose(
+        stats.dead_sample_fraction, (z <= 0).flatten(2).all(2).double().mean(0).numpy()
+    )
     assert stats.dead_on_all_samples == int(((z <= 0).flatten(2).all(2).all(0)).sum())
     # The user's model is left as it was: same layer types, mode, state and counters.
     assert type(model[1]) is type(bn) and model.training and model[1].training
@@ -134,8 +135,11 @@ def test_activation_options():
     batches = [torch.randn(2, 2, 4, 4) for _ in range(4)]
     assert diagnose(model, batches, max_batches=2).batches == 2
     calls = []
-    diagnose(model, [{"image": x} for x in batches],
-             forward=lambda m, batch: calls.append(m(batch["image"])))
+    diagnose(
+        model,
+        [{"image": x} for x in batches],
+        forward=lambda m, batch: calls.append(m(batch["image"])),
+    )
     assert len(calls) == 4
     with pytest.raises(TypeError, match="forward="):
         diagnose(model, [{"image": batches[0]}])
@@ -215,9 +219,20 @@ def test_cli_official_abri_checkpoint_with_data_and_comparison(tmp_path, capsys)
     torch.save(torchvision.models.resnet18().state_dict(), plain)
     code, _, err = run_cli(capsys, plain, "--out", tmp_path / "before")
     assert code == 0, err
-    code, out, err = run_cli(capsys, checkpoint, "--data", data, "--batch-size", 2,
-                             "--in-channels", 1, "--before", tmp_path / "before" / "report.json",
-                             "--out", tmp_path / "out")
+    code, out, err = run_cli(
+        capsys,
+        checkpoint,
+        "--data",
+        data,
+        "--batch-size",
+        2,
+        "--in-channels",
+        1,
+        "--before",
+        tmp_path / "before" / "report.json",
+        "--out",
+        tmp_path / "out",
+    )
     assert code == 0, err
     assert "resnet18, official ABRi, 1 input channel(s)" in out
     assert "activations (2 batches, eval)" in out
@@ -231,8 +246,9 @@ def test_cli_avkernels_checkpoint_from_ddp_classifier(tmp_path, capsys):
     encoder = abri.apply(torchvision.models.resnet34(), granularity="channel")
     classifier = nn.ModuleDict({"audio_net": encoder, "fc": nn.Linear(512, 3)})
     checkpoint = tmp_path / "ddp.pth"
-    torch.save({"state_dict": {"module." + k: v for k, v in classifier.state_dict().items()}},
-               checkpoint)
+    torch.save(
+        {"state_dict": {"module." + k: v for k, v in classifier.state_dict().items()}}, checkpoint
+    )
     code, out, err = run_cli(capsys, checkpoint, "--out", tmp_path / "out")
     assert code == 0, err
     assert "resnet34, avkernels ABRi" in out and "'audio_net.'; 2 other keys ignored" in out
@@ -248,26 +264,56 @@ def save(path, value):
     [
         (lambda tmp: tmp / "missing.pth", [], "no such file"),
         (lambda tmp: tmp, [], "not a file"),
-        (lambda tmp: (tmp / "notes.pth").write_text("hello") and tmp / "notes.pth", [],
-         "is not a PyTorch checkpoint"),
+        (
+            lambda tmp: (tmp / "notes.pth").write_text("hello") and tmp / "notes.pth",
+            [],
+            "is not a PyTorch checkpoint",
+        ),
         (lambda tmp: save(tmp / "list.pth", [1, 2]), [], "holds no state dict"),
-        (lambda tmp: save(tmp / "r34.pth", torchvision.models.resnet34().state_dict()),
-         ["--arch", "resnet18"], "those of a resnet34, not of --arch resnet18"),
-        (lambda tmp: save(tmp / "r50.pth", torchvision.models.resnet50().state_dict()), [],
-         "not those of a ResNet-18 or ResNet-34"),
-        (lambda tmp: save(tmp / "r18.pth", torchvision.models.resnet18().state_dict()),
-         ["--in-channels", "1"], "takes 3 channels"),
-        (lambda tmp: save(tmp / "r18x.pth", dict(torchvision.models.resnet18().state_dict(),
-                                                 extra=torch.zeros(1))), [],
-         "unexpected extra"),
-        (lambda tmp: save(tmp / "r18d.pth", torchvision.models.resnet18().state_dict()),
-         ["--data", "nowhere.pt"], "--data nowhere.pt: no such file"),
+        (
+            lambda tmp: save(tmp / "r34.pth", torchvision.models.resnet34().state_dict()),
+            ["--arch", "resnet18"],
+            "those of a resnet34, not of --arch resnet18",
+        ),
+        (
+            lambda tmp: save(tmp / "r50.pth", torchvision.models.resnet50().state_dict()),
+            [],
+            "not those of a ResNet-18 or ResNet-34",
+        ),
+        (
+            lambda tmp: save(tmp / "r18.pth", torchvision.models.resnet18().state_dict()),
+            ["--in-channels", "1"],
+            "takes 3 channels",
+        ),
+        (
+            lambda tmp: save(
+                tmp / "r18x.pth",
+                dict(torchvision.models.resnet18().state_dict(), extra=torch.zeros(1)),
+            ),
+            [],
+            "unexpected extra",
+        ),
+        (
+            lambda tmp: save(tmp / "r18d.pth", torchvision.models.resnet18().state_dict()),
+            ["--data", "nowhere.pt"],
+            "--data nowhere.pt: no such file",
+        ),
     ],
-    ids=["missing", "directory", "text", "not-a-dict", "other-arch", "resnet50", "in-channels",
-         "extra-key", "no-data"],
+    ids=[
+        "missing",
+        "directory",
+        "text",
+        "not-a-dict",
+        "other-arch",
+        "resnet50",
+        "in-channels",
+        "extra-key",
+        "no-data",
+    ],
 )
-def test_cli_bad_input_is_one_line_and_exit_code_2(tmp_path, capsys, make_checkpoint, extra,
-                                                  message):
+def test_cli_bad_input_is_one_line_and_exit_code_2(
+    tmp_path, capsys, make_checkpoint, extra, message
+):
     checkpoint = make_checkpoint(tmp_path)
     code, out, err = run_cli(capsys, checkpoint, *extra, "--out", tmp_path / "out")
     assert code == 2

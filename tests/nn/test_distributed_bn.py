@@ -14,7 +14,6 @@ import dataclasses
 import datetime
 import time
 from pathlib import Path
-from typing import Optional
 
 import pytest
 import torch
@@ -42,8 +41,8 @@ class Case:
     split: tuple[int, ...] = (3, 3)  # samples per rank
     dtype: torch.dtype = torch.float64
     relu: bool = False
-    abri: Optional[str] = None  # ABRi granularity
-    momentum: Optional[float] = 0.1
+    abri: str | None = None  # ABRi granularity
+    momentum: float | None = 0.1
     channels_last: bool = False
     affine: bool = True
     track_running_stats: bool = True
@@ -98,8 +97,11 @@ def _check_case(case: Case, rank: int) -> list:
     """``(label, synced, single-process full batch, float64 oracle or None)`` for one case."""
     generator = torch.Generator().manual_seed(1234)
     reference = TrackedBN(
-        CHANNELS, momentum=case.momentum, affine=case.affine,
-        track_running_stats=case.track_running_stats, activation="relu" if case.relu else None,
+        CHANNELS,
+        momentum=case.momentum,
+        affine=case.affine,
+        track_running_stats=case.track_running_stats,
+        activation="relu" if case.relu else None,
         track_dead=case.track_dead,
         dtype=torch.float64 if case.dtype == torch.float64 else torch.float32,
     )
@@ -117,8 +119,9 @@ def _check_case(case: Case, rank: int) -> list:
         grad = torch.randn(x.shape, generator=generator)
         x, grad = x.to(case.dtype), grad.to(case.dtype)
         y_full, grad_x_full = _forward_backward(reference, x.clone(), grad)
-        y, grad_x = _forward_backward(synced, x[start:stop].clone(), grad[start:stop],
-                                      case.channels_last)
+        y, grad_x = _forward_backward(
+            synced, x[start:stop].clone(), grad[start:stop], case.channels_last
+        )
         y_oracle = grad_x_oracle = None
         if oracle is not None:
             y_oracle, grad_x_oracle = _forward_backward(oracle, x.double(), grad.double())
@@ -129,19 +132,37 @@ def _check_case(case: Case, rank: int) -> list:
         ]
         if case.channels_last and stop > start:
             channels_last = torch.channels_last
-            results.append((f"step {step} output and grad stay channels_last",
-                            (y.is_contiguous(memory_format=channels_last),
-                             grad_x.is_contiguous(memory_format=channels_last)),
-                            (True, True), None))
+            results.append(
+                (
+                    f"step {step} output and grad stay channels_last",
+                    (
+                        y.is_contiguous(memory_format=channels_last),
+                        grad_x.is_contiguous(memory_format=channels_last),
+                    ),
+                    (True, True),
+                    None,
+                )
+            )
     for name, parameter in synced.named_parameters():
         # Each rank holds the gradient of its own slice; DDP would average them.
         dist.all_reduce(parameter.grad)
-        results.append((f"grad {name}", parameter.grad, getattr(reference, name).grad,
-                        None if oracle is None else getattr(oracle, name).grad))
+        results.append(
+            (
+                f"grad {name}",
+                parameter.grad,
+                getattr(reference, name).grad,
+                None if oracle is None else getattr(oracle, name).grad,
+            )
+        )
     for name, buffer in synced.named_buffers():
-        results.append((f"buffer {name}", buffer, getattr(reference, name),
-                        None if oracle is None or not buffer.is_floating_point()
-                        else getattr(oracle, name)))
+        results.append(
+            (
+                f"buffer {name}",
+                buffer,
+                getattr(reference, name),
+                None if oracle is None or not buffer.is_floating_point() else getattr(oracle, name),
+            )
+        )
     return [tuple(_detached(value) for value in result) for result in results]
 
 
@@ -197,11 +218,14 @@ def _check_ddp(rank: int) -> dict:
         batch = torch.cat([_rank_batch(r, step) for r in range(WORLD_SIZE)])
         reference(batch)
     results["synced dead_fraction"] = (
-        synced.module[1].dead_fraction(), reference[1].dead_fraction()
+        synced.module[1].dead_fraction(),
+        reference[1].dead_fraction(),
     )
     results["synced counts"] = (_counters(synced.module[1]), _counters(reference[1]))
-    results["synced running_var"] = (synced.module[1].running_var.detach().clone(),
-                                     reference[1].running_var.detach().clone())
+    results["synced running_var"] = (
+        synced.module[1].running_var.detach().clone(),
+        reference[1].running_var.detach().clone(),
+    )
     return results
 
 
@@ -223,12 +247,18 @@ def _check_tiny_batches(rank: int) -> dict:
 def _run_group(rank: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE,
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=WORLD_SIZE,
         timeout=COLLECTIVE_TIMEOUT,
     )
     try:
-        results = {"cases": {name: _check_case(case, rank) for name, case in CASES.items()},
-                   "ddp": _check_ddp(rank), "tiny": _check_tiny_batches(rank)}
+        results = {
+            "cases": {name: _check_case(case, rank) for name, case in CASES.items()},
+            "ddp": _check_ddp(rank),
+            "tiny": _check_tiny_batches(rank),
+        }
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -239,8 +269,11 @@ def group_results(tmp_path_factory) -> list[dict]:
     """Run every distributed check once in a group of 2 processes; per-rank results."""
     directory = tmp_path_factory.mktemp("distributed")
     context = mp.start_processes(
-        _run_group, args=(str(directory / "init"), str(directory)), nprocs=WORLD_SIZE,
-        join=False, start_method="spawn",
+        _run_group,
+        args=(str(directory / "init"), str(directory)),
+        nprocs=WORLD_SIZE,
+        join=False,
+        start_method="spawn",
     )
     deadline = time.monotonic() + GROUP_TIMEOUT_S
     while not context.join(timeout=1):  # raises if a process failed, ending the others
@@ -266,10 +299,12 @@ def test_synced_half_batches_match_one_full_batch(group_results, name):
                 error = (actual.double() - oracle).abs().max()
                 single_process_error = (expected.double() - oracle).abs().max()
                 assert error <= 2 * single_process_error + 1e-5, (
-                    f"{where}: error {error:.3g} vs single-process {single_process_error:.3g}")
+                    f"{where}: error {error:.3g} vs single-process {single_process_error:.3g}"
+                )
             elif isinstance(actual, torch.Tensor) and actual.is_floating_point():
-                torch.testing.assert_close(actual, expected, **tolerance,
-                                           msg=lambda message: f"{where}: {message}")
+                torch.testing.assert_close(
+                    actual, expected, **tolerance, msg=lambda message: f"{where}: {message}"
+                )
             elif isinstance(actual, torch.Tensor):
                 assert torch.equal(actual, expected), f"{where}: {actual} != {expected}"
             else:

@@ -45,7 +45,9 @@ def make(batch=6, features=(12, 10), classes=5, dtype=F64, group_size=1, seed=0)
 def test_state_dict_matches_official_concat_fusion():
     fusion = MaskedConcatFusion((512, 512), num_classes=31)
     official = ConcatFusion(1024, 31)
-    assert set(fusion.state_dict()) == set(official.state_dict()) == {"fc_out.weight", "fc_out.bias"}
+    assert (
+        set(fusion.state_dict()) == set(official.state_dict()) == {"fc_out.weight", "fc_out.bias"}
+    )
     fusion.load_state_dict(official.state_dict(), strict=True)
     official.load_state_dict(fusion.state_dict(), strict=True)
 
@@ -76,8 +78,12 @@ def masked_reference(fusion, a, v, ratio_a, ratio_v, seeds, group_size):
     """concat + Linear on features masked with the documented mask of ``seeds``."""
     batch = a.shape[0]
     masks = [
-        masking.feature_mask(None if r is None else arguments.per_sample_ratio(r, batch, a.device),
-                             seeds[:, column], x.shape[1], group)
+        masking.feature_mask(
+            None if r is None else arguments.per_sample_ratio(r, batch, a.device),
+            seeds[:, column],
+            x.shape[1],
+            group,
+        )
         for r, column, x, group in ((ratio_a, 0, a, group_size[0]), (ratio_v, 1, v, group_size[1]))
     ]
     fused = torch.cat([a.masked_fill(masks[0], 0), v.masked_fill(masks[1], 0)], dim=1)
@@ -85,11 +91,18 @@ def masked_reference(fusion, a, v, ratio_a, ratio_v, seeds, group_size):
     return logits, masks
 
 
-@pytest.mark.parametrize("group_size,ratio_a,ratio_v", [
-    (1, torch.tensor([0.0, 0.1, 0.5, 0.9, 0.3, 0.6]), torch.tensor([0.5, 0.0, 0.0, 0.2, 0.9, 0.0])),
-    ((5, 3), torch.tensor([0.5, 0.2, 0.99, 0.0, 0.7, 0.4]), None),
-    (2, None, 0.4),
-])
+@pytest.mark.parametrize(
+    "group_size,ratio_a,ratio_v",
+    [
+        (
+            1,
+            torch.tensor([0.0, 0.1, 0.5, 0.9, 0.3, 0.6]),
+            torch.tensor([0.5, 0.0, 0.0, 0.2, 0.9, 0.0]),
+        ),
+        ((5, 3), torch.tensor([0.5, 0.2, 0.99, 0.0, 0.7, 0.4]), None),
+        (2, None, 0.4),
+    ],
+)
 def test_masked_training_matches_reference_with_same_mask(group_size, ratio_a, ratio_v):
     fusion, a, v = make(group_size=group_size)
     groups = arguments.positive_pair(group_size, "group_size")
@@ -101,13 +114,18 @@ def test_masked_training_matches_reference_with_same_mask(group_size, ratio_a, r
     torch.testing.assert_close(logits, expected, rtol=0, atol=1e-12)
     torch.testing.assert_close(logits_a + logits_v, logits, rtol=0, atol=1e-12)
     # exact counts per sample, whole groups, remainder never masked
-    for mask, ratio, features, group in ((masks[0], ratio_a, 12, groups[0]),
-                                         (masks[1], ratio_v, 10, groups[1])):
+    for mask, ratio, features, group in (
+        (masks[0], ratio_a, 12, groups[0]),
+        (masks[1], ratio_v, 10, groups[1]),
+    ):
         num_groups = features // group
-        counts = (torch.zeros(6, dtype=torch.long) if ratio is None else
-                  masking.masked_count(arguments.per_sample_ratio(ratio, 6, "cpu"), num_groups))
+        counts = (
+            torch.zeros(6, dtype=torch.long)
+            if ratio is None
+            else masking.masked_count(arguments.per_sample_ratio(ratio, 6, "cpu"), num_groups)
+        )
         assert (mask.sum(1) == counts * group).all()
-        assert not mask[:, num_groups * group:].any()
+        assert not mask[:, num_groups * group :].any()
     grad = torch.randn_like(logits)
     params = (a, v, fusion.fc_out.weight, fusion.fc_out.bias)
     got = torch.autograd.grad(logits, params, grad)
@@ -156,12 +174,15 @@ def test_compiles_fullgraph():
     torch.testing.assert_close(grad_a, want_a, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("call,error,message", [
-    (lambda f: f(torch.randn(2, 12), torch.randn(2, 9)), ValueError, r"v \(B, 10\)"),
-    (lambda f: f(torch.randn(2, 12), torch.randn(3, 10)), ValueError, "batch sizes"),
-    (lambda f: f(torch.randn(2, 12), torch.randn(2, 10), torch.ones(3)), ValueError, "ratio_a"),
-    (lambda f: f(torch.randn(2, 12, 1), torch.randn(2, 10)), ValueError, "flatten"),
-])
+@pytest.mark.parametrize(
+    "call,error,message",
+    [
+        (lambda f: f(torch.randn(2, 12), torch.randn(2, 9)), ValueError, r"v \(B, 10\)"),
+        (lambda f: f(torch.randn(2, 12), torch.randn(3, 10)), ValueError, "batch sizes"),
+        (lambda f: f(torch.randn(2, 12), torch.randn(2, 10), torch.ones(3)), ValueError, "ratio_a"),
+        (lambda f: f(torch.randn(2, 12, 1), torch.randn(2, 10)), ValueError, "flatten"),
+    ],
+)
 def test_errors(call, error, message):
     fusion = MaskedConcatFusion((12, 10), 5).train()
     with pytest.raises(error, match=message):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from avkernels.fust import ConfidenceTracker, Confidences, mask_ratios
+from avkernels.fust import Confidences, ConfidenceTracker, mask_ratios
 from avkernels.fust.policy import MAX_RATIO
 
 GRID = (0.0, 0.05, 0.3, 0.45, 0.5, 0.55, 0.7, 0.9, 0.99, 1.0)
@@ -18,10 +18,12 @@ CONF_A = [a for a, _ in PAIRS]
 CONF_V = [v for _, v in PAIRS]
 
 
-def released_ratios(conf_a, conf_v, threshold, eta_audio, eta_visual, rho_audio, rho_visual,
-                    mask="conf"):
-    """The released data loader's ratio computation, transcribed from docs/DESIGN.md, "Fusion Tuning (FusT)": per sample
-    in numpy float64, then every sample gets the raw mean in "mean" mode."""
+def released_ratios(
+    conf_a, conf_v, threshold, eta_audio, eta_visual, rho_audio, rho_visual, mask="conf"
+):
+    """The released data loader's ratio computation, transcribed from docs/DESIGN.md, "Fusion
+    Tuning (FusT)": per sample in numpy float64, then every sample gets the raw mean in "mean"
+    mode."""
     a_mask_ratio, v_mask_ratio = [], []
     for a_conf, v_conf in zip(conf_a, conf_v):
         if v_conf >= threshold:
@@ -45,8 +47,9 @@ def applied(ratios) -> list[float]:
 
 
 @pytest.mark.parametrize("threshold", [0.0, 0.5, 0.95, 1.0, 1.01])
-@pytest.mark.parametrize("eta,rho", [((1.0, 1.0), (0.5, 0.5)), ((3.0, 0.5), (0.8, 0.3)),
-                                     ((10.0, 10.0), (0.99, 0.99))])
+@pytest.mark.parametrize(
+    "eta,rho", [((1.0, 1.0), (0.5, 0.5)), ((3.0, 0.5), (0.8, 0.3)), ((10.0, 10.0), (0.99, 0.99))]
+)
 def test_official_rule_reproduces_released_code(threshold, eta, rho):
     r_a, r_v = mask_ratios(CONF_A, CONF_V, threshold, eta, rho, rule="official", verbose=False)
     released_a, released_v = released_ratios(CONF_A, CONF_V, threshold, *eta, *rho)
@@ -70,22 +73,24 @@ def test_official_rule_cases_that_mask_nothing():
 def test_official_mean_mode_quirk():
     # the raw mean includes negative ratios: here it is negative, so nothing is masked at all
     conf_a, conf_v = [0.95, 0.1, 0.2], [0.9, 0.9, 0.8]
-    r_a, r_v = mask_ratios(conf_a, conf_v, 0.5, 2.0, 0.8, rule="official", mode="mean",
-                           verbose=False)
+    r_a, r_v = mask_ratios(
+        conf_a, conf_v, 0.5, 2.0, 0.8, rule="official", mode="mean", verbose=False
+    )
     released_a, released_v = released_ratios(conf_a, conf_v, 0.5, 2.0, 2.0, 0.8, 0.8, "mean")
     assert released_a[0] < 0 and r_a.tolist() == [0.0] * 3 and r_v.tolist() == [0.0] * 3
     # positive raw mean: every sample gets it
     conf_a, conf_v = [0.95, 0.99, 0.6], [0.6, 0.5, 0.55]
-    r_a, _ = mask_ratios(conf_a, conf_v, 0.5, 2.0, 0.8, rule="official", mode="mean",
-                         verbose=False)
+    r_a, _ = mask_ratios(conf_a, conf_v, 0.5, 2.0, 0.8, rule="official", mode="mean", verbose=False)
     released_a, _ = released_ratios(conf_a, conf_v, 0.5, 2.0, 2.0, 0.8, 0.8, "mean")
     assert r_a.tolist() == applied(released_a) and len(set(r_a.tolist())) == 1
     # the whole grid, both modes
     for threshold in (0.3, 0.9):
-        r_a, r_v = mask_ratios(CONF_A, CONF_V, threshold, 1.5, 0.7, rule="official",
-                               mode="mean", verbose=False)
-        released_a, released_v = released_ratios(CONF_A, CONF_V, threshold, 1.5, 1.5, 0.7, 0.7,
-                                                  "mean")
+        r_a, r_v = mask_ratios(
+            CONF_A, CONF_V, threshold, 1.5, 0.7, rule="official", mode="mean", verbose=False
+        )
+        released_a, released_v = released_ratios(
+            CONF_A, CONF_V, threshold, 1.5, 1.5, 0.7, 0.7, "mean"
+        )
         assert r_a.tolist() == applied(released_a) and r_v.tolist() == applied(released_v)
 
 
@@ -94,14 +99,22 @@ def test_symmetric_rule_masks_the_more_confident_modality():
     conf_a = [0.9, 0.2, 0.4, 0.7, 0.6, 0.95]
     conf_v = [0.3, 0.8, 0.3, 0.7, 0.4, 0.05]
     r_a, r_v = mask_ratios(conf_a, conf_v, 0.5, eta, rho, verbose=False)
-    expected_a = [0.8 * np.tanh(2.0 * (0.9 - 0.3)), 0.0, 0.0, 0.0, 0.8 * np.tanh(2.0 * (0.6 - 0.4)),
-                  0.8 * np.tanh(2.0 * (0.95 - 0.05))]
+    expected_a = [
+        0.8 * np.tanh(2.0 * (0.9 - 0.3)),
+        0.0,
+        0.0,
+        0.0,
+        0.8 * np.tanh(2.0 * (0.6 - 0.4)),
+        0.8 * np.tanh(2.0 * (0.95 - 0.05)),
+    ]
     expected_v = [0.0, 0.6 * np.tanh(3.0 * (0.8 - 0.2)), 0.0, 0.0, 0.0, 0.0]
     # 0.4 vs 0.3: more confident modality below tau; 0.7 vs 0.7: no gap
-    torch.testing.assert_close(r_a, torch.tensor(expected_a, dtype=torch.float64), rtol=0,
-                               atol=1e-15)
-    torch.testing.assert_close(r_v, torch.tensor(expected_v, dtype=torch.float64), rtol=0,
-                               atol=1e-15)
+    torch.testing.assert_close(
+        r_a, torch.tensor(expected_a, dtype=torch.float64), rtol=0, atol=1e-15
+    )
+    torch.testing.assert_close(
+        r_v, torch.tensor(expected_v, dtype=torch.float64), rtol=0, atol=1e-15
+    )
 
 
 def test_symmetric_rule_on_grid():
@@ -146,15 +159,20 @@ def test_join_by_id():
     assert r_v.tolist() == [0.0, positional.visual[1].item()]
     with pytest.raises(KeyError, match="clip_z"):
         ratios.gather(["clip_z"])
-    assert positional.gather(torch.tensor([2, 0]))[0].tolist() == [positional.audio[2].item(),
-                                                                  positional.audio[0].item()]
+    assert positional.gather(torch.tensor([2, 0]))[0].tolist() == [
+        positional.audio[2].item(),
+        positional.audio[0].item(),
+    ]
 
 
-@pytest.mark.parametrize("conf_v,message", [
-    ({"a": 0.5, "b": 0.5}, r"lack 1 sample id.*\['c'\]"),
-    ({"a": 0.5, "b": 0.5, "c": 0.5, "d": 0.5}, r"have 1 sample id.*\['d'\]"),
-    ({0: 0.5, 1: 0.5, 2: 0.5}, "id type"),
-])
+@pytest.mark.parametrize(
+    "conf_v,message",
+    [
+        ({"a": 0.5, "b": 0.5}, r"lack 1 sample id.*\['c'\]"),
+        ({"a": 0.5, "b": 0.5, "c": 0.5, "d": 0.5}, r"have 1 sample id.*\['d'\]"),
+        ({0: 0.5, 1: 0.5, 2: 0.5}, "id type"),
+    ],
+)
 def test_missing_or_extra_ids_are_errors(conf_v, message):
     with pytest.raises(ValueError, match=message):
         mask_ratios({"a": 0.9, "b": 0.1, "c": 0.5}, conf_v, 0.5, 1.0, 0.5, verbose=False)
@@ -198,6 +216,8 @@ def test_summary_is_printed_and_returned(capsys):
     assert summary["samples"] == 4
     assert summary["audio_masked"] == 2 and summary["visual_masked"] == 1
     assert summary["audio_mean_ratio"] == pytest.approx(ratios.audio.mean().item())
-    assert summary["audio_mean_ratio_masked"] == pytest.approx(ratios.audio[ratios.audio > 0].mean().item())
+    assert summary["audio_mean_ratio_masked"] == pytest.approx(
+        ratios.audio[ratios.audio > 0].mean().item()
+    )
     assert "audio masked in 2/4 samples" in printed and "visual masked in 1/4 samples" in printed
     assert str(ratios) in printed

@@ -11,7 +11,7 @@ from avkernels.files import atomic_write, atomic_write_text
 
 def test_writes_creating_folders_with_the_permissions_of_open(tmp_path):
     path = atomic_write_text(tmp_path / "a" / "b" / "out.txt", "héllo\r\n")
-    assert path.read_bytes() == "héllo\r\n".encode("utf-8")
+    assert path.read_bytes() == "héllo\r\n".encode()
     (tmp_path / "reference.txt").write_text("x")
     assert os.stat(path).st_mode == os.stat(tmp_path / "reference.txt").st_mode
     assert sorted(p.name for p in path.parent.iterdir()) == ["out.txt"]

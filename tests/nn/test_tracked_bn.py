@@ -15,6 +15,10 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from avkernels import TrackedBN
+from avkernels.ops.batch_norm import output_memory_format
 from tests.helpers.batch_norm import (
     LOW_PRECISION,
     LOW_PRECISION_SHAPE,
@@ -26,10 +30,6 @@ from tests.helpers.batch_norm import (
     make_x_and_grad,
     requires_cuda,
 )
-from torch import nn
-
-from avkernels import TrackedBN
-from avkernels.ops.batch_norm import output_memory_format
 
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
 SHAPE = (3, 5, 4, 6)
@@ -70,8 +70,11 @@ class LayerTrio:
     def step(self, x: torch.Tensor, grad_y) -> dict:
         """Forward (and backward with ``grad_y``, or ``y.sum()`` when None) through all three."""
         outputs = {}
-        for name, layer, dtype in (("tracked", self.tracked, x.dtype), ("oracle", self.oracle, F64),
-                                   ("baseline", self.baseline, x.dtype)):
+        for name, layer, dtype in (
+            ("tracked", self.tracked, x.dtype),
+            ("oracle", self.oracle, F64),
+            ("baseline", self.baseline, x.dtype),
+        ):
             leaf = x.detach().to(dtype).requires_grad_()  # same dtype: x itself, its strides
             z = layer(leaf)
             y = F.relu(z) if (self.relu and name != "tracked") else z
@@ -86,12 +89,17 @@ class LayerTrio:
 
     def check(self, outputs: dict, low_precision: bool) -> None:
         """Outputs, input/parameter gradients and running statistics against the oracle."""
+
         def compare(actual, expected, baseline, name):
             assert_close(actual, expected, baseline if low_precision else None, name=name)
 
         for index, name in enumerate(("y", "grad_x")):
-            compare(outputs["tracked"][index], outputs["oracle"][index],
-                    outputs["baseline"][index], name)
+            compare(
+                outputs["tracked"][index],
+                outputs["oracle"][index],
+                outputs["baseline"][index],
+                name,
+            )
         for name in ("weight", "bias", "running_mean", "running_var"):
             tracked = getattr(self.tracked, name)
             if tracked is None:
@@ -106,20 +114,37 @@ class LayerTrio:
 
 def _layer_cases():
     flag_sets = [
-        {}, {"momentum": None}, {"momentum": 0.3, "eps": 1e-3}, {"affine": False},
-        {"track_running_stats": False}, {"affine": False, "track_running_stats": False},
-        {"bias": False}, {"activation": "relu"}, {"track_dead": False},
+        {},
+        {"momentum": None},
+        {"momentum": 0.3, "eps": 1e-3},
+        {"affine": False},
+        {"track_running_stats": False},
+        {"affine": False, "track_running_stats": False},
+        {"bias": False},
+        {"activation": "relu"},
+        {"track_dead": False},
         {"activation": "relu", "bias": False, "momentum": None},
     ]
     cases = [(flags, "nchw", F32) for flags in flag_sets]
-    cases += [({}, "channels_last", F32), ({"activation": "relu"}, "channels_last", F32),
-              ({}, "strided", F32), ({"activation": "relu"}, "nchw", F64),
-              ({}, "nchw", BF16), ({"activation": "relu"}, "channels_last", BF16),
-              ({"activation": "relu", "momentum": None}, "nchw", F16)]
-    return [pytest.param(flags, layout, dtype,
-                         id="-".join([f"{k}={v}" for k, v in flags.items()] or ["default"])
-                         + f"-{layout}-{str(dtype).removeprefix('torch.')}")
-            for flags, layout, dtype in cases]
+    cases += [
+        ({}, "channels_last", F32),
+        ({"activation": "relu"}, "channels_last", F32),
+        ({}, "strided", F32),
+        ({"activation": "relu"}, "nchw", F64),
+        ({}, "nchw", BF16),
+        ({"activation": "relu"}, "channels_last", BF16),
+        ({"activation": "relu", "momentum": None}, "nchw", F16),
+    ]
+    return [
+        pytest.param(
+            flags,
+            layout,
+            dtype,
+            id="-".join([f"{k}={v}" for k, v in flags.items()] or ["default"])
+            + f"-{layout}-{str(dtype).removeprefix('torch.')}",
+        )
+        for flags, layout, dtype in cases
+    ]
 
 
 def _train_then_eval(trio: LayerTrio, shape, dtype, layout, device="cpu", steps=3):
@@ -131,8 +156,9 @@ def _train_then_eval(trio: LayerTrio, shape, dtype, layout, device="cpu", steps=
             layer.zero_grad()
         for step in range(count):
             generator = torch.Generator().manual_seed(100 * (phase == "eval") + step)
-            x, grad_y = make_x_and_grad(BNCase(shape=shape, dtype=dtype, layout=layout), device,
-                                        generator)
+            x, grad_y = make_x_and_grad(
+                BNCase(shape=shape, dtype=dtype, layout=layout), device, generator
+            )
             outputs = trio.step(x, grad_y)
             y, grad_x = outputs["tracked"]
             assert y.dtype == x.dtype and grad_x.dtype == x.dtype
@@ -195,11 +221,13 @@ def _copies_of_full_tensors(profile, shape) -> list:
 def test_channels_last_input_is_not_copied():
     """channels_last in, channels_last out, and no copy of the input or of the gradient."""
     layer = TrackedBN(SHAPE[1], activation="relu")
-    x, grad_y = make_x_and_grad(BNCase(shape=SHAPE, layout="channels_last"), "cpu",
-                                torch.Generator().manual_seed(0))
+    x, grad_y = make_x_and_grad(
+        BNCase(shape=SHAPE, layout="channels_last"), "cpu", torch.Generator().manual_seed(0)
+    )
     x.requires_grad_()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                record_shapes=True, acc_events=True) as profile:
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True, acc_events=True
+    ) as profile:
         y = layer(x)
         y.backward(grad_y)
     assert not _copies_of_full_tensors(profile, SHAPE)
@@ -221,13 +249,28 @@ def test_single_value_per_channel_error_matches_batchnorm2d():
     torch.testing.assert_close(tracked(x), plain(x))
 
 
-@pytest.mark.parametrize("make_input, error, message", [
-    (lambda: torch.randn(2, 3, 4), ValueError, r"^expected 4D input \(got 3D input\)$"),
-    (lambda: torch.randn(2, 4, 3, 3), ValueError, r"expected 3 channels .* shape \(2, 4, 3, 3\)"),
-    (lambda: torch.ones(2, 3, 3, 3, dtype=torch.int64), TypeError,
-     r"floating-point input, got torch.int64"),
-    (lambda: torch.randn(2, 3, 3, 3, device="meta"), RuntimeError, r"input is on meta .* on cpu"),
-], ids=["3d", "channels", "integer", "device"])
+@pytest.mark.parametrize(
+    "make_input, error, message",
+    [
+        (lambda: torch.randn(2, 3, 4), ValueError, r"^expected 4D input \(got 3D input\)$"),
+        (
+            lambda: torch.randn(2, 4, 3, 3),
+            ValueError,
+            r"expected 3 channels .* shape \(2, 4, 3, 3\)",
+        ),
+        (
+            lambda: torch.ones(2, 3, 3, 3, dtype=torch.int64),
+            TypeError,
+            r"floating-point input, got torch.int64",
+        ),
+        (
+            lambda: torch.randn(2, 3, 3, 3, device="meta"),
+            RuntimeError,
+            r"input is on meta .* on cpu",
+        ),
+    ],
+    ids=["3d", "channels", "integer", "device"],
+)
 def test_input_errors(make_input, error, message):
     with pytest.raises(error, match=message):
         TrackedBN(3)(make_input())
@@ -313,8 +356,11 @@ def test_version_1_checkpoint_without_num_batches_tracked():
     torch.testing.assert_close(tracked.running_mean, state["running_mean"])
 
 
-@pytest.mark.parametrize("duplicate", [copy.deepcopy, lambda m: pickle.loads(pickle.dumps(m))],
-                         ids=["deepcopy", "pickle"])
+@pytest.mark.parametrize(
+    "duplicate",
+    [copy.deepcopy, lambda m: pickle.loads(pickle.dumps(m))],
+    ids=["deepcopy", "pickle"],
+)
 def test_copies_keep_state_and_behaviour(duplicate):
     layer = _trained(TrackedBN(4, activation="relu", momentum=None))
     twin = duplicate(layer)
@@ -343,8 +389,18 @@ def test_drop_in_construction():
     plain_args = list(inspect.signature(nn.BatchNorm2d.__init__).parameters)
     tracked_args = list(inspect.signature(TrackedBN.__init__).parameters)
     assert tracked_args[: len(plain_args)] == plain_args  # positional calls of nn.BatchNorm2d work
-    layer = TrackedBN(3, 1e-3, 0.2, True, False, "cpu", torch.float64, bias=False,
-                      activation="relu", track_dead=False)
+    layer = TrackedBN(
+        3,
+        1e-3,
+        0.2,
+        True,
+        False,
+        "cpu",
+        torch.float64,
+        bias=False,
+        activation="relu",
+        track_dead=False,
+    )
     flags = (layer.eps, layer.momentum, layer.affine, layer.track_running_stats)
     assert flags == (1e-3, 0.2, True, False)
     assert layer.weight.dtype == torch.float64 and layer.bias is None
@@ -360,7 +416,9 @@ def _small_model(momentum):
     return nn.Sequential(
         nn.Conv2d(3, 4, 3, padding=1, bias=False),
         TrackedBN(4, activation="relu", momentum=momentum),
-        nn.Conv2d(4, 5, 3, bias=False), TrackedBN(5, momentum=momentum), nn.ReLU(),
+        nn.Conv2d(4, 5, 3, bias=False),
+        TrackedBN(5, momentum=momentum),
+        nn.ReLU(),
         nn.Conv2d(5, 4, 1, bias=False).to(memory_format=torch.channels_last),
         TrackedBN(4, activation="relu", bias=False, momentum=momentum),
     )
@@ -377,19 +435,23 @@ def _compare_models(eager: nn.Module, other: nn.Module, x: torch.Tensor, rtol=1e
         outputs.append(y)
     torch.testing.assert_close(outputs[1], outputs[0], rtol=rtol, atol=atol)
     for (name, p), q in zip(eager.named_parameters(), other.parameters()):
-        torch.testing.assert_close(q.grad, p.grad, rtol=rtol, atol=atol,
-                                   msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            q.grad, p.grad, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}"
+        )
     for (name, b), c in zip(eager.named_buffers(), other.buffers()):
         torch.testing.assert_close(c, b, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
     with torch.no_grad():
         torch.testing.assert_close(other.eval()(x), eager.eval()(x), rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("compiler, momentum", [
-    ("aot_eager", 0.1),  # dynamo capture, fake kernels, AOT autograd: seconds
-    ("aot_eager", None),
-    pytest.param("inductor", 0.1, marks=pytest.mark.slow),  # ~1 min of C++ codegen on CPU
-])
+@pytest.mark.parametrize(
+    "compiler, momentum",
+    [
+        ("aot_eager", 0.1),  # dynamo capture, fake kernels, AOT autograd: seconds
+        ("aot_eager", None),
+        pytest.param("inductor", 0.1, marks=pytest.mark.slow),  # ~1 min of C++ codegen on CPU
+    ],
+)
 def test_torch_compile_fullgraph_matches_eager(compiler, momentum):
     eager = _small_model(momentum)
     compiled_model = copy.deepcopy(eager)
@@ -402,12 +464,14 @@ def test_torch_compile_fullgraph_matches_eager(compiler, momentum):
 def test_triton_path_matches_batchnorm2d(triton_backend):
     """One tiny train/eval run through the Triton kernels (interpreter on CPU)."""
     trio = LayerTrio({"activation": "relu", "momentum": None}, 3, device=triton_backend.device)
-    _train_then_eval(trio, (2, 3, 3, 4), F32, "channels_last", device=triton_backend.device,
-                     steps=2)
+    _train_then_eval(
+        trio, (2, 3, 3, 4), F32, "channels_last", device=triton_backend.device, steps=2
+    )
     tracked = trio.tracked
     counters = (tracked.dead_count, tracked.dead_sample_count, tracked.seen)
-    assert_dead_counts(counters, [torch.zeros_like(t) for t in counters], trio.pre_activations,
-                       dead_tolerance(F32))
+    assert_dead_counts(
+        counters, [torch.zeros_like(t) for t in counters], trio.pre_activations, dead_tolerance(F32)
+    )
 
 
 @pytest.mark.gpu

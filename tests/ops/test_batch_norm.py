@@ -9,20 +9,23 @@ PyTorch's own low-precision error (the same computation with ``F.batch_norm`` in
 from __future__ import annotations
 
 import re
-from pathlib import Path
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from avkernels import TrackedBN
+from avkernels.ops.batch_norm import autograd as python_autograd
+from avkernels.ops.batch_norm import registration, schema, tracked_batch_norm
 from tests.helpers.batch_norm import (
+    COUNTERS,
     INTERPRETER,
     LOW_PRECISION,
     LOW_PRECISION_SHAPE,
-    COUNTERS,
     PARAMS,
     RUNNING,
     BNCase,
@@ -32,16 +35,10 @@ from tests.helpers.batch_norm import (
     clone_inputs,
     dead_tolerance,
     fwd_args,
-    get_backend,
     make_inputs,
     require_extension,
     run_op_pair,
 )
-
-from avkernels import TrackedBN
-from avkernels.ops.batch_norm import autograd as python_autograd
-from avkernels.ops.batch_norm import registration, schema
-from avkernels.ops.batch_norm import tracked_batch_norm
 
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
 
@@ -49,8 +46,13 @@ F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float1
 def _cases() -> list[BNCase]:
     cases = []
     # every mode under every statistics source (eval ABRi: K = 2 running-stat rows)
-    for mode, per_channel in (("plain", False), ("relu", False), ("abri", False), ("abri", True),
-                              ("abri_relu", True)):
+    for mode, per_channel in (
+        ("plain", False),
+        ("relu", False),
+        ("abri", False),
+        ("abri", True),
+        ("abri_relu", True),
+    ):
         for stats in ("train", "train_untracked", "eval"):
             cases.append(BNCase(mode=mode, alpha_per_channel=per_channel, stats=stats))
     # missing affine parameters
@@ -64,8 +66,15 @@ def _cases() -> list[BNCase]:
         BNCase(momentum=1.0, eps=1e-3, mode="abri"),
     ]
     # tiny and odd shapes
-    for shape in ((2, 1, 1, 1), (2, 1, 4, 4), (5, 3, 1, 1), (2, 3, 1, 1), (3, 7, 5, 11),
-                  (7, 2, 13, 1), (1, 3, 1, 1)):
+    for shape in (
+        (2, 1, 1, 1),
+        (2, 1, 4, 4),
+        (5, 3, 1, 1),
+        (2, 3, 1, 1),
+        (3, 7, 5, 11),
+        (7, 2, 13, 1),
+        (1, 3, 1, 1),
+    ):
         stats = "eval" if shape[0] * shape[2] * shape[3] == 1 else "train"
         cases.append(BNCase(shape=shape, mode="relu", stats=stats))
     cases.append(BNCase(shape=(3, 5, 1, 7), mode="abri", alpha_per_channel=True))
@@ -82,8 +91,11 @@ def _cases() -> list[BNCase]:
         BNCase(grad_layout="expanded", layout="channels_last", mode="relu", stats="eval"),
     ]
     # dtypes: float64, low-precision input with float32 parameters, and all low precision
-    cases += [BNCase(dtype=F64), BNCase(dtype=F64, mode="abri_relu", alpha_per_channel=True),
-              BNCase(dtype=F64, mode="abri", stats="eval")]
+    cases += [
+        BNCase(dtype=F64),
+        BNCase(dtype=F64, mode="abri_relu", alpha_per_channel=True),
+        BNCase(dtype=F64, mode="abri", stats="eval"),
+    ]
     low = dict(shape=LOW_PRECISION_SHAPE)
     for dtype in LOW_PRECISION:
         mixed = dict(low, dtype=dtype, param_dtype=F32)
@@ -116,9 +128,15 @@ def pytorch_batch_norm(inputs: dict) -> dict:
 
     def batch_norm(prefix: str) -> torch.Tensor:
         return F.batch_norm(
-            x, inputs[prefix + "running_mean"], inputs[prefix + "running_var"],
-            inputs[prefix + "weight"], inputs[prefix + "bias"],
-            training=inputs["use_batch_stats"], momentum=inputs["momentum"], eps=inputs["eps"])
+            x,
+            inputs[prefix + "running_mean"],
+            inputs[prefix + "running_var"],
+            inputs[prefix + "weight"],
+            inputs[prefix + "bias"],
+            training=inputs["use_batch_stats"],
+            momentum=inputs["momentum"],
+            eps=inputs["eps"],
+        )
 
     z = batch_norm("")
     if alpha is not None:
@@ -126,8 +144,9 @@ def pytorch_batch_norm(inputs: dict) -> dict:
         z = blend * z + (1 - blend) * batch_norm("abri_")
     y = F.relu(z) if inputs["relu"] else z
     y.backward(inputs["grad_y"])
-    result = {name: inputs[name].grad if inputs[name] is not None else x.new_empty(0)
-              for name in PARAMS}
+    result = {
+        name: inputs[name].grad if inputs[name] is not None else x.new_empty(0) for name in PARAMS
+    }
     result.update({name: inputs[name] for name in RUNNING})
     result.update(y=y.detach(), z=z.detach(), grad_x=x.grad)
     if inputs["use_batch_stats"]:
@@ -138,7 +157,8 @@ def pytorch_batch_norm(inputs: dict) -> dict:
         # the running statistics before this call: eval leaves them unchanged
         result["mean"] = torch.stack([inputs[p + "running_mean"].double() for p in prefixes])
         result["invstd"] = torch.stack(
-            [(inputs[p + "running_var"].double() + inputs["eps"]).rsqrt() for p in prefixes])
+            [(inputs[p + "running_var"].double() + inputs["eps"]).rsqrt() for p in prefixes]
+        )
     return result
 
 
@@ -184,8 +204,9 @@ def test_op_pair_matches_reference(backend, case):
     result = run_op_pair(backend.forward, backend.backward, clone_inputs(inputs))
     check_result_layout(result, inputs)
     inputs64 = clone_inputs(inputs, torch.float64, "cpu")
-    oracle = run_op_pair(registration.reference_forward, registration.reference_backward,
-                         clone_inputs(inputs64))
+    oracle = run_op_pair(
+        registration.reference_forward, registration.reference_backward, clone_inputs(inputs64)
+    )
     baseline = pytorch_batch_norm(inputs) if case.dtype in LOW_PRECISION else {}
     for name in ("y", "grad_x") + PARAMS + RUNNING:
         if result[name] is not None:
@@ -222,8 +243,13 @@ GRADCHECK_CASES = [
     BNCase(shape=(2, 2, 2, 3), dtype=F64, mode="relu"),
     BNCase(shape=(2, 2, 2, 3), dtype=F64, mode="abri_relu", alpha_per_channel=True),
     BNCase(shape=(2, 2, 2, 3), dtype=F64, mode="abri", stats="eval"),
-    BNCase(shape=(3, 2, 1, 2), dtype=F64, affine="no_bias", stats="train_untracked",
-           layout="channels_last"),
+    BNCase(
+        shape=(3, 2, 1, 2),
+        dtype=F64,
+        affine="no_bias",
+        stats="train_untracked",
+        layout="channels_last",
+    ),
 ]
 INTERPRETER_GRADCHECK_CASES = [GRADCHECK_CASES[1]]  # ~100 interpreted launches each
 
@@ -241,8 +267,9 @@ def test_gradcheck(backend, case):
     finite differences."""
     inputs = make_inputs(case, device=backend.device)
     differentiable = ("x",) + PARAMS
-    leaves = tuple(None if inputs[n] is None else inputs[n].detach().requires_grad_()
-                   for n in differentiable)
+    leaves = tuple(
+        None if inputs[n] is None else inputs[n].detach().requires_grad_() for n in differentiable
+    )
 
     def tracked_bn(*tensors):
         fresh = clone_inputs(inputs)  # the forward op mutates running stats and counters
@@ -269,8 +296,10 @@ def test_autograd_runs_the_op_pair(backend, case, frozen_input, autograd):
     autograd without the extension) gives exactly the op pair's outputs, gradients, running
     statistics and counts, and no gradient to absent parameters; also when only the
     parameters take gradients (the first layer)."""
-    tracked = {"op": tracked_batch_norm, "python": python_autograd.tracked_batch_norm_python_autograd}[
-        autograd]
+    tracked = {
+        "op": tracked_batch_norm,
+        "python": python_autograd.tracked_batch_norm_python_autograd,
+    }[autograd]
     inputs = make_inputs(case, device=backend.device)
     with backend.active():
         expected = run_op_pair(backend.forward, backend.backward, clone_inputs(inputs))
@@ -313,8 +342,13 @@ def test_forward_without_autograd(backend, no_autograd):
 
 OPCHECK_CASES = [
     BNCase(shape=(2, 3, 3, 4), mode="relu"),
-    BNCase(shape=(2, 3, 3, 4), mode="abri_relu", alpha_per_channel=True, stats="eval",
-           layout="channels_last"),
+    BNCase(
+        shape=(2, 3, 3, 4),
+        mode="abri_relu",
+        alpha_per_channel=True,
+        stats="eval",
+        layout="channels_last",
+    ),
     BNCase(shape=(2, 3, 3, 4), mode="abri", affine="no_bias", stats="train_untracked", dead=False),
 ]
 
@@ -326,8 +360,9 @@ def test_opcheck(backend, case):
     with backend.active():
         torch.library.opcheck(torch.ops.avkernels.batch_norm_fwd.default, fwd_args(inputs))
         _, mean, invstd = torch.ops.avkernels.batch_norm_fwd(*fwd_args(clone_inputs(inputs)))
-        torch.library.opcheck(torch.ops.avkernels.batch_norm_bwd.default,
-                              bwd_args(inputs, mean, invstd))
+        torch.library.opcheck(
+            torch.ops.avkernels.batch_norm_bwd.default, bwd_args(inputs, mean, invstd)
+        )
         differentiable = clone_inputs(inputs)
         for name in ("x",) + PARAMS:
             if differentiable[name] is not None:
@@ -340,7 +375,7 @@ def test_cpp_argument_structs_follow_the_schemas():
     the one schema (the dispatcher checks the C++ types; this checks the names)."""
     header = (Path(__file__).resolve().parents[2] / "csrc" / "ops" / "batch_norm.h").read_text()
     for struct, signature in (("ForwardArgs", schema.FORWARD), ("BackwardArgs", schema.BACKWARD)):
-        body = re.search(r"struct %s \{(.*?)\};" % struct, header, re.S).group(1)
+        body = re.search(rf"struct {struct} \{{(.*?)\}};", header, re.S).group(1)
         names = tuple(re.findall(r"(\w+);", body))
         assert names == signature.argument_names, struct
 
@@ -349,8 +384,11 @@ def test_kernels_are_the_compiled_ones():
     """With the extension loaded, the CPU kernels and tracked_batch_norm's autograd must be
     registered from C++, not Python."""
     require_extension()
-    for name, key in (("batch_norm_fwd", "CPU"), ("batch_norm_bwd", "CPU"),
-                      ("tracked_batch_norm", r"Autograd\[alias\]")):
+    for name, key in (
+        ("batch_norm_fwd", "CPU"),
+        ("batch_norm_bwd", "CPU"),
+        ("tracked_batch_norm", r"Autograd\[alias\]"),
+    ):
         dump = torch._C._dispatch_dump(f"avkernels::{name}")
         where = re.search(rf"^{key}: registered at (\S+)", dump, re.MULTILINE)
         assert where and ".cpp" in where.group(1), f"{key} kernel of {name}: {dump}"
@@ -392,8 +430,9 @@ def test_python_fallback_without_extension():
     """Without the compiled extension avkernels still imports, warns once, and TrackedBN (the
     reference kernels, TrackedBNFunction's autograd) trains like nn.BatchNorm2d + ReLU, also
     under torch.compile(fullgraph=True)."""
-    run = subprocess.run([sys.executable, "-c", WITHOUT_EXTENSION], capture_output=True,
-                         text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", WITHOUT_EXTENSION], capture_output=True, text=True, timeout=300
+    )
     assert run.returncode == 0 and "fallback ok" in run.stdout, run.stdout + run.stderr
 
 
@@ -425,7 +464,8 @@ def test_nontemporal_stores_change_no_result(backend, case, monkeypatch):
         for name, value in results["0"].items():
             if value is not None:
                 assert torch.equal(results[setting][name], value), (
-                    f"{name} differs with {STREAM_VARIABLE}={setting!r}")
+                    f"{name} differs with {STREAM_VARIABLE}={setting!r}"
+                )
 
 
 def test_nontemporal_stores_setting_is_checked(monkeypatch):
@@ -439,13 +479,22 @@ def test_nontemporal_stores_setting_is_checked(monkeypatch):
 @pytest.mark.parametrize("backend", ["cuda"], indirect=True)
 def test_gpu_resnet_sized_batch_matches_reference(backend):
     """The compiled Triton kernels on a ResNet-18 layer1-sized bf16 batch (split reductions)."""
-    case = BNCase(shape=(16, 64, 56, 56), dtype=BF16, param_dtype=F32, mode="abri_relu",
-                  alpha_per_channel=True, layout="channels_last")
+    case = BNCase(
+        shape=(16, 64, 56, 56),
+        dtype=BF16,
+        param_dtype=F32,
+        mode="abri_relu",
+        alpha_per_channel=True,
+        layout="channels_last",
+    )
     inputs = make_inputs(case, device="cuda")
     result = run_op_pair(backend.forward, backend.backward, clone_inputs(inputs))
     check_result_layout(result, inputs)
-    oracle = run_op_pair(registration.reference_forward, registration.reference_backward,
-                         clone_inputs(inputs, torch.float64))
+    oracle = run_op_pair(
+        registration.reference_forward,
+        registration.reference_backward,
+        clone_inputs(inputs, torch.float64),
+    )
     baseline = pytorch_batch_norm(inputs)
     for name in ("y", "grad_x") + PARAMS + RUNNING:
         assert_close(result[name], oracle[name], baseline.get(name), name=name)

@@ -24,20 +24,43 @@ from tests.helpers.scripts import script_environment
 
 # (N, C, H, W): channel counts below, at and between vector widths, a 1x1 map (rows layout
 # either way), odd planes, and a sample split into several runs.
-SHAPES = ((2, 3, 5, 7), (3, 16, 5, 7), (2, 67, 3, 3), (2, 512, 7, 7), (2, 33, 1, 1),
-          (2, 24, 9, 11), (1, 8, 96, 100))
+SHAPES = (
+    (2, 3, 5, 7),
+    (3, 16, 5, 7),
+    (2, 67, 3, 3),
+    (2, 512, 7, 7),
+    (2, 33, 1, 1),
+    (2, 24, 9, 11),
+    (1, 8, 96, 100),
+)
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 CAPABILITIES = ("avx2", "default")  # ATen's names; this process runs its widest
-OUTPUTS = ("y", "mean", "invstd", "running_mean", "running_var", "dead_count",
-           "dead_sample_count", "seen", "grad_x", "grad_weight", "grad_bias", "grad_abri_weight",
-           "grad_abri_bias", "grad_abri_alpha", "abri_running_mean", "abri_running_var")
+OUTPUTS = (
+    "y",
+    "mean",
+    "invstd",
+    "running_mean",
+    "running_var",
+    "dead_count",
+    "dead_sample_count",
+    "seen",
+    "grad_x",
+    "grad_weight",
+    "grad_bias",
+    "grad_abri_weight",
+    "grad_abri_bias",
+    "grad_abri_alpha",
+    "abri_running_mean",
+    "abri_running_var",
+)
 
 
 def _inputs() -> list[dict]:
     generator = torch.Generator().manual_seed(0)
     cases = []
     for shape, dtype, channels_last, relu, train, abri in itertools.product(
-            SHAPES, DTYPES, (False, True), (False, True), (False, True), (False, True)):
+        SHAPES, DTYPES, (False, True), (False, True), (False, True), (False, True)
+    ):
         if abri and (relu or dtype == torch.float16):  # ABRi: a sample of the grid is enough
             continue
         channels = shape[1]
@@ -49,15 +72,26 @@ def _inputs() -> list[dict]:
         x[0, 0] = 0.0  # an all-zero map: a dead sample in channel 0
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         x = x.to(dtype).contiguous(memory_format=memory_format)
-        cases.append({
-            "x": x, "grad_y": randn(*shape).to(dtype).contiguous(memory_format=memory_format),
-            "weight": randn(channels), "bias": randn(channels),
-            "abri": (randn(channels), randn(channels), torch.rand(channels, generator=generator),
-                     randn(channels), torch.rand(channels, generator=generator) + 0.5)
-            if abri else None,
-            "running": (randn(channels), torch.rand(channels, generator=generator) + 0.5),
-            "train": train, "relu": relu,
-        })
+        cases.append(
+            {
+                "x": x,
+                "grad_y": randn(*shape).to(dtype).contiguous(memory_format=memory_format),
+                "weight": randn(channels),
+                "bias": randn(channels),
+                "abri": (
+                    randn(channels),
+                    randn(channels),
+                    torch.rand(channels, generator=generator),
+                    randn(channels),
+                    torch.rand(channels, generator=generator) + 0.5,
+                )
+                if abri
+                else None,
+                "running": (randn(channels), torch.rand(channels, generator=generator) + 0.5),
+                "train": train,
+                "relu": relu,
+            }
+        )
     return cases
 
 
@@ -71,23 +105,62 @@ def _outputs(cases: list[dict]) -> list[list[torch.Tensor]]:
         abri_weight = abri_bias = abri_alpha = abri_mean = abri_var = None
         if case["abri"] is not None:
             abri_weight, abri_bias, abri_alpha, abri_mean, abri_var = (
-                t.clone() for t in case["abri"])
+                t.clone() for t in case["abri"]
+            )
         counters = [torch.zeros(size, dtype=torch.long) for size in (channels, channels, 2)]
         y, mean, invstd = ops.batch_norm_fwd(
-            case["x"], case["weight"], case["bias"], abri_weight, abri_bias, abri_alpha,
-            running_mean, running_var, abri_mean, abri_var, *counters, case["train"], 0.1, 1e-5,
-            case["relu"])
-        grads = ops.batch_norm_bwd(case["grad_y"], case["x"], case["weight"], case["bias"],
-                                   abri_weight, abri_bias, abri_alpha, mean, invstd,
-                                   case["train"], case["relu"])
-        results.append([y, mean, invstd, running_mean, running_var, *counters, *grads,
-                        *(t for t in (abri_mean, abri_var) if t is not None)])
+            case["x"],
+            case["weight"],
+            case["bias"],
+            abri_weight,
+            abri_bias,
+            abri_alpha,
+            running_mean,
+            running_var,
+            abri_mean,
+            abri_var,
+            *counters,
+            case["train"],
+            0.1,
+            1e-5,
+            case["relu"],
+        )
+        grads = ops.batch_norm_bwd(
+            case["grad_y"],
+            case["x"],
+            case["weight"],
+            case["bias"],
+            abri_weight,
+            abri_bias,
+            abri_alpha,
+            mean,
+            invstd,
+            case["train"],
+            case["relu"],
+        )
+        results.append(
+            [
+                y,
+                mean,
+                invstd,
+                running_mean,
+                running_var,
+                *counters,
+                *grads,
+                *(t for t in (abri_mean, abri_var) if t is not None),
+            ]
+        )
     return results
 
 
 def main(inputs: str, outputs: str) -> None:
-    torch.save({"capability": torch.backends.cpu.get_cpu_capability(),
-                "outputs": _outputs(torch.load(inputs))}, outputs)
+    torch.save(
+        {
+            "capability": torch.backends.cpu.get_cpu_capability(),
+            "outputs": _outputs(torch.load(inputs)),
+        },
+        outputs,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -107,13 +180,18 @@ def test_build_matches_this_process_bit_for_bit(cases_and_expected, capability):
     if capability == "avx2" and not torch.backends.cpu.get_cpu_capability().startswith("AVX"):
         pytest.skip(f"this CPU runs ATen's {torch.backends.cpu.get_cpu_capability()} build")
     outputs = folder / f"outputs_{capability}.pt"
-    run = subprocess.run([sys.executable, __file__, str(folder / "inputs.pt"), str(outputs)],
-                         env=script_environment(ATEN_CPU_CAPABILITY=capability),
-                         capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [sys.executable, __file__, str(folder / "inputs.pt"), str(outputs)],
+        env=script_environment(ATEN_CPU_CAPABILITY=capability),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-4000:]
     result = torch.load(outputs)
     assert result["capability"] == capability.upper(), (
-        f"ATEN_CPU_CAPABILITY={capability} gave ATen's {result['capability']} build")
+        f"ATEN_CPU_CAPABILITY={capability} gave ATen's {result['capability']} build"
+    )
     if result["capability"] == torch.backends.cpu.get_cpu_capability():
         pytest.skip(f"this process already runs the {capability} build")
     mismatches = [
@@ -122,7 +200,8 @@ def test_build_matches_this_process_bit_for_bit(cases_and_expected, capability):
         f"relu={case['relu']}, abri={case['abri'] is not None}): {name}"
         for index, (case, mine, theirs) in enumerate(zip(cases, expected, result["outputs"]))
         for name, a, b in zip(OUTPUTS, mine, theirs)
-        if not (a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b))]
+        if not (a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b))
+    ]
     assert not mismatches, f"{len(mismatches)} outputs differ:\n" + "\n".join(mismatches[:10])
 
 

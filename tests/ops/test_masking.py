@@ -16,11 +16,10 @@ import math
 
 import pytest
 import torch
-from tests.helpers.batch_norm import HAS_CUDA, INTERPRETER, require_extension
 
 import avkernels
-from avkernels.ops.masking import arguments
 from avkernels.ops.masking import reference as masking
+from tests.helpers.batch_norm import HAS_CUDA, INTERPRETER, require_extension
 
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
 BACKENDS = ("reference", "cpp", "triton", "cuda")
@@ -97,8 +96,9 @@ def test_mix32_is_lowbias32():
 @pytest.mark.parametrize("num_groups", [1, 7, 16, 484, 512])
 def test_reference_mask_matches_definition(num_groups):
     seeds = seeds_of(12)
-    ratios = torch.tensor([0.0, -0.5, float("nan"), 1e-9, 0.1, 0.25, 0.5, 0.75, 0.999, 1.0, 3.0,
-                           1 / 3], dtype=F64)
+    ratios = torch.tensor(
+        [0.0, -0.5, float("nan"), 1e-9, 0.1, 0.25, 0.5, 0.75, 0.999, 1.0, 3.0, 1 / 3], dtype=F64
+    )
     mask = masking.group_mask(ratios, seeds, num_groups)
     for row, (seed, ratio) in enumerate(zip(seeds.tolist(), ratios.tolist())):
         expected = python_masked_groups(seed, ratio, num_groups)
@@ -165,8 +165,10 @@ FUSION_CASES = [
 def _fusion_inputs(case, dtype, device):
     batch, fa, fv, ga, gv, ra, rv = case
     generator = torch.Generator().manual_seed(1)
-    a, v, grad = (torch.randn(batch, n, generator=generator).to(device=device, dtype=dtype)
-                  for n in (fa, fv, fa + fv))
+    a, v, grad = (
+        torch.randn(batch, n, generator=generator).to(device=device, dtype=dtype)
+        for n in (fa, fv, fa + fv)
+    )
     ratio_a = None if ra is None else ratios_of(*ra).to(device)
     ratio_v = None if rv is None else ratios_of(*rv).to(device)
     return a, v, grad, ratio_a, ratio_v, seeds_of(batch, 2, start=5).to(device), ga, gv
@@ -180,16 +182,20 @@ def test_masked_concat_backends(backend, dtype, case):
         pytest.skip("interpreter: fp32/bf16 suffice (slow)")
     ops, device = backend_ops(backend)
     a, v, grad, ratio_a, ratio_v, seeds, ga, gv = _fusion_inputs(case, dtype, device)
-    cpu = [t.cpu() if isinstance(t, torch.Tensor) else t
-           for t in (a, v, grad, ratio_a, ratio_v, seeds)]
+    cpu = [
+        t.cpu() if isinstance(t, torch.Tensor) else t for t in (a, v, grad, ratio_a, ratio_v, seeds)
+    ]
     out = ops["masked_concat"](a, v, ratio_a, ratio_v, seeds, ga, gv)
     expected = masking.masked_concat_reference(cpu[0], cpu[1], cpu[3], cpu[4], cpu[5], ga, gv)
     assert out.dtype == dtype and torch.equal(out.cpu(), expected)
     # backward from a non-contiguous gradient (transposed storage)
     grad = grad.t().contiguous().t()
-    grad_a, grad_v = ops["masked_concat_backward"](grad, ratio_a, ratio_v, seeds, a.shape[1], ga, gv)
+    grad_a, grad_v = ops["masked_concat_backward"](
+        grad, ratio_a, ratio_v, seeds, a.shape[1], ga, gv
+    )
     expected_a, expected_v = masking.masked_concat_backward_reference(
-        cpu[2], cpu[3], cpu[4], cpu[5], a.shape[1], ga, gv)
+        cpu[2], cpu[3], cpu[4], cpu[5], a.shape[1], ga, gv
+    )
     assert torch.equal(grad_a.cpu(), expected_a) and torch.equal(grad_v.cpu(), expected_v)
 
 
@@ -200,7 +206,7 @@ def test_reference_masked_concat_is_masked_cat():
         groups = python_masked_groups(seeds[row, 0].item(), ratio_a[row].item(), a.shape[1] // ga)
         keep = torch.tensor([j // ga not in groups for j in range(a.shape[1])])
         assert torch.equal(out[row, : a.shape[1]], torch.where(keep, a[row], 0.0))
-    assert torch.equal(out[:, a.shape[1]:], v)
+    assert torch.equal(out[:, a.shape[1] :], v)
 
 
 def test_ops_pass_opcheck():
@@ -208,10 +214,13 @@ def test_ops_pass_opcheck():
     ratio, seeds = ratios_of(0.5, 0.25), seeds_of(2, 2)
     torch.library.opcheck(torch.ops.avkernels.zero_masked_patches.default, (x, ratio, seeds, 2, 3))
     a, v, grad, ratio_a, ratio_v, seeds, ga, gv = _fusion_inputs(FUSION_CASES[0], F32, "cpu")
-    torch.library.opcheck(torch.ops.avkernels.masked_concat.default,
-                          (a, v, ratio_a, ratio_v, seeds, ga, gv))
-    torch.library.opcheck(torch.ops.avkernels.masked_concat_backward.default,
-                          (grad, ratio_a, None, seeds, a.shape[1], ga, gv))
+    torch.library.opcheck(
+        torch.ops.avkernels.masked_concat.default, (a, v, ratio_a, ratio_v, seeds, ga, gv)
+    )
+    torch.library.opcheck(
+        torch.ops.avkernels.masked_concat_backward.default,
+        (grad, ratio_a, None, seeds, a.shape[1], ga, gv),
+    )
 
 
 # --- mask_patches: behaviour --------------------------------------------------------------------
@@ -276,8 +285,9 @@ def test_mask_patches_reproducible_and_samples_differ():
     assert torch.equal(first, again), "torch.manual_seed reproduces the mask"
     other = avkernels.mask_patches(x, 0.5, 4)  # next draw of the generator
     assert not torch.equal(first, other), "masks are re-drawn every call"
-    assert torch.equal(avkernels.mask_patches(x, 0.5, 4, seed=11),
-                       avkernels.mask_patches(x, 0.5, 4, seed=11))
+    assert torch.equal(
+        avkernels.mask_patches(x, 0.5, 4, seed=11), avkernels.mask_patches(x, 0.5, 4, seed=11)
+    )
     masks = masked_patches(x, first, 4, 4).flatten(1)
     assert masks.unique(dim=0).shape[0] == 16, "different samples get different patches"
     # explicit per-sample seeds: same seed -> same patches, whatever the sample's content
@@ -340,8 +350,9 @@ def test_mask_patches_gradient(layout):
 
 def test_mask_patches_gradcheck():
     x = torch.randn(2, 1, 4, 6, dtype=F64, requires_grad=True)
-    torch.autograd.gradcheck(lambda t: avkernels.mask_patches(t, ratios_of(0.5, 0.9), 2, seed=9),
-                             (x,))
+    torch.autograd.gradcheck(
+        lambda t: avkernels.mask_patches(t, ratios_of(0.5, 0.9), 2, seed=9), (x,)
+    )
 
 
 def test_mask_patches_compiles_fullgraph():
@@ -358,15 +369,22 @@ def test_mask_patches_compiles_fullgraph():
     assert torch.equal(grad, torch.where(y != 0, 2.0, 0.0))
 
 
-@pytest.mark.parametrize("call,message", [
-    (lambda: avkernels.mask_patches(torch.randn(4, 4), 0.5, 2), "shape"),
-    (lambda: avkernels.mask_patches(torch.randn(2, 4, 4), 0.5, 5), "larger than"),
-    (lambda: avkernels.mask_patches(torch.randn(2, 4, 4), 0.5, (2, 0)), "positive"),
-    (lambda: avkernels.mask_patches(torch.randn(2, 4, 4), torch.ones(3), 2), r"\(2,\)"),
-    (lambda: avkernels.mask_patches(torch.randn(2, 1, 3, 4, 4), 0.5, 2,
-                                    seed=torch.tensor([1, 2])), "one seed per frame"),
-    (lambda: avkernels.mask_patches(torch.randn(2, 4, 4), 0.5, 2, seed=torch.ones(2)), "int64"),
-])
+@pytest.mark.parametrize(
+    "call,message",
+    [
+        (lambda: avkernels.mask_patches(torch.randn(4, 4), 0.5, 2), "shape"),
+        (lambda: avkernels.mask_patches(torch.randn(2, 4, 4), 0.5, 5), "larger than"),
+        (lambda: avkernels.mask_patches(torch.randn(2, 4, 4), 0.5, (2, 0)), "positive"),
+        (lambda: avkernels.mask_patches(torch.randn(2, 4, 4), torch.ones(3), 2), r"\(2,\)"),
+        (
+            lambda: avkernels.mask_patches(
+                torch.randn(2, 1, 3, 4, 4), 0.5, 2, seed=torch.tensor([1, 2])
+            ),
+            "one seed per frame",
+        ),
+        (lambda: avkernels.mask_patches(torch.randn(2, 4, 4), 0.5, 2, seed=torch.ones(2)), "int64"),
+    ],
+)
 def test_mask_patches_errors(call, message):
     with pytest.raises((ValueError, TypeError), match=message):
         call()

@@ -14,7 +14,8 @@ instead of launching it, and compiles it for ``sm_90`` (H100/H200; with ``-m slo
 * every specialization compiles;
 * every kernel the launchers can launch was compiled at least once;
 * the compiled kernels use no local memory (register spills), at most the registers per thread
-  the tile heuristics aim for (``avkernels.ops.batch_norm.triton_launch``: <= 128 on 4 warps) and at most an SM's
+  the tile heuristics aim for (``avkernels.ops.batch_norm.triton_launch``: <= 128 on 4 warps)
+  and at most an SM's
   shared memory per block;
 * the element-wise batch-norm kernels move float32 data with 128-bit loads and stores where
   the layout allows it (needed for the memory roofline on a GPU).
@@ -39,9 +40,11 @@ import pytest
 from tests.helpers.scripts import script_environment
 
 # Compute capability: (SM count that sizes the grids, the most shared memory a block can have).
-TARGETS = {90: (132, 227 * 1024),  # H100 SXM; H200
-           80: (108, 163 * 1024),  # A100
-           89: (58, 99 * 1024)}  # L4
+TARGETS = {
+    90: (132, 227 * 1024),  # H100 SXM; H200
+    80: (108, 163 * 1024),  # A100
+    89: (58, 99 * 1024),
+}  # L4
 MAX_REGISTERS = 128  # what the batch-norm launcher's 1024-element tiles on 4 warps aim for
 COMPILE_TIMEOUT_S = 900
 
@@ -83,15 +86,24 @@ def _record_launches(arch: int, shard: int, shards: int) -> dict:
         return True  # handled: JITFunction.run returns without launching
 
     def _compile(function: JITFunction, spec: dict) -> dict:
-        record = {"kernel": function.__name__, "launch": launch,
-                  "constants": {function.arg_names[index]: str(value)
-                                for (index, *_), value in spec["constants"].items()},
-                  "x_type": next(iter(spec["signature"].values()))}
+        record = {
+            "kernel": function.__name__,
+            "launch": launch,
+            "constants": {
+                function.arg_names[index]: str(value)
+                for (index, *_), value in spec["constants"].items()
+            },
+            "x_type": next(iter(spec["signature"].values())),
+        }
         try:
-            source = triton.compiler.ASTSource(function, spec["signature"], spec["constants"],
-                                               spec["configs"][0])
-            compiled = triton.compile(source, target=target, options={
-                "num_warps": spec["num_warps"], "num_stages": spec["num_stages"]})
+            source = triton.compiler.ASTSource(
+                function, spec["signature"], spec["constants"], spec["configs"][0]
+            )
+            compiled = triton.compile(
+                source,
+                target=target,
+                options={"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]},
+            )
         except Exception as error:  # noqa: BLE001 - reported per specialization by the tests
             record["error"] = f"{type(error).__name__}: {error}"
             return record
@@ -100,14 +112,19 @@ def _record_launches(arch: int, shard: int, shards: int) -> dict:
 
     driver.set_active(CompileOnlyDriver())
     knobs.runtime.jit_cache_hook = compile_instead_of_launch
-    batch_norm_launch._target_programs = (
-        lambda device: batch_norm_launch._PROGRAMS_PER_SM * TARGETS[arch][0])
-    for launch, make in _launches(torch, batch_norm_launch, masking_launch)[shard::shards]:
+    batch_norm_launch._target_programs = lambda device: (
+        batch_norm_launch._PROGRAMS_PER_SM * TARGETS[arch][0]
+    )
+    # `launch` is read by compile_instead_of_launch: it names the records each launch makes.
+    launches = _launches(torch, batch_norm_launch, masking_launch)[shard::shards]
+    for launch, make in launches:  # noqa: B007
         make()
     launchable = sorted(
-        name for module in (batch_norm_kernels, masking_kernels)
+        name
+        for module in (batch_norm_kernels, masking_kernels)
         for name, value in vars(module).items()
-        if isinstance(value, JITFunction) and name.endswith("_kernel"))
+        if isinstance(value, JITFunction) and name.endswith("_kernel")
+    )
     return {"records": list(records.values()), "launchable": launchable}
 
 
@@ -127,17 +144,30 @@ def _resources(cubin: bytes, tools: Path) -> dict:
         usage = _run([tools / "cuobjdump", "-res-usage", file.name])
         sass = _run([tools / "cuobjdump", "-sass", file.name])
     fields = dict(re.findall(r"\b(REG|SHARED|LOCAL):(\d+)", usage))
-    widths = {op: sorted({int(bits or 32) for bits in re.findall(
-        rf"\b{op}\.E(?:\.[A-Z]+)*?(?:\.(64|128))?(?:\.[A-Z]+)*\s", sass)})
-        for op in ("LDG", "STG")}
-    return {"registers": int(fields["REG"]), "local": int(fields["LOCAL"]),
-            "shared": int(fields["SHARED"]),
-            "load_bits": widths["LDG"], "store_bits": widths["STG"]}
+    widths = {
+        op: sorted(
+            {
+                int(bits or 32)
+                for bits in re.findall(
+                    rf"\b{op}\.E(?:\.[A-Z]+)*?(?:\.(64|128))?(?:\.[A-Z]+)*\s", sass
+                )
+            }
+        )
+        for op in ("LDG", "STG")
+    }
+    return {
+        "registers": int(fields["REG"]),
+        "local": int(fields["LOCAL"]),
+        "shared": int(fields["SHARED"]),
+        "load_bits": widths["LDG"],
+        "store_bits": widths["STG"],
+    }
 
 
 def _run(command: list) -> str:
-    return subprocess.run([str(part) for part in command], check=True, capture_output=True,
-                          text=True).stdout
+    return subprocess.run(
+        [str(part) for part in command], check=True, capture_output=True, text=True
+    ).stdout
 
 
 # Batch-norm modes: which optional tensors are given, and the flags. Each is launched forward and
@@ -148,12 +178,23 @@ BN_MODES = {
     "train-no-affine": dict(params=(), running=True),
     "train-weight-only-relu": dict(params=("weight",), running=True, relu=True, dead=True),
     "eval": dict(params=("weight", "bias"), running=True, eval=True),
-    "eval-relu-dead": dict(params=("weight", "bias"), running=True, eval=True, relu=True,
-                           dead=True),
-    "abri-train": dict(params=("weight", "bias", "abri_weight", "abri_bias"), running=True,
-                       abri="scalar", dead=True, relu=True),
-    "abri-eval-per-channel": dict(params=("weight", "bias", "abri_weight", "abri_bias"),
-                                  running=True, abri="per_channel", eval=True, dead=True),
+    "eval-relu-dead": dict(
+        params=("weight", "bias"), running=True, eval=True, relu=True, dead=True
+    ),
+    "abri-train": dict(
+        params=("weight", "bias", "abri_weight", "abri_bias"),
+        running=True,
+        abri="scalar",
+        dead=True,
+        relu=True,
+    ),
+    "abri-eval-per-channel": dict(
+        params=("weight", "bias", "abri_weight", "abri_bias"),
+        running=True,
+        abri="per_channel",
+        eval=True,
+        dead=True,
+    ),
 }
 # (shape, memory format, dtype, modes): the GPU benchmark shapes in both formats, in float32
 # with every mode and in a 16-bit dtype with the modes that set the most flags; too few samples
@@ -185,12 +226,27 @@ def _launches(torch, batch_norm_kernels, masking_kernels) -> list:
     launches = []
     for shape, layout, dtype, modes in BN_GEOMETRIES:
         for mode in modes:
-            launches.append((f"batch norm {mode} {shape} {layout} {dtype}", functools.partial(
-                _launch_pair, torch, batch_norm_kernels, shape, layout, getattr(torch, dtype),
-                **BN_MODES[mode])))
+            launches.append(
+                (
+                    f"batch norm {mode} {shape} {layout} {dtype}",
+                    functools.partial(
+                        _launch_pair,
+                        torch,
+                        batch_norm_kernels,
+                        shape,
+                        layout,
+                        getattr(torch, dtype),
+                        **BN_MODES[mode],
+                    ),
+                )
+            )
     for dtype in ("float32", "bfloat16", "float16", "float64"):
-        launches.append((f"masking {dtype}", functools.partial(
-            _masking_launches, torch, masking_kernels, getattr(torch, dtype))))
+        launches.append(
+            (
+                f"masking {dtype}",
+                functools.partial(_masking_launches, torch, masking_kernels, getattr(torch, dtype)),
+            )
+        )
     return launches
 
 
@@ -202,8 +258,20 @@ def _activation(torch, shape, layout, dtype):
     return torch.empty(shape, dtype=dtype).contiguous(memory_format=memory_format)
 
 
-def _launch_pair(torch, kernels, shape, layout, dtype, *, params, running=False, eval=False,
-                 relu=False, dead=False, abri=None) -> None:
+def _launch_pair(
+    torch,
+    kernels,
+    shape,
+    layout,
+    dtype,
+    *,
+    params,
+    running=False,
+    eval=False,
+    relu=False,
+    dead=False,
+    abri=None,
+) -> None:
     x = _activation(torch, shape, layout, dtype)
     channels = x.shape[1]
 
@@ -220,15 +288,27 @@ def _launch_pair(torch, kernels, shape, layout, dtype, *, params, running=False,
             stats.update(abri_running_mean=vector(), abri_running_var=vector())
     counters = {}
     if dead:
-        counters = {"dead_count": vector(torch.int64), "dead_sample_count": vector(torch.int64),
-                    "seen": torch.zeros(2, dtype=torch.int64)}
-    affine = [given.get(name) for name in
-              ("weight", "bias", "abri_weight", "abri_bias", "abri_alpha")]
+        counters = {
+            "dead_count": vector(torch.int64),
+            "dead_sample_count": vector(torch.int64),
+            "seen": torch.zeros(2, dtype=torch.int64),
+        }
+    affine = [
+        given.get(name) for name in ("weight", "bias", "abri_weight", "abri_bias", "abri_alpha")
+    ]
     y, mean, invstd = kernels.forward(
-        x, *affine, *(stats.get(name) for name in
-                      ("running_mean", "running_var", "abri_running_mean", "abri_running_var")),
+        x,
+        *affine,
+        *(
+            stats.get(name)
+            for name in ("running_mean", "running_var", "abri_running_mean", "abri_running_var")
+        ),
         *(counters.get(name) for name in ("dead_count", "dead_sample_count", "seen")),
-        not eval, 0.1, 1e-5, relu)
+        not eval,
+        0.1,
+        1e-5,
+        relu,
+    )
     kernels.backward(torch.empty_like(y), x, *affine, mean, invstd, not eval, relu)
 
 
@@ -237,7 +317,8 @@ def _masking_launches(torch, kernels, dtype) -> None:
     ratios = torch.full((8,), 0.5, dtype=torch.float64)
     # (B, C, T, H, W) input patches: audio spectrograms (one frame) and video frames
     for shape, patch in (((8, 1, 1, 1024, 128), (32, 16)), ((8, 3, 3, 224, 224), (22, 22))):
-        kernels.zero_masked_patches(torch.empty(shape, dtype=dtype), ratios, seeds[:, 0], *patch)
+        frame_seeds = torch.zeros(shape[0], shape[2], dtype=torch.int64)  # one per frame
+        kernels.zero_masked_patches(torch.empty(shape, dtype=dtype), ratios, frame_seeds, *patch)
     a, v = torch.empty(8, 512, dtype=dtype), torch.empty(8, 512, dtype=dtype)
     for ratio_a, ratio_v in ((ratios, ratios), (ratios, None), (None, ratios)):
         out = kernels.masked_concat(a, v, ratio_a, ratio_v, seeds, 16, 16)
@@ -252,9 +333,11 @@ def main() -> None:
 # --- the tests ----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=[
-    90, pytest.param(80, marks=pytest.mark.slow), pytest.param(89, marks=pytest.mark.slow)],
-    ids=lambda arch: f"sm_{arch}")
+@pytest.fixture(
+    scope="module",
+    params=[90, pytest.param(80, marks=pytest.mark.slow), pytest.param(89, marks=pytest.mark.slow)],
+    ids=lambda arch: f"sm_{arch}",
+)
 def compiled(request) -> dict:
     """The records of every shard's subprocess (compiling is single-threaded: one per core)."""
     tools = _nvidia_tools(pytest.importorskip("triton"))
@@ -264,16 +347,25 @@ def compiled(request) -> dict:
     environment = script_environment(TRITON_INTERPRET=None)
     shards = max(1, min(4, os.cpu_count() or 1))
     arch = request.param
-    runs = [subprocess.Popen([sys.executable, __file__, str(arch), str(shard), str(shards)],
-                             env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True)
-            for shard in range(shards)]
+    runs = [
+        subprocess.Popen(
+            [sys.executable, __file__, str(arch), str(shard), str(shards)],
+            env=environment,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for shard in range(shards)
+    ]
     results = [run.communicate(timeout=COMPILE_TIMEOUT_S) for run in runs]
     for run, (_, stderr) in zip(runs, results):
         assert run.returncode == 0, f"the compile script failed:\n{stderr[-4000:]}"
     outputs = [json.loads(stdout) for stdout, _ in results]
-    return {"arch": arch, "records": [r for output in outputs for r in output["records"]],
-            "launchable": outputs[0]["launchable"]}
+    return {
+        "arch": arch,
+        "records": [r for output in outputs for r in output["records"]],
+        "launchable": outputs[0]["launchable"],
+    }
 
 
 def _describe(record: dict) -> str:
@@ -283,15 +375,18 @@ def _describe(record: dict) -> str:
 
 def test_every_specialization_compiles(compiled):
     failures = [f"{_describe(r)}: {r['error']}" for r in compiled["records"] if r["error"]]
-    assert not failures, f"{len(failures)} of {len(compiled['records'])} did not compile:\n" + \
-        "\n\n".join(failures[:5])
+    assert not failures, (
+        f"{len(failures)} of {len(compiled['records'])} did not compile:\n"
+        + "\n\n".join(failures[:5])
+    )
 
 
 def test_every_kernel_is_compiled(compiled):
     assert compiled["launchable"], "no Triton kernels found"
     compiled_names = {r["kernel"] for r in compiled["records"]}
     assert set(compiled["launchable"]) <= compiled_names, (
-        f"never launched by the grid: {sorted(set(compiled['launchable']) - compiled_names)}")
+        f"never launched by the grid: {sorted(set(compiled['launchable']) - compiled_names)}"
+    )
 
 
 def test_no_spills_and_resources_fit(compiled):
@@ -300,33 +395,51 @@ def test_no_spills_and_resources_fit(compiled):
     spilling = [f"{_describe(r)}: {r['local']} bytes of local memory" for r in built if r["local"]]
     assert not spilling, "register spills:\n" + "\n".join(spilling[:5])
     # float64 (gradcheck, not a training dtype) takes twice the registers per value.
-    heavy = [f"{_describe(r)}: {r['registers']} registers" for r in built
-             if r["registers"] > MAX_REGISTERS and r["x_type"] != "*fp64"]
+    heavy = [
+        f"{_describe(r)}: {r['registers']} registers"
+        for r in built
+        if r["registers"] > MAX_REGISTERS and r["x_type"] != "*fp64"
+    ]
     assert not heavy, f"more than {MAX_REGISTERS} registers per thread:\n" + "\n".join(heavy[:5])
     too_much = [_describe(r) for r in built if r["shared"] > TARGETS[compiled["arch"]][1]]
-    assert not too_much, f"more shared memory than an sm_{compiled['arch']} block can have:\n" + \
-        "\n".join(too_much[:5])
+    assert not too_much, (
+        f"more shared memory than an sm_{compiled['arch']} block can have:\n"
+        + "\n".join(too_much[:5])
+    )
 
 
 # Launches whose tensors are 16-byte aligned along their contiguous axis (H*W = 3136 positions,
 # or C = 64 and 512 channels), and the kernels that stream them: each must move whole 128-bit
 # vectors (4 float32 or 8 bfloat16 values), as a roofline-bound kernel on a GPU has to.
-VECTOR_LAUNCHES = ("(64, 64, 56, 56) nchw", "(64, 64, 56, 56) channels_last",
-                   "(64, 512, 7, 7) channels_last")
+VECTOR_LAUNCHES = (
+    "(64, 64, 56, 56) nchw",
+    "(64, 64, 56, 56) channels_last",
+    "(64, 512, 7, 7) channels_last",
+)
 STREAMING_KERNELS = {  # kernel: whether it also writes an activation-sized output
-    "fwd_partial_stats_kernel": False, "fwd_normalize_kernel": True,
-    "bwd_partial_sums_kernel": False, "bwd_grad_x_kernel": True,
+    "fwd_partial_stats_kernel": False,
+    "fwd_normalize_kernel": True,
+    "bwd_partial_sums_kernel": False,
+    "bwd_grad_x_kernel": True,
 }
 
 
 def test_aligned_activations_move_in_128_bit_vectors(compiled):
-    checked = [r for r in compiled["records"] if not r["error"] and r["kernel"] in
-               STREAMING_KERNELS and r["x_type"] in ("*fp32", "*bf16") and any(
-                   launch in r["launch"] for launch in VECTOR_LAUNCHES)]
+    checked = [
+        r
+        for r in compiled["records"]
+        if not r["error"]
+        and r["kernel"] in STREAMING_KERNELS
+        and r["x_type"] in ("*fp32", "*bf16")
+        and any(launch in r["launch"] for launch in VECTOR_LAUNCHES)
+    ]
     assert {r["kernel"] for r in checked} == set(STREAMING_KERNELS)
-    narrow = [f"{_describe(r)}: loads {r['load_bits']}, stores {r['store_bits']}" for r in checked
-              if 128 not in r["load_bits"] or (STREAMING_KERNELS[r["kernel"]]
-                                                and 128 not in r["store_bits"])]
+    narrow = [
+        f"{_describe(r)}: loads {r['load_bits']}, stores {r['store_bits']}"
+        for r in checked
+        if 128 not in r["load_bits"]
+        or (STREAMING_KERNELS[r["kernel"]] and 128 not in r["store_bits"])
+    ]
     assert not narrow, "no 128-bit global access:\n" + "\n".join(narrow[:5])
 
 

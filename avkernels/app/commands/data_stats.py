@@ -21,12 +21,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sample-rate", type=int, default=16000)
     parser.add_argument("--mel-bins", type=int, default=128)
     parser.add_argument("--target-length", type=int, default=1024, help="fbank frames per clip")
-    parser.add_argument("--max-clips", type=int, default=None,
-                        help="use at most this many clips (the first of the split)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="JSON file to write (default: fbank_stats.json next to the manifest)")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                        help="progress bar (default: when stderr is a terminal)")
+    parser.add_argument(
+        "--max-clips",
+        type=int,
+        default=None,
+        help="use at most this many clips (the first of the split)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON file to write (default: fbank_stats.json next to the manifest)",
+    )
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar (default: when stderr is a terminal)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -53,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
         stats.save(out)
     except OSError as error:
         raise CommandError(f"cannot write {out}: {error.strerror or error}") from None
-    print(f"{args.split}: {stats.clips} clips, fbank mean {stats.mean:.6f}, std {stats.std:.6f} "
-          f"-> {out}")
+    print(
+        f"{args.split}: {stats.clips} clips, fbank mean {stats.mean:.6f}, std {stats.std:.6f} "
+        f"-> {out}"
+    )
     return 0

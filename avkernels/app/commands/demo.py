@@ -14,19 +14,32 @@ import argparse
 from pathlib import Path
 
 NAME = "demo"
-HELP = ("run the paper's story end to end on AV-Digits (pre-training, dead channels, ABRi, "
-        "FusT) and write a report")
+HELP = (
+    "run the paper's story end to end on AV-Digits (pre-training, dead channels, ABRi, "
+    "FusT) and write a report"
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=Path("avkernels-demo"),
-                        help="folder of the runs and the report (default ./avkernels-demo); "
-                             "an existing demo folder is resumed")
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny data, models and epochs (about a minute; numbers are noise)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("avkernels-demo"),
+        help="folder of the runs and the report (default ./avkernels-demo); "
+        "an existing demo folder is resumed",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny data, models and epochs (about a minute; numbers are noise)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of every run (default 0)")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                        help="progress bars (default: when stderr is a terminal)")
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bars (default: when stderr is a terminal)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,15 +51,19 @@ def run(args: argparse.Namespace) -> int:
         from avkernels.app.data import DataError
         from avkernels.app.demo import DemoError, run_demo
     except ImportError as error:
-        raise CommandError(f"the demo needs the audio-visual extras ({error}); install them "
-                           "with `pip install 'avkernels[av]'`") from None
+        raise CommandError(
+            f"the demo needs the audio-visual extras ({error}); install them "
+            "with `pip install 'avkernels[av]'`"
+        ) from None
     try:
         run_demo(args.out, quick=args.quick, seed=args.seed, progress=args.progress)
     except (DemoError, DataError) as error:
         raise CommandError(str(error)) from None
     except ImportError as error:
-        raise CommandError(f"the demo needs the audio-visual extras ({error}); install them "
-                           "with `pip install 'avkernels[av]'`") from None
+        raise CommandError(
+            f"the demo needs the audio-visual extras ({error}); install them "
+            "with `pip install 'avkernels[av]'`"
+        ) from None
     except OSError as error:
         raise CommandError(f"cannot write into {args.out}: {error.strerror or error}") from None
     for name in ("report.md", "report.html", "report.json"):

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from avkernels.files import atomic_write_text
+from avkernels.app.cli import CommandError
 from avkernels.checkpoints import (
     BLOCKS,
     CheckpointError,
@@ -25,40 +25,65 @@ from avkernels.checkpoints import (
     load_state_dict,
     select_encoder,
 )
-from avkernels.app.cli import CommandError
+from avkernels.files import atomic_write_text
 
 NAME = "diagnose"
 HELP = "report the dead BatchNorm channels of a ResNet-18/34 checkpoint"
 
 
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", type=Path, help="a .pth/.pt file holding a state dict")
-    parser.add_argument("--arch", choices=sorted(BLOCKS), default=None,
-                        help="network (default: recognised from the checkpoint's keys)")
-    parser.add_argument("--in-channels", type=int, choices=(1, 3), default=None,
-                        help="input channels: 1 for spectrograms, 3 for images (default: from "
-                        "the checkpoint's first convolution)")
-    parser.add_argument("--prefix", default=None,
-                        help="diagnose the encoder stored under this key prefix (e.g. "
-                        "'audio_net.'); default: found automatically")
-    parser.add_argument("--data", type=Path, default=None,
-                        help="inputs for the activation statistics: a .pt/.pth file with a "
-                        "tensor (N, C, H, W) (or (N, H, W) for 1 channel), or .npy/.npz")
+    parser.add_argument(
+        "--arch",
+        choices=sorted(BLOCKS),
+        default=None,
+        help="network (default: recognised from the checkpoint's keys)",
+    )
+    parser.add_argument(
+        "--in-channels",
+        type=int,
+        choices=(1, 3),
+        default=None,
+        help="input channels: 1 for spectrograms, 3 for images (default: from "
+        "the checkpoint's first convolution)",
+    )
+    parser.add_argument(
+        "--prefix",
+        default=None,
+        help="diagnose the encoder stored under this key prefix (e.g. "
+        "'audio_net.'); default: found automatically",
+    )
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="inputs for the activation statistics: a .pt/.pth file with a "
+        "tensor (N, C, H, W) (or (N, H, W) for 1 channel), or .npy/.npz",
+    )
     parser.add_argument("--batch-size", type=int, default=32, help="batch size for --data")
     parser.add_argument("--max-batches", type=int, default=None, help="use at most this many")
-    parser.add_argument("--threshold", type=float, default=None,
-                        help="tau of the |gamma|, |beta| criterion (default 1e-10, 1e-3 with "
-                        "--relative)")
-    parser.add_argument("--relative", action="store_true",
-                        help="tau is a fraction of each layer's median |gamma|")
-    parser.add_argument("--before", type=Path, default=None,
-                        help="report.json of an earlier diagnosis (e.g. before fine-tuning) to "
-                        "compare with: writes comparison.md and comparison.png")
-    parser.add_argument("--device", default=None,
-                        help="device for the forward passes (default: cuda if available)")
-    parser.add_argument("--out", type=Path, default=Path("diagnosis"),
-                        help="output directory (default ./diagnosis)")
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="tau of the |gamma|, |beta| criterion (default 1e-10, 1e-3 with --relative)",
+    )
+    parser.add_argument(
+        "--relative", action="store_true", help="tau is a fraction of each layer's median |gamma|"
+    )
+    parser.add_argument(
+        "--before",
+        type=Path,
+        default=None,
+        help="report.json of an earlier diagnosis (e.g. before fine-tuning) to "
+        "compare with: writes comparison.md and comparison.png",
+    )
+    parser.add_argument(
+        "--device", default=None, help="device for the forward passes (default: cuda if available)"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("diagnosis"), help="output directory (default ./diagnosis)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

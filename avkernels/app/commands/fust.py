@@ -14,7 +14,6 @@ import argparse
 import json
 from pathlib import Path
 
-from avkernels.files import atomic_write_text
 from avkernels.app.cli import CommandError
 from avkernels.app.commands.train import (
     add_config_arguments,
@@ -24,6 +23,7 @@ from avkernels.app.commands.train import (
     run_stage,
     summary_line,
 )
+from avkernels.files import atomic_write_text
 
 NAME = "fust"
 HELP = "two-stage Fusion Tuning (stage 1, then stage 2; optionally the naive joint baseline)"
@@ -34,10 +34,12 @@ _PIPELINE_FIELDS = {"stage", "init_from", "audio_confidence", "visual_confidence
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_data_arguments(parser)
-    parser.add_argument("--out", type=Path, required=True,
-                        help="directory of the runs (stage1/, stage2/, joint/)")
-    parser.add_argument("--baseline", action="store_true",
-                        help="also train the naive joint baseline into DIR/joint")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="directory of the runs (stage1/, stage2/, joint/)"
+    )
+    parser.add_argument(
+        "--baseline", action="store_true", help="also train the naive joint baseline into DIR/joint"
+    )
     add_config_arguments(parser, skip=_PIPELINE_FIELDS)
 
 
@@ -61,15 +63,18 @@ def _run_stages(args: argparse.Namespace) -> int:
     if not args.resume:
         taken = [str(args.out / name) for name, _ in stages if (args.out / name).exists()]
         if taken:
-            raise CommandError(f"{', '.join(taken)} already exist: add --resume to continue, "
-                               "or choose another --out")
+            raise CommandError(
+                f"{', '.join(taken)} already exist: add --resume to continue, "
+                "or choose another --out"
+            )
     summary = {}
     for stage, fixed in stages:
         run_dir = args.out / stage
         stage_args = argparse.Namespace(**vars(args))
         stage_args.resume = args.resume and (run_dir / "checkpoint.pt").is_file()
-        config = config_from_args(stage_args, run_dir, num_classes=num_classes, stage=stage,
-                                  **fixed)
+        config = config_from_args(
+            stage_args, run_dir, num_classes=num_classes, stage=stage, **fixed
+        )
         history = run_stage(config, train_data, eval_data, run_dir, stage_args)
         summary[stage] = history
         if main_rank:
@@ -79,7 +84,8 @@ def _run_stages(args: argparse.Namespace) -> int:
     try:
         atomic_write_text(args.out / "summary.json", json.dumps(summary, indent=2) + "\n")
     except OSError as error:
-        raise CommandError(f"cannot write {args.out / 'summary.json'}: "
-                           f"{error.strerror or error}") from None
+        raise CommandError(
+            f"cannot write {args.out / 'summary.json'}: {error.strerror or error}"
+        ) from None
     print(f"wrote {args.out}")
     return 0

@@ -17,7 +17,6 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 from avkernels.app.cli import CommandError
 
@@ -46,7 +45,7 @@ FIELD_HELP = {
     "visual_init": "checkpoint of the visual encoder",
     "adapt_first_conv": "how RGB stem weights become the audio encoder's one channel",
     "init_from": "run directory (or checkpoint) whose audio_net/visual_net start this run "
-                 "(stage 2: the stage-1 run)",
+    "(stage 2: the stage-1 run)",
     "abri": "modalities whose encoder gets ABRi",
     "modalities": "stage 1: modalities to fine-tune",
     "audio_confidence": "stage 2: audio confidence file (default: from --init-from)",
@@ -64,13 +63,17 @@ FIELD_HELP = {
     "probe_epochs": "epochs of the final linear probes of each encoder (0: none)",
     "probe_lr": "learning rate of the linear probes",
     "sync_bn": "under torchrun: BN statistics of the whole global batch (N processes then train "
-               "as one does)",
+    "as one does)",
     "precision": "training steps in fp32, bf16 (autocast, CPU or GPU) or fp16 (autocast with "
-                 "a gradient scaler, GPU only); evaluation stays fp32",
+    "a gradient scaler, GPU only); evaluation stays fp32",
     "channels_last": "model and inputs in channels_last memory format",
 }
-_PAIR_TYPES = {"mask_eta": float, "mask_rho": float, "audio_patch_grid": int,
-               "visual_patch_grid": int}
+_PAIR_TYPES = {
+    "mask_eta": float,
+    "mask_rho": float,
+    "audio_patch_grid": int,
+    "visual_patch_grid": int,
+}
 _MODALITY_LISTS = ("abri", "modalities")
 _PATH_FIELDS = ("audio_init", "visual_init", "init_from", "audio_confidence", "visual_confidence")
 
@@ -78,9 +81,12 @@ _PATH_FIELDS = ("audio_init", "visual_init", "init_from", "audio_confidence", "v
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from avkernels.app.train import STAGES
 
-    parser.add_argument("stage", choices=STAGES,
-                        help="stage1: uni-modal fine-tuning with confidences; stage2: FusT "
-                        "joint training with masking; joint: naive joint training")
+    parser.add_argument(
+        "stage",
+        choices=STAGES,
+        help="stage1: uni-modal fine-tuning with confidences; stage2: FusT "
+        "joint training with masking; joint: naive joint training",
+    )
     add_data_arguments(parser)
     parser.add_argument("--out", type=Path, required=True, help="run directory")
     add_config_arguments(parser, skip={"stage"})
@@ -90,26 +96,43 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     """Manifest, splits, front-end settings, device and run control (shared with ``fust``)."""
     parser.add_argument("manifest", type=Path, help="a manifest (.csv or .jsonl)")
     parser.add_argument("--train-split", default="train", help="training split (default train)")
-    parser.add_argument("--eval-split", default=None,
-                        help="split evaluated after every epoch (default: test, when the "
-                        "manifest has it); 'none' to skip")
-    parser.add_argument("--fbank-stats", type=Path, default=None,
-                        help=f"audio normalisation statistics (default: {FBANK_STATS} next to "
-                        "the manifest, else the official Kinetics-Sounds values)")
+    parser.add_argument(
+        "--eval-split",
+        default=None,
+        help="split evaluated after every epoch (default: test, when the "
+        "manifest has it); 'none' to skip",
+    )
+    parser.add_argument(
+        "--fbank-stats",
+        type=Path,
+        default=None,
+        help=f"audio normalisation statistics (default: {FBANK_STATS} next to "
+        "the manifest, else the official Kinetics-Sounds values)",
+    )
     parser.add_argument("--mel-bins", type=int, default=128, help="fbank mel bins (default 128)")
-    parser.add_argument("--target-length", type=int, default=1024,
-                        help="fbank frames per clip (default 1024)")
+    parser.add_argument(
+        "--target-length", type=int, default=1024, help="fbank frames per clip (default 1024)"
+    )
     parser.add_argument("--sample-rate", type=int, default=16000, help="default 16000")
     parser.add_argument("--image-size", type=int, default=224, help="frame side (default 224)")
     parser.add_argument("--frames", type=int, default=3, help="frames per clip (default 3)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run in the output directory where it stopped")
-    parser.add_argument("--device", default=None,
-                        help="default: cuda if available, else cpu (under torchrun: "
-                        "cuda:LOCAL_RANK)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in the output directory where it stopped",
+    )
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="default: cuda if available, else cpu (under torchrun: cuda:LOCAL_RANK)",
+    )
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                        help="progress bars (default: when stderr is a terminal)")
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bars (default: when stderr is a terminal)",
+    )
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, skip=frozenset()) -> None:
@@ -127,19 +150,26 @@ def add_config_arguments(parser: argparse.ArgumentParser, skip=frozenset()) -> N
         if field.name in _MODALITY_LISTS:
             group.add_argument(option, nargs="*", choices=MODALITIES, default=None, help=help_text)
         elif field.name in _PAIR_TYPES:
-            group.add_argument(option, nargs=2, type=_PAIR_TYPES[field.name], default=None,
-                               metavar=("AUDIO", "VISUAL") if field.name.startswith("mask")
-                               else ("ROWS", "COLS"), help=help_text)
+            group.add_argument(
+                option,
+                nargs=2,
+                type=_PAIR_TYPES[field.name],
+                default=None,
+                metavar=("AUDIO", "VISUAL") if field.name.startswith("mask") else ("ROWS", "COLS"),
+                help=help_text,
+            )
         elif field.default is None:
             group.add_argument(option, default=None, help=help_text)
         elif isinstance(field.default, bool):
-            group.add_argument(option, action=argparse.BooleanOptionalAction, default=None,
-                               help=help_text)
+            group.add_argument(
+                option, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
         else:
             # num_classes, the one field without a default, is an int
             kind = int if field.default is dataclasses.MISSING else type(field.default)
-            group.add_argument(option, type=kind, default=None, choices=CHOICES.get(field.name),
-                               help=help_text)
+            group.add_argument(
+                option, type=kind, default=None, choices=CHOICES.get(field.name), help=help_text
+            )
 
 
 def _shown(value) -> str:
@@ -156,8 +186,9 @@ def run(args: argparse.Namespace) -> int:
     with torchrun_process_group(args.device) as device:
         args.device = device
         train_data, eval_data = open_datasets(args)
-        config = config_from_args(args, args.out, stage=args.stage,
-                                  num_classes=getattr(train_data, "num_classes", None))
+        config = config_from_args(
+            args, args.out, stage=args.stage, num_classes=getattr(train_data, "num_classes", None)
+        )
         history = run_stage(config, train_data, eval_data, args.out, args)
         if Ranks.current().is_main:
             print(summary_line(args.stage, history))
@@ -174,8 +205,9 @@ def open_datasets(args: argparse.Namespace):
 
     manifest = args.manifest
     if not manifest.is_file():
-        raise CommandError(f"manifest {manifest}: no such file (write one with `avkernels "
-                           "prepare`)")
+        raise CommandError(
+            f"manifest {manifest}: no such file (write one with `avkernels prepare`)"
+        )
     for name in ("mel_bins", "target_length", "sample_rate", "image_size", "frames"):
         if getattr(args, name) < 1:
             raise CommandError(f"--{name.replace('_', '-')} must be >= 1")
@@ -187,15 +219,18 @@ def open_datasets(args: argparse.Namespace):
         audio = AudioConfig(args.sample_rate, args.mel_bins, args.target_length)
         stats_path = args.fbank_stats or manifest.parent / FBANK_STATS
         if args.fbank_stats is not None and not stats_path.is_file():
-            raise CommandError(f"--fbank-stats {stats_path}: no such file (compute it with "
-                               "`avkernels data-stats`)")
+            raise CommandError(
+                f"--fbank-stats {stats_path}: no such file (compute it with `avkernels data-stats`)"
+            )
         if stats_path.is_file():
             audio = audio.with_stats(FbankStats.load(stats_path))
         visual = VisualConfig(frames_per_clip=args.frames, size=args.image_size)
         splits = {record.split for record in read_manifest(manifest)}
         if args.train_split not in splits:
-            raise CommandError(f"manifest {manifest} has no split {args.train_split!r} "
-                               f"(splits: {sorted(splits)}); choose one with --train-split")
+            raise CommandError(
+                f"manifest {manifest} has no split {args.train_split!r} "
+                f"(splits: {sorted(splits)}); choose one with --train-split"
+            )
         train_data = AVDataset(manifest, args.train_split, audio, visual)
         eval_split = args.eval_split
         if eval_split is None:
@@ -203,17 +238,18 @@ def open_datasets(args: argparse.Namespace):
         eval_data = None
         if eval_split != "none":
             if eval_split not in splits:
-                raise CommandError(f"manifest {manifest} has no split {eval_split!r} "
-                                   f"(splits: {sorted(splits)}); choose one with --eval-split "
-                                   "or pass --eval-split none")
+                raise CommandError(
+                    f"manifest {manifest} has no split {eval_split!r} "
+                    f"(splits: {sorted(splits)}); choose one with --eval-split "
+                    "or pass --eval-split none"
+                )
             eval_data = AVDataset(manifest, eval_split, audio, visual)
     except (DataError, ValueError) as error:
         raise CommandError(str(error)) from None
     return train_data, eval_data
 
 
-def config_from_args(args: argparse.Namespace, run_dir: Path, *, num_classes: Optional[int],
-                     **fixed):
+def config_from_args(args: argparse.Namespace, run_dir: Path, *, num_classes: int | None, **fixed):
     """The TrainConfig of this run: the saved config when resuming, else the defaults; then
     the options given on the command line, then ``fixed`` values."""
     from avkernels.app.train import CONFIG, TrainConfig
@@ -236,8 +272,9 @@ def config_from_args(args: argparse.Namespace, run_dir: Path, *, num_classes: Op
     values.update(fixed)
     if not values.get("num_classes"):
         if num_classes is None:
-            raise CommandError("--num-classes is required: the dataset does not say how many "
-                               "classes it has")
+            raise CommandError(
+                "--num-classes is required: the dataset does not say how many classes it has"
+            )
         values["num_classes"] = num_classes
     try:
         return TrainConfig.from_dict(values)
@@ -258,12 +295,20 @@ def run_stage(config, train_data, eval_data, run_dir: Path, args: argparse.Names
     from avkernels.app.train import Ranks, Trainer, TrainingInterrupted
 
     try:
-        trainer = Trainer(config, train_data, run_dir, eval_data=eval_data, resume=args.resume,
-                          device=args.device, num_workers=args.num_workers,
-                          progress=args.progress)
+        trainer = Trainer(
+            config,
+            train_data,
+            run_dir,
+            eval_data=eval_data,
+            resume=args.resume,
+            device=args.device,
+            num_workers=args.num_workers,
+            progress=args.progress,
+        )
     except FileExistsError as error:
-        raise CommandError(f"{run_dir} already holds a run: add --resume to continue it, or "
-                           "choose another --out") from error
+        raise CommandError(
+            f"{run_dir} already holds a run: add --resume to continue it, or choose another --out"
+        ) from error
     except FileNotFoundError as error:
         message = str(error).removeprefix("Trainer: ")
         raise CommandError(_option_names(message)) from None
@@ -277,8 +322,10 @@ def run_stage(config, train_data, eval_data, run_dir: Path, args: argparse.Names
             print(f"avkernels: {stop}: run the same command with --resume", file=sys.stderr)
         raise KeyboardInterrupt from None
     except DataError as error:
-        raise CommandError(f"{error} (the checkpoint in {run_dir} holds the progress so far: "
-                           "fix the file and --resume)") from None
+        raise CommandError(
+            f"{error} (the checkpoint in {run_dir} holds the progress so far: "
+            "fix the file and --resume)"
+        ) from None
 
 
 def summary_line(stage: str, history: list) -> str:

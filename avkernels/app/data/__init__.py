@@ -31,10 +31,24 @@ a report (:class:`DataError` names the file and the reason), never returned as a
 
 from torch.utils.data import default_collate
 
-from avkernels.app.data.audio import (AudioConfig, FbankStats, audio_input, compute_fbank_stats,
-                                  kaldi_fbank, load_waveform, pad_or_cut, raw_fbank, read_wav)
-from avkernels.app.data.av_digits import (AVDigits, AVDigitsConfig, cache_folder, default_cache_dir,
-                                      load_av_digits)
+from avkernels.app.data.audio import (
+    AudioConfig,
+    FbankStats,
+    audio_input,
+    compute_fbank_stats,
+    kaldi_fbank,
+    load_waveform,
+    pad_or_cut,
+    raw_fbank,
+    read_wav,
+)
+from avkernels.app.data.av_digits import (
+    AVDigits,
+    AVDigitsConfig,
+    cache_folder,
+    default_cache_dir,
+    load_av_digits,
+)
 from avkernels.app.data.dataset import AVDataset
 from avkernels.app.data.errors import DataError
 from avkernels.app.data.importers import IMPORTERS, ImportResult, import_layout
@@ -48,10 +62,31 @@ def collate(samples: list) -> dict:
 
 
 __all__ = [
-    "AVDataset", "AVDigits", "AVDigitsConfig", "AudioConfig", "ClipRecord", "DataError",
-    "FbankStats", "IMPORTERS", "ImportResult", "VisualConfig", "audio_input", "cache_folder",
+    "AVDataset",
+    "AVDigits",
+    "AVDigitsConfig",
+    "AudioConfig",
+    "ClipRecord",
+    "DataError",
+    "FbankStats",
+    "IMPORTERS",
+    "ImportResult",
+    "VisualConfig",
+    "audio_input",
+    "cache_folder",
     "collate",
-    "compute_fbank_stats", "default_cache_dir", "frame_indices", "import_layout", "kaldi_fbank",
-    "list_frames", "load_av_digits", "load_frames", "load_waveform", "pad_or_cut", "raw_fbank",
-    "read_manifest", "read_wav", "write_manifest",
+    "compute_fbank_stats",
+    "default_cache_dir",
+    "frame_indices",
+    "import_layout",
+    "kaldi_fbank",
+    "list_frames",
+    "load_av_digits",
+    "load_frames",
+    "load_waveform",
+    "pad_or_cut",
+    "raw_fbank",
+    "read_manifest",
+    "read_wav",
+    "write_manifest",
 ]

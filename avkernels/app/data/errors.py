@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Union
 
 
 class DataError(Exception):
     """A missing, corrupt or inconsistent data file: ``path`` and ``reason``."""
 
-    def __init__(self, path: Union[str, Path], reason: str):
+    def __init__(self, path: str | Path, reason: str):
         self.path = Path(path)
         self.reason = reason
         super().__init__(f"{path}: {reason}")

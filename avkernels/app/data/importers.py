@@ -30,9 +30,9 @@ recur across splits), ``<id>_<start>`` for ``vggsound``, the clip name for ``cre
 from __future__ import annotations
 
 import csv
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
 
 from avkernels.app.data.errors import DataError
 from avkernels.app.data.manifest import ClipRecord
@@ -61,11 +61,19 @@ class _Collector:
             self.result.problems.append(DataError(audio, f"audio of clip {clip_id!r} not found"))
         elif not frames.is_dir():
             self.result.problems.append(
-                DataError(frames, f"frame folder of clip {clip_id!r} not found"))
+                DataError(frames, f"frame folder of clip {clip_id!r} not found")
+            )
         else:
-            self.result.records.append(ClipRecord(
-                id=clip_id, split=split, label=label, audio=audio, frames=frames,
-                extra={"class": self.result.classes[label], "dataset": self.dataset}))
+            self.result.records.append(
+                ClipRecord(
+                    id=clip_id,
+                    split=split,
+                    label=label,
+                    audio=audio,
+                    frames=frames,
+                    extra={"class": self.result.classes[label], "dataset": self.dataset},
+                )
+            )
 
     def problem(self, path: Path, reason: str) -> None:
         self.result.problems.append(DataError(path, reason))
@@ -90,8 +98,9 @@ def import_kinetics_sounds(root: Path) -> ImportResult:
     lists = [(split, root / f"{split}_1fps_path.txt") for split in ("train", "val", "test")]
     lists = [(split, path) for split, path in lists if path.is_file()]
     if not lists:
-        raise DataError(root, "no {train,val,test}_1fps_path.txt list: is --root the "
-                        "Kinetics-Sounds folder?")
+        raise DataError(
+            root, "no {train,val,test}_1fps_path.txt list: is --root the Kinetics-Sounds folder?"
+        )
     entries = []
     for split, path in lists:
         for line, text in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
@@ -99,14 +108,20 @@ def import_kinetics_sounds(root: Path) -> ImportResult:
             if not fields:
                 continue
             if len(fields) < 2 or not fields[-1].isdigit():
-                raise DataError(path, f"line {line}: expected '<path> ... <integer label>', "
-                                f"got {text!r}")
+                raise DataError(
+                    path, f"line {line}: expected '<path> ... <integer label>', got {text!r}"
+                )
             entries.append((split, fields[0].rstrip("/").split("/")[-1], int(fields[-1])))
     classes = [str(i) for i in range(max(label for _, _, label in entries) + 1)]
     collector = _Collector(classes, "kinetics-sounds")
     for split, name, label in entries:
-        collector.add(f"{split}/{name}", split, label, root / "ks_audio" / split / f"{name}.wav",
-                      root / "ks_visual" / split / name)
+        collector.add(
+            f"{split}/{name}",
+            split,
+            label,
+            root / "ks_audio" / split / f"{name}.wav",
+            root / "ks_visual" / split / name,
+        )
     return collector.result
 
 
@@ -115,21 +130,30 @@ def import_vggsound(root: Path) -> ImportResult:
     rows = []
     for line, row in _rows(table):
         if len(row) < 4 or row[3] not in ("train", "test"):
-            raise DataError(table, f"line {line}: expected 'youtube_id,start,class,train|test', "
-                            f"got {','.join(row)!r}")
+            raise DataError(
+                table,
+                f"line {line}: expected 'youtube_id,start,class,train|test', got {','.join(row)!r}",
+            )
         rows.append(row)
     collector = _Collector(sorted({row[2] for row in rows}), "vggsound")
     index = {name: i for i, name in enumerate(collector.result.classes)}
-    folders = {"train": ("train-audios/train-set", "train-videos/train-set-img"),
-               "test": ("test-audios/test-set", "test-videos/test-set-img")}
+    folders = {
+        "train": ("train-audios/train-set", "train-videos/train-set-img"),
+        "test": ("test-audios/test-set", "test-videos/test-set-img"),
+    }
     for youtube_id, start, name, split in (row[:4] for row in rows):
         audio_dir, video_dir = (root / folder for folder in folders[split])
         stems = [f"{youtube_id}_{start}"]
         if start.isdigit():
             stems.append(f"{youtube_id}_{int(start):06d}")
         stem = next((s for s in stems if (audio_dir / f"{s}.wav").is_file()), stems[0])
-        collector.add(stem, split, index[name], audio_dir / f"{stem}.wav",
-                      video_dir / "Image-01-FPS" / f"{stem}.mp4")
+        collector.add(
+            stem,
+            split,
+            index[name],
+            audio_dir / f"{stem}.wav",
+            video_dir / "Image-01-FPS" / f"{stem}.mp4",
+        )
     return collector.result
 
 
@@ -143,10 +167,18 @@ def import_cremad(root: Path) -> ImportResult:
             continue
         for line, row in _rows(path):
             if len(row) < 2 or row[1] not in CREMAD_CLASSES:
-                raise DataError(path, f"line {line}: expected 'clip,EMOTION' with EMOTION in "
-                                f"{' '.join(CREMAD_CLASSES)}, got {','.join(row)!r}")
-            collector.add(row[0], split, CREMAD_CLASSES.index(row[1]),
-                          root / "AudioWAV" / f"{row[0]}.wav", root / "Image-01-FPS" / row[0])
+                raise DataError(
+                    path,
+                    f"line {line}: expected 'clip,EMOTION' with EMOTION in "
+                    f"{' '.join(CREMAD_CLASSES)}, got {','.join(row)!r}",
+                )
+            collector.add(
+                row[0],
+                split,
+                CREMAD_CLASSES.index(row[1]),
+                root / "AudioWAV" / f"{row[0]}.wav",
+                root / "Image-01-FPS" / row[0],
+            )
     return collector.result
 
 
@@ -155,8 +187,9 @@ def import_ave(root: Path) -> ImportResult:
     classes = sorted({row[0] for _, row in _rows(stat)})
     lists = [(split, root / f"my_{split}.txt") for split in ("train", "val", "test")]
     if not any(path.is_file() for _, path in lists):
-        raise DataError(root, "no my_train.txt/my_val.txt/my_test.txt list: is --root the AVE "
-                        "folder?")
+        raise DataError(
+            root, "no my_train.txt/my_val.txt/my_test.txt list: is --root the AVE folder?"
+        )
     collector = _Collector(classes, "ave")
     index = {name: i for i, name in enumerate(classes)}
     for split, path in lists:
@@ -165,18 +198,28 @@ def import_ave(root: Path) -> ImportResult:
         by_id: dict[str, list] = {}
         for line, row in _rows(path):
             if len(row) < 2 or row[0] not in index:
-                raise DataError(path, f"line {line}: expected 'class,video_id' with a class of "
-                                f"{stat.name}, got {','.join(row)!r}")
+                raise DataError(
+                    path,
+                    f"line {line}: expected 'class,video_id' with a class of "
+                    f"{stat.name}, got {','.join(row)!r}",
+                )
             by_id.setdefault(row[1], []).append((line, row[0]))
         for video_id, occurrences in by_id.items():
             if len(occurrences) > 1:
                 lines = ", ".join(str(line) for line, _ in occurrences)
-                collector.problem(path, f"video {video_id!r} listed {len(occurrences)} times "
-                                  f"(lines {lines}): left out, as the official loader does")
+                collector.problem(
+                    path,
+                    f"video {video_id!r} listed {len(occurrences)} times "
+                    f"(lines {lines}): left out, as the official loader does",
+                )
                 continue
-            collector.add(f"{split}/{video_id}", split,
-                          index[occurrences[0][1]], root / "audio" / f"{video_id}.wav",
-                          root / "visual" / video_id)
+            collector.add(
+                f"{split}/{video_id}",
+                split,
+                index[occurrences[0][1]],
+                root / "audio" / f"{video_id}.wav",
+                root / "visual" / video_id,
+            )
     return collector.result
 
 

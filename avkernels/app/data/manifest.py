@@ -12,12 +12,12 @@ import csv
 import io
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional, Union
 
-from avkernels.files import atomic_write_text
 from avkernels.app.data.errors import DataError
+from avkernels.files import atomic_write_text
 
 REQUIRED_FIELDS = ("id", "split", "label", "audio", "frames")
 SUFFIXES = (".csv", ".jsonl")
@@ -53,12 +53,17 @@ def _record(values: dict, where: str, base: Path, path: Path) -> ClipRecord:
     if label < 0 or str(values["label"]).strip() != str(label):
         raise DataError(path, f"{where}: label must be an integer >= 0, got {values['label']!r}")
     extra = {k: "" if v is None else str(v) for k, v in values.items() if k not in REQUIRED_FIELDS}
-    return ClipRecord(id=str(values["id"]), split=str(values["split"]), label=label,
-                      audio=base / str(values["audio"]), frames=base / str(values["frames"]),
-                      extra=extra)
+    return ClipRecord(
+        id=str(values["id"]),
+        split=str(values["split"]),
+        label=label,
+        audio=base / str(values["audio"]),
+        frames=base / str(values["frames"]),
+        extra=extra,
+    )
 
 
-def read_manifest(path: Union[str, Path]) -> list[ClipRecord]:
+def read_manifest(path: str | Path) -> list[ClipRecord]:
     """The clips of the manifest at ``path``; :class:`DataError` (file, line, reason) if the
     manifest itself is malformed. Files are not opened here (see ``AVDataset``)."""
     path = Path(path)
@@ -73,13 +78,17 @@ def read_manifest(path: Union[str, Path]) -> list[ClipRecord]:
             for line, values in rows:
                 records.append(_record(values, f"line {line}", base, path))
         except UnicodeDecodeError as error:
-            raise DataError(path, f"not UTF-8 text (byte {error.start}): save the manifest as "
-                            "UTF-8") from None
+            raise DataError(
+                path, f"not UTF-8 text (byte {error.start}): save the manifest as UTF-8"
+            ) from None
     seen: dict[str, int] = {}
     for index, record in enumerate(records):
         if record.id in seen:
-            raise DataError(path, f"clip id {record.id!r} appears twice: ids must be unique "
-                            "(they key the per-sample confidences)")
+            raise DataError(
+                path,
+                f"clip id {record.id!r} appears twice: ids must be unique "
+                "(they key the per-sample confidences)",
+            )
         seen[record.id] = index
     return records
 
@@ -89,13 +98,19 @@ def _csv_rows(handle, path: Path):
     try:
         absent = [name for name in REQUIRED_FIELDS if name not in (reader.fieldnames or ())]
         if absent:
-            raise DataError(path, f"CSV header lacks column(s) {', '.join(absent)} "
-                            f"(needs {', '.join(REQUIRED_FIELDS)})")
+            raise DataError(
+                path,
+                f"CSV header lacks column(s) {', '.join(absent)} "
+                f"(needs {', '.join(REQUIRED_FIELDS)})",
+            )
         for row in reader:
             if None in row:  # DictReader's key for the cells beyond the header's columns
-                raise DataError(path, f"line {reader.line_num}: {len(row) - 1 + len(row[None])} "
-                                f"fields, the header has {len(reader.fieldnames)} (quote cells "
-                                "that hold commas)")
+                raise DataError(
+                    path,
+                    f"line {reader.line_num}: {len(row) - 1 + len(row[None])} "
+                    f"fields, the header has {len(reader.fieldnames)} (quote cells "
+                    "that hold commas)",
+                )
             yield reader.line_num, row
     except csv.Error as error:
         raise DataError(path, f"after line {reader.line_num}: malformed CSV ({error})") from None
@@ -114,7 +129,7 @@ def _jsonl_rows(handle, path: Path):
         yield line, values
 
 
-def write_manifest(path: Union[str, Path], records: Iterable[ClipRecord]) -> Path:
+def write_manifest(path: str | Path, records: Iterable[ClipRecord]) -> Path:
     """Writes ``records`` to ``path`` (CSV or JSONL by suffix); paths inside the manifest's
     folder are stored relative to it, others absolute. Returns ``path``."""
     path = Path(path)
@@ -131,8 +146,9 @@ def write_manifest(path: Union[str, Path], records: Iterable[ClipRecord]) -> Pat
         writer.writeheader()
         writer.writerows(rows)
         return atomic_write_text(path, text.getvalue())
-    return atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n"
-                                           for row in rows))
+    return atomic_write_text(
+        path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    )
 
 
 def _relative(target: Path, base: Path) -> str:
@@ -144,12 +160,17 @@ def _relative(target: Path, base: Path) -> str:
 
 
 def _row(record: ClipRecord, base: Path, extra_fields: list[str]) -> dict:
-    row = {"id": record.id, "split": record.split, "label": record.label,
-           "audio": _relative(record.audio, base), "frames": _relative(record.frames, base)}
+    row = {
+        "id": record.id,
+        "split": record.split,
+        "label": record.label,
+        "audio": _relative(record.audio, base),
+        "frames": _relative(record.frames, base),
+    }
     row.update({name: record.extra.get(name, "") for name in extra_fields})
     return row
 
 
-def select_split(records: Iterable[ClipRecord], split: Optional[str]) -> list[ClipRecord]:
+def select_split(records: Iterable[ClipRecord], split: str | None) -> list[ClipRecord]:
     """The records of ``split`` (all when None)."""
     return [r for r in records if split is None or r.split == split]

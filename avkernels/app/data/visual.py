@@ -16,7 +16,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -80,8 +79,9 @@ def list_frames(folder: Path) -> list[Path]:
     return sorted(frames, key=_frame_order)
 
 
-def frame_indices(count: int, picks: int, train: bool,
-                  generator: Optional[torch.Generator] = None) -> list[int]:
+def frame_indices(
+    count: int, picks: int, train: bool, generator: torch.Generator | None = None
+) -> list[int]:
     """0-based indices of the ``picks`` frames taken from ``count`` (one per segment)."""
     if count < picks:
         raise ValueError(f"{count} frame(s), fewer than the {picks} a clip needs")
@@ -93,15 +93,17 @@ def frame_indices(count: int, picks: int, train: bool,
     return [i * seg + offset for i, offset in zip(range(picks), offsets)]
 
 
-def load_frames(folder: Path, config: VisualConfig, train: bool,
-                generator: Optional[torch.Generator] = None) -> Tensor:
+def load_frames(
+    folder: Path, config: VisualConfig, train: bool, generator: torch.Generator | None = None
+) -> Tensor:
     """The (3, frames_per_clip, size, size) input of the clip whose frames are in ``folder``."""
     from PIL import Image
 
     frames = list_frames(folder)
     if len(frames) < config.frames_per_clip:
-        raise DataError(folder, f"{len(frames)} frame(s), fewer than the "
-                        f"{config.frames_per_clip} a clip needs")
+        raise DataError(
+            folder, f"{len(frames)} frame(s), fewer than the {config.frames_per_clip} a clip needs"
+        )
     transform = config.transform(train)
     images = []
     for index in frame_indices(len(frames), config.frames_per_clip, train, generator):

@@ -10,8 +10,6 @@ reuses (docs/DESIGN.md, "ABRi as one BatchNorm" gives the formulas).
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -24,17 +22,17 @@ from avkernels.ops.batch_norm.schema import (
 )
 
 
-def parameters(args) -> tuple[Optional[Tensor], ...]:
+def parameters(args) -> tuple[Tensor | None, ...]:
     """``(weight, bias, abri_weight, abri_bias, abri_alpha)`` of a forward or backward record."""
     return tuple(getattr(args, name) for name in PARAMETERS)
 
 
 def effective_affine(
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    abri_weight: Optional[Tensor],
-    abri_bias: Optional[Tensor],
-    abri_alpha: Optional[Tensor],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    abri_weight: Tensor | None,
+    abri_bias: Tensor | None,
+    abri_alpha: Tensor | None,
     mean: Tensor,
     invstd: Tensor,
 ) -> tuple[Tensor, Tensor]:
@@ -63,15 +61,18 @@ def _per_channel(v: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def update_running_stats(running_sets, mean: Tensor, var: Tensor, count: int,
-                         momentum: float) -> None:
+def update_running_stats(
+    running_sets, mean: Tensor, var: Tensor, count: int, momentum: float
+) -> None:
     """``r = (1 - momentum) * r + momentum * batch_stat`` for every ``(running_mean,
     running_var)`` pair that is not None, with the unbiased variance of ``count`` values
     (``var`` is the biased one)."""
     for r_mean, r_var in running_sets:
         if r_mean is not None:
             r_mean.copy_(r_mean.to(mean.dtype) * (1 - momentum) + mean * momentum)
-            r_var.copy_(r_var.to(var.dtype) * (1 - momentum) + var * (momentum * count / (count - 1)))
+            r_var.copy_(
+                r_var.to(var.dtype) * (1 - momentum) + var * (momentum * count / (count - 1))
+            )
 
 
 def forward(a: ForwardArgs) -> tuple[Tensor, Tensor, Tensor]:
@@ -84,7 +85,10 @@ def forward(a: ForwardArgs) -> tuple[Tensor, Tensor, Tensor]:
         var, mean = torch.var_mean(xf, dim=(0, 2, 3), correction=0)
         update_running_stats(
             ((a.running_mean, a.running_var), (a.abri_running_mean, a.abri_running_var)),
-            mean, var, n * h * w, a.momentum,
+            mean,
+            var,
+            n * h * w,
+            a.momentum,
         )
         mean, invstd = mean[None], torch.rsqrt(var + a.eps)[None]
     else:
@@ -124,11 +128,11 @@ def backward(a: BackwardArgs) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, T
 def grad_sums(
     grad_y: Tensor,
     x: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    abri_weight: Optional[Tensor],
-    abri_bias: Optional[Tensor],
-    abri_alpha: Optional[Tensor],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    abri_weight: Tensor | None,
+    abri_bias: Tensor | None,
+    abri_alpha: Tensor | None,
     mean: Tensor,
     invstd: Tensor,
     relu: bool,
@@ -171,11 +175,11 @@ def batch_stats_grad_input(
 
 
 def parameter_grads(
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    abri_weight: Optional[Tensor],
-    abri_bias: Optional[Tensor],
-    abri_alpha: Optional[Tensor],
+    weight: Tensor | None,
+    bias: Tensor | None,
+    abri_weight: Tensor | None,
+    abri_bias: Tensor | None,
+    abri_alpha: Tensor | None,
     sum_dy: Tensor,
     sum_dy_xhat: Tensor,
     abri_sum_dy_xhat: Tensor,
@@ -183,21 +187,28 @@ def parameter_grads(
     """Gradients of (weight, bias, abri_weight, abri_bias, abri_alpha) from the per-channel sums."""
     acc = sum_dy.dtype
 
-    def cast(grad: Tensor, param: Optional[Tensor]) -> Tensor:
+    def cast(grad: Tensor, param: Tensor | None) -> Tensor:
         if param is None:
             return sum_dy.new_empty(0)
         return grad.to(param.dtype)
 
     if abri_alpha is None:
-        return (cast(sum_dy_xhat, weight), cast(sum_dy, bias), sum_dy.new_empty(0),
-                sum_dy.new_empty(0), sum_dy.new_empty(0))
+        return (
+            cast(sum_dy_xhat, weight),
+            cast(sum_dy, bias),
+            sum_dy.new_empty(0),
+            sum_dy.new_empty(0),
+            sum_dy.new_empty(0),
+        )
     alpha = abri_alpha.to(acc).expand_as(sum_dy)
 
-    def branch(gamma: Optional[Tensor], beta: Optional[Tensor], s2: Tensor) -> Tensor:
+    def branch(gamma: Tensor | None, beta: Tensor | None, s2: Tensor) -> Tensor:
         out = s2 * (1 if gamma is None else gamma.to(acc))
         return out if beta is None else out + sum_dy * beta.to(acc)
 
-    grad_alpha = branch(weight, bias, sum_dy_xhat) - branch(abri_weight, abri_bias, abri_sum_dy_xhat)
+    grad_alpha = branch(weight, bias, sum_dy_xhat) - branch(
+        abri_weight, abri_bias, abri_sum_dy_xhat
+    )
     if abri_alpha.numel() == 1:
         grad_alpha = grad_alpha.sum().reshape(1)
     return (

@@ -65,10 +65,13 @@ def _tracked_fake(x, *args):
 if not HAS_EXTENSION:
     register_python_kernels(FORWARD, {"CPU": reference_forward})
     register_python_kernels(BACKWARD, {"CPU": reference_backward})
-    register_python_kernels(TRACKED, {
-        "Autograd": tracked_batch_norm_python_autograd,
-        "CompositeExplicitAutograd": _tracked_forward,
-    })
+    register_python_kernels(
+        TRACKED,
+        {
+            "Autograd": tracked_batch_norm_python_autograd,
+            "CompositeExplicitAutograd": _tracked_forward,
+        },
+    )
 
 try:
     from avkernels.ops.batch_norm import triton_launch

@@ -22,18 +22,17 @@ Design choices:
 * Dead counts of the batch go to zeroed temporaries and are all-reduced (one int64 collective)
   before being added to the buffers: after a synced training forward every rank holds the same,
   global counts, so ``dead_fraction()`` needs no communication.
-* Backward reuses the reference's reductions (:func:`avkernels.ops.batch_norm.reference.grad_sums`), all-
-  reduces ``(S1, S2)`` in one collective and applies the batch-statistics ``dx`` formula with the
-  global element count. Parameter gradients come from the local sums: DDP averages parameter
-  gradients over ranks itself, as with ``nn.SyncBatchNorm``.
+* Backward reuses the reference's reductions
+  (:func:`avkernels.ops.batch_norm.reference.grad_sums`), all-reduces ``(S1, S2)`` in one
+  collective and applies the batch-statistics ``dx`` formula with the global element count.
+  Parameter gradients come from the local sums: DDP averages parameter gradients over ranks
+  itself, as with ``nn.SyncBatchNorm``.
 * Three collectives per layer and training step (stats, counts, gradient sums), two without
   dead counting. Eval forwards never communicate. The sync path is not written for
   ``torch.compile``.
 """
 
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -50,7 +49,6 @@ from avkernels.ops.batch_norm.reference import (
 from avkernels.ops.batch_norm.schema import ForwardArgs, accumulation_dtype, output_memory_format
 
 
-
 def check_process_group(process_group, owner: str) -> None:
     """Raise ``TypeError`` unless ``process_group`` is ``None`` or a ``torch.distributed``
     process group."""
@@ -64,7 +62,7 @@ def check_process_group(process_group, owner: str) -> None:
         )
 
 
-def sync_enabled(process_group: Optional[dist.ProcessGroup]) -> bool:
+def sync_enabled(process_group: dist.ProcessGroup | None) -> bool:
     """Whether a synced layer communicates: ``torch.distributed`` is initialised and the group
     has more than one rank (``nn.SyncBatchNorm``'s rule; otherwise the layer runs locally)."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1
@@ -115,7 +113,10 @@ class SyncTrackedBNFunction(torch.autograd.Function):
         mean, var, count = _global_batch_stats(x, process_group)
         update_running_stats(
             ((running_mean, running_var), (abri_running_mean, abri_running_var)),
-            mean, var, count, momentum,
+            mean,
+            var,
+            count,
+            momentum,
         )
         abri_stats = (mean.clone(), var.clone()) if abri_alpha is not None else (None, None)
         counting = dead_count is not None
@@ -126,8 +127,21 @@ class SyncTrackedBNFunction(torch.autograd.Function):
             batch_counts = torch.zeros(2 * channels + 2, dtype=torch.long, device=x.device)
             batch_dead = batch_counts.split([channels, channels, 2])
         y, mean_rows, invstd_rows = batch_norm_fwd(
-            x, weight, bias, abri_weight, abri_bias, abri_alpha, mean, var, *abri_stats,
-            *batch_dead, False, 0.0, eps, relu)
+            x,
+            weight,
+            bias,
+            abri_weight,
+            abri_bias,
+            abri_alpha,
+            mean,
+            var,
+            *abri_stats,
+            *batch_dead,
+            False,
+            0.0,
+            eps,
+            relu,
+        )
         if counting:
             dist.all_reduce(batch_counts, group=process_group)
             for buffer, total in zip((dead_count, dead_sample_count, seen), batch_dead):

@@ -8,7 +8,7 @@ split and the kernels are described in :mod:`avkernels.ops.batch_norm.triton_ker
 """
 
 import functools
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 import triton
@@ -70,19 +70,20 @@ class _Plan(NamedTuple):
         return (self.row_programs, self.channel_blocks)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _target_programs(device: torch.device) -> int:
     if device.type == "cuda":
-        return _PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None
-                                            else torch.cuda.current_device())
+        return _PROGRAMS_PER_SM * _sm_count(
+            device.index if device.index is not None else torch.cuda.current_device()
+        )
     return _INTERPRETER_PROGRAMS
 
 
-def _merged_hw_stride(t: Tensor) -> Optional[int]:
+def _merged_hw_stride(t: Tensor) -> int | None:
     """The one stride that walks H*W positions of ``t`` in order, or None if there is none."""
     height, width = t.shape[2:]
     stride_h, stride_w = t.stride()[2:]
@@ -126,12 +127,22 @@ def _plan(x: Tensor, split_hw: bool) -> _Plan:
         blocks_per_split = hw_blocks
     else:
         samples_per_program = 1
-        blocks_per_split = triton.cdiv(hw_blocks, min(hw_blocks, triton.cdiv(rows_wanted,
-                                                                             max(batch, 1))))
+        blocks_per_split = triton.cdiv(
+            hw_blocks, min(hw_blocks, triton.cdiv(rows_wanted, max(batch, 1)))
+        )
         hw_splits = triton.cdiv(hw_blocks, blocks_per_split)
     row_programs = max(1, triton.cdiv(batch, samples_per_program) * hw_splits)
-    return _Plan(block_hw, block_c, num_warps, channel_blocks, samples_per_program, hw_splits,
-                 blocks_per_split * block_hw, row_programs, split_hw)
+    return _Plan(
+        block_hw,
+        block_c,
+        num_warps,
+        channel_blocks,
+        samples_per_program,
+        hw_splits,
+        blocks_per_split * block_hw,
+        row_programs,
+        split_hw,
+    )
 
 
 def _finalize_launch(channels: int, row_programs: int) -> tuple[tuple[int], dict]:
@@ -146,15 +157,19 @@ def _finalize_launch(channels: int, row_programs: int) -> tuple[tuple[int], dict
 # --- launch arguments -------------------------------------------------------------------------
 
 
-def _contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
+def _contiguous(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.contiguous()
 
 
 def _affine_flags(weight, bias, abri_weight, abri_bias, abri_alpha) -> dict:
-    return dict(HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-                HAS_ABRI_WEIGHT=abri_weight is not None, HAS_ABRI_BIAS=abri_bias is not None,
-                ABRI=abri_alpha is not None,
-                ALPHA_PER_CHANNEL=abri_alpha is not None and abri_alpha.numel() > 1)
+    return dict(
+        HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None,
+        HAS_ABRI_WEIGHT=abri_weight is not None,
+        HAS_ABRI_BIAS=abri_bias is not None,
+        ABRI=abri_alpha is not None,
+        ALPHA_PER_CHANNEL=abri_alpha is not None and abri_alpha.numel() > 1,
+    )
 
 
 # --- launchers -----------------------------------------------------------------------------------
@@ -178,48 +193,102 @@ def forward(*args) -> tuple[Tensor, Tensor, Tensor]:
 
     acc = accumulation_dtype(x)
     weight, bias, abri_weight, abri_bias, abri_alpha = map(
-        _contiguous, (a.weight, a.bias, a.abri_weight, a.abri_bias, a.abri_alpha))
+        _contiguous, (a.weight, a.bias, a.abri_weight, a.abri_bias, a.abri_alpha)
+    )
     stats_rows = 2 if abri and not use_batch_stats else 1
     y = torch.empty_like(x, memory_format=output_memory_format(x))
     mean = x.new_empty((stats_rows, channels), dtype=acc)
     invstd = torch.empty_like(mean)
     split_hw, strides = _stride_args((x, y))
     plan = _plan(x, split_hw)
-    common = dict(SPLIT_HW=split_hw, ACC=_TRITON_ACC[acc], BLOCK_HW=plan.block_hw,
-                  BLOCK_C=plan.block_c, num_warps=plan.num_warps)
+    common = dict(
+        SPLIT_HW=split_hw,
+        ACC=_TRITON_ACC[acc],
+        BLOCK_HW=plan.block_hw,
+        BLOCK_C=plan.block_c,
+        num_warps=plan.num_warps,
+    )
     work_split = (plan.samples_per_program, plan.hw_splits, plan.hw_chunk)
 
     if use_batch_stats:
         partial = x.new_empty((3, plan.row_programs, channels), dtype=acc)
         fwd_partial_stats_kernel[plan.grid](
-            x, partial, batch, channels, spatial, width, *strides[:4], *work_split,
-            plan.row_programs, **common)
+            x,
+            partial,
+            batch,
+            channels,
+            spatial,
+            width,
+            *strides[:4],
+            *work_split,
+            plan.row_programs,
+            **common,
+        )
         finalize_grid, finalize_options = _finalize_launch(channels, plan.row_programs)
         unbiased_momentum = momentum * count / (count - 1) if count > 1 else 0.0
         fwd_finalize_kernel[finalize_grid](
-            partial, mean, invstd, running_mean if update_running else mean,
+            partial,
+            mean,
+            invstd,
+            running_mean if update_running else mean,
             running_var if update_running else mean,
             abri_running_mean if update_abri_running else mean,
             abri_running_var if update_abri_running else mean,
-            channels, plan.row_programs, float(eps), float(momentum), 1.0 - momentum,
+            channels,
+            plan.row_programs,
+            float(eps),
+            float(momentum),
+            1.0 - momentum,
             float(unbiased_momentum),
-            UPDATE_RUNNING=update_running, UPDATE_ABRI_RUNNING=update_abri_running,
-            ACC=_TRITON_ACC[acc], **finalize_options)
+            UPDATE_RUNNING=update_running,
+            UPDATE_ABRI_RUNNING=update_abri_running,
+            ACC=_TRITON_ACC[acc],
+            **finalize_options,
+        )
 
     map_split = count_dead and plan.hw_splits > 1
-    map_alive = (torch.zeros((batch, channels), dtype=torch.int32, device=x.device)
-                 if map_split else mean)
+    map_alive = (
+        torch.zeros((batch, channels), dtype=torch.int32, device=x.device) if map_split else mean
+    )
     # Absent optional tensors are never read (their HAS_* / mode flag is off); any pointer does.
     unused = mean
     fwd_normalize_kernel[plan.grid](
-        x, y, mean, invstd,
-        *(unused if t is None else t for t in (
-            running_mean, running_var, abri_running_mean, abri_running_var,
-            weight, bias, abri_weight, abri_bias, abri_alpha,
-            dead_count, dead_sample_count, seen)),
-        map_alive, batch, channels, spatial, width, *strides, *work_split, float(eps),
-        USE_BATCH_STATS=use_batch_stats, RELU=relu, COUNT_DEAD=count_dead, MAP_SPLIT=map_split,
-        **_affine_flags(weight, bias, abri_weight, abri_bias, abri_alpha), **common)
+        x,
+        y,
+        mean,
+        invstd,
+        *(
+            unused if t is None else t
+            for t in (
+                running_mean,
+                running_var,
+                abri_running_mean,
+                abri_running_var,
+                weight,
+                bias,
+                abri_weight,
+                abri_bias,
+                abri_alpha,
+                dead_count,
+                dead_sample_count,
+                seen,
+            )
+        ),
+        map_alive,
+        batch,
+        channels,
+        spatial,
+        width,
+        *strides,
+        *work_split,
+        float(eps),
+        USE_BATCH_STATS=use_batch_stats,
+        RELU=relu,
+        COUNT_DEAD=count_dead,
+        MAP_SPLIT=map_split,
+        **_affine_flags(weight, bias, abri_weight, abri_bias, abri_alpha),
+        **common,
+    )
     return y, mean, invstd
 
 
@@ -234,7 +303,8 @@ def backward(*args) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     acc = mean.dtype
     mean, invstd = mean.contiguous(), invstd.contiguous()
     weight, bias, abri_weight, abri_bias, abri_alpha = map(
-        _contiguous, (a.weight, a.bias, a.abri_weight, a.abri_bias, a.abri_alpha))
+        _contiguous, (a.weight, a.bias, a.abri_weight, a.abri_bias, a.abri_alpha)
+    )
     abri = abri_alpha is not None
     flags = _affine_flags(weight, bias, abri_weight, abri_bias, abri_alpha)
     two_rows = mean.shape[0] == 2
@@ -244,21 +314,44 @@ def backward(*args) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     grad_x = torch.empty_like(x, memory_format=output_memory_format(x))
     split_hw, strides = _stride_args((grad_y, x, grad_x))
     plan = _plan(x, split_hw)
-    common = dict(SPLIT_HW=split_hw, ACC=_TRITON_ACC[acc], BLOCK_HW=plan.block_hw,
-                  BLOCK_C=plan.block_c, num_warps=plan.num_warps)
+    common = dict(
+        SPLIT_HW=split_hw,
+        ACC=_TRITON_ACC[acc],
+        BLOCK_HW=plan.block_hw,
+        BLOCK_C=plan.block_c,
+        num_warps=plan.num_warps,
+    )
     work_split = (plan.samples_per_program, plan.hw_splits, plan.hw_chunk)
     unused = mean
-    params = tuple(unused if p is None else p
-                   for p in (weight, bias, abri_weight, abri_bias, abri_alpha))
+    params = tuple(
+        unused if p is None else p for p in (weight, bias, abri_weight, abri_bias, abri_alpha)
+    )
 
     partial = x.new_empty((1 + mean.shape[0], plan.row_programs, channels), dtype=acc)
     bwd_partial_sums_kernel[plan.grid](
-        grad_y, x, grad_x, mean, invstd, *params, partial,
-        batch, channels, spatial, width, *strides, *work_split, plan.row_programs,
-        abri_row_offset, TWO_ROWS=two_rows, COMPUTE_GRAD_X=not use_batch_stats, RELU=relu,
-        **flags, **common)
+        grad_y,
+        x,
+        grad_x,
+        mean,
+        invstd,
+        *params,
+        partial,
+        batch,
+        channels,
+        spatial,
+        width,
+        *strides,
+        *work_split,
+        plan.row_programs,
+        abri_row_offset,
+        TWO_ROWS=two_rows,
+        COMPUTE_GRAD_X=not use_batch_stats,
+        RELU=relu,
+        **flags,
+        **common,
+    )
 
-    def param_grad(param: Optional[Tensor], is_abri_param: bool) -> Tensor:
+    def param_grad(param: Tensor | None, is_abri_param: bool) -> Tensor:
         if param is None or (is_abri_param and not abri):
             return mean.new_empty(0)
         return torch.empty_like(param)
@@ -273,17 +366,49 @@ def backward(*args) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     sums = mean.new_empty((2, channels))
     finalize_grid, finalize_options = _finalize_launch(channels, plan.row_programs)
     bwd_finalize_kernel[finalize_grid](
-        partial, invstd, sums, *params,
-        *(unused if g.numel() == 0 else g for g in (
-            grad_weight, grad_bias, grad_abri_weight, grad_abri_bias, grad_alpha_per_channel)),
-        channels, plan.row_programs, abri_row_offset, TWO_ROWS=two_rows, **flags,
-        ACC=_TRITON_ACC[acc], **finalize_options)
+        partial,
+        invstd,
+        sums,
+        *params,
+        *(
+            unused if g.numel() == 0 else g
+            for g in (
+                grad_weight,
+                grad_bias,
+                grad_abri_weight,
+                grad_abri_bias,
+                grad_alpha_per_channel,
+            )
+        ),
+        channels,
+        plan.row_programs,
+        abri_row_offset,
+        TWO_ROWS=two_rows,
+        **flags,
+        ACC=_TRITON_ACC[acc],
+        **finalize_options,
+    )
 
     if use_batch_stats:
         bwd_grad_x_kernel[plan.grid](
-            grad_y, x, grad_x, mean, invstd, sums, *params,
-            batch, channels, spatial, width, *strides, *work_split, abri_row_offset, RELU=relu,
-            **flags, **common)
+            grad_y,
+            x,
+            grad_x,
+            mean,
+            invstd,
+            sums,
+            *params,
+            batch,
+            channels,
+            spatial,
+            width,
+            *strides,
+            *work_split,
+            abri_row_offset,
+            RELU=relu,
+            **flags,
+            **common,
+        )
 
     if not abri:
         grad_alpha = mean.new_empty(0)

@@ -47,6 +47,7 @@ class MaskedConcatFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         ratio_a, ratio_v, seeds = ctx.saved_tensors
-        grad_a, grad_v = masked_concat_backward(grad, ratio_a, ratio_v, seeds, ctx.features_a,
-                                                *ctx.groups)
+        grad_a, grad_v = masked_concat_backward(
+            grad, ratio_a, ratio_v, seeds, ctx.features_a, *ctx.groups
+        )
         return grad_a, grad_v, None, None, None, None, None

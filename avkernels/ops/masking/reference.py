@@ -29,8 +29,6 @@ with ``H = 1``: ``features // group`` runs of ``group`` features, a remainder ne
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -108,40 +106,53 @@ def _expand_groups(mask: Tensor, size: int, group: int, dim: int) -> Tensor:
     return elements
 
 
-def patch_mask(ratio: Tensor, seeds: Tensor, height: int, width: int, patch_h: int,
-               patch_w: int) -> Tensor:
+def patch_mask(
+    ratio: Tensor, seeds: Tensor, height: int, width: int, patch_h: int, patch_w: int
+) -> Tensor:
     """Bool (B, T, H, W): the masked pixels of every frame (shared by all channels)."""
     grid_h, grid_w = patch_grid(height, width, patch_h, patch_w)
     mask = group_mask(ratio[:, None], seeds, grid_h * grid_w).view(*seeds.shape, grid_h, grid_w)
     return _expand_groups(_expand_groups(mask, height, patch_h, 2), width, patch_w, 3)
 
 
-def feature_mask(ratio: Optional[Tensor], seeds: Tensor, features: int, group: int) -> Tensor:
+def feature_mask(ratio: Tensor | None, seeds: Tensor, features: int, group: int) -> Tensor:
     """Bool (B, features): the masked features of every sample (none when ``ratio`` is None)."""
     if ratio is None:
         return torch.zeros(seeds.shape[0], features, dtype=torch.bool, device=seeds.device)
     return _expand_groups(group_mask(ratio, seeds, features // group), features, group, 1)
 
 
-def zero_masked_patches_reference(x: Tensor, ratio: Tensor, seeds: Tensor, patch_h: int,
-                                  patch_w: int) -> None:
+def zero_masked_patches_reference(
+    x: Tensor, ratio: Tensor, seeds: Tensor, patch_h: int, patch_w: int
+) -> None:
     height, width = x.shape[-2:]
     x.masked_fill_(patch_mask(ratio, seeds, height, width, patch_h, patch_w)[:, None], 0)
 
 
-def masked_concat_reference(a: Tensor, v: Tensor, ratio_a: Optional[Tensor],
-                            ratio_v: Optional[Tensor], seeds: Tensor, group_a: int,
-                            group_v: int) -> Tensor:
+def masked_concat_reference(
+    a: Tensor,
+    v: Tensor,
+    ratio_a: Tensor | None,
+    ratio_v: Tensor | None,
+    seeds: Tensor,
+    group_a: int,
+    group_v: int,
+) -> Tensor:
     mask_a = feature_mask(ratio_a, seeds[:, 0], a.shape[1], group_a)
     mask_v = feature_mask(ratio_v, seeds[:, 1], v.shape[1], group_v)
     return torch.cat([a.masked_fill(mask_a, 0), v.masked_fill(mask_v, 0)], dim=1)
 
 
-def masked_concat_backward_reference(grad: Tensor, ratio_a: Optional[Tensor],
-                                     ratio_v: Optional[Tensor], seeds: Tensor, features_a: int,
-                                     group_a: int, group_v: int) -> tuple[Tensor, Tensor]:
+def masked_concat_backward_reference(
+    grad: Tensor,
+    ratio_a: Tensor | None,
+    ratio_v: Tensor | None,
+    seeds: Tensor,
+    features_a: int,
+    group_a: int,
+    group_v: int,
+) -> tuple[Tensor, Tensor]:
     grad_a, grad_v = grad[:, :features_a], grad[:, features_a:]
     mask_a = feature_mask(ratio_a, seeds[:, 0], features_a, group_a)
     mask_v = feature_mask(ratio_v, seeds[:, 1], grad_v.shape[1], group_v)
-    return (grad_a.masked_fill(mask_a, 0).contiguous(),
-            grad_v.masked_fill(mask_v, 0).contiguous())
+    return (grad_a.masked_fill(mask_a, 0).contiguous(), grad_v.masked_fill(mask_v, 0).contiguous())

@@ -23,11 +23,13 @@ def _checked(check, kernel):
 
 
 REFERENCE_KERNELS = {
-    ZERO_MASKED_PATCHES: _checked(checks.zero_masked_patches,
-                                  reference.zero_masked_patches_reference),
+    ZERO_MASKED_PATCHES: _checked(
+        checks.zero_masked_patches, reference.zero_masked_patches_reference
+    ),
     MASKED_CONCAT: _checked(checks.masked_concat, reference.masked_concat_reference),
-    MASKED_CONCAT_BACKWARD: _checked(checks.masked_concat_backward,
-                                     reference.masked_concat_backward_reference),
+    MASKED_CONCAT_BACKWARD: _checked(
+        checks.masked_concat_backward, reference.masked_concat_backward_reference
+    ),
 }
 
 # The ops must be defined before kernels are registered on them.
@@ -60,5 +62,6 @@ except ImportError:  # no triton: CUDA tensors cannot use avkernels kernels
     triton_launch = None
 if triton_launch is not None:
     for signature in REFERENCE_KERNELS:
-        torch.library.register_kernel(f"avkernels::{signature.name}", "cuda",
-                                      getattr(triton_launch, signature.name))
+        torch.library.register_kernel(
+            f"avkernels::{signature.name}", "cuda", getattr(triton_launch, signature.name)
+        )

@@ -17,19 +17,38 @@ from avkernels.ops._library import OpSignature
 
 ZERO_MASKED_PATCHES = OpSignature(
     "zero_masked_patches",
-    (("x", "Tensor(a!)"), ("ratio", "Tensor"), ("seeds", "Tensor"), ("patch_h", "int"),
-     ("patch_w", "int")),
+    (
+        ("x", "Tensor(a!)"),
+        ("ratio", "Tensor"),
+        ("seeds", "Tensor"),
+        ("patch_h", "int"),
+        ("patch_w", "int"),
+    ),
     "()",
 )
 MASKED_CONCAT = OpSignature(
     "masked_concat",
-    (("a", "Tensor"), ("v", "Tensor"), ("ratio_a", "Tensor?"), ("ratio_v", "Tensor?"),
-     ("seeds", "Tensor"), ("group_a", "int"), ("group_v", "int")),
+    (
+        ("a", "Tensor"),
+        ("v", "Tensor"),
+        ("ratio_a", "Tensor?"),
+        ("ratio_v", "Tensor?"),
+        ("seeds", "Tensor"),
+        ("group_a", "int"),
+        ("group_v", "int"),
+    ),
     "Tensor",
 )
 MASKED_CONCAT_BACKWARD = OpSignature(
     "masked_concat_backward",
-    (("grad", "Tensor"), ("ratio_a", "Tensor?"), ("ratio_v", "Tensor?"), ("seeds", "Tensor"),
-     ("features_a", "int"), ("group_a", "int"), ("group_v", "int")),
+    (
+        ("grad", "Tensor"),
+        ("ratio_a", "Tensor?"),
+        ("ratio_v", "Tensor?"),
+        ("seeds", "Tensor"),
+        ("features_a", "int"),
+        ("group_a", "int"),
+        ("group_v", "int"),
+    ),
     "(Tensor, Tensor)",
 )
