@@ -38,18 +38,8 @@ def store_rounded(pointers, value, mask):
 
 
 @triton.jit
-def tile_pointers(
-    base_pointer,
-    n,
-    hw,
-    c_offsets,
-    W,
-    stride_n,
-    stride_c,
-    stride_h,
-    stride_w,
-    SPLIT_HW: tl.constexpr,
-):
+def tile_pointers(base_pointer, n, hw, c_offsets, W, stride_n, stride_c, stride_h, stride_w,
+                   SPLIT_HW: tl.constexpr):
     """Pointers of a [BLOCK_HW, BLOCK_C] tile of sample ``n``.
 
     The sample offset is int64 (the tensor may exceed 2**31 elements); offsets inside one sample
@@ -59,11 +49,8 @@ def tile_pointers(
         spatial = (hw // W) * stride_h + (hw % W) * stride_w
     else:
         spatial = hw * stride_w
-    return (
-        base_pointer
-        + tl.cast(n, tl.int64) * stride_n
-        + (spatial[:, None] + c_offsets[None, :] * stride_c)
-    )
+    return (base_pointer + tl.cast(n, tl.int64) * stride_n
+            + (spatial[:, None] + c_offsets[None, :] * stride_c))
 
 
 @triton.jit
@@ -91,34 +78,22 @@ def chan_merge(mean_a, m2_a, count_a, mean_b, m2_b, count_b):
 
 
 @triton.jit
-def affine_term(
-    c_offsets,
-    c_mask,
-    mean,
-    invstd,
-    blend,
-    gamma_pointer,
-    beta_pointer,
-    HAS_GAMMA: tl.constexpr,
-    HAS_BETA: tl.constexpr,
-    ACC: tl.constexpr,
-):
+def affine_term(c_offsets, c_mask, mean, invstd, blend, gamma_pointer, beta_pointer,
+                 HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, ACC: tl.constexpr):
     """One BN's share ``blend * (gamma * (x - mean) * invstd + beta)`` as (scale, shift)."""
     term_scale = blend * invstd
     if HAS_GAMMA:
         term_scale = term_scale * tl.load(gamma_pointer + c_offsets, mask=c_mask, other=0).to(ACC)
     term_shift = -(mean * term_scale)
     if HAS_BETA:
-        term_shift = term_shift + blend * tl.load(
-            beta_pointer + c_offsets, mask=c_mask, other=0
-        ).to(ACC)
+        term_shift = term_shift + blend * tl.load(beta_pointer + c_offsets, mask=c_mask,
+                                                  other=0).to(ACC)
     return term_scale, term_shift
 
 
 @triton.jit
-def load_alpha(
-    alpha_pointer, c_offsets, c_mask, ALPHA_PER_CHANNEL: tl.constexpr, ACC: tl.constexpr
-):
+def load_alpha(alpha_pointer, c_offsets, c_mask, ALPHA_PER_CHANNEL: tl.constexpr,
+                ACC: tl.constexpr):
     """ABRi's blend weight: a [BLOCK_C] vector, or a scalar broadcast over channels."""
     if ALPHA_PER_CHANNEL:
         return tl.load(alpha_pointer + c_offsets, mask=c_mask, other=0).to(ACC)
@@ -127,91 +102,33 @@ def load_alpha(
 
 
 @triton.jit
-def effective_affine(
-    c_offsets,
-    c_mask,
-    mean,
-    invstd,
-    abri_mean,
-    abri_invstd,
-    weight_pointer,
-    bias_pointer,
-    abri_weight_pointer,
-    abri_bias_pointer,
-    alpha_pointer,
-    HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    HAS_ABRI_WEIGHT: tl.constexpr,
-    HAS_ABRI_BIAS: tl.constexpr,
-    ABRI: tl.constexpr,
-    ALPHA_PER_CHANNEL: tl.constexpr,
-    ACC: tl.constexpr,
-):
+def effective_affine(c_offsets, c_mask, mean, invstd, abri_mean, abri_invstd,
+                      weight_pointer, bias_pointer, abri_weight_pointer, abri_bias_pointer,
+                      alpha_pointer, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      HAS_ABRI_WEIGHT: tl.constexpr, HAS_ABRI_BIAS: tl.constexpr,
+                      ABRI: tl.constexpr, ALPHA_PER_CHANNEL: tl.constexpr, ACC: tl.constexpr):
     """Per-channel (scale, shift) of the pre-activation output, as ``effective_affine``."""
     if ABRI:
         alpha = load_alpha(alpha_pointer, c_offsets, c_mask, ALPHA_PER_CHANNEL, ACC)
-        scale, shift = affine_term(
-            c_offsets,
-            c_mask,
-            mean,
-            invstd,
-            alpha,
-            weight_pointer,
-            bias_pointer,
-            HAS_WEIGHT,
-            HAS_BIAS,
-            ACC,
-        )
-        abri_scale, abri_shift = affine_term(
-            c_offsets,
-            c_mask,
-            abri_mean,
-            abri_invstd,
-            1 - alpha,
-            abri_weight_pointer,
-            abri_bias_pointer,
-            HAS_ABRI_WEIGHT,
-            HAS_ABRI_BIAS,
-            ACC,
-        )
+        scale, shift = affine_term(c_offsets, c_mask, mean, invstd, alpha, weight_pointer,
+                                    bias_pointer, HAS_WEIGHT, HAS_BIAS, ACC)
+        abri_scale, abri_shift = affine_term(c_offsets, c_mask, abri_mean, abri_invstd, 1 - alpha,
+                                              abri_weight_pointer, abri_bias_pointer,
+                                              HAS_ABRI_WEIGHT, HAS_ABRI_BIAS, ACC)
         scale = scale + abri_scale
         shift = shift + abri_shift
     else:
-        scale, shift = affine_term(
-            c_offsets,
-            c_mask,
-            mean,
-            invstd,
-            1.0,
-            weight_pointer,
-            bias_pointer,
-            HAS_WEIGHT,
-            HAS_BIAS,
-            ACC,
-        )
+        scale, shift = affine_term(c_offsets, c_mask, mean, invstd, 1.0, weight_pointer,
+                                    bias_pointer, HAS_WEIGHT, HAS_BIAS, ACC)
     return scale, shift
 
 
 @triton.jit
-def saved_affine(
-    mean_pointer,
-    invstd_pointer,
-    abri_row_offset,
-    c_offsets,
-    c_mask,
-    weight_pointer,
-    bias_pointer,
-    abri_weight_pointer,
-    abri_bias_pointer,
-    alpha_pointer,
-    HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    HAS_ABRI_WEIGHT: tl.constexpr,
-    HAS_ABRI_BIAS: tl.constexpr,
-    ABRI: tl.constexpr,
-    ALPHA_PER_CHANNEL: tl.constexpr,
-    ACC: tl.constexpr,
-):
+def saved_affine(mean_pointer, invstd_pointer, abri_row_offset, c_offsets, c_mask,
+                  weight_pointer, bias_pointer, abri_weight_pointer, abri_bias_pointer,
+                  alpha_pointer, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  HAS_ABRI_WEIGHT: tl.constexpr, HAS_ABRI_BIAS: tl.constexpr,
+                  ABRI: tl.constexpr, ALPHA_PER_CHANNEL: tl.constexpr, ACC: tl.constexpr):
     """The forward's saved mean and invstd (row 0), mean of row K - 1 (``abri_row_offset`` =
     (K - 1) * C), and the per-channel (scale, shift) built from both rows: what the backward
     kernels need."""
@@ -220,23 +137,7 @@ def saved_affine(
     abri_mean = tl.load(mean_pointer + abri_row_offset + c_offsets, mask=c_mask, other=0)
     abri_invstd = tl.load(invstd_pointer + abri_row_offset + c_offsets, mask=c_mask, other=1)
     scale, shift = effective_affine(
-        c_offsets,
-        c_mask,
-        mean,
-        invstd,
-        abri_mean,
-        abri_invstd,
-        weight_pointer,
-        bias_pointer,
-        abri_weight_pointer,
-        abri_bias_pointer,
-        alpha_pointer,
-        HAS_WEIGHT,
-        HAS_BIAS,
-        HAS_ABRI_WEIGHT,
-        HAS_ABRI_BIAS,
-        ABRI,
-        ALPHA_PER_CHANNEL,
-        ACC,
-    )
+        c_offsets, c_mask, mean, invstd, abri_mean, abri_invstd, weight_pointer, bias_pointer,
+        abri_weight_pointer, abri_bias_pointer, alpha_pointer, HAS_WEIGHT, HAS_BIAS,
+        HAS_ABRI_WEIGHT, HAS_ABRI_BIAS, ABRI, ALPHA_PER_CHANNEL, ACC)
     return mean, invstd, abri_mean, scale, shift

@@ -53,24 +53,11 @@ from avkernels.ops.batch_norm.triton_device import (
 
 @triton.jit
 def fwd_partial_stats_kernel(
-    x_pointer,
-    partial_pointer,
-    N,
-    C,
-    HW,
-    W,
-    x_stride_n,
-    x_stride_c,
-    x_stride_h,
-    x_stride_w,
-    samples_per_program,
-    hw_splits,
-    hw_chunk,
-    row_programs,
-    SPLIT_HW: tl.constexpr,
-    ACC: tl.constexpr,
-    BLOCK_HW: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    x_pointer, partial_pointer,
+    N, C, HW, W,
+    x_stride_n, x_stride_c, x_stride_h, x_stride_w,
+    samples_per_program, hw_splits, hw_chunk, row_programs,
+    SPLIT_HW: tl.constexpr, ACC: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Per-channel Welford summaries of the elements one row program owns.
 
@@ -92,8 +79,7 @@ def fwd_partial_stats_kernel(
     c_offsets = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c_offsets < C
     n_start, n_end, hw_start, hw_end = row_program_range(
-        pid_rows, N, HW, samples_per_program, hw_splits, hw_chunk
-    )
+        pid_rows, N, HW, samples_per_program, hw_splits, hw_chunk)
 
     # Element-wise Welford: each tile row lane keeps its own summary (its count is shared by the
     # channels), merged across lanes once at the end instead of a cross-thread reduction per tile.
@@ -105,18 +91,8 @@ def fwd_partial_stats_kernel(
             hw = hw_tile + tl.arange(0, BLOCK_HW)
             hw_mask = hw < hw_end
             mask = hw_mask[:, None] & c_mask[None, :]
-            pointers = tile_pointers(
-                x_pointer,
-                n,
-                hw,
-                c_offsets,
-                W,
-                x_stride_n,
-                x_stride_c,
-                x_stride_h,
-                x_stride_w,
-                SPLIT_HW,
-            )
+            pointers = tile_pointers(x_pointer, n, hw, c_offsets, W, x_stride_n, x_stride_c,
+                                      x_stride_h, x_stride_w, SPLIT_HW)
             x = tl.load(pointers, mask=mask, other=0).to(ACC)
             count += hw_mask.to(ACC)
             weight = tl.where(hw_mask, 1 / tl.maximum(count, 1), 0)
@@ -135,24 +111,13 @@ def fwd_partial_stats_kernel(
 
 @triton.jit
 def fwd_finalize_kernel(
-    partial_pointer,
-    mean_pointer,
-    invstd_pointer,
-    running_mean_pointer,
-    running_var_pointer,
-    abri_running_mean_pointer,
+    partial_pointer, mean_pointer, invstd_pointer,
+    running_mean_pointer, running_var_pointer, abri_running_mean_pointer,
     abri_running_var_pointer,
-    C,
-    row_programs,
-    eps: tl.float64,
-    momentum: tl.float64,
-    keep: tl.float64,
-    unbiased_momentum: tl.float64,
-    UPDATE_RUNNING: tl.constexpr,
-    UPDATE_ABRI_RUNNING: tl.constexpr,
-    ACC: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    C, row_programs,
+    eps: tl.float64, momentum: tl.float64, keep: tl.float64, unbiased_momentum: tl.float64,
+    UPDATE_RUNNING: tl.constexpr, UPDATE_ABRI_RUNNING: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Merges the partial summaries in a fixed order into batch mean/invstd; updates running stats.
 
@@ -189,9 +154,8 @@ def fwd_finalize_kernel(
         block_mean = tl.load(partial_pointer + offsets, mask=mask, other=0)
         block_m2 = tl.load(partial_pointer + row_size + offsets, mask=mask, other=0)
         block_count = tl.load(partial_pointer + 2 * row_size + offsets, mask=mask, other=0)
-        block_mean, block_m2, block_count = tl.reduce(
-            (block_mean, block_m2, block_count), 0, chan_merge
-        )
+        block_mean, block_m2, block_count = tl.reduce((block_mean, block_m2, block_count), 0,
+                                                      chan_merge)
         mean, m2, count = chan_merge(mean, m2, count, block_mean, block_m2, block_count)
 
     var = m2 / tl.where(c_mask, count, 1)  # masked lanes: no 0/0
@@ -201,40 +165,16 @@ def fwd_finalize_kernel(
     batch_mean_term = mean * tl.full((), momentum, ACC)
     batch_var_term = var * tl.full((), unbiased_momentum, ACC)
     if UPDATE_RUNNING:
-        _update_running(
-            running_mean_pointer,
-            running_var_pointer,
-            c_offsets,
-            c_mask,
-            batch_mean_term,
-            batch_var_term,
-            tl.full((), keep, ACC),
-            ACC,
-        )
+        _update_running(running_mean_pointer, running_var_pointer, c_offsets, c_mask,
+                        batch_mean_term, batch_var_term, tl.full((), keep, ACC), ACC)
     if UPDATE_ABRI_RUNNING:
-        _update_running(
-            abri_running_mean_pointer,
-            abri_running_var_pointer,
-            c_offsets,
-            c_mask,
-            batch_mean_term,
-            batch_var_term,
-            tl.full((), keep, ACC),
-            ACC,
-        )
+        _update_running(abri_running_mean_pointer, abri_running_var_pointer, c_offsets, c_mask,
+                        batch_mean_term, batch_var_term, tl.full((), keep, ACC), ACC)
 
 
 @triton.jit
-def _update_running(
-    running_mean_pointer,
-    running_var_pointer,
-    c_offsets,
-    c_mask,
-    batch_mean_term,
-    batch_var_term,
-    keep,
-    ACC: tl.constexpr,
-):
+def _update_running(running_mean_pointer, running_var_pointer, c_offsets, c_mask,
+                    batch_mean_term, batch_var_term, keep, ACC: tl.constexpr):
     """running = keep * running + momentum-weighted batch statistic, in the buffers' dtype."""
     running_mean = tl.load(running_mean_pointer + c_offsets, mask=c_mask, other=0).to(ACC)
     running_var = tl.load(running_var_pointer + c_offsets, mask=c_mask, other=0).to(ACC)
@@ -246,53 +186,21 @@ def _update_running(
 
 @triton.jit
 def fwd_normalize_kernel(
-    x_pointer,
-    y_pointer,
-    mean_pointer,
-    invstd_pointer,
-    running_mean_pointer,
-    running_var_pointer,
-    abri_running_mean_pointer,
+    x_pointer, y_pointer, mean_pointer, invstd_pointer,
+    running_mean_pointer, running_var_pointer, abri_running_mean_pointer,
     abri_running_var_pointer,
-    weight_pointer,
-    bias_pointer,
-    abri_weight_pointer,
-    abri_bias_pointer,
-    alpha_pointer,
-    dead_count_pointer,
-    dead_sample_count_pointer,
-    seen_pointer,
-    map_alive_pointer,
-    N,
-    C,
-    HW,
-    W,
-    x_stride_n,
-    x_stride_c,
-    x_stride_h,
-    x_stride_w,
-    y_stride_n,
-    y_stride_c,
-    y_stride_h,
-    y_stride_w,
-    samples_per_program,
-    hw_splits,
-    hw_chunk,
+    weight_pointer, bias_pointer, abri_weight_pointer, abri_bias_pointer, alpha_pointer,
+    dead_count_pointer, dead_sample_count_pointer, seen_pointer, map_alive_pointer,
+    N, C, HW, W,
+    x_stride_n, x_stride_c, x_stride_h, x_stride_w,
+    y_stride_n, y_stride_c, y_stride_h, y_stride_w,
+    samples_per_program, hw_splits, hw_chunk,
     eps: tl.float64,
-    USE_BATCH_STATS: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    HAS_ABRI_WEIGHT: tl.constexpr,
-    HAS_ABRI_BIAS: tl.constexpr,
-    ABRI: tl.constexpr,
-    ALPHA_PER_CHANNEL: tl.constexpr,
-    RELU: tl.constexpr,
-    COUNT_DEAD: tl.constexpr,
-    MAP_SPLIT: tl.constexpr,
-    SPLIT_HW: tl.constexpr,
-    ACC: tl.constexpr,
-    BLOCK_HW: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    USE_BATCH_STATS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_ABRI_WEIGHT: tl.constexpr, HAS_ABRI_BIAS: tl.constexpr, ABRI: tl.constexpr,
+    ALPHA_PER_CHANNEL: tl.constexpr, RELU: tl.constexpr, COUNT_DEAD: tl.constexpr,
+    MAP_SPLIT: tl.constexpr, SPLIT_HW: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """y = [ReLU](x * scale + shift) with the per-channel ABRi-blended affine; dead counters.
 
@@ -348,8 +256,10 @@ def fwd_normalize_kernel(
         tl.store(mean_pointer + c_offsets, mean, mask=write_stats)
         tl.store(invstd_pointer + c_offsets, invstd, mask=write_stats)
         if ABRI:
-            abri_mean = tl.load(abri_running_mean_pointer + c_offsets, mask=c_mask, other=0).to(ACC)
-            abri_var = tl.load(abri_running_var_pointer + c_offsets, mask=c_mask, other=1).to(ACC)
+            abri_mean = tl.load(abri_running_mean_pointer + c_offsets, mask=c_mask,
+                                other=0).to(ACC)
+            abri_var = tl.load(abri_running_var_pointer + c_offsets, mask=c_mask,
+                               other=1).to(ACC)
             abri_invstd = rsqrt(abri_var + tl.full((), eps, ACC), ACC)
             tl.store(mean_pointer + C + c_offsets, abri_mean, mask=write_stats)
             tl.store(invstd_pointer + C + c_offsets, abri_invstd, mask=write_stats)
@@ -357,29 +267,12 @@ def fwd_normalize_kernel(
             abri_mean = mean
             abri_invstd = invstd
     scale, shift = effective_affine(
-        c_offsets,
-        c_mask,
-        mean,
-        invstd,
-        abri_mean,
-        abri_invstd,
-        weight_pointer,
-        bias_pointer,
-        abri_weight_pointer,
-        abri_bias_pointer,
-        alpha_pointer,
-        HAS_WEIGHT,
-        HAS_BIAS,
-        HAS_ABRI_WEIGHT,
-        HAS_ABRI_BIAS,
-        ABRI,
-        ALPHA_PER_CHANNEL,
-        ACC,
-    )
+        c_offsets, c_mask, mean, invstd, abri_mean, abri_invstd, weight_pointer, bias_pointer,
+        abri_weight_pointer, abri_bias_pointer, alpha_pointer, HAS_WEIGHT, HAS_BIAS,
+        HAS_ABRI_WEIGHT, HAS_ABRI_BIAS, ABRI, ALPHA_PER_CHANNEL, ACC)
 
     n_start, n_end, hw_start, hw_end = row_program_range(
-        pid_rows, N, HW, samples_per_program, hw_splits, hw_chunk
-    )
+        pid_rows, N, HW, samples_per_program, hw_splits, hw_chunk)
     # Element-wise counters, reduced across tile rows once per sample / per program.
     dead_elements = tl.zeros([BLOCK_HW, BLOCK_C], dtype=tl.int32)
     dead_samples = tl.zeros([BLOCK_C], dtype=tl.int32)
@@ -388,22 +281,9 @@ def fwd_normalize_kernel(
         for hw_tile in range(hw_start, hw_end, BLOCK_HW):
             hw = hw_tile + tl.arange(0, BLOCK_HW)
             mask = (hw < hw_end)[:, None] & c_mask[None, :]
-            x = tl.load(
-                tile_pointers(
-                    x_pointer,
-                    n,
-                    hw,
-                    c_offsets,
-                    W,
-                    x_stride_n,
-                    x_stride_c,
-                    x_stride_h,
-                    x_stride_w,
-                    SPLIT_HW,
-                ),
-                mask=mask,
-                other=0,
-            ).to(ACC)
+            x = tl.load(tile_pointers(x_pointer, n, hw, c_offsets, W, x_stride_n, x_stride_c,
+                                       x_stride_h, x_stride_w, SPLIT_HW),
+                        mask=mask, other=0).to(ACC)
             z = x * scale[None, :] + shift[None, :]
             if COUNT_DEAD:
                 non_positive = z <= 0
@@ -412,52 +292,26 @@ def fwd_normalize_kernel(
                 alive = alive | (~non_positive & mask).to(tl.int32)
             if RELU:
                 z = tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)
-            store_rounded(
-                tile_pointers(
-                    y_pointer,
-                    n,
-                    hw,
-                    c_offsets,
-                    W,
-                    y_stride_n,
-                    y_stride_c,
-                    y_stride_h,
-                    y_stride_w,
-                    SPLIT_HW,
-                ),
-                z,
-                mask,
-            )
+            store_rounded(tile_pointers(y_pointer, n, hw, c_offsets, W, y_stride_n, y_stride_c,
+                                          y_stride_h, y_stride_w, SPLIT_HW), z, mask)
         if COUNT_DEAD:
             map_alive = tl.max(alive, axis=0)
             if MAP_SPLIT:
                 # The map is shared by hw_splits programs: the one holding its first chunk counts
                 # it dead (+1); the first program to see a positive output takes that back (-1).
                 # The sum is exact once every program has run, whatever the order.
-                previously_alive = tl.atomic_or(
-                    map_alive_pointer + n * C + c_offsets,
-                    1,
-                    mask=c_mask & (map_alive > 0),
-                    sem="relaxed",
-                )
+                previously_alive = tl.atomic_or(map_alive_pointer + n * C + c_offsets, 1,
+                                                mask=c_mask & (map_alive > 0), sem="relaxed")
                 first_alive = (map_alive > 0) & (previously_alive == 0)
                 dead_samples += tl.cast(hw_start == 0, tl.int32) - first_alive.to(tl.int32)
             else:
                 dead_samples += 1 - map_alive
 
     if COUNT_DEAD:
-        tl.atomic_add(
-            dead_count_pointer + c_offsets,
-            tl.sum(dead_elements, axis=0).to(tl.int64),
-            mask=c_mask,
-            sem="relaxed",
-        )
-        tl.atomic_add(
-            dead_sample_count_pointer + c_offsets,
-            dead_samples.to(tl.int64),
-            mask=c_mask,
-            sem="relaxed",
-        )
+        tl.atomic_add(dead_count_pointer + c_offsets, tl.sum(dead_elements, axis=0).to(tl.int64),
+                      mask=c_mask, sem="relaxed")
+        tl.atomic_add(dead_sample_count_pointer + c_offsets, dead_samples.to(tl.int64),
+                      mask=c_mask, sem="relaxed")
         seen_offsets = tl.arange(0, 2)
         owns_seen = (pid_rows == 0) & (pid_c == 0)
         seen = tl.load(seen_pointer + seen_offsets, mask=owns_seen & (seen_offsets < 2), other=0)
@@ -470,51 +324,18 @@ def fwd_normalize_kernel(
 
 @triton.jit
 def bwd_partial_sums_kernel(
-    grad_y_pointer,
-    x_pointer,
-    grad_x_pointer,
-    mean_pointer,
-    invstd_pointer,
-    weight_pointer,
-    bias_pointer,
-    abri_weight_pointer,
-    abri_bias_pointer,
-    alpha_pointer,
+    grad_y_pointer, x_pointer, grad_x_pointer, mean_pointer, invstd_pointer,
+    weight_pointer, bias_pointer, abri_weight_pointer, abri_bias_pointer, alpha_pointer,
     partial_pointer,
-    N,
-    C,
-    HW,
-    W,
-    grad_y_stride_n,
-    grad_y_stride_c,
-    grad_y_stride_h,
-    grad_y_stride_w,
-    x_stride_n,
-    x_stride_c,
-    x_stride_h,
-    x_stride_w,
-    grad_x_stride_n,
-    grad_x_stride_c,
-    grad_x_stride_h,
-    grad_x_stride_w,
-    samples_per_program,
-    hw_splits,
-    hw_chunk,
-    row_programs,
-    abri_row_offset,
-    TWO_ROWS: tl.constexpr,
-    COMPUTE_GRAD_X: tl.constexpr,
-    RELU: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    HAS_ABRI_WEIGHT: tl.constexpr,
-    HAS_ABRI_BIAS: tl.constexpr,
-    ABRI: tl.constexpr,
-    ALPHA_PER_CHANNEL: tl.constexpr,
-    SPLIT_HW: tl.constexpr,
-    ACC: tl.constexpr,
-    BLOCK_HW: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    N, C, HW, W,
+    grad_y_stride_n, grad_y_stride_c, grad_y_stride_h, grad_y_stride_w,
+    x_stride_n, x_stride_c, x_stride_h, x_stride_w,
+    grad_x_stride_n, grad_x_stride_c, grad_x_stride_h, grad_x_stride_w,
+    samples_per_program, hw_splits, hw_chunk, row_programs, abri_row_offset,
+    TWO_ROWS: tl.constexpr, COMPUTE_GRAD_X: tl.constexpr, RELU: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ABRI_WEIGHT: tl.constexpr,
+    HAS_ABRI_BIAS: tl.constexpr, ABRI: tl.constexpr, ALPHA_PER_CHANNEL: tl.constexpr,
+    SPLIT_HW: tl.constexpr, ACC: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Per-program partial sums of dy and dy * (x - mean_k); with running stats also grad_x.
 
@@ -544,28 +365,12 @@ def bwd_partial_sums_kernel(
     c_offsets = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c_offsets < C
     mean, invstd, abri_mean, scale, shift = saved_affine(
-        mean_pointer,
-        invstd_pointer,
-        abri_row_offset,
-        c_offsets,
-        c_mask,
-        weight_pointer,
-        bias_pointer,
-        abri_weight_pointer,
-        abri_bias_pointer,
-        alpha_pointer,
-        HAS_WEIGHT,
-        HAS_BIAS,
-        HAS_ABRI_WEIGHT,
-        HAS_ABRI_BIAS,
-        ABRI,
-        ALPHA_PER_CHANNEL,
-        ACC,
-    )
+        mean_pointer, invstd_pointer, abri_row_offset, c_offsets, c_mask, weight_pointer,
+        bias_pointer, abri_weight_pointer, abri_bias_pointer, alpha_pointer, HAS_WEIGHT, HAS_BIAS,
+        HAS_ABRI_WEIGHT, HAS_ABRI_BIAS, ABRI, ALPHA_PER_CHANNEL, ACC)
 
     n_start, n_end, hw_start, hw_end = row_program_range(
-        pid_rows, N, HW, samples_per_program, hw_splits, hw_chunk
-    )
+        pid_rows, N, HW, samples_per_program, hw_splits, hw_chunk)
     # Element-wise accumulators, reduced across the tile rows once at the end.
     sum_dy = tl.zeros([BLOCK_HW, BLOCK_C], dtype=ACC)
     sum_dy_centered = tl.zeros([BLOCK_HW, BLOCK_C], dtype=ACC)
@@ -574,38 +379,13 @@ def bwd_partial_sums_kernel(
         for hw_tile in range(hw_start, hw_end, BLOCK_HW):
             hw = hw_tile + tl.arange(0, BLOCK_HW)
             mask = (hw < hw_end)[:, None] & c_mask[None, :]
-            x = tl.load(
-                tile_pointers(
-                    x_pointer,
-                    n,
-                    hw,
-                    c_offsets,
-                    W,
-                    x_stride_n,
-                    x_stride_c,
-                    x_stride_h,
-                    x_stride_w,
-                    SPLIT_HW,
-                ),
-                mask=mask,
-                other=0,
-            ).to(ACC)
-            dy = tl.load(
-                tile_pointers(
-                    grad_y_pointer,
-                    n,
-                    hw,
-                    c_offsets,
-                    W,
-                    grad_y_stride_n,
-                    grad_y_stride_c,
-                    grad_y_stride_h,
-                    grad_y_stride_w,
-                    SPLIT_HW,
-                ),
-                mask=mask,
-                other=0,
-            ).to(ACC)
+            x = tl.load(tile_pointers(x_pointer, n, hw, c_offsets, W, x_stride_n, x_stride_c,
+                                       x_stride_h, x_stride_w, SPLIT_HW),
+                        mask=mask, other=0).to(ACC)
+            dy = tl.load(tile_pointers(grad_y_pointer, n, hw, c_offsets, W, grad_y_stride_n,
+                                        grad_y_stride_c, grad_y_stride_h, grad_y_stride_w,
+                                        SPLIT_HW),
+                         mask=mask, other=0).to(ACC)
             if RELU:
                 dy = tl.where(x * scale[None, :] + shift[None, :] > 0, dy, 0)
             sum_dy += dy
@@ -614,70 +394,36 @@ def bwd_partial_sums_kernel(
                 abri_sum_dy_centered += dy * (x - abri_mean[None, :])
             if COMPUTE_GRAD_X:
                 grad_x = dy * scale[None, :]
-                store_rounded(
-                    tile_pointers(
-                        grad_x_pointer,
-                        n,
-                        hw,
-                        c_offsets,
-                        W,
-                        grad_x_stride_n,
-                        grad_x_stride_c,
-                        grad_x_stride_h,
-                        grad_x_stride_w,
-                        SPLIT_HW,
-                    ),
-                    grad_x,
-                    mask,
-                )
+                store_rounded(tile_pointers(grad_x_pointer, n, hw, c_offsets, W,
+                                              grad_x_stride_n, grad_x_stride_c, grad_x_stride_h,
+                                              grad_x_stride_w, SPLIT_HW), grad_x, mask)
 
     row_size = row_programs * C
     offsets = pid_rows * C + c_offsets
     tl.store(partial_pointer + offsets, tl.sum(sum_dy, axis=0), mask=c_mask)
     tl.store(partial_pointer + row_size + offsets, tl.sum(sum_dy_centered, axis=0), mask=c_mask)
     if TWO_ROWS:
-        tl.store(
-            partial_pointer + 2 * row_size + offsets,
-            tl.sum(abri_sum_dy_centered, axis=0),
-            mask=c_mask,
-        )
+        tl.store(partial_pointer + 2 * row_size + offsets, tl.sum(abri_sum_dy_centered, axis=0),
+                 mask=c_mask)
 
 
 @triton.jit
-def _sum_partial_rows(
-    partial_pointer,
-    row_programs,
-    C,
-    c_offsets,
-    c_mask,
-    ACC: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
+def _sum_partial_rows(partial_pointer, row_programs, C, c_offsets, c_mask, ACC: tl.constexpr,
+                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """Fixed-order sum over the row_programs rows of one contiguous [row_programs, C] plane."""
     total = tl.zeros([BLOCK_C], dtype=ACC)
     for row_start in range(0, row_programs, BLOCK_R):
         rows = row_start + tl.arange(0, BLOCK_R)
         mask = (rows < row_programs)[:, None] & c_mask[None, :]
-        block = tl.load(
-            partial_pointer + rows[:, None] * C + c_offsets[None, :], mask=mask, other=0
-        )
+        block = tl.load(partial_pointer + rows[:, None] * C + c_offsets[None, :], mask=mask,
+                        other=0)
         total += tl.sum(block, axis=0)
     return total
 
 
 @triton.jit
-def _alpha_branch(
-    gamma_pointer,
-    beta_pointer,
-    c_offsets,
-    c_mask,
-    sum_dy,
-    sum_dy_xhat,
-    HAS_GAMMA: tl.constexpr,
-    HAS_BETA: tl.constexpr,
-    ACC: tl.constexpr,
-):
+def _alpha_branch(gamma_pointer, beta_pointer, c_offsets, c_mask, sum_dy, sum_dy_xhat,
+                  HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, ACC: tl.constexpr):
     """d(one BN's output)/d(its blend weight), summed: gamma * S2 + beta * S1."""
     branch = sum_dy_xhat
     if HAS_GAMMA:
@@ -689,32 +435,15 @@ def _alpha_branch(
 
 @triton.jit
 def bwd_finalize_kernel(
-    partial_pointer,
-    invstd_pointer,
-    sums_pointer,
-    weight_pointer,
-    bias_pointer,
-    abri_weight_pointer,
-    abri_bias_pointer,
-    alpha_pointer,
-    grad_weight_pointer,
-    grad_bias_pointer,
-    grad_abri_weight_pointer,
-    grad_abri_bias_pointer,
+    partial_pointer, invstd_pointer, sums_pointer,
+    weight_pointer, bias_pointer, abri_weight_pointer, abri_bias_pointer, alpha_pointer,
+    grad_weight_pointer, grad_bias_pointer, grad_abri_weight_pointer, grad_abri_bias_pointer,
     grad_alpha_pointer,
-    C,
-    row_programs,
-    abri_row_offset,
-    TWO_ROWS: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    HAS_ABRI_WEIGHT: tl.constexpr,
-    HAS_ABRI_BIAS: tl.constexpr,
-    ABRI: tl.constexpr,
-    ALPHA_PER_CHANNEL: tl.constexpr,
-    ACC: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    C, row_programs, abri_row_offset,
+    TWO_ROWS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_ABRI_WEIGHT: tl.constexpr, HAS_ABRI_BIAS: tl.constexpr, ABRI: tl.constexpr,
+    ALPHA_PER_CHANNEL: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """S1 = sum(dy), S2_k = sum(dy * xhat_k) in a fixed order, and the parameter gradients.
 
@@ -741,31 +470,16 @@ def bwd_finalize_kernel(
     c_offsets = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c_offsets < C
     row_size = row_programs * C
-    sum_dy = _sum_partial_rows(
-        partial_pointer, row_programs, C, c_offsets, c_mask, ACC, BLOCK_R, BLOCK_C
-    )
+    sum_dy = _sum_partial_rows(partial_pointer, row_programs, C, c_offsets, c_mask, ACC,
+                               BLOCK_R, BLOCK_C)
     invstd = tl.load(invstd_pointer + c_offsets, mask=c_mask, other=0)
-    sum_dy_xhat = (
-        _sum_partial_rows(
-            partial_pointer + row_size, row_programs, C, c_offsets, c_mask, ACC, BLOCK_R, BLOCK_C
-        )
-        * invstd
-    )
+    sum_dy_xhat = _sum_partial_rows(partial_pointer + row_size, row_programs, C, c_offsets,
+                                    c_mask, ACC, BLOCK_R, BLOCK_C) * invstd
     if TWO_ROWS:
         abri_invstd = tl.load(invstd_pointer + abri_row_offset + c_offsets, mask=c_mask, other=0)
-        abri_sum_dy_xhat = (
-            _sum_partial_rows(
-                partial_pointer + 2 * row_size,
-                row_programs,
-                C,
-                c_offsets,
-                c_mask,
-                ACC,
-                BLOCK_R,
-                BLOCK_C,
-            )
-            * abri_invstd
-        )
+        abri_sum_dy_xhat = _sum_partial_rows(partial_pointer + 2 * row_size, row_programs, C,
+                                             c_offsets, c_mask, ACC, BLOCK_R,
+                                             BLOCK_C) * abri_invstd
     else:
         abri_sum_dy_xhat = sum_dy_xhat
     tl.store(sums_pointer + c_offsets, sum_dy, mask=c_mask)
@@ -778,32 +492,15 @@ def bwd_finalize_kernel(
         if HAS_BIAS:
             store_rounded(grad_bias_pointer + c_offsets, alpha * sum_dy, c_mask)
         if HAS_ABRI_WEIGHT:
-            store_rounded(
-                grad_abri_weight_pointer + c_offsets, (1 - alpha) * abri_sum_dy_xhat, c_mask
-            )
+            store_rounded(grad_abri_weight_pointer + c_offsets, (1 - alpha) * abri_sum_dy_xhat,
+                           c_mask)
         if HAS_ABRI_BIAS:
             store_rounded(grad_abri_bias_pointer + c_offsets, (1 - alpha) * sum_dy, c_mask)
-        grad_alpha = _alpha_branch(
-            weight_pointer,
-            bias_pointer,
-            c_offsets,
-            c_mask,
-            sum_dy,
-            sum_dy_xhat,
-            HAS_WEIGHT,
-            HAS_BIAS,
-            ACC,
-        ) - _alpha_branch(
-            abri_weight_pointer,
-            abri_bias_pointer,
-            c_offsets,
-            c_mask,
-            sum_dy,
-            abri_sum_dy_xhat,
-            HAS_ABRI_WEIGHT,
-            HAS_ABRI_BIAS,
-            ACC,
-        )
+        grad_alpha = (
+            _alpha_branch(weight_pointer, bias_pointer, c_offsets, c_mask, sum_dy, sum_dy_xhat,
+                          HAS_WEIGHT, HAS_BIAS, ACC)
+            - _alpha_branch(abri_weight_pointer, abri_bias_pointer, c_offsets, c_mask, sum_dy,
+                            abri_sum_dy_xhat, HAS_ABRI_WEIGHT, HAS_ABRI_BIAS, ACC))
         store_rounded(grad_alpha_pointer + c_offsets, grad_alpha, c_mask)
     else:
         if HAS_WEIGHT:
@@ -814,48 +511,17 @@ def bwd_finalize_kernel(
 
 @triton.jit
 def bwd_grad_x_kernel(
-    grad_y_pointer,
-    x_pointer,
-    grad_x_pointer,
-    mean_pointer,
-    invstd_pointer,
-    sums_pointer,
-    weight_pointer,
-    bias_pointer,
-    abri_weight_pointer,
-    abri_bias_pointer,
-    alpha_pointer,
-    N,
-    C,
-    HW,
-    W,
-    grad_y_stride_n,
-    grad_y_stride_c,
-    grad_y_stride_h,
-    grad_y_stride_w,
-    x_stride_n,
-    x_stride_c,
-    x_stride_h,
-    x_stride_w,
-    grad_x_stride_n,
-    grad_x_stride_c,
-    grad_x_stride_h,
-    grad_x_stride_w,
-    samples_per_program,
-    hw_splits,
-    hw_chunk,
-    abri_row_offset,
-    RELU: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    HAS_ABRI_WEIGHT: tl.constexpr,
-    HAS_ABRI_BIAS: tl.constexpr,
-    ABRI: tl.constexpr,
-    ALPHA_PER_CHANNEL: tl.constexpr,
-    SPLIT_HW: tl.constexpr,
-    ACC: tl.constexpr,
-    BLOCK_HW: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    grad_y_pointer, x_pointer, grad_x_pointer, mean_pointer, invstd_pointer, sums_pointer,
+    weight_pointer, bias_pointer, abri_weight_pointer, abri_bias_pointer, alpha_pointer,
+    N, C, HW, W,
+    grad_y_stride_n, grad_y_stride_c, grad_y_stride_h, grad_y_stride_w,
+    x_stride_n, x_stride_c, x_stride_h, x_stride_w,
+    grad_x_stride_n, grad_x_stride_c, grad_x_stride_h, grad_x_stride_w,
+    samples_per_program, hw_splits, hw_chunk, abri_row_offset,
+    RELU: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_ABRI_WEIGHT: tl.constexpr, HAS_ABRI_BIAS: tl.constexpr, ABRI: tl.constexpr,
+    ALPHA_PER_CHANNEL: tl.constexpr, SPLIT_HW: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Batch-statistics grad_x = scale * (dy - S1 / M - xhat * S2 / M), M = N*H*W.
 
@@ -876,86 +542,31 @@ def bwd_grad_x_kernel(
     c_offsets = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c_offsets < C
     mean, invstd, abri_mean, scale, shift = saved_affine(
-        mean_pointer,
-        invstd_pointer,
-        abri_row_offset,
-        c_offsets,
-        c_mask,
-        weight_pointer,
-        bias_pointer,
-        abri_weight_pointer,
-        abri_bias_pointer,
-        alpha_pointer,
-        HAS_WEIGHT,
-        HAS_BIAS,
-        HAS_ABRI_WEIGHT,
-        HAS_ABRI_BIAS,
-        ABRI,
-        ALPHA_PER_CHANNEL,
-        ACC,
-    )
+        mean_pointer, invstd_pointer, abri_row_offset, c_offsets, c_mask, weight_pointer,
+        bias_pointer, abri_weight_pointer, abri_bias_pointer, alpha_pointer, HAS_WEIGHT, HAS_BIAS,
+        HAS_ABRI_WEIGHT, HAS_ABRI_BIAS, ABRI, ALPHA_PER_CHANNEL, ACC)
     count = (tl.cast(N, tl.int64) * HW).to(ACC)
     mean_dy = tl.load(sums_pointer + c_offsets, mask=c_mask, other=0) / count
     # xhat * S2 / M = (x - mean) * projection
     projection = tl.load(sums_pointer + C + c_offsets, mask=c_mask, other=0) / count * invstd
 
     n_start, n_end, hw_start, hw_end = row_program_range(
-        pid_rows, N, HW, samples_per_program, hw_splits, hw_chunk
-    )
+        pid_rows, N, HW, samples_per_program, hw_splits, hw_chunk)
     for n in range(n_start, n_end):
         for hw_tile in range(hw_start, hw_end, BLOCK_HW):
             hw = hw_tile + tl.arange(0, BLOCK_HW)
             mask = (hw < hw_end)[:, None] & c_mask[None, :]
-            x = tl.load(
-                tile_pointers(
-                    x_pointer,
-                    n,
-                    hw,
-                    c_offsets,
-                    W,
-                    x_stride_n,
-                    x_stride_c,
-                    x_stride_h,
-                    x_stride_w,
-                    SPLIT_HW,
-                ),
-                mask=mask,
-                other=0,
-            ).to(ACC)
-            dy = tl.load(
-                tile_pointers(
-                    grad_y_pointer,
-                    n,
-                    hw,
-                    c_offsets,
-                    W,
-                    grad_y_stride_n,
-                    grad_y_stride_c,
-                    grad_y_stride_h,
-                    grad_y_stride_w,
-                    SPLIT_HW,
-                ),
-                mask=mask,
-                other=0,
-            ).to(ACC)
+            x = tl.load(tile_pointers(x_pointer, n, hw, c_offsets, W, x_stride_n, x_stride_c,
+                                       x_stride_h, x_stride_w, SPLIT_HW),
+                        mask=mask, other=0).to(ACC)
+            dy = tl.load(tile_pointers(grad_y_pointer, n, hw, c_offsets, W, grad_y_stride_n,
+                                        grad_y_stride_c, grad_y_stride_h, grad_y_stride_w,
+                                        SPLIT_HW),
+                         mask=mask, other=0).to(ACC)
             if RELU:
                 dy = tl.where(x * scale[None, :] + shift[None, :] > 0, dy, 0)
-            grad_x = scale[None, :] * (
-                dy - mean_dy[None, :] - (x - mean[None, :]) * projection[None, :]
-            )
-            store_rounded(
-                tile_pointers(
-                    grad_x_pointer,
-                    n,
-                    hw,
-                    c_offsets,
-                    W,
-                    grad_x_stride_n,
-                    grad_x_stride_c,
-                    grad_x_stride_h,
-                    grad_x_stride_w,
-                    SPLIT_HW,
-                ),
-                grad_x,
-                mask,
-            )
+            grad_x = scale[None, :] * (dy - mean_dy[None, :]
+                                       - (x - mean[None, :]) * projection[None, :])
+            store_rounded(tile_pointers(grad_x_pointer, n, hw, c_offsets, W, grad_x_stride_n,
+                                          grad_x_stride_c, grad_x_stride_h, grad_x_stride_w,
+                                          SPLIT_HW), grad_x, mask)

@@ -84,19 +84,10 @@ def zero_masked_patches_kernel(
     x_ptr,  # x (B, C, T, H, W), any strides: the masked patches are zeroed in place
     ratio_ptr,  # float64 (B,): mask ratio of each sample
     seed_ptr,  # int64 (B, T) contiguous: seed of each frame
-    channels,
-    frames,
-    height,
-    width,  # C, T, H, W
-    stride_b,
-    stride_c,
-    stride_t,
-    stride_h,
-    stride_w,  # strides of x, in elements
-    patch_h,
-    patch_w,  # patch size
-    grid_h,
-    grid_w,  # whole patches along H and W (P = grid_h * grid_w)
+    channels, frames, height, width,  # C, T, H, W
+    stride_b, stride_c, stride_t, stride_h, stride_w,  # strides of x, in elements
+    patch_h, patch_w,  # patch size
+    grid_h, grid_w,  # whole patches along H and W (P = grid_h * grid_w)
     BLOCK_PIXELS: tl.constexpr,  # plane positions per program
     BLOCK_GROUPS: tl.constexpr,  # keys per binary-search step
 ):
@@ -114,19 +105,10 @@ def zero_masked_patches_kernel(
         h = pixel // width
         w = pixel % width
         patch = (h // patch_h) * grid_w + w // patch_w
-        masked = (
-            (pixel < height * width)
-            & (h < grid_h * patch_h)
-            & (w < grid_w * patch_w)
-            & (_group_key(patch, k0, k1) <= kth)
-        )
-        pointers = (
-            x_ptr
-            + sample.to(tl.int64) * stride_b
-            + (row % frames).to(tl.int64) * stride_t
-            + h.to(tl.int64) * stride_h
-            + w.to(tl.int64) * stride_w
-        )
+        masked = ((pixel < height * width) & (h < grid_h * patch_h) & (w < grid_w * patch_w)
+                  & (_group_key(patch, k0, k1) <= kth))
+        pointers = (x_ptr + sample.to(tl.int64) * stride_b + (row % frames).to(tl.int64) * stride_t
+                    + h.to(tl.int64) * stride_h + w.to(tl.int64) * stride_w)
         zeros = tl.zeros((BLOCK_PIXELS,), dtype=x_ptr.dtype.element_ty)
         for channel in range(0, channels):
             tl.store(pointers + channel * stride_c, zeros, mask=masked)
@@ -137,16 +119,11 @@ def zero_masked_patches_kernel(
 
 @triton.jit
 def _masked_copy_row(
-    src_ptr,
-    dst_ptr,  # the row's first feature in source and destination (contiguous features)
-    ratio_ptr,
-    row,
-    seed,  # ratios (B,) float64, this row's index and int64 seed
-    features,
-    group,  # row length; features per group (the remainder is never masked)
+    src_ptr, dst_ptr,  # the row's first feature in source and destination (contiguous features)
+    ratio_ptr, row, seed,  # ratios (B,) float64, this row's index and int64 seed
+    features, group,  # row length; features per group (the remainder is never masked)
     HAS_RATIO: tl.constexpr,  # False: the modality is not masked (ratio_ptr unused)
-    BLOCK_FEATURES: tl.constexpr,
-    BLOCK_GROUPS: tl.constexpr,
+    BLOCK_FEATURES: tl.constexpr, BLOCK_GROUPS: tl.constexpr,
 ):
     num_groups = features // group
     count = tl.zeros((), dtype=tl.int32)
@@ -169,25 +146,14 @@ def _masked_copy_row(
 
 @triton.jit
 def masked_copy_pair_kernel(
-    src_a_ptr,
-    src_v_ptr,  # source rows of the two modalities (contiguous features)
-    dst_a_ptr,
-    dst_v_ptr,  # destination rows (contiguous features)
-    src_a_stride,
-    src_v_stride,
-    dst_a_stride,
-    dst_v_stride,  # row strides, in elements
-    ratio_a_ptr,
-    ratio_v_ptr,  # float64 (B,) mask ratios (unused when HAS_RATIO_* is False)
+    src_a_ptr, src_v_ptr,  # source rows of the two modalities (contiguous features)
+    dst_a_ptr, dst_v_ptr,  # destination rows (contiguous features)
+    src_a_stride, src_v_stride, dst_a_stride, dst_v_stride,  # row strides, in elements
+    ratio_a_ptr, ratio_v_ptr,  # float64 (B,) mask ratios (unused when HAS_RATIO_* is False)
     seed_ptr,  # int64 (B, 2) contiguous: column 0 seeds modality a, column 1 modality v
-    features_a,
-    features_v,
-    group_a,
-    group_v,  # row lengths and group sizes
-    HAS_RATIO_A: tl.constexpr,
-    HAS_RATIO_V: tl.constexpr,
-    BLOCK_FEATURES: tl.constexpr,
-    BLOCK_GROUPS: tl.constexpr,
+    features_a, features_v, group_a, group_v,  # row lengths and group sizes
+    HAS_RATIO_A: tl.constexpr, HAS_RATIO_V: tl.constexpr,
+    BLOCK_FEATURES: tl.constexpr, BLOCK_GROUPS: tl.constexpr,
 ):
     # grid: (B, 2); program (b, m) copies row b of modality m (0: a, 1: v) with its mask.
     row = tl.program_id(0)
@@ -195,28 +161,10 @@ def masked_copy_pair_kernel(
     seed = tl.load(seed_ptr + row * 2 + modality)
     row64 = row.to(tl.int64)
     if modality == 0:
-        _masked_copy_row(
-            src_a_ptr + row64 * src_a_stride,
-            dst_a_ptr + row64 * dst_a_stride,
-            ratio_a_ptr,
-            row,
-            seed,
-            features_a,
-            group_a,
-            HAS_RATIO_A,
-            BLOCK_FEATURES,
-            BLOCK_GROUPS,
-        )
+        _masked_copy_row(src_a_ptr + row64 * src_a_stride, dst_a_ptr + row64 * dst_a_stride,
+                         ratio_a_ptr, row, seed, features_a, group_a, HAS_RATIO_A,
+                         BLOCK_FEATURES, BLOCK_GROUPS)
     else:
-        _masked_copy_row(
-            src_v_ptr + row64 * src_v_stride,
-            dst_v_ptr + row64 * dst_v_stride,
-            ratio_v_ptr,
-            row,
-            seed,
-            features_v,
-            group_v,
-            HAS_RATIO_V,
-            BLOCK_FEATURES,
-            BLOCK_GROUPS,
-        )
+        _masked_copy_row(src_v_ptr + row64 * src_v_stride, dst_v_ptr + row64 * dst_v_stride,
+                         ratio_v_ptr, row, seed, features_v, group_v, HAS_RATIO_V,
+                         BLOCK_FEATURES, BLOCK_GROUPS)
