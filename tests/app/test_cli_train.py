@@ -13,42 +13,7 @@ pytest.importorskip("PIL")
 
 from avkernels.app.cli import main  # noqa: E402
 from avkernels.app.data import ClipRecord, write_manifest  # noqa: E402
-from tests.app.data_fixtures import write_clip  # noqa: E402
-
-# Small front end and model: 64 fbank frames x 32 mel bins, 2 frames of 32x32, width 4.
-TINY = [
-    "--mel-bins",
-    "32",
-    "--target-length",
-    "64",
-    "--image-size",
-    "32",
-    "--frames",
-    "2",
-    "--width",
-    "4",
-    "--batch-size",
-    "4",
-    "--epochs",
-    "1",
-    "--optimizer",
-    "adam",
-    "--lr",
-    "0.01",
-    "--no-progress",
-]
-
-
-@pytest.fixture(scope="module")
-def manifest(tmp_path_factory):
-    root = tmp_path_factory.mktemp("clips")
-    records = []
-    for index in range(8):
-        split = "train" if index < 6 else "test"
-        audio, frames = f"audio/{index}.wav", f"frames/{index}"
-        write_clip(root, audio, frames, seed=index, frame_count=2)
-        records.append(ClipRecord(f"clip{index}", split, index % 2, root / audio, root / frames))
-    return write_manifest(root / "manifest.csv", records)
+from tests.app.data_fixtures import TINY_TRAINING_OPTIONS as TINY  # noqa: E402
 
 
 def error_line(capsys) -> str:
@@ -69,11 +34,11 @@ def test_missing_media_file_is_named(tmp_path, capsys):
     assert "gone.wav" in error_line(capsys)
 
 
-def test_unknown_stage_and_bad_choice_are_argparse_errors(tmp_path, manifest):
+def test_unknown_stage_and_bad_choice_are_argparse_errors(tmp_path, clips_manifest):
     for argv in (
-        ["train", "stage3", str(manifest), "--out", str(tmp_path)],
-        ["train", "joint", str(manifest), "--out", str(tmp_path), "--mask-target", "x"],
-        ["train", "joint", str(manifest)],
+        ["train", "stage3", str(clips_manifest), "--out", str(tmp_path)],
+        ["train", "joint", str(clips_manifest), "--out", str(tmp_path), "--mask-target", "x"],
+        ["train", "joint", str(clips_manifest)],
     ):  # --out is required
         with pytest.raises(SystemExit) as exit_info:
             main(argv)
@@ -92,21 +57,23 @@ def test_unknown_stage_and_bad_choice_are_argparse_errors(tmp_path, manifest):
         (["--audio-init", "/nonexistent.pth"], "/nonexistent.pth: no such file"),
     ],
 )
-def test_bad_values_are_exit_2_with_the_option_named(tmp_path, manifest, capsys, options, message):
-    argv = ["train", "joint", str(manifest), "--out", str(tmp_path / "run"), *TINY, *options]
+def test_bad_values_are_exit_2_with_the_option_named(
+    tmp_path, clips_manifest, capsys, options, message
+):
+    argv = ["train", "joint", str(clips_manifest), "--out", str(tmp_path / "run"), *TINY, *options]
     assert main(argv) == 2
     assert message in error_line(capsys)
 
 
-def test_stage2_without_stage1_confidences(tmp_path, manifest, capsys):
-    argv = ["train", "stage2", str(manifest), "--out", str(tmp_path / "run"), *TINY]
+def test_stage2_without_stage1_confidences(tmp_path, clips_manifest, capsys):
+    argv = ["train", "stage2", str(clips_manifest), "--out", str(tmp_path / "run"), *TINY]
     assert main(argv) == 2
     assert "needs the stage-1 confidences" in error_line(capsys)
 
 
-def test_train_stage1_then_stage2_then_resume_rules(tmp_path, manifest, capsys):
+def test_train_stage1_then_stage2_then_resume_rules(tmp_path, clips_manifest, capsys):
     stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
-    assert main(["train", "stage1", str(manifest), "--out", str(stage1), *TINY]) == 0
+    assert main(["train", "stage1", str(clips_manifest), "--out", str(stage1), *TINY]) == 0
     output = capsys.readouterr().out
     assert "stage1: epoch 1 eval: acc_audio" in output
     assert (stage1 / "confidence_audio.pt").is_file() and (stage1 / "metrics.csv").is_file()
@@ -116,7 +83,7 @@ def test_train_stage1_then_stage2_then_resume_rules(tmp_path, manifest, capsys):
     argv = [
         "train",
         "stage2",
-        str(manifest),
+        str(clips_manifest),
         "--out",
         str(stage2),
         *TINY,
@@ -138,7 +105,7 @@ def test_train_stage1_then_stage2_then_resume_rules(tmp_path, manifest, capsys):
             [
                 "train",
                 "stage2",
-                str(manifest),
+                str(clips_manifest),
                 "--out",
                 str(stage2),
                 *TINY,
@@ -151,17 +118,27 @@ def test_train_stage1_then_stage2_then_resume_rules(tmp_path, manifest, capsys):
     )
     assert "lr: 0.01 != 0.5" in error_line(capsys)
     assert (
-        main(["train", "joint", str(manifest), "--out", str(tmp_path / "new"), *TINY, "--resume"])
+        main(
+            [
+                "train",
+                "joint",
+                str(clips_manifest),
+                "--out",
+                str(tmp_path / "new"),
+                *TINY,
+                "--resume",
+            ]
+        )
         == 2
     )
     assert "nothing to resume" in error_line(capsys)
 
 
-def test_fust_pipeline_and_resume(tmp_path, manifest, capsys):
+def test_fust_pipeline_and_resume(tmp_path, clips_manifest, capsys):
     out = tmp_path / "fust"
     argv = [
         "fust",
-        str(manifest),
+        str(clips_manifest),
         "--out",
         str(out),
         *TINY,

@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import re
 
 import pytest
@@ -23,17 +22,6 @@ if importlib.util.find_spec("spokennumbers") is None:  # found, not imported: it
 from avkernels.app.cli import main  # noqa: E402
 
 SECTIONS = ("environment", "data", "pretrain", "transfer", "fust", "kernels", "timings")
-
-
-@pytest.fixture(scope="session")
-def av_digits_cache(tmp_path_factory):
-    """AV-Digits builds once per test session: in $AVKERNELS_CACHE when set, else a tmp dir."""
-    saved = os.environ.get("AVKERNELS_CACHE")
-    if not saved:
-        os.environ["AVKERNELS_CACHE"] = str(tmp_path_factory.mktemp("avkernels-cache"))
-    yield os.environ["AVKERNELS_CACHE"]
-    if saved is None:
-        del os.environ["AVKERNELS_CACHE"]
 
 
 @pytest.fixture(scope="module")

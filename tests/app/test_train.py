@@ -13,53 +13,25 @@ import numpy as np
 import pytest
 import torch
 
-from avkernels.app.train import (
+from avkernels.app.training import (
     CHECKPOINT,
-    EpochSampler,
     TrainConfig,
     Trainer,
     TrainingInterrupted,
     linear_probe,
     patch_size,
-    rng_state,
-    set_rng_state,
 )
+from avkernels.app.training.rng import rng_state, set_rng_state
+from avkernels.app.training.sampling import EpochSampler
 from avkernels.fust import ConfidenceTracker
-
-NUM_CLASSES = 3
-
-
-class SyntheticAV(torch.utils.data.Dataset):
-    """Batch-contract samples: audio (1, 64, 32), visual (3, 2, 32, 32), int label, str id.
-
-    The inputs carry the label (a class offset) so training makes progress; ``noise`` draws
-    extra noise from torch's global generator per item, like a random augmentation.
-    """
-
-    def __init__(self, size: int = 10, seed: int = 0, noise: bool = False, fail_at=None):
-        generator = torch.Generator().manual_seed(seed)
-        self.labels = torch.arange(size) % NUM_CLASSES
-        offset = self.labels.float()[:, None, None, None]
-        self.audio = torch.randn(size, 1, 64, 32, generator=generator) + offset
-        self.visual = torch.randn(size, 3, 2, 32, 32, generator=generator) - offset[..., None]
-        self.noise, self.fail_at, self.fetched = noise, fail_at, 0
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> dict:
-        self.fetched += 1
-        if self.fail_at is not None and self.fetched == self.fail_at:
-            raise RuntimeError("simulated crash")
-        audio = self.audio[index]
-        if self.noise:
-            audio = audio + 0.1 * torch.randn(audio.shape)
-        return {
-            "audio": audio,
-            "visual": self.visual[index],
-            "label": int(self.labels[index]),
-            "id": f"clip{index:03d}",
-        }
+from tests.app.training_fixtures import (
+    NUM_CLASSES,
+    SyntheticAV,
+    assert_same_state,
+    final_state,
+    run,
+    tiny_config,
+)
 
 
 class Without(SyntheticAV):
@@ -73,72 +45,6 @@ class Without(SyntheticAV):
         item = super().__getitem__(index)
         del item[self.key]
         return item
-
-
-def tiny_config(**overrides) -> TrainConfig:
-    values = dict(
-        num_classes=NUM_CLASSES,
-        epochs=2,
-        batch_size=4,
-        width=4,
-        optimizer="adam",
-        lr=1e-2,
-        schedule="cosine",
-        seed=7,
-    )
-    values.update(overrides)
-    return TrainConfig(**values)
-
-
-def run(config, run_dir, data=None, **kwargs) -> Trainer:
-    trainer = Trainer(
-        config,
-        data or SyntheticAV(noise=True),
-        run_dir,
-        eval_data=SyntheticAV(6, seed=1),
-        progress=False,
-        **kwargs,
-    )
-    trainer.fit()
-    return trainer
-
-
-def assert_same_state(left: dict, right: dict, path: str = "") -> None:
-    """Bitwise equality of nested checkpoint states (tensors, numbers, strings, containers)."""
-    if isinstance(left, torch.Tensor):
-        assert isinstance(right, torch.Tensor) and left.dtype == right.dtype, path
-        assert (
-            torch.equal(left, right)
-            or (left.isnan() == right.isnan()).all()
-            and torch.equal(left.nan_to_num(), right.nan_to_num())
-        ), f"{path} differs"
-    elif isinstance(left, dict):
-        assert set(left) == set(right), f"{path}: keys {set(left) ^ set(right)}"
-        for key in left:
-            assert_same_state(left[key], right[key], f"{path}.{key}")
-    elif isinstance(left, (list, tuple)):
-        assert len(left) == len(right), path
-        for index, (a, b) in enumerate(zip(left, right)):
-            assert_same_state(a, b, f"{path}[{index}]")
-    else:
-        assert left == right, f"{path}: {left!r} != {right!r}"
-
-
-def final_state(run_dir) -> dict:
-    state = torch.load(run_dir / CHECKPOINT, weights_only=True)
-    return {
-        key: state[key]
-        for key in (
-            "model",
-            "optimizer",
-            "scheduler",
-            "rng",
-            "epoch",
-            "global_step",
-            "trackers",
-            "history",
-        )
-    }
 
 
 @pytest.fixture(scope="module")

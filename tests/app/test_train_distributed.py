@@ -19,15 +19,22 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from avkernels.app.train import CHECKPOINT, EpochSampler, RankBatchSampler, Ranks, Trainer
+from avkernels.app.training import CHECKPOINT, Trainer
+from avkernels.app.training.sampling import EpochSampler, RankBatchSampler
+from avkernels.distributed import Ranks
 from avkernels.fust import ConfidenceTracker
-from tests.app.test_train import SyntheticAV, assert_same_state, final_state, run, tiny_config
+from tests.app.training_fixtures import (
+    SyntheticAV,
+    assert_same_state,
+    final_state,
+    run,
+    tiny_config,
+)
 
 pytest.importorskip("torchvision")
 pytest.importorskip("PIL")
 
-from avkernels.app.data import ClipRecord, write_manifest  # noqa: E402
-from tests.app.data_fixtures import write_clip  # noqa: E402
+from tests.app.data_fixtures import TINY_TRAINING_OPTIONS  # noqa: E402
 
 WORLD_SIZE = 2
 SPAWN_DEADLINE_S = 300  # the ranks are killed after this (a hung collective must not hang pytest)
@@ -36,29 +43,8 @@ COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=120)
 # gradient (Adam's would hide a wrongly weighted loss). In float64 (float64_defaults): BN over a
 # few values amplifies float32's rounding differences to ~1e-4 in two epochs.
 STAGE1 = dict(stage="stage1", sync_bn=True, optimizer="sgd", lr=0.01)
-# `avkernels train` with a tiny front end and model.
-CLI_OPTIONS = [
-    "--mel-bins",
-    "32",
-    "--target-length",
-    "64",
-    "--image-size",
-    "32",
-    "--frames",
-    "2",
-    "--width",
-    "4",
-    "--batch-size",
-    "4",
-    "--epochs",
-    "1",
-    "--optimizer",
-    "adam",
-    "--lr",
-    "0.01",
-    "--no-progress",
-    "--sync-bn",
-]
+# `avkernels train` with a tiny front end and model, BN synchronised across the processes.
+CLI_OPTIONS = [*TINY_TRAINING_OPTIONS, "--sync-bn"]
 
 
 @contextlib.contextmanager
@@ -77,12 +63,12 @@ def float64_defaults():
 
 def _record_writes(log: list) -> None:
     """Log every file the trainer and the confidence trackers write (atomically)."""
-    import avkernels.app.train as train_module
+    import avkernels.app.training.run_files as run_files_module
     import avkernels.fust.confidence as confidence_module
 
     for module, name in (
-        (train_module, "atomic_write"),
-        (train_module, "atomic_write_text"),
+        (run_files_module, "atomic_write"),
+        (run_files_module, "atomic_write_text"),
         (confidence_module, "atomic_write"),
     ):
 
@@ -94,7 +80,7 @@ def _record_writes(log: list) -> None:
 
 
 def _scenarios(rank: int, root: Path) -> dict:
-    from avkernels.app.train import TrainingInterrupted
+    from avkernels.app.training import TrainingInterrupted
 
     report, log = {"writes": {}}, []
     _record_writes(log)
@@ -318,30 +304,11 @@ def test_one_process_rank_helpers_are_local():
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 
 
-def write_clips_manifest(root: Path) -> Path:
-    """6 training and 2 test clips, 2 classes."""
-    records = []
-    for index in range(8):
-        audio, frames = f"audio/{index}.wav", f"frames/{index}"
-        write_clip(root, audio, frames, seed=index, frame_count=2)
-        records.append(
-            ClipRecord(
-                f"clip{index}",
-                "train" if index < 6 else "test",
-                index % 2,
-                root / audio,
-                root / frames,
-            )
-        )
-    return write_manifest(root / "manifest.csv", records)
-
-
 @pytest.mark.skipif(not os.path.isfile(TORCHRUN), reason="needs torchrun beside the interpreter")
-def test_torchrun_launches_the_cli(tmp_path):
+def test_torchrun_launches_the_cli(tmp_path, clips_manifest):
     """The real launcher, `torchrun --standalone --nproc_per_node 2 -m avkernels train ...`
     (on 6 clips, batches of 4 and 2): both ranks join through torchrun's variables and leave;
     rank 0 alone prints, and every clip gets a confidence."""
-    manifest = write_clips_manifest(tmp_path / "clips")
     command = [
         TORCHRUN,
         "--standalone",
@@ -351,7 +318,7 @@ def test_torchrun_launches_the_cli(tmp_path):
         "avkernels.app",
         "train",
         "stage1",
-        str(manifest),
+        str(clips_manifest),
         "--out",
         str(tmp_path / "run"),
         *CLI_OPTIONS,

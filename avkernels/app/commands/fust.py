@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from avkernels.app.train import torchrun_process_group
+    from avkernels.app.training import torchrun_process_group
 
     with torchrun_process_group(args.device) as device:
         args.device = device
@@ -52,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_stages(args: argparse.Namespace) -> int:
+    from avkernels.app.training import CHECKPOINT
     from avkernels.distributed import Ranks
 
     main_rank = Ranks.current().is_main
@@ -71,7 +72,7 @@ def _run_stages(args: argparse.Namespace) -> int:
     for stage, fixed in stages:
         run_dir = args.out / stage
         stage_args = argparse.Namespace(**vars(args))
-        stage_args.resume = args.resume and (run_dir / "checkpoint.pt").is_file()
+        stage_args.resume = args.resume and (run_dir / CHECKPOINT).is_file()
         config = config_from_args(
             stage_args, run_dir, num_classes=num_classes, stage=stage, **fixed
         )

@@ -1,13 +1,14 @@
 """``avkernels train stage1|stage2|joint MANIFEST --out DIR``: one training run on a manifest.
 
-Every :class:`~avkernels.app.train.TrainConfig` field is an option (``--lr``, ``--mask-target``...);
-with ``--resume`` the run's saved ``config.json`` is the starting point and an option given
-again must keep its value. Ctrl-C stops after the current step with a checkpoint (exit 130);
-``--resume`` continues exactly there.
+Every :class:`~avkernels.app.training.TrainConfig` field is an option (``--lr``,
+``--mask-target``...); with ``--resume`` the run's saved ``config.json`` is the starting point
+and an option given again must keep its value. Ctrl-C stops after the current step with a
+checkpoint (exit 130); ``--resume`` continues exactly there.
 
-Under ``torchrun --nproc_per_node N avkernels ...`` (or ``python -m avkernels.app``) every process
-joins the process group (:func:`~avkernels.app.train.torchrun_process_group`) and trains with DDP;
-``--batch-size`` stays the global batch, and rank 0 alone prints and writes the run directory.
+Under ``torchrun --nproc_per_node N avkernels ...`` (or ``python -m avkernels.app``) every
+process joins the process group (:func:`~avkernels.app.training.torchrun_process_group`) and
+trains with DDP; ``--batch-size`` stays the global batch, and rank 0 alone prints and writes the
+run directory.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ _PATH_FIELDS = ("audio_init", "visual_init", "init_from", "audio_confidence", "v
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from avkernels.app.train import STAGES
+    from avkernels.app.training import STAGES
 
     parser.add_argument(
         "stage",
@@ -137,7 +138,7 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_config_arguments(parser: argparse.ArgumentParser, skip=frozenset()) -> None:
     """One option per TrainConfig field, default None (= the config's or the saved value)."""
-    from avkernels.app.train import CHOICES, MODALITIES, TrainConfig
+    from avkernels.app.training import CHOICES, MODALITIES, TrainConfig
 
     group = parser.add_argument_group("training configuration (TrainConfig fields)")
     for field in dataclasses.fields(TrainConfig):
@@ -179,7 +180,8 @@ def _shown(value) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from avkernels.app.train import STAGES, Ranks, torchrun_process_group
+    from avkernels.app.training import STAGES, torchrun_process_group
+    from avkernels.distributed import Ranks
 
     if args.stage not in STAGES:
         raise CommandError(f"unknown stage {args.stage!r}; choose one of {STAGES}")
@@ -252,7 +254,7 @@ def open_datasets(args: argparse.Namespace):
 def config_from_args(args: argparse.Namespace, run_dir: Path, *, num_classes: int | None, **fixed):
     """The TrainConfig of this run: the saved config when resuming, else the defaults; then
     the options given on the command line, then ``fixed`` values."""
-    from avkernels.app.train import CONFIG, TrainConfig
+    from avkernels.app.training import CONFIG, TrainConfig
 
     values = {}
     saved = run_dir / CONFIG
@@ -292,7 +294,8 @@ def _option_names(message: str) -> str:
 def run_stage(config, train_data, eval_data, run_dir: Path, args: argparse.Namespace) -> list:
     """Train (or resume) one run; CommandError for setup problems, exit 130 on Ctrl-C."""
     from avkernels.app.data import DataError
-    from avkernels.app.train import Ranks, Trainer, TrainingInterrupted
+    from avkernels.app.training import Trainer, TrainingInterrupted
+    from avkernels.distributed import Ranks
 
     try:
         trainer = Trainer(

@@ -1,0 +1,248 @@
+"""The report files: ``report.json`` (every number), ``report.md`` (figures as relative
+links) and ``report.html`` (the same Markdown rendered by the ``markdown`` package, figures
+inline as base64 PNG)."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import markdown
+
+from avkernels.app.demo.findings import percent
+from avkernels.files import atomic_write_text
+
+REPORT_VERSION = 1
+HTML_STYLE = (
+    "body{font-family:sans-serif;max-width:60em;margin:auto;padding:1em}"
+    "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px}"
+    "img{max-width:100%}"
+)
+
+
+def _table(headers: list, rows: list) -> list:
+    return ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)] + [
+        "| " + " | ".join(str(cell) for cell in row) + " |" for row in rows
+    ]
+
+
+def report_markdown(report: dict, figure_source: Callable[[str], str]) -> str:
+    """The report as Markdown; ``figure_source(file)`` is the address of a figure's image."""
+
+    def image(file: str, caption: str) -> str:
+        # The caption under the image too (two trailing spaces: a line break in Markdown).
+        return f"![{caption}]({figure_source(file)})  \n*{caption}*"
+
+    env, data, s = report["environment"], report["data"], report["settings"]
+    pre, tr, fu, ke = (report[k] for k in ("pretrain", "transfer", "fust", "kernels"))
+    lines = [
+        "# avkernels demo: revisiting pre-training in audio-visual learning, on AV-Digits",
+        "",
+        f"Mode `{report['mode']}`, seed {report['seed']}. Every number below was measured by the "
+        "run that wrote this report.",
+        "",
+        f"Versions: avkernels {env['avkernels']}, torch {env['torch']}, numpy {env['numpy']}, "
+        f"Python {env['python']}. Hardware: {env['cpu']}, {env['cpu_cores']} cores, "
+        f"{env['torch_threads']} torch thread, device {env['device']}, C++ kernels "
+        f"{'on' if env['cpp_extension'] else 'off'}.",
+        "",
+        "## Data",
+        "",
+        "AV-Digits: a real handwritten digit (MNIST) paired with a spoken digit of the same class; "
+        f"{data['clips']['train']} training and {data['clips']['test']} test clips, audio input "
+        f"{data['audio_input']}, visual input {data['visual_input']}; speaker-disjoint splits: "
+        f"{data['speaker_disjoint']}. Models: ResNet-18 layout of width {s['width']} "
+        f"({s['width']}..{8 * s['width']} channels), SGD lr {s['optimizer']['lr']}, momentum "
+        f"{s['optimizer']['momentum']}, weight decay {s['optimizer']['weight_decay']}, cosine "
+        f"schedule, batch {s['batch_size']}.",
+        "",
+    ]
+    voices = {
+        split: ", ".join(f"`{source}`" for source in sources)
+        for split, sources in data["speakers"].items()
+    }
+    lines += [
+        f"Voices (package:folder): training audio {voices['train']}; test audio {voices['test']}.",
+        "",
+    ]
+    if data["speaker_disjoint"]:
+        lines += [
+            f"The test audio comes from {len(data['speakers']['test'])} voice(s) never heard "
+            "in training: audio accuracies measure generalisation to those voices only, and "
+            "the noise margins below (binomial, over test clips) do not cover the variation "
+            "from one speaker to another.",
+            "",
+        ]
+    if not data["speaker_disjoint"]:
+        lines += [
+            "Only one real voice is installed (`spokennumbers`), so training and test audio "
+            "share it and the audio task is much easier than a real one; install the Debian "
+            "`asterisk-core-sounds-*-wav` packages (or `espeak-ng`) for several speakers "
+            "and speaker-disjoint splits.",
+            "",
+        ]
+    lines += [
+        "## 1. Source model: visual pre-training",
+        "",
+        f"A ResNet-18 trained {pre['epochs']} epochs on the visual modality alone reaches "
+        f"**{percent(pre['eval_acc_visual'])}** test accuracy.",
+        "",
+        "## 2. Cross-modal initialisation of the audio encoder",
+        "",
+        "The visual encoder initialises the audio encoder (RGB stem weights summed to one "
+        "channel). Dead channels, measured inside the TrackedBN kernels on audio test inputs "
+        "(a ReLU-fed channel is dead when its map is <= 0 on >= 99% of samples; "
+        f"parameter criterion |gamma|, |beta| < "
+        f"{tr['diagnosis']['initialised_from_visual']['threshold']:g}):",
+        "",
+    ]
+    rows = [
+        [
+            name,
+            d["dead_relu_fed_channels"],
+            d["relu_fed_channels"],
+            percent(d["dead_relu_fed_ratio"]),
+            percent(d["nonpositive_output_fraction"]),
+            d["abnormal_channels"],
+        ]
+        for name, d in tr["diagnosis"].items()
+    ]
+    lines += _table(
+        [
+            "audio encoder",
+            "dead ReLU-fed channels",
+            "of",
+            "ratio",
+            "outputs <= 0",
+            "abnormal (parameters)",
+        ],
+        rows,
+    ) + [""]
+    for name, file in tr["figures"].items():
+        if name.startswith("dead_channels"):
+            lines += [image(file, f"Dead channels per layer, {name[len('dead_channels_') :]}"), ""]
+    lines += [image(tr["figures"]["outputs_nonpositive"], "BN outputs <= 0 per layer"), ""]
+    lines += [f"Audio fine-tuning, {tr['epochs']} epochs, {tr['test_samples']} test clips:", ""]
+    lines += _table(
+        ["initialisation", "test accuracy", "after epoch 1", "train accuracy"],
+        [
+            [
+                name,
+                percent(r["eval_acc_audio"]),
+                percent(r["curve"][0]),
+                percent(r["train_acc_audio"]),
+            ]
+            for name, r in tr["finetune"].items()
+        ],
+    ) + [""]
+    lines += [image(tr["figures"]["audio_finetuning"], "Audio test accuracy per epoch"), ""]
+    lines += [f"- {line}" for line in tr["findings"]] + [""]
+    policy = fu["mask_policy"]
+    lines += [
+        "## 3. FusT: two-stage fusion tuning",
+        "",
+        f"Stage 1 ({fu['stage1']['epochs']} epochs, visual encoder from the source, audio from "
+        f"random init): test accuracy audio {percent(fu['stage1']['eval_acc_audio'])}, visual "
+        f"{percent(fu['stage1']['eval_acc_visual'])}; mean confidence audio "
+        f"{fu['stage1']['mean_confidence_audio']:.3f}, visual "
+        f"{fu['stage1']['mean_confidence_visual']:.3f}.",
+        "",
+        image(fu["figures"]["confidences"], "Stage-1 per-sample confidences"),
+        "",
+        f"Mask ratios (rule {policy['rule']}, mode {policy['mode']}, tau {policy['threshold']}, "
+        f"eta {policy['eta']}, rho {policy['rho']}, on the {policy['target']}): audio masked in "
+        f"{policy['audio_masked']}/{policy['samples']} samples (mean ratio where masked "
+        f"{policy['audio_mean_ratio_masked']:.3f}), visual in {policy['visual_masked']}/"
+        f"{policy['samples']} ({policy['visual_mean_ratio_masked']:.3f}).",
+        "",
+        image(fu["figures"]["mask_ratios"], "FusT mask ratio distribution"),
+        "",
+        "Stage 2 (from the stage-1 encoders, with masking) against naive joint training from the "
+        "same initial encoders for as many epochs as stage 1 + stage 2:",
+        "",
+    ]
+    lines += _table(
+        [
+            "run",
+            "epochs",
+            "joint test acc",
+            "audio half",
+            "visual half",
+            "audio probe",
+            "visual probe",
+        ],
+        [
+            [
+                name,
+                r["epochs"],
+                percent(r["eval_acc_joint"]),
+                percent(r["eval_acc_audio_half"]),
+                percent(r["eval_acc_visual_half"]),
+                percent(r["probe_acc"].get("audio")),
+                percent(r["probe_acc"].get("visual")),
+            ]
+            for name, r in fu["runs"].items()
+        ],
+    )
+    lines += [
+        "",
+        "(probe: linear classifier on each frozen encoder's pooled features, trained "
+        f"{s['probe_epochs']} epochs on the training set, test accuracy)",
+        "",
+    ]
+    lines += [f"- {line}" for line in fu["findings"]] + [""]
+    lines += [
+        "## 4. Kernel speed",
+        "",
+        f"Training step (forward + backward) time of TrackedBN (dead-channel statistics on, "
+        f"{ke['backend']}) over nn.BatchNorm2d, measured in this run (< 1 is faster; the "
+        f"machine may be shared: median of {ke['rounds']} back-to-back rounds, their range in "
+        "brackets):",
+        "",
+    ]
+    lines += _table(
+        ["shape (N, C, H, W)", "TrackedBN / BatchNorm2d", "TrackedBN+ReLU / BatchNorm2d,ReLU"],
+        [
+            [tuple(r["shape"])]
+            + [
+                f"{r[key]:.2f}x ({r[key + '_range'][0]:.2f}-{r[key + '_range'][1]:.2f})"
+                for key in ("tracked_over_batchnorm", "tracked_relu_over_batchnorm_relu")
+            ]
+            for r in ke["rows"]
+        ],
+    )
+    steps = report["timings"]["steps"]
+    lines += [
+        "",
+        "## Timings",
+        "",
+        "Seconds per step when it ran: "
+        + ", ".join(f"{k} {v:.0f}" for k, v in steps.items())
+        + f"; total {sum(steps.values()):.0f} s.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def report_html(markdown_text: str) -> str:
+    """The report's Markdown as a standalone HTML page (Python-Markdown, with tables)."""
+    body = markdown.markdown(markdown_text, extensions=["tables"], output_format="html")
+    return (
+        '<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>avkernels demo</title>'
+        f"<style>{HTML_STYLE}</style></head><body>\n{body}\n</body></html>\n"
+    )
+
+
+def write_report(out: Path, report: dict) -> None:
+    """report.json, report.md (figures as relative links), report.html (figures inline)."""
+    figures = out / "figures"
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
+    atomic_write_text(out / "report.md", report_markdown(report, lambda file: f"figures/{file}"))
+
+    def inline(file: str) -> str:
+        data = base64.b64encode((figures / file).read_bytes()).decode("ascii")
+        return f"data:image/png;base64,{data}"
+
+    atomic_write_text(out / "report.html", report_html(report_markdown(report, inline)))

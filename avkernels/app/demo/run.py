@@ -1,0 +1,161 @@
+"""``run_demo``: the demo's output folder checks, the steps in order (each cached in
+``OUT/steps/<step>.json``, so a re-run skips finished steps), and the report."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy
+import torch
+
+from avkernels import HAS_EXTENSION, __version__
+from avkernels.app.data import cache_folder
+from avkernels.app.demo.context import Demo
+from avkernels.app.demo.findings import fust_findings, transfer_findings
+from avkernels.app.demo.report import REPORT_VERSION, write_report
+from avkernels.app.demo.settings import DemoError, DemoSettings, settings
+from avkernels.app.demo.steps import (
+    step_data,
+    step_fust,
+    step_kernels,
+    step_pretrain,
+    step_transfer,
+)
+from avkernels.files import atomic_write_text
+
+
+def environment() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "avkernels": __version__,
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": "cpu",
+        "cpp_extension": HAS_EXTENSION,
+        "cuda_available": torch.cuda.is_available(),
+    }
+
+
+def _check_data(out: Path, av_digits: str) -> None:
+    """Every step of one demo folder must use one AV-Digits build: installing or removing a
+    voice package between two invocations makes a new build (another folder name), and
+    resuming on it would mix two datasets in one report."""
+    record = out / "dataset.json"
+    if record.is_file():
+        try:
+            saved = json.loads(record.read_text(encoding="utf-8")).get("av_digits")
+        except (OSError, ValueError, AttributeError):
+            saved = None
+        if saved != av_digits:
+            raise DemoError(
+                f"{out} was run on another AV-Digits build ({saved}; now {av_digits}: "
+                "voices were installed or removed since); choose another --out or "
+                "delete it"
+            )
+        return
+    if (out / "steps").is_dir():
+        raise DemoError(
+            f"{out} holds demo steps but no record of their AV-Digits build (made "
+            "by an older avkernels); choose another --out or delete it"
+        )
+    atomic_write_text(record, json.dumps({"av_digits": av_digits}, indent=2) + "\n")
+
+
+def _check_out(out: Path, demo_settings: DemoSettings) -> None:
+    if out.exists() and not out.is_dir():
+        raise DemoError(f"--out {out} is a file; give a folder (new, or a demo folder to resume)")
+    marker = out / "demo.json"
+    if marker.is_file():
+        try:
+            saved = json.loads(marker.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            saved = None
+        if saved != demo_settings.to_dict():
+            raise DemoError(
+                f"{out} holds a demo run with other settings (e.g. --quick vs "
+                "default, or another --seed); choose another --out or delete it"
+            )
+    elif out.is_dir() and any(out.iterdir()):
+        raise DemoError(f"{out} is not empty and holds no demo run; choose another --out")
+
+
+def run_demo(
+    out,
+    quick: bool = False,
+    seed: int = 0,
+    progress: bool | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Run (or resume) the demo into ``out``; write the report; return report.json's dict."""
+    out = Path(out)
+    demo_settings = settings(quick, seed)
+    _check_out(out, demo_settings)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_data(out, cache_folder(config=demo_settings.data).name)
+    atomic_write_text(out / "demo.json", json.dumps(demo_settings.to_dict(), indent=2) + "\n")
+    threads = torch.get_num_threads()
+    # Tiny kernels on a shared CPU: one thread is several times faster than contending for two.
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    demo = Demo(out, demo_settings, progress, log)
+    timings = {}
+    try:
+        measured_on = environment()
+        log(f"avkernels demo ({demo_settings.mode}) -> {out}")
+        step_started = time.perf_counter()
+        demo.data_info = step_data(demo)
+        timings["data"] = time.perf_counter() - step_started
+        log(f"  data: AV-Digits {demo.data_info['clips']} ({timings['data']:.0f} s)")
+        steps = {
+            "pretrain": step_pretrain,
+            "transfer": step_transfer,
+            "fust": step_fust,
+            "kernels": step_kernels,
+        }
+        for step, run_step in steps.items():
+            path = demo.section_path(step)
+            if path.is_file():
+                section = json.loads(path.read_text(encoding="utf-8"))
+                log(f"  {step}: done earlier, skipped")
+            else:
+                log(f"  {step}: running")
+                step_started = time.perf_counter()
+                section = run_step(demo)
+                section["seconds"] = time.perf_counter() - step_started
+                atomic_write_text(path, json.dumps(section, indent=2) + "\n")
+            demo.sections[step] = section
+            timings[step] = section["seconds"]
+        # Worded from the numbers at every invocation, so a resumed run words them the same way.
+        demo.sections["transfer"]["findings"] = transfer_findings(demo.sections["transfer"])
+        demo.sections["fust"]["findings"] = fust_findings(demo.sections["fust"])
+    finally:
+        torch.set_num_threads(threads)
+    report = {
+        "version": REPORT_VERSION,
+        "mode": demo_settings.mode,
+        "seed": seed,
+        "settings": demo_settings.to_dict(),
+        "environment": measured_on,
+        "data": demo.data_info,
+        **demo.sections,
+        "timings": {"steps": timings, "this_invocation_seconds": time.perf_counter() - started},
+    }
+    write_report(out, report)
+    return report

@@ -1,0 +1,83 @@
+"""The sizes of a demo run (the default one and ``--quick``) and the error a user can fix."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from avkernels.app.data import AVDigitsConfig
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """Sizes of one demo run; ``mode`` names it in the output folder (resuming needs the same)."""
+
+    mode: str
+    data: AVDigitsConfig
+    width: int
+    batch_size: int
+    pretrain_epochs: int
+    finetune_epochs: int
+    stage1_epochs: int
+    stage2_epochs: int
+    probe_epochs: int
+    diagnosis_batches: int
+    kernel_shapes: tuple
+    kernel_time: float  # seconds of timing per measurement
+    seed: int = 0
+    optimizer: dict = field(
+        default_factory=lambda: {
+            "optimizer": "sgd",
+            "lr": 0.05,
+            "momentum": 0.9,
+            "weight_decay": 5e-4,
+            "schedule": "cosine",
+        }
+    )
+
+    def to_dict(self) -> dict:
+        values = dataclasses.asdict(self)
+        values["kernel_shapes"] = [list(shape) for shape in self.kernel_shapes]
+        values["data"] = {
+            k: list(v) if isinstance(v, tuple) else v for k, v in values["data"].items()
+        }
+        return values
+
+
+def settings(quick: bool = False, seed: int = 0) -> DemoSettings:
+    """The default demo (a few minutes on 2 CPU cores) or the ``--quick`` one (for tests)."""
+    if quick:
+        return DemoSettings(
+            mode="quick",
+            data=AVDigitsConfig(train_per_class=20, test_per_class=10),
+            width=8,
+            batch_size=32,
+            pretrain_epochs=2,
+            finetune_epochs=2,
+            stage1_epochs=1,
+            stage2_epochs=1,
+            probe_epochs=5,
+            diagnosis_batches=2,
+            kernel_shapes=((8, 16, 16, 16),),
+            kernel_time=0.02,
+            seed=seed,
+        )
+    return DemoSettings(
+        mode="default",
+        data=AVDigitsConfig(),
+        width=16,
+        batch_size=32,
+        pretrain_epochs=8,
+        finetune_epochs=4,
+        stage1_epochs=3,
+        stage2_epochs=3,
+        probe_epochs=20,
+        diagnosis_batches=4,
+        kernel_shapes=((32, 64, 28, 28), (32, 256, 7, 7)),
+        kernel_time=0.2,
+        seed=seed,
+    )
+
+
+class DemoError(Exception):
+    """A problem the user can fix (wrong output folder, missing data source)."""

@@ -1,0 +1,284 @@
+"""The demo's steps (:mod:`avkernels.app.demo`): each runs its part of the story and returns
+its section of the report, a dict of measured numbers and figure names."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from avkernels import HAS_EXTENSION, TrackedBN, diagnose
+from avkernels.app.data import load_av_digits
+from avkernels.app.demo.context import Demo, TensorSamples, curve, last_row, probe_accuracies
+from avkernels.app.demo.figures import plot_confidences, plot_curves, plot_nonpositive, plot_ratios
+from avkernels.app.models import ResNetEncoder, load_encoder
+from avkernels.diagnosis import compare
+from avkernels.files import atomic_write
+from avkernels.fust import ConfidenceTracker
+
+KERNEL_ROUNDS = 5  # timing rounds per kernel ratio; the report gives their median and range
+
+
+def step_data(demo: Demo) -> dict:
+    """Build (or open) AV-Digits and load both splits into memory."""
+    started = time.perf_counter()
+    digits = load_av_digits(config=demo.settings.data, progress=demo.progress)
+    built = time.perf_counter() - started
+    demo.train, demo.test = (
+        TensorSamples(digits, split, demo.progress) for split in ("train", "test")
+    )
+    info = digits.info
+    return {
+        "root": str(digits.root),
+        "clips": info["clips"],
+        "speaker_disjoint": info["speaker_disjoint"],
+        "speakers": info["speakers"],
+        "audio_input": info["audio_input"],
+        "visual_input": info["visual_input"],
+        "classes": len(digits.classes),
+        "seconds": time.perf_counter() - started,
+        "build_or_open_seconds": built,
+    }
+
+
+def step_pretrain(demo: Demo) -> dict:
+    """(1) The source model: a ResNet-18 trained on the visual modality alone."""
+    trainer = demo.train_run(
+        "pretrain_visual",
+        demo.base_config(
+            stage="stage1", modalities=("visual",), epochs=demo.settings.pretrain_epochs
+        ),
+    )
+    source = demo.out / "source" / "visual_encoder.pt"
+    weights = trainer.model.visual_net.state_dict()
+    atomic_write(source, lambda file: torch.save(weights, file))
+    return {
+        "encoder": str(source),
+        "epochs": demo.settings.pretrain_epochs,
+        "eval_acc_visual": last_row(trainer.history, "eval")["acc_visual"],
+        "curve": curve(trainer.history, "acc_visual"),
+    }
+
+
+def _audio_batches(demo: Demo) -> list:
+    size = demo.settings.batch_size
+    return [
+        demo.test.audio[i : i + size]
+        for i in range(0, min(len(demo.test), size * demo.settings.diagnosis_batches), size)
+    ]
+
+
+def _diagnosis_summary(report) -> dict:
+    feeding = [layer for layer in report.layers if layer.feeds_relu]
+    dead = sum(layer.dead_on_all_samples or 0 for layer in feeding)
+    channels = sum(layer.channels for layer in feeding)
+    nonpositive = sum((layer.mean_dead_fraction or 0.0) * layer.channels for layer in feeding)
+    return {
+        "layers": len(report.layers),
+        "channels": report.channels,
+        "abnormal_channels": report.abnormal,
+        "threshold": report.threshold,
+        "relu_fed_channels": channels,
+        "dead_relu_fed_channels": dead,
+        "dead_relu_fed_ratio": dead / max(channels, 1),
+        "nonpositive_output_fraction": nonpositive / max(channels, 1),
+        "per_layer_dead_ratio": {layer.name: layer.dead_channel_ratio for layer in report.layers},
+        "per_layer_nonpositive": {layer.name: layer.mean_dead_fraction for layer in report.layers},
+    }
+
+
+def step_transfer(demo: Demo) -> dict:
+    """(2) Cross-modal initialisation, dead-channel diagnosis, audio fine-tuning x3."""
+    source = demo.sections["pretrain"]["encoder"]
+    s = demo.settings
+    batches = _audio_batches(demo)
+    initialised = load_encoder(ResNetEncoder("resnet18", 1, width=s.width), source, adapt="sum")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(s.seed)  # the seed the random-init audio run starts from
+        untrained = diagnose(ResNetEncoder("resnet18", 1, width=s.width), batches)
+    before = diagnose(initialised, batches, title="audio encoder initialised from visual")
+    runs = {
+        "random_init": demo.base_config(
+            stage="stage1", modalities=("audio",), epochs=s.finetune_epochs
+        ),
+        "pretrained": demo.base_config(
+            stage="stage1", modalities=("audio",), epochs=s.finetune_epochs, audio_init=source
+        ),
+        "pretrained_abri": demo.base_config(
+            stage="stage1",
+            modalities=("audio",),
+            epochs=s.finetune_epochs,
+            audio_init=source,
+            abri=("audio",),
+        ),
+    }
+    results = {}
+    diagnoses = {
+        "random_init_untrained": _diagnosis_summary(untrained),
+        "initialised_from_visual": _diagnosis_summary(before),
+    }
+    demo.figures.mkdir(parents=True, exist_ok=True)
+    figures = {}
+    for name, config in runs.items():
+        trainer = demo.train_run(f"audio_{name}", config)
+        results[name] = {
+            "eval_acc_audio": last_row(trainer.history, "eval")["acc_audio"],
+            "train_acc_audio": last_row(trainer.history, "train")["acc_audio"],
+            "curve": curve(trainer.history, "acc_audio"),
+        }
+        if name == "random_init":
+            continue
+        after = diagnose(trainer.model.audio_net, batches, title=f"audio encoder, {name}")
+        diagnoses[f"finetuned_{name}"] = _diagnosis_summary(after)
+        path = demo.figures / f"dead_channels_{name}.png"
+        compare(before, after, ("initialised from visual", f"fine-tuned ({name})")).plot(path)
+        figures[f"dead_channels_{name}"] = path.name
+    figures["outputs_nonpositive"] = plot_nonpositive(
+        diagnoses, demo.figures / "outputs_nonpositive.png"
+    ).name
+    figures["audio_finetuning"] = plot_curves(
+        {name: r["curve"] for name, r in results.items()},
+        "audio fine-tuning: test accuracy",
+        demo.figures / "audio_finetuning.png",
+    ).name
+    test_size = len(demo.test)
+    return {
+        "source": source,
+        "epochs": s.finetune_epochs,
+        "test_samples": test_size,
+        "diagnosis": diagnoses,
+        "finetune": results,
+        "figures": figures,
+    }
+
+
+def step_fust(demo: Demo) -> dict:
+    """(3) FusT: stage 1, confidences and mask ratios, stage 2 vs naive joint training."""
+    s = demo.settings
+    source = demo.sections["pretrain"]["encoder"]
+    stage1 = demo.train_run(
+        "fust_stage1", demo.base_config(stage="stage1", epochs=s.stage1_epochs, visual_init=source)
+    )
+    stage2 = demo.train_run(
+        "fust_stage2",
+        demo.base_config(
+            stage="stage2",
+            epochs=s.stage2_epochs,
+            init_from=str(stage1.run_dir.resolve()),
+            probe_epochs=s.probe_epochs,
+        ),
+    )
+    ratios = stage2.ratios  # what stage 2 trained with, from the stage-1 confidence files
+    confidences = {
+        m: ConfidenceTracker.load(stage1.run_dir / f"confidence_{m}.pt").mean()
+        for m in ("audio", "visual")
+    }
+    joint = demo.train_run(
+        "joint_naive",
+        demo.base_config(
+            stage="joint",
+            epochs=s.stage1_epochs + s.stage2_epochs,
+            visual_init=source,
+            probe_epochs=s.probe_epochs,
+        ),
+    )
+    demo.figures.mkdir(parents=True, exist_ok=True)
+    conf_a = confidences["audio"].values
+    conf_v = confidences["visual"].aligned(confidences["audio"].ids, "visual confidences")
+    figures = {
+        "confidences": plot_confidences(conf_a, conf_v, demo.figures / "confidences.png").name,
+        "mask_ratios": plot_ratios(ratios, demo.figures / "mask_ratios.png").name,
+    }
+    runs = {}
+    for name, trainer in (("fust_stage2", stage2), ("joint_naive", joint)):
+        final = last_row(trainer.history, "eval")
+        runs[name] = {
+            "epochs": trainer.config.epochs,
+            "eval_acc_joint": final["acc"],
+            "eval_acc_audio_half": final["acc_audio"],
+            "eval_acc_visual_half": final["acc_visual"],
+            "probe_acc": probe_accuracies(trainer.history),
+            "curve": curve(trainer.history, "acc"),
+        }
+    stage1_final = last_row(stage1.history, "eval")
+    summary = ratios.summary()
+    return {
+        "stage1": {
+            "epochs": s.stage1_epochs,
+            "eval_acc_audio": stage1_final["acc_audio"],
+            "eval_acc_visual": stage1_final["acc_visual"],
+            "mean_confidence_audio": float(conf_a.mean()),
+            "mean_confidence_visual": float(conf_v.mean()),
+        },
+        "mask_policy": {
+            "rule": ratios.rule,
+            "mode": ratios.mode,
+            "threshold": ratios.threshold,
+            "eta": list(ratios.eta),
+            "rho": list(ratios.rho),
+            "target": stage2.config.mask_target,
+            **summary,
+        },
+        "runs": runs,
+        "figures": figures,
+        "test_samples": len(demo.test),
+    }
+
+
+def _step_timer(layer: nn.Module, x: torch.Tensor):
+    """A Timer of one training step (forward + backward with a materialised gradient)."""
+    from torch.utils.benchmark import Timer
+
+    x = x.detach().requires_grad_(True)
+    grad = torch.randn_like(x)
+
+    def step() -> None:
+        layer(x).backward(grad)
+
+    step()  # warm-up
+    return Timer("step()", globals={"step": step})
+
+
+def _time_ratio(
+    candidate: nn.Module,
+    baseline: nn.Module,
+    x: torch.Tensor,
+    seconds: float,
+    rounds: int = KERNEL_ROUNDS,
+) -> list:
+    """candidate / baseline step time, once per round, the two timed back to back in each
+    round so that a change of load on a shared machine hits both alike."""
+    timers = _step_timer(candidate, x), _step_timer(baseline, x)
+    ratios = []
+    for _ in range(rounds):
+        new, old = (t.blocked_autorange(min_run_time=seconds).median for t in timers)
+        ratios.append(new / old)
+    return sorted(ratios)
+
+
+def step_kernels(demo: Demo) -> dict:
+    """(4) TrackedBN (dead statistics on) vs nn.BatchNorm2d, training step time ratio: the
+    median of the rounds, with their range."""
+    seconds, rows = demo.settings.kernel_time, []
+    for shape in demo.settings.kernel_shapes:
+        x = torch.randn(shape)
+        channels = shape[1]
+        row = {"shape": list(shape)}
+        for name, candidate, baseline in (
+            ("tracked_over_batchnorm", TrackedBN(channels), nn.BatchNorm2d(channels)),
+            (
+                "tracked_relu_over_batchnorm_relu",
+                TrackedBN(channels, activation="relu"),
+                nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU()),
+            ),
+        ):
+            ratios = _time_ratio(candidate, baseline, x, seconds)
+            row[name] = ratios[len(ratios) // 2]
+            row[f"{name}_range"] = [ratios[0], ratios[-1]]
+        rows.append(row)
+    return {
+        "backend": "C++ (avkernels._C)" if HAS_EXTENSION else "PyTorch reference",
+        "rounds": KERNEL_ROUNDS,
+        "rows": rows,
+    }
