@@ -1,5 +1,8 @@
-"""Reading checkpoints strictly: state dicts from files, key checks with readable errors, and
-torchvision-layout ResNets built from torchvision, official or avkernels (ABRi) checkpoints.
+"""Reading checkpoints strictly, in one place for the library and the application: state dicts
+from files (unwrapped, DDP prefix removed), the encoder under a key prefix, the layouts
+recognised from the keys (torchvision, the official backbone without ``fc``, official ABRi,
+avkernels ABRi), strict loading into a ResNet of any of them (:func:`load_resnet`), and
+torchvision-layout ResNets built from a checkpoint (:func:`build_resnet`).
 
 Every problem raises :class:`CheckpointError` with a one-line message that names the file or the
 keys at fault; the CLI prints it and exits with code 2.
@@ -7,7 +10,9 @@ keys at fault; the CLI prints it and exits with code 2.
 
 from __future__ import annotations
 
+import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +30,15 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model: a one-line message."""
 
 
-def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """The state dict in ``path`` (unwrapped from ``model``/``state_dict``), or a
-    CheckpointError."""
+def load_state_dict(
+    source: str | os.PathLike | Mapping[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """The state dict in the file ``source`` (unwrapped from ``model``/``state_dict``, a
+    ``DistributedDataParallel`` ``module.`` prefix removed), or a CheckpointError; a mapping
+    ``source`` is taken as the state dict itself."""
+    if isinstance(source, Mapping):
+        return dict(source)
+    path = Path(source)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file")
     if not path.is_file():
@@ -173,18 +184,41 @@ def build_resnet(
     model.conv1 = nn.Conv2d(stored_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
     if fc is None:
         model.fc = nn.Identity()
+    layout = load_resnet(model, state_dict, detected)
+    kind = layout or ("torchvision layout" if fc is not None else "torchvision layout, no fc")
+    return model, f"{detected}, {kind}, {stored_channels} input channel(s)"
+
+
+def load_resnet(
+    model: nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    arch: str,
+    *,
+    description: str | None = None,
+    caller: str = "",
+) -> str | None:
+    """Load a ResNet checkpoint of any recognised layout into ``model``, strictly; return its
+    ABRi layout (:func:`abri_layout`: ``"official ABRi"``, ``"avkernels ABRi"`` or None).
+
+    An ABRi checkpoint turns ABRi on in a model that does not have it yet
+    (:func:`avkernels.abri.apply`, with the checkpoint's granularity); official ABRi keys are
+    mapped by :func:`avkernels.abri.load_official_state_dict`, every other layout is loaded by
+    :func:`load_strict` (``arch``, ``description`` and ``caller`` name the model in its errors).
+    Every problem raises :class:`CheckpointError`.
+    """
     layout = abri_layout(state_dict)
-    if layout is not None:
-        model = abri.apply(model, granularity=abri_granularity(state_dict, layout))
+    if layout is not None and not any(True for _ in abri.abri_layers(model)):
+        abri.apply(model, granularity=abri_granularity(state_dict, layout))
     try:
         if layout == "official ABRi":
             abri.load_official_state_dict(model, state_dict)
         else:
-            load_strict(model, state_dict, detected)
+            load_strict(model, state_dict, arch, description=description, caller=caller)
+    except CheckpointError:
+        raise
     except (KeyError, ValueError, RuntimeError) as error:
         raise CheckpointError(one_line(error.args[0] if error.args else error)) from None
-    kind = layout or ("torchvision layout" if fc is not None else "torchvision layout, no fc")
-    return model, f"{detected}, {kind}, {stored_channels} input channel(s)"
+    return layout
 
 
 def load_strict(

@@ -3,7 +3,7 @@
 
 * :class:`ResNetEncoder`: torchvision's ResNet-18/34 layout (``conv1``, ``bn1``, ``layer1``..
   ``layer4``, ``downsample.0``/``downsample.1``; no ``avgpool``, no ``fc``) built from
-  torchvision's ``BasicBlock`` with :class:`~avkernels.nn.tracked_bn.TrackedBN` as ``norm_layer``.
+  torchvision's ``BasicBlock`` with :class:`~avkernels.TrackedBN` as ``norm_layer``.
   Where a BN feeds a ReLU directly (the stem and the first BN of every block) the ReLU runs
   inside the BN kernel; the second BN of a block feeds the residual sum and stays plain.
   ``width`` scales the channels (64 = ResNet's; smaller for tests).
@@ -13,7 +13,7 @@
   an avkernels one, all loaded strictly; ``adapt_first_conv`` moves RGB stem weights to one
   channel (sum or mean over RGB).
 * :class:`AVClassifier`: ``audio_net``, ``visual_net`` and ``fusion_module`` (a
-  :class:`~avkernels.nn.fusion.MaskedConcatFusion` whose ``fc_out`` takes the official
+  :class:`~avkernels.MaskedConcatFusion` whose ``fc_out`` takes the official
   ``ConcatFusion`` keys), plus the uni-modal heads ``audio_fc``/``visual_fc`` of FusT stage 1.
 
 Input layouts (checked; the official code's (T, C) vs (C, T) confusion is caught whenever the
@@ -29,10 +29,7 @@ shape can tell):
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Mapping
 from functools import partial
-from pathlib import Path
 from typing import Union
 
 import torch
@@ -152,14 +149,6 @@ class ResNetEncoder(nn.Module):
 # --- checkpoints --------------------------------------------------------------------------------
 
 
-def read_state_dict(source: str | os.PathLike | Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """The state dict of a file (see :func:`avkernels.checkpoints.load_state_dict`: unwrapped
-    from ``model``/``state_dict``, DDP prefix removed) or of a mapping."""
-    if isinstance(source, Mapping):
-        return dict(source)
-    return checkpoints.load_state_dict(Path(source))
-
-
 def adapt_first_conv(weight: Tensor, in_channels: int, mode: str = "sum") -> Tensor:
     """A stem weight (O, 3, k, k) moved to ``in_channels`` = 1 by summing or averaging RGB.
 
@@ -199,13 +188,9 @@ def load_encoder(
     Every problem (unreadable file, missing, unexpected or mis-shaped keys) raises
     :class:`avkernels.checkpoints.CheckpointError` (a ``ValueError``) naming it.
     """
-    from avkernels import abri
-
-    state_dict = read_state_dict(source)
+    state_dict = checkpoints.load_state_dict(source)
     if prefix:
-        state_dict = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        if not state_dict:
-            raise CheckpointError(f"load_encoder: no key of the checkpoint starts with {prefix!r}")
+        state_dict, _ = checkpoints.select_encoder(state_dict, prefix)
     dropped = sorted(key for key in state_dict if key.startswith("fc."))
     if dropped:
         logger.info("load_encoder: dropped the checkpoint's classifier %s", dropped)
@@ -219,16 +204,7 @@ def load_encoder(
                 "to one channel"
             )
         state_dict["conv1.weight"] = adapt_first_conv(stem, encoder.in_channels, adapt)
-    layout = checkpoints.abri_layout(state_dict)
-    if layout is not None and not any(True for _ in abri.abri_layers(encoder)):
-        abri.apply(encoder, granularity=checkpoints.abri_granularity(state_dict, layout))
-    if layout == "official ABRi":
-        try:
-            abri.load_official_state_dict(encoder, state_dict)
-        except (KeyError, ValueError) as error:
-            raise CheckpointError(checkpoints.one_line(error.args[0])) from None
-        return encoder
-    checkpoints.load_strict(
+    checkpoints.load_resnet(
         encoder,
         state_dict,
         encoder.arch,

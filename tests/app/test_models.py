@@ -11,16 +11,14 @@ from torch import nn
 
 torchvision = pytest.importorskip("torchvision")
 
-from avkernels import abri  # noqa: E402
+from avkernels import TrackedBN, abri  # noqa: E402
 from avkernels.app.models import (  # noqa: E402
     AVClassifier,
     ResNetEncoder,
     adapt_first_conv,
     load_encoder,
-    read_state_dict,
 )
 from avkernels.checkpoints import CheckpointError  # noqa: E402
-from avkernels.nn.tracked_bn import TrackedBN  # noqa: E402
 
 
 def torchvision_trunk(model: nn.Module) -> nn.Module:
@@ -155,13 +153,19 @@ def test_plain_checkpoint_into_an_abri_encoder_keeps_the_added_bn_fresh():
     assert torch.equal(encoder.layer2[0].bn1.abri_alpha, torch.full((1,), 0.5))
 
 
-def test_read_state_dict_unwraps_and_strips_ddp_prefix(tmp_path):
-    weights = {"module.conv1.weight": torch.ones(1)}
-    torch.save({"state_dict": weights, "epoch": 3}, tmp_path / "ddp.pt")
-    assert list(read_state_dict(tmp_path / "ddp.pt")) == ["conv1.weight"]
-    torch.save([1, 2], tmp_path / "list.pt")
-    with pytest.raises(CheckpointError, match="holds no state dict"):
-        read_state_dict(tmp_path / "list.pt")
+def test_prefix_takes_one_encoder_of_a_whole_model(tmp_path):
+    """A classifier's checkpoint (wrapped, saved from DDP): each encoder is loaded from its own
+    prefix, through the library's one reader."""
+    source = AVClassifier(3, width=4)
+    state = {"module." + key: value for key, value in source.state_dict().items()}
+    torch.save({"model": state}, tmp_path / "classifier.pt")
+    for modality in ("audio", "visual"):
+        encoder = getattr(AVClassifier(3, width=4), f"{modality}_net")
+        load_encoder(encoder, tmp_path / "classifier.pt", prefix=f"{modality}_net.")
+        for key, value in getattr(source, f"{modality}_net").state_dict().items():
+            assert torch.equal(encoder.state_dict()[key], value), key
+    with pytest.raises(CheckpointError, match="no key of the checkpoint starts with"):
+        load_encoder(ResNetEncoder("resnet18", 1, width=4), state, prefix="text_net.")
 
 
 def test_classifier_keys_follow_the_official_layout():
