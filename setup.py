@@ -49,6 +49,8 @@ setup(
     else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["avkernels", "avkernels.*"]),
+    # py.typed: the library ships type hints (PEP 561).
+    package_data={"avkernels": ["py.typed"]},
     # AVKERNELS_NO_EXTENSION=1 installs without a C++ compiler: CPU tensors then use the
     # PyTorch reference path (import avkernels warns once).
     ext_modules=[] if os.environ.get("AVKERNELS_NO_EXTENSION") == "1" else [extension],

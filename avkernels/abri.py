@@ -26,6 +26,16 @@ from avkernels.diagnosis import diagnose
 from avkernels.nn.tracked_bn import TrackedBN
 from avkernels.ops.batch_norm.reference import effective_affine
 
+__all__ = [
+    "abri_layers",
+    "apply",
+    "fold",
+    "load_official_state_dict",
+    "official_key_map",
+    "reset_batchnorm",
+    "reset_small_gamma",
+]
+
 # Official name of each of our ABRi tensors, relative to the added BN module.
 _ADDED_BN_FIELDS = {
     "abri_weight": "weight",
@@ -50,7 +60,7 @@ def apply(
     alpha: float = 0.5,
     granularity: str = "layer",
     only_dead: bool = False,
-    **diagnose_kwargs,
+    **diagnose_kwargs: object,
 ) -> nn.Module:
     """Put every BatchNorm2d of ``model`` in ABRi mode; return the (possibly new) root.
 

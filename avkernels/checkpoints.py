@@ -22,6 +22,20 @@ from torch import nn
 from avkernels import abri
 from avkernels._text import KEYS_SHOWN, first_line, one_line, shorten_keys
 
+__all__ = [
+    "BLOCKS",
+    "CheckpointError",
+    "abri_granularity",
+    "abri_layout",
+    "build_resnet",
+    "describe",
+    "detect_arch",
+    "load_resnet",
+    "load_state_dict",
+    "load_strict",
+    "select_encoder",
+]
+
 BLOCKS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
 _WRAPPER_KEYS = ("model", "state_dict")
 
@@ -73,6 +87,7 @@ def _is_state_dict(content: Any) -> bool:
 
 
 def describe(content: Any) -> str:
+    """What ``content`` (a loaded checkpoint) is, in a few words, for error messages."""
     if isinstance(content, dict):
         keys = list(content)[:KEYS_SHOWN]
         return f"a dict with keys {keys}" if keys else "an empty dict"

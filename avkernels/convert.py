@@ -29,7 +29,7 @@ def _move_state(source: nn.BatchNorm2d, target: nn.BatchNorm2d) -> nn.BatchNorm2
     return target
 
 
-def convert(module: nn.Module, **kwargs) -> nn.Module:
+def convert(module: nn.Module, **kwargs: object) -> nn.Module:
     """Replace every ``nn.BatchNorm2d`` in ``module`` by :class:`TrackedBN`; return the new root.
 
     Like ``nn.SyncBatchNorm.convert_sync_batchnorm``: the new layers reuse the same Parameter

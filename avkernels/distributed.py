@@ -18,6 +18,8 @@ from torch import nn
 
 from avkernels.nn.tracked_bn import TrackedBN
 
+__all__ = ["DEAD_COUNTERS", "Ranks", "all_reduce_dead_stats", "dead_counter_names", "wrap_ddp"]
+
 # TrackedBN's dead-channel counters (non-persistent int64 buffers), kept out of DDP's broadcast.
 DEAD_COUNTERS = ("dead_count", "dead_sample_count", "seen")
 
@@ -96,7 +98,7 @@ def dead_counter_names(model: nn.Module) -> list[str]:
     ]
 
 
-def wrap_ddp(model: nn.Module, **ddp_kwargs) -> nn.parallel.DistributedDataParallel:
+def wrap_ddp(model: nn.Module, **ddp_kwargs: object) -> nn.parallel.DistributedDataParallel:
     """``DistributedDataParallel(model, **ddp_kwargs)`` that leaves TrackedBN's dead counters alone.
 
     DDP copies every buffer from rank 0 to the other ranks before each forward

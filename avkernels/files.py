@@ -11,6 +11,9 @@ from typing import BinaryIO, Union
 PathLike = Union[str, os.PathLike]
 
 
+__all__ = ["atomic_write", "atomic_write_text"]
+
+
 def atomic_write(path: PathLike, write: Callable[[BinaryIO], None]) -> Path:
     """Call ``write(file)`` on a temporary binary file beside ``path``, flush it to disk, then
     rename it over ``path`` (creating the parent folders). Returns ``path`` as a ``Path``.

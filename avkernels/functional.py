@@ -27,6 +27,8 @@ from avkernels.ops.masking.arguments import (
 )
 from avkernels.ops.masking.autograd import MaskPatchesFunction
 
+__all__ = ["ACTIVATIONS", "AbriState", "DeadStats", "mask_patches", "tracked_batch_norm"]
+
 ACTIVATIONS = (None, "relu")
 
 
@@ -70,7 +72,7 @@ def tracked_batch_norm(
     activation: str | None = None,
     dead_stats: DeadStats | None = None,
     abri: AbriState | None = None,
-    process_group=None,
+    process_group: torch.distributed.ProcessGroup | None = None,
 ) -> Tensor:
     """``torch.nn.functional.batch_norm`` of a (N, C, H, W) ``input``, plus dead-channel counts,
     a fused ReLU and ABRi.

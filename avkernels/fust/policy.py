@@ -40,6 +40,17 @@ MODES = ("conf", "mean")
 MAX_RATIO = float(np.nextafter(1.0, 0.0))  # ratios lie in [0, 1)
 
 Pair = Union[float, Sequence[float]]
+# What mask_ratios accepts for one modality's confidences (see its docstring).
+ConfidenceSource = Union[
+    ConfidenceTracker,
+    Confidences,
+    str,
+    os.PathLike,
+    dict,
+    Sequence[float],
+    torch.Tensor,
+    np.ndarray,
+]
 
 
 @dataclass(frozen=True)
@@ -117,8 +128,8 @@ class MaskRatios:
 
 
 def mask_ratios(
-    conf_a,
-    conf_v,
+    conf_a: ConfidenceSource,
+    conf_v: ConfidenceSource,
     threshold: float,
     eta: Pair,
     rho: Pair,

@@ -36,7 +36,7 @@ _TRITON_ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
 # Heuristic constants (see _plan): elements per tile, tile extents, and how many programs per SM
 # an element-wise launch aims for (enough loads in flight to saturate HBM). 1024-element tiles on
 # 4 warps keep the kernels at <= 128 registers per thread on sm_90 for 16- and 32-bit input
-# (float64 takes up to 168; no spills either way), as tests/test_triton_compile.py checks.
+# (float64 takes up to 168; no spills either way), as tests/ops/test_triton_compile.py checks.
 _TILE_ELEMENTS = 1024
 _MAX_BLOCK_HW = 256
 _MAX_BLOCK_C_CHANNELS_INNER = 64

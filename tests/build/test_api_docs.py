@@ -1,0 +1,84 @@
+"""docs/api.md as tests: the API reference and the code's public names agree.
+
+* Every name in a public module's ``__all__`` is listed in that module's section of docs/api.md
+  (a section is headed ``## `module` ``), and every section names a module that exists.
+* Every entry of a section (a bullet starting with a backticked name) is a public name of it.
+* Every public function and class has a docstring; every public function has type hints on each
+  parameter and on its return.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+API = ROOT / "docs" / "api.md"
+SECTION = re.compile(r"^## `([\w.]+)`\s*$", re.MULTILINE)
+# An entry: a bullet whose first backticked token is a name, optionally called or dotted.
+ENTRY = re.compile(r"^- `([A-Za-z_][\w]*)", re.MULTILINE)
+
+
+def _sections() -> dict[str, str]:
+    text = API.read_text(encoding="utf-8")
+    heads = list(SECTION.finditer(text))
+    return {
+        head.group(1): text[head.end() : heads[i + 1].start() if i + 1 < len(heads) else len(text)]
+        for i, head in enumerate(heads)
+    }
+
+
+SECTIONS = _sections()
+
+
+def test_api_md_has_sections():
+    assert "avkernels" in SECTIONS and len(SECTIONS) >= 5, sorted(SECTIONS)
+
+
+@pytest.mark.parametrize("module_name", sorted(SECTIONS))
+def test_every_public_name_is_documented(module_name: str):
+    module = importlib.import_module(module_name)
+    public = getattr(module, "__all__", None)
+    assert public, f"{module_name} has no __all__: declare its public names"
+    body = SECTIONS[module_name]
+    missing = [name for name in public if f"`{name}" not in body]
+    assert not missing, f"docs/api.md, section `{module_name}`, lacks {missing}"
+
+
+@pytest.mark.parametrize("module_name", sorted(SECTIONS))
+def test_every_entry_names_a_public_name(module_name: str):
+    module = importlib.import_module(module_name)
+    public = set(module.__all__)
+    unknown = [name for name in ENTRY.findall(SECTIONS[module_name]) if name not in public]
+    assert not unknown, (
+        f"docs/api.md, section `{module_name}`, lists names not in __all__: {unknown}"
+    )
+
+
+def _public_objects():
+    for module_name in sorted(SECTIONS):
+        module = importlib.import_module(module_name)
+        for name in module.__all__:
+            obj = getattr(module, name)
+            if inspect.isfunction(obj) or inspect.isclass(obj):
+                yield pytest.param(obj, id=f"{module_name}.{name}")
+
+
+@pytest.mark.parametrize("obj", list(_public_objects()))
+def test_public_objects_have_docstrings_and_hints(obj):
+    assert inspect.getdoc(obj), f"{obj.__qualname__} has no docstring"
+    if inspect.isfunction(obj):
+        signature = inspect.signature(obj)
+        unhinted = [
+            name
+            for name, parameter in signature.parameters.items()
+            if parameter.annotation is inspect.Parameter.empty
+        ]
+        assert not unhinted, f"{obj.__qualname__}: parameters without type hints: {unhinted}"
+        assert signature.return_annotation is not inspect.Signature.empty, (
+            f"{obj.__qualname__} has no return type hint"
+        )
