@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from avkernels.app.cli import build_parser
+from tests.helpers import markdown
 
 PAGE = Path(__file__).resolve().parents[2] / "docs" / "cli.md"
 SECTION = re.compile(r"^## `avkernels ([a-z-]+)`$", re.MULTILINE)
@@ -32,9 +33,7 @@ def documented_name(action: argparse.Action) -> list[str]:
 
 def sections(text: str) -> dict[str, str]:
     """The text of each ``## `avkernels NAME` `` section, by command name."""
-    found = list(SECTION.finditer(text))
-    ends = [match.start() for match in found[1:]] + [len(text)]
-    return {match.group(1): text[match.end() : end] for match, end in zip(found, ends)}
+    return markdown.sections(text, SECTION)
 
 
 def option_rows(section: str) -> dict[str, str]:

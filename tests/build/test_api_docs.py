@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import markdown
+
 ROOT = Path(__file__).resolve().parents[2]
 API = ROOT / "docs" / "api.md"
 SECTION = re.compile(r"^## `([\w.]+)`\s*$", re.MULTILINE)
@@ -23,16 +25,7 @@ SECTION = re.compile(r"^## `([\w.]+)`\s*$", re.MULTILINE)
 ENTRY = re.compile(r"^- `([A-Za-z_][\w]*)", re.MULTILINE)
 
 
-def _sections() -> dict[str, str]:
-    text = API.read_text(encoding="utf-8")
-    heads = list(SECTION.finditer(text))
-    return {
-        head.group(1): text[head.end() : heads[i + 1].start() if i + 1 < len(heads) else len(text)]
-        for i, head in enumerate(heads)
-    }
-
-
-SECTIONS = _sections()
+SECTIONS = markdown.sections(API.read_text(encoding="utf-8"), SECTION)
 
 
 def test_api_md_has_sections():
@@ -45,7 +38,7 @@ def test_every_public_name_is_documented(module_name: str):
     public = getattr(module, "__all__", None)
     assert public, f"{module_name} has no __all__: declare its public names"
     body = SECTIONS[module_name]
-    missing = [name for name in public if f"`{name}" not in body]
+    missing = [name for name in public if not re.search(rf"`{re.escape(name)}\b", body)]
     assert not missing, f"docs/api.md, section `{module_name}`, lacks {missing}"
 
 
