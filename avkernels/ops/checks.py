@@ -50,8 +50,8 @@ def per_channel(
     """``t`` is None or a (C,) tensor on ``device`` (contiguous when updated in place)."""
     if t is None:
         return
-    shapes = ((channels,), (1,)) if allow_single else ((channels,),)
-    if tuple(t.shape) not in shapes:
+    shape = t.shape
+    if shape != (channels,) and not (allow_single and shape == (1,)):
         wanted = f"(1,) or ({channels},)" if allow_single else f"({channels},)"
         _fail(f"{name}: expected shape {wanted}, got {tuple(t.shape)}")
     if t.device != device:
@@ -60,10 +60,13 @@ def per_channel(
         _fail(f"{name} is updated in place and must be contiguous")
 
 
-def batch_norm_forward(a) -> None:
-    """The checks of ``batch_norm_fwd`` on a :class:`~avkernels.ops.batch_norm.ForwardArgs`."""
+def batch_norm_forward(a, input_checked: bool = False) -> None:
+    """The checks of ``batch_norm_fwd`` on a :class:`~avkernels.ops.batch_norm.ForwardArgs`;
+    ``input_checked``: ``x``'s shape, strides and dtype already passed them (a launcher that
+    keys its launch plans by them checks them once per plan)."""
     op = "batch_norm_fwd"
-    batch_norm_input(f"{op}: x", a.x)
+    if not input_checked:
+        batch_norm_input(f"{op}: x", a.x)
     channels, device = a.x.shape[1], a.x.device
     for name in ("weight", "bias", "abri_weight", "abri_bias"):
         per_channel(name, getattr(a, name), channels, device)
@@ -102,14 +105,17 @@ def batch_norm_forward(a) -> None:
         )
 
 
-def batch_norm_backward(a) -> None:
-    """The checks of ``batch_norm_bwd`` on a :class:`~avkernels.ops.batch_norm.BackwardArgs`."""
+def batch_norm_backward(a, inputs_checked: bool = False) -> None:
+    """The checks of ``batch_norm_bwd`` on a :class:`~avkernels.ops.batch_norm.BackwardArgs`;
+    ``inputs_checked``: as ``input_checked`` of :func:`batch_norm_forward`, for x and grad_y."""
     op = "batch_norm_bwd"
-    batch_norm_input(f"{op}: x", a.x)
+    if not inputs_checked:
+        batch_norm_input(f"{op}: x", a.x)
     channels, device = a.x.shape[1], a.x.device
     if a.grad_y.shape != a.x.shape:
         _fail(f"{op}: grad_y has shape {tuple(a.grad_y.shape)}, expected x's {tuple(a.x.shape)}")
-    batch_norm_input(f"{op}: grad_y", a.grad_y)
+    if not inputs_checked:
+        batch_norm_input(f"{op}: grad_y", a.grad_y)
     for name in ("weight", "bias", "abri_weight", "abri_bias"):
         per_channel(name, getattr(a, name), channels, device)
     per_channel("abri_alpha", a.abri_alpha, channels, device, allow_single=True)

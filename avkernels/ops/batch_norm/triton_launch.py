@@ -5,9 +5,17 @@ and ``batch_norm_bwd``, registered by :mod:`avkernels.ops.batch_norm.registratio
 :mod:`avkernels.ops.batch_norm.schema`) and reproduce :mod:`avkernels.ops.batch_norm.reference`;
 they are pure launchers (no synchronisation, no data-dependent Python control flow). The work
 split and the kernels are described in :mod:`avkernels.ops.batch_norm.triton_kernels`.
+
+Host cost (docs/DESIGN.md, "Kernel designs and launch plans"): everything that depends only on
+the input's geometry and the op's flags (grids, tile shapes, integer kernel arguments, option
+dicts) is computed once per launch plan key and kept in a dict; a call checks its arguments,
+looks its plan up, allocates its outputs and launches. Every launch runs under a guard for the
+input's device, so its current stream is the one Triton launches on.
 """
 
+import contextlib
 import functools
+import operator
 from typing import NamedTuple
 
 import torch
@@ -154,21 +162,204 @@ def _finalize_launch(channels: int, row_programs: int) -> tuple[tuple[int], dict
     return grid, dict(BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
 
 
-# --- launch arguments -------------------------------------------------------------------------
+# --- launch plans --------------------------------------------------------------------------------
+
+# A launch plan depends only on its key (geometry, dtypes, device, flags), so a dict keeps one per
+# key; it is emptied when it grows past this (a workload whose shapes never repeat).
+_MAX_PLANS = 1024
+_FORWARD_PLANS: dict = {}
+_BACKWARD_PLANS: dict = {}
+_IS_NONE = functools.partial(operator.is_, None)
+_NO_GUARD = contextlib.nullcontext()
 
 
-def _contiguous(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.contiguous()
+def _device_guard(device: torch.device) -> contextlib.AbstractContextManager:
+    """Makes ``device`` the current CUDA device while launching: Triton launches on the current
+    device's current stream, which must be the input's (a no-op when it already is)."""
+    if device.type != "cuda" or device.index == torch.cuda.current_device():
+        return _NO_GUARD
+    return torch.cuda.device(device)
 
 
-def _affine_flags(weight, bias, abri_weight, abri_bias, abri_alpha) -> dict:
+def clear_plans() -> None:
+    """Forgets every launch plan (after changing what plans depend on, e.g. in a benchmark)."""
+    _FORWARD_PLANS.clear()
+    _BACKWARD_PLANS.clear()
+
+
+def _keep_plan(plans: dict, key: tuple, plan):
+    if len(plans) >= _MAX_PLANS:
+        plans.clear()
+    plans[key] = plan
+    return plan
+
+
+def _template(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """One element expanded to ``shape``: ``torch.empty_like`` of it allocates a contiguous
+    ``shape`` tensor, the cheapest of torch's allocation calls (about 1 us against 2-4 us for
+    ``new_empty(shape, dtype=...)``, measured by benchmarks/host_overhead.py)."""
+    return torch.empty((), dtype=dtype, device=device).expand(shape)
+
+
+def _like(x: Tensor, memory_format: torch.memory_format) -> Tensor:
+    """A storage-less tensor with the strides an output in ``memory_format`` will have."""
+    return torch.empty_like(x, memory_format=memory_format, device="meta")
+
+
+def _tile_options(plan: _Plan, acc: torch.dtype) -> dict:
     return dict(
-        HAS_WEIGHT=weight is not None,
-        HAS_BIAS=bias is not None,
-        HAS_ABRI_WEIGHT=abri_weight is not None,
-        HAS_ABRI_BIAS=abri_bias is not None,
-        ABRI=abri_alpha is not None,
-        ALPHA_PER_CHANNEL=abri_alpha is not None and abri_alpha.numel() > 1,
+        SPLIT_HW=plan.split_hw,
+        ACC=_TRITON_ACC[acc],
+        BLOCK_HW=plan.block_hw,
+        BLOCK_C=plan.block_c,
+        num_warps=plan.num_warps,
+    )
+
+
+def _affine_flags(a) -> dict:
+    return dict(
+        HAS_WEIGHT=a.weight is not None,
+        HAS_BIAS=a.bias is not None,
+        HAS_ABRI_WEIGHT=a.abri_weight is not None,
+        HAS_ABRI_BIAS=a.abri_bias is not None,
+        ABRI=a.abri_alpha is not None,
+        ALPHA_PER_CHANNEL=a.abri_alpha is not None and a.abri_alpha.numel() > 1,
+    )
+
+
+class _ForwardPlan(NamedTuple):
+    y_format: torch.memory_format
+    # Templates (see _template) of the statistics, the partials and the zero-filled flags of
+    # maps split across programs (None when not needed).
+    stats: Tensor
+    partial: Tensor
+    map_alive: Tensor | None
+    count: int  # values per channel (N*H*W)
+    grid: tuple[int, int]
+    stats_ints: tuple[int, ...]
+    stats_options: dict
+    finalize_grid: tuple[int]
+    finalize_ints: tuple[int, ...]
+    finalize_options: dict
+    normalize_ints: tuple[int, ...]
+    normalize_options: dict
+
+
+def _forward_plan(a) -> _ForwardPlan:
+    x = a.x
+    batch, channels, height, width = x.shape
+    spatial = height * width
+    acc = accumulation_dtype(x)
+    y_format = output_memory_format(x)
+    split_hw, strides = _stride_args((x, _like(x, y_format)))
+    plan = _plan(x, split_hw)
+    geometry = (batch, channels, spatial, width)
+    work_split = (plan.samples_per_program, plan.hw_splits, plan.hw_chunk)
+    tile = _tile_options(plan, acc)
+    finalize_grid, finalize_options = _finalize_launch(channels, plan.row_programs)
+    count_dead = a.dead_count is not None
+    map_split = count_dead and plan.hw_splits > 1
+    return _ForwardPlan(
+        y_format=y_format,
+        stats=_template(
+            (2 if a.abri_alpha is not None and not a.use_batch_stats else 1, channels),
+            acc,
+            x.device,
+        ),
+        partial=_template((3, plan.row_programs, channels), acc, x.device),
+        map_alive=_template((batch, channels), torch.int32, x.device) if map_split else None,
+        count=batch * spatial,
+        grid=plan.grid,
+        stats_ints=(*geometry, *strides[:4], *work_split, plan.row_programs),
+        stats_options=tile,
+        finalize_grid=finalize_grid,
+        finalize_ints=(channels, plan.row_programs),
+        finalize_options=dict(
+            UPDATE_RUNNING=a.running_mean is not None,
+            UPDATE_ABRI_RUNNING=a.abri_running_mean is not None,
+            ACC=_TRITON_ACC[acc],
+            **finalize_options,
+        ),
+        normalize_ints=(*geometry, *strides, *work_split),
+        normalize_options=dict(
+            USE_BATCH_STATS=a.use_batch_stats,
+            RELU=a.relu,
+            COUNT_DEAD=count_dead,
+            MAP_SPLIT=map_split,
+            **_affine_flags(a),
+            **tile,
+        ),
+    )
+
+
+class _BackwardPlan(NamedTuple):
+    grad_x_format: torch.memory_format
+    # Templates (see _template): partials, the [2, C] sums, an empty gradient, and the
+    # per-channel alpha gradient that a layer-wise alpha sums.
+    partial: Tensor
+    sums: Tensor
+    no_grad: Tensor
+    alpha_per_channel: Tensor
+    alpha_dtype: torch.dtype | None  # the dtype of a layer-wise alpha's gradient
+    has_grads: tuple[bool, bool, bool, bool]  # weight, bias, abri_weight, abri_bias
+    abri: bool
+    per_channel_alpha: bool
+    grid: tuple[int, int]
+    partial_ints: tuple[int, ...]
+    partial_options: dict
+    finalize_grid: tuple[int]
+    finalize_ints: tuple[int, ...]
+    finalize_options: dict
+    grad_x_ints: tuple[int, ...]
+    grad_x_options: dict
+
+
+def _backward_plan(a) -> _BackwardPlan:
+    x, mean = a.x, a.mean
+    batch, channels, height, width = x.shape
+    grad_x_format = output_memory_format(x)
+    split_hw, strides = _stride_args((a.grad_y, x, _like(x, grad_x_format)))
+    plan = _plan(x, split_hw)
+    geometry = (batch, channels, x.shape[2] * width, width)
+    work_split = (plan.samples_per_program, plan.hw_splits, plan.hw_chunk)
+    abri_row_offset = (mean.shape[0] - 1) * channels
+    two_rows = mean.shape[0] == 2
+    flags = _affine_flags(a)
+    tile = _tile_options(plan, mean.dtype)
+    finalize_grid, finalize_options = _finalize_launch(channels, plan.row_programs)
+    abri = a.abri_alpha is not None
+    return _BackwardPlan(
+        grad_x_format=grad_x_format,
+        partial=_template((1 + mean.shape[0], plan.row_programs, channels), mean.dtype, x.device),
+        sums=_template((2, channels), mean.dtype, x.device),
+        no_grad=_template((0,), mean.dtype, x.device),
+        alpha_per_channel=_template((channels if abri else 0,), mean.dtype, x.device),
+        alpha_dtype=a.abri_alpha.dtype if abri else None,
+        # The added BN's parameters only take a gradient in ABRi mode, as in the reference.
+        has_grads=(
+            a.weight is not None,
+            a.bias is not None,
+            abri and a.abri_weight is not None,
+            abri and a.abri_bias is not None,
+        ),
+        abri=abri,
+        per_channel_alpha=flags["ALPHA_PER_CHANNEL"],
+        grid=plan.grid,
+        partial_ints=(*geometry, *strides, *work_split, plan.row_programs, abri_row_offset),
+        partial_options=dict(
+            TWO_ROWS=two_rows,
+            COMPUTE_GRAD_X=not a.use_batch_stats,
+            RELU=a.relu,
+            **flags,
+            **tile,
+        ),
+        finalize_grid=finalize_grid,
+        finalize_ints=(channels, plan.row_programs, abri_row_offset),
+        finalize_options=dict(
+            TWO_ROWS=two_rows, **flags, ACC=_TRITON_ACC[mean.dtype], **finalize_options
+        ),
+        grad_x_ints=(*geometry, *strides, *work_split, abri_row_offset),
+        grad_x_options=dict(RELU=a.relu, **flags, **tile),
     )
 
 
@@ -178,117 +369,56 @@ def _affine_flags(weight, bias, abri_weight, abri_bias, abri_alpha) -> dict:
 def forward(*args) -> tuple[Tensor, Tensor, Tensor]:
     """``avkernels::batch_norm_fwd`` on CUDA: returns ``(y, mean, invstd)``."""
     a = ForwardArgs(*args)
-    checks.batch_norm_forward(a)
-    x, use_batch_stats, momentum, eps, relu = a.x, a.use_batch_stats, a.momentum, a.eps, a.relu
-    running_mean, running_var = a.running_mean, a.running_var
-    abri_running_mean, abri_running_var = a.abri_running_mean, a.abri_running_var
-    dead_count, dead_sample_count, seen = a.dead_count, a.dead_sample_count, a.seen
-    batch, channels, height, width = x.shape
-    abri = a.abri_alpha is not None
-    count_dead = dead_count is not None
-    spatial = height * width
-    count = batch * spatial
-    update_running = use_batch_stats and running_mean is not None
-    update_abri_running = use_batch_stats and abri_running_mean is not None
-
-    acc = accumulation_dtype(x)
-    weight, bias, abri_weight, abri_bias, abri_alpha = map(
-        _contiguous, (a.weight, a.bias, a.abri_weight, a.abri_bias, a.abri_alpha)
+    x, alpha = a.x, a.abri_alpha
+    key = (
+        x.shape,
+        x.stride(),
+        x.dtype,
+        x.device,
+        a.use_batch_stats,
+        a.relu,
+        tuple(map(_IS_NONE, args[1:13])),
+        alpha is not None and alpha.numel() > 1,
     )
-    stats_rows = 2 if abri and not use_batch_stats else 1
-    y = torch.empty_like(x, memory_format=output_memory_format(x))
-    mean = x.new_empty((stats_rows, channels), dtype=acc)
-    invstd = torch.empty_like(mean)
-    split_hw, strides = _stride_args((x, y))
-    plan = _plan(x, split_hw)
-    common = dict(
-        SPLIT_HW=split_hw,
-        ACC=_TRITON_ACC[acc],
-        BLOCK_HW=plan.block_hw,
-        BLOCK_C=plan.block_c,
-        num_warps=plan.num_warps,
-    )
-    work_split = (plan.samples_per_program, plan.hw_splits, plan.hw_chunk)
-
-    if use_batch_stats:
-        partial = x.new_empty((3, plan.row_programs, channels), dtype=acc)
-        fwd_partial_stats_kernel[plan.grid](
+    plan = _FORWARD_PLANS.get(key)
+    checks.batch_norm_forward(a, input_checked=plan is not None)
+    if plan is None:
+        plan = _keep_plan(_FORWARD_PLANS, key, _forward_plan(a))
+    with _device_guard(x.device):
+        y = torch.empty_like(x, memory_format=plan.y_format)
+        mean = torch.empty_like(plan.stats)
+        invstd = torch.empty_like(plan.stats)
+        # Absent optional tensors are never read (their HAS_* / mode flag is off): any pointer.
+        given = [mean if t is None else t for t in args[6:13]]
+        if a.use_batch_stats:
+            partial = torch.empty_like(plan.partial)
+            fwd_partial_stats_kernel[plan.grid](x, partial, *plan.stats_ints, **plan.stats_options)
+            momentum, count = a.momentum, plan.count
+            fwd_finalize_kernel[plan.finalize_grid](
+                partial,
+                mean,
+                invstd,
+                *given[:4],
+                *plan.finalize_ints,
+                a.eps,
+                momentum,
+                1.0 - momentum,
+                momentum * count / (count - 1) if count > 1 else 0.0,
+                **plan.finalize_options,
+            )
+        fwd_normalize_kernel[plan.grid](
             x,
-            partial,
-            batch,
-            channels,
-            spatial,
-            width,
-            *strides[:4],
-            *work_split,
-            plan.row_programs,
-            **common,
-        )
-        finalize_grid, finalize_options = _finalize_launch(channels, plan.row_programs)
-        unbiased_momentum = momentum * count / (count - 1) if count > 1 else 0.0
-        fwd_finalize_kernel[finalize_grid](
-            partial,
+            y,
             mean,
             invstd,
-            running_mean if update_running else mean,
-            running_var if update_running else mean,
-            abri_running_mean if update_abri_running else mean,
-            abri_running_var if update_abri_running else mean,
-            channels,
-            plan.row_programs,
-            float(eps),
-            float(momentum),
-            1.0 - momentum,
-            float(unbiased_momentum),
-            UPDATE_RUNNING=update_running,
-            UPDATE_ABRI_RUNNING=update_abri_running,
-            ACC=_TRITON_ACC[acc],
-            **finalize_options,
+            *given[:4],
+            *(mean if t is None else t.contiguous() for t in args[1:6]),
+            *given[4:],
+            mean if plan.map_alive is None else torch.zeros_like(plan.map_alive),
+            *plan.normalize_ints,
+            a.eps,
+            **plan.normalize_options,
         )
-
-    map_split = count_dead and plan.hw_splits > 1
-    map_alive = (
-        torch.zeros((batch, channels), dtype=torch.int32, device=x.device) if map_split else mean
-    )
-    # Absent optional tensors are never read (their HAS_* / mode flag is off); any pointer does.
-    unused = mean
-    fwd_normalize_kernel[plan.grid](
-        x,
-        y,
-        mean,
-        invstd,
-        *(
-            unused if t is None else t
-            for t in (
-                running_mean,
-                running_var,
-                abri_running_mean,
-                abri_running_var,
-                weight,
-                bias,
-                abri_weight,
-                abri_bias,
-                abri_alpha,
-                dead_count,
-                dead_sample_count,
-                seen,
-            )
-        ),
-        map_alive,
-        batch,
-        channels,
-        spatial,
-        width,
-        *strides,
-        *work_split,
-        float(eps),
-        USE_BATCH_STATS=use_batch_stats,
-        RELU=relu,
-        COUNT_DEAD=count_dead,
-        MAP_SPLIT=map_split,
-        **_affine_flags(weight, bias, abri_weight, abri_bias, abri_alpha),
-        **common,
-    )
     return y, mean, invstd
 
 
@@ -296,124 +426,71 @@ def backward(*args) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``avkernels::batch_norm_bwd`` on CUDA: ``(grad_x, grad_weight, grad_bias,
     grad_abri_weight, grad_abri_bias, grad_abri_alpha)``."""
     a = BackwardArgs(*args)
-    checks.batch_norm_backward(a)
-    grad_y, x, mean, invstd = a.grad_y, a.x, a.mean, a.invstd
-    use_batch_stats, relu = a.use_batch_stats, a.relu
-    batch, channels, height, width = x.shape
-    acc = mean.dtype
-    mean, invstd = mean.contiguous(), invstd.contiguous()
-    weight, bias, abri_weight, abri_bias, abri_alpha = map(
-        _contiguous, (a.weight, a.bias, a.abri_weight, a.abri_bias, a.abri_alpha)
+    grad_y, x, alpha = a.grad_y, a.x, a.abri_alpha
+    key = (
+        x.shape,
+        x.stride(),
+        grad_y.stride(),
+        x.dtype,
+        grad_y.dtype,
+        x.device,
+        a.mean.shape,
+        a.mean.dtype,
+        a.use_batch_stats,
+        a.relu,
+        tuple(map(_IS_NONE, args[2:7])),
+        alpha is not None and alpha.numel() > 1,
     )
-    abri = abri_alpha is not None
-    flags = _affine_flags(weight, bias, abri_weight, abri_bias, abri_alpha)
-    two_rows = mean.shape[0] == 2
-    abri_row_offset = (mean.shape[0] - 1) * channels
-    spatial = height * width
-
-    grad_x = torch.empty_like(x, memory_format=output_memory_format(x))
-    split_hw, strides = _stride_args((grad_y, x, grad_x))
-    plan = _plan(x, split_hw)
-    common = dict(
-        SPLIT_HW=split_hw,
-        ACC=_TRITON_ACC[acc],
-        BLOCK_HW=plan.block_hw,
-        BLOCK_C=plan.block_c,
-        num_warps=plan.num_warps,
-    )
-    work_split = (plan.samples_per_program, plan.hw_splits, plan.hw_chunk)
-    unused = mean
-    params = tuple(
-        unused if p is None else p for p in (weight, bias, abri_weight, abri_bias, abri_alpha)
-    )
-
-    partial = x.new_empty((1 + mean.shape[0], plan.row_programs, channels), dtype=acc)
-    bwd_partial_sums_kernel[plan.grid](
-        grad_y,
-        x,
-        grad_x,
-        mean,
-        invstd,
-        *params,
-        partial,
-        batch,
-        channels,
-        spatial,
-        width,
-        *strides,
-        *work_split,
-        plan.row_programs,
-        abri_row_offset,
-        TWO_ROWS=two_rows,
-        COMPUTE_GRAD_X=not use_batch_stats,
-        RELU=relu,
-        **flags,
-        **common,
-    )
-
-    def param_grad(param: Tensor | None, is_abri_param: bool) -> Tensor:
-        if param is None or (is_abri_param and not abri):
-            return mean.new_empty(0)
-        return torch.empty_like(param)
-
-    grad_weight, grad_bias = param_grad(weight, False), param_grad(bias, False)
-    grad_abri_weight, grad_abri_bias = param_grad(abri_weight, True), param_grad(abri_bias, True)
-    per_channel_alpha = flags["ALPHA_PER_CHANNEL"]
-    if per_channel_alpha:
-        grad_alpha_per_channel = torch.empty_like(abri_alpha)
-    else:  # summed over channels below
-        grad_alpha_per_channel = mean.new_empty(channels if abri else 0)
-    sums = mean.new_empty((2, channels))
-    finalize_grid, finalize_options = _finalize_launch(channels, plan.row_programs)
-    bwd_finalize_kernel[finalize_grid](
-        partial,
-        invstd,
-        sums,
-        *params,
-        *(
-            unused if g.numel() == 0 else g
-            for g in (
-                grad_weight,
-                grad_bias,
-                grad_abri_weight,
-                grad_abri_bias,
-                grad_alpha_per_channel,
-            )
-        ),
-        channels,
-        plan.row_programs,
-        abri_row_offset,
-        TWO_ROWS=two_rows,
-        **flags,
-        ACC=_TRITON_ACC[acc],
-        **finalize_options,
-    )
-
-    if use_batch_stats:
-        bwd_grad_x_kernel[plan.grid](
+    plan = _BACKWARD_PLANS.get(key)
+    checks.batch_norm_backward(a, inputs_checked=plan is not None)
+    if plan is None:
+        plan = _keep_plan(_BACKWARD_PLANS, key, _backward_plan(a))
+    with _device_guard(x.device):
+        mean, invstd = a.mean.contiguous(), a.invstd.contiguous()
+        params = [mean if p is None else p.contiguous() for p in args[2:7]]
+        grad_x = torch.empty_like(x, memory_format=plan.grad_x_format)
+        partial = torch.empty_like(plan.partial)
+        bwd_partial_sums_kernel[plan.grid](
             grad_y,
             x,
             grad_x,
             mean,
             invstd,
+            *params,
+            partial,
+            *plan.partial_ints,
+            **plan.partial_options,
+        )
+        grads = [
+            torch.empty_like(p) if has else torch.empty_like(plan.no_grad)
+            for p, has in zip(params, plan.has_grads)
+        ]
+        grad_alpha = torch.empty_like(
+            params[4] if plan.per_channel_alpha else plan.alpha_per_channel
+        )
+        sums = torch.empty_like(plan.sums)
+        bwd_finalize_kernel[plan.finalize_grid](
+            partial,
+            invstd,
             sums,
             *params,
-            batch,
-            channels,
-            spatial,
-            width,
-            *strides,
-            *work_split,
-            abri_row_offset,
-            RELU=relu,
-            **flags,
-            **common,
+            *(grad if has else mean for grad, has in zip(grads, plan.has_grads)),
+            grad_alpha if plan.abri else mean,
+            *plan.finalize_ints,
+            **plan.finalize_options,
         )
-
-    if not abri:
-        grad_alpha = mean.new_empty(0)
-    elif per_channel_alpha:
-        grad_alpha = grad_alpha_per_channel
-    else:
-        grad_alpha = grad_alpha_per_channel.sum().reshape(1).to(abri_alpha.dtype)
-    return grad_x, grad_weight, grad_bias, grad_abri_weight, grad_abri_bias, grad_alpha
+        if a.use_batch_stats:
+            bwd_grad_x_kernel[plan.grid](
+                grad_y,
+                x,
+                grad_x,
+                mean,
+                invstd,
+                sums,
+                *params,
+                *plan.grad_x_ints,
+                **plan.grad_x_options,
+            )
+        if plan.abri and not plan.per_channel_alpha:
+            grad_alpha = grad_alpha.sum(0, keepdim=True).to(plan.alpha_dtype)
+    return grad_x, *grads, grad_alpha
