@@ -325,7 +325,66 @@ def _masking_launches(torch, kernels, dtype) -> None:
         kernels.masked_concat_backward(out, ratio_a, ratio_v, seeds, 512, 16, 16)
 
 
+# The specialisation sweep: every batch size up to 64 at several map sizes, fixed C, dtype and
+# flags, in both memory formats. Each kernel may compile at most SPECIALIZATIONS_PER_MAP_SIZE
+# variants per map size of the sweep, whatever N: N and the work split that follows from it are
+# runtime arguments (do_not_specialize), and the finalize tiles do not depend on them. (Measured:
+# 1 to 3 variants per kernel and memory format over the whole sweep; 6 to 12 before.)
+SWEEP_BATCHES = range(1, 65)
+SWEEP_MAPS = ((7, 7), (14, 14), (28, 28), (56, 56))
+SPECIALIZATIONS_PER_MAP_SIZE = 1
+
+
+def _count_specializations() -> dict:
+    """Distinct specialisations per (kernel, memory format) over the sweep, not compiled."""
+    import torch
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.driver import driver
+
+    from avkernels.ops.batch_norm import triton_launch as batch_norm_launch
+
+    target = GPUTarget("cuda", 90, 32)
+    keys: dict[str, set] = {}
+    layout = ""
+
+    class CompileOnlyDriver:
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_current_target(self):
+            return target
+
+    def record(*, key, fn, **_) -> bool:
+        keys.setdefault(f"{fn.jit_function.__name__} {layout}", set()).add(str(key))
+        return True  # nothing compiled or launched
+
+    driver.set_active(CompileOnlyDriver())
+    knobs.runtime.jit_cache_hook = record
+    batch_norm_launch._target_programs = lambda device: (
+        batch_norm_launch._PROGRAMS_PER_SM * TARGETS[90][0]
+    )
+    for layout in ("nchw", "channels_last"):  # noqa: B007 - read by record
+        for height, width in SWEEP_MAPS:
+            for batch in SWEEP_BATCHES:
+                _launch_pair(
+                    torch,
+                    batch_norm_launch,
+                    (batch, 64, height, width),
+                    layout,
+                    torch.float32,
+                    **BN_MODES["train-weight-only-relu"],
+                )
+    return {name: len(variants) for name, variants in keys.items()}
+
+
 def main() -> None:
+    if sys.argv[1] == "count":
+        json.dump(_count_specializations(), sys.stdout)
+        return
     arch, shard, shards = map(int, sys.argv[1:4])
     json.dump(_record_launches(arch, shard, shards), sys.stdout)
 
@@ -441,6 +500,26 @@ def test_aligned_activations_move_in_128_bit_vectors(compiled):
         or (STREAMING_KERNELS[r["kernel"]] and 128 not in r["store_bits"])
     ]
     assert not narrow, "no 128-bit global access:\n" + "\n".join(narrow[:5])
+
+
+def test_batch_sizes_compile_a_bounded_number_of_variants():
+    pytest.importorskip("triton")
+    run = subprocess.run(
+        [sys.executable, __file__, "count"],
+        env=script_environment(TRITON_INTERPRET=None),
+        capture_output=True,
+        text=True,
+        timeout=COMPILE_TIMEOUT_S,
+    )
+    assert run.returncode == 0, f"the count script failed:\n{run.stderr[-4000:]}"
+    counts = json.loads(run.stdout)
+    assert len(counts) == 2 * 6, counts  # the mode's 6 kernels, in 2 memory formats
+    bound = SPECIALIZATIONS_PER_MAP_SIZE * len(SWEEP_MAPS)
+    over = {name: count for name, count in counts.items() if count > bound}
+    assert not over, (
+        f"more than {bound} variants for {len(SWEEP_BATCHES)} batch sizes x {len(SWEEP_MAPS)} "
+        f"map sizes: {over}"
+    )
 
 
 if __name__ == "__main__":

@@ -52,10 +52,17 @@ from avkernels.ops.batch_norm.triton_device import (
     tile_pointers,
 )
 
+# Integer arguments that change with the batch size. Triton would specialise each on being 1 or
+# a multiple of 16 and so compile new variants for a new N (the last batch of an epoch, another
+# eval batch); as runtime values they keep one variant per geometry (docs/DESIGN.md, "Kernel
+# designs and launch plans"). hw_chunk stays specialised: it is a whole number of tiles, and its
+# alignment lets the loads of a chunk vectorise.
+_BATCH_DEPENDENT = ("N", "samples_per_program", "hw_splits", "row_programs")
+
 # --- forward kernels -----------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_BATCH_DEPENDENT)
 def fwd_partial_stats_kernel(
     x_pointer, partial_pointer,
     N, C, HW, W,
@@ -113,7 +120,7 @@ def fwd_partial_stats_kernel(
     tl.store(partial_pointer + 2 * row_size + offsets, counts, mask=c_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("row_programs",))
 def fwd_finalize_kernel(
     partial_pointer, mean_pointer, invstd_pointer,
     running_mean_pointer, running_var_pointer, abri_running_mean_pointer,
@@ -188,7 +195,7 @@ def _update_running(running_mean_pointer, running_var_pointer, c_offsets, c_mask
     store_rounded(running_var_pointer + c_offsets, running_var, c_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_BATCH_DEPENDENT)
 def fwd_normalize_kernel(
     x_pointer, y_pointer, mean_pointer, invstd_pointer,
     running_mean_pointer, running_var_pointer, abri_running_mean_pointer,
@@ -326,7 +333,7 @@ def fwd_normalize_kernel(
 # --- backward kernels ----------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_BATCH_DEPENDENT)
 def bwd_partial_sums_kernel(
     grad_y_pointer, x_pointer, grad_x_pointer, mean_pointer, invstd_pointer,
     weight_pointer, bias_pointer, abri_weight_pointer, abri_bias_pointer, alpha_pointer,
@@ -437,7 +444,7 @@ def _alpha_branch(gamma_pointer, beta_pointer, c_offsets, c_mask, sum_dy, sum_dy
     return branch
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("row_programs",))
 def bwd_finalize_kernel(
     partial_pointer, invstd_pointer, sums_pointer,
     weight_pointer, bias_pointer, abri_weight_pointer, abri_bias_pointer, alpha_pointer,
@@ -513,7 +520,7 @@ def bwd_finalize_kernel(
             store_rounded(grad_bias_pointer + c_offsets, sum_dy, c_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_BATCH_DEPENDENT)
 def bwd_grad_x_kernel(
     grad_y_pointer, x_pointer, grad_x_pointer, mean_pointer, invstd_pointer, sums_pointer,
     weight_pointer, bias_pointer, abri_weight_pointer, abri_bias_pointer, alpha_pointer,

@@ -156,7 +156,8 @@ def _plan(x: Tensor, split_hw: bool) -> _Plan:
 def _finalize_launch(channels: int, row_programs: int) -> tuple[tuple[int], dict]:
     """Grid and block/warp options of the finalize kernels."""
     block_c = min(triton.next_power_of_2(max(channels, 1)), _FINALIZE_BLOCK_C)
-    block_r = min(triton.next_power_of_2(row_programs), _FINALIZE_TILE_ELEMENTS // block_c)
+    # Not sized to row_programs, which changes with the batch size: one variant per C.
+    block_r = _FINALIZE_TILE_ELEMENTS // block_c
     num_warps = max(1, min(8, block_r * block_c // 256))
     grid = (max(1, triton.cdiv(channels, block_c)),)
     return grid, dict(BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
