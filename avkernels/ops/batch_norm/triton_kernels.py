@@ -13,7 +13,7 @@ launch can merge H and W into one stride the kernels use ``hw * stride``; otherw
 sample by ``BLOCK_C`` channels; the heuristic of :func:`_plan` lays it along the contiguous axis
 (HW for NCHW, C for channels_last) so loads coalesce.
 
-Why one file of ~570 lines (over the project's ~500-line guide): the six kernels share the
+Why one file of ~640 lines (over the project's ~500-line guide): the four kernels share the
 addressing and work split described here, and the launch plan in ``triton_launch`` relies on them
 agreeing; one file keeps that contract, and its description, in one place.
 
@@ -24,18 +24,17 @@ walks channel blocks, grid axis 0 "row programs". A row program owns either
 across row programs; their per-program partials are merged in a fixed order, so float results
 are bitwise repeatable (no float atomics; integer atomics only for the dead counters).
 
-Launches:
+Launches (a reduction's finalize runs in the program that finishes last, found with an integer
+atomic counter per channel block in a zeroed scratch buffer that the kernels leave zeroed):
 
-* training forward: partial Welford statistics -> finalize (Chan merge, mean/invstd, running
-  statistics) -> normalize (affine, ABRi blend, ReLU, dead counters): 3 kernels, 3 passes over x
-  and y (plus a zero-filled flag buffer when a sample's map is split across programs and dead
-  counters are on);
+* training forward: partial Welford statistics, the last program per channel block merging them
+  (Chan merge, mean/invstd, running statistics) -> normalize (affine, ABRi blend, ReLU, dead
+  counters): 2 kernels, 3 passes over x and y;
 * eval forward: normalize only (statistics from the running buffers, in-kernel): 1 kernel;
-* training backward: partial sums of dy and dy*(x - mean) -> finalize (S1, S2, parameter
-  gradients) -> grad_x: 3 kernels;
-* eval backward: partial sums fused with grad_x = dy * scale -> finalize: 2 kernels.
-
-A scalar ``abri_alpha`` adds one ``torch.sum`` over the C per-channel alpha gradients.
+* training backward: partial sums of dy and dy*(x - mean), the last program per channel block
+  reducing them (S1, S2, parameter gradients; the last channel block sums a layer-wise alpha's
+  gradient) -> grad_x: 2 kernels;
+* eval backward: partial sums fused with grad_x = dy * scale, and the same reductions: 1 kernel.
 """
 
 import triton
@@ -64,30 +63,48 @@ _BATCH_DEPENDENT = ("N", "samples_per_program", "hw_splits", "row_programs")
 
 @triton.jit(do_not_specialize=_BATCH_DEPENDENT)
 def fwd_partial_stats_kernel(
-    x_pointer, partial_pointer,
+    x_pointer, partial_pointer, mean_pointer, invstd_pointer,
+    running_mean_pointer, running_var_pointer, abri_running_mean_pointer,
+    abri_running_var_pointer, counter_pointer,
     N, C, HW, W,
     x_stride_n, x_stride_c, x_stride_h, x_stride_w,
     samples_per_program, hw_splits, hw_chunk, row_programs,
+    eps: tl.float64, momentum: tl.float64, keep: tl.float64, unbiased_momentum: tl.float64,
+    UPDATE_RUNNING: tl.constexpr, UPDATE_ABRI_RUNNING: tl.constexpr,
     SPLIT_HW: tl.constexpr, ACC: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
-    """Per-channel Welford summaries of the elements one row program owns.
+    """Per-channel Welford summaries of the elements one row program owns; the last program of
+    each channel block to finish merges them into the batch statistics.
 
     Grid: (row_programs, cdiv(C, BLOCK_C)).
 
     Args:
         x_pointer: Pointer to the input x, shape [N, C, H, W], addressed through the strides.
-        partial_pointer: Pointer to the output partials, contiguous [3, row_programs, C] in the
+        partial_pointer: Pointer to the partials, contiguous [3, row_programs, C] in the
             accumulation dtype: rows mean, M2 (sum of squared deviations) and element count.
+        mean_pointer, invstd_pointer: Pointers to the outputs, contiguous [1, C], accumulation
+            dtype: batch mean and 1/sqrt(biased variance + eps).
+        running_mean_pointer, running_var_pointer: Pointers to the original BN's running
+            statistics, [C], updated in place in their own dtype.
+        abri_running_mean_pointer, abri_running_var_pointer: The same for ABRi's added BN.
+        counter_pointer: Pointer to int32 [>= cdiv(C, BLOCK_C)] zeros: programs finished per
+            channel block; the last one sets its counter back to 0.
         N, C, HW, W: Batch size, channels, H*W and W of x.
         x_stride_*: Strides of x; with SPLIT_HW false x_stride_w is the merged H*W stride.
         samples_per_program, hw_splits, hw_chunk: The work split (module docstring).
         row_programs: Size of grid axis 0 (rows of the partial buffer).
+        eps: Added to the variance.
+        momentum, keep: Weight of the batch statistic and of the old value (1 - momentum).
+        unbiased_momentum: momentum * count / (count - 1), weight of the biased batch variance.
+        UPDATE_RUNNING, UPDATE_ABRI_RUNNING: Which running sets exist.
         SPLIT_HW: Address (h, w) separately because H and W do not merge into one stride.
         ACC: Accumulation dtype (float32, or float64 for float64 input).
-        BLOCK_HW, BLOCK_C: Tile extents.
+        BLOCK_HW, BLOCK_C: Tile extents; BLOCK_R: partial rows merged per step.
     """
     pid_rows = tl.program_id(0)
-    c_offsets = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    pid_c = tl.program_id(1)
+    c_offsets = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c_offsets < C
     n_start, n_end, hw_start, hw_end = row_program_range(
         pid_rows, N, HW, samples_per_program, hw_splits, hw_chunk)
@@ -119,40 +136,30 @@ def fwd_partial_stats_kernel(
     tl.store(partial_pointer + row_size + offsets, m2, mask=c_mask)
     tl.store(partial_pointer + 2 * row_size + offsets, counts, mask=c_mask)
 
+    # Every thread's partials, then (barrier) one release; the last program acquires them all.
+    tl.debug_barrier()
+    finished = tl.atomic_add(counter_pointer + pid_c, 1, sem="acq_rel")
+    if finished == row_programs - 1:
+        _finalize_statistics(
+            partial_pointer, mean_pointer, invstd_pointer, running_mean_pointer,
+            running_var_pointer, abri_running_mean_pointer, abri_running_var_pointer, c_offsets,
+            c_mask, C, row_programs, eps, momentum, keep, unbiased_momentum, UPDATE_RUNNING,
+            UPDATE_ABRI_RUNNING, ACC, BLOCK_R, BLOCK_C)
+        tl.store(counter_pointer + pid_c, 0)
 
-@triton.jit(do_not_specialize=("row_programs",))
-def fwd_finalize_kernel(
+
+@triton.jit
+def _finalize_statistics(
     partial_pointer, mean_pointer, invstd_pointer,
     running_mean_pointer, running_var_pointer, abri_running_mean_pointer,
-    abri_running_var_pointer,
+    abri_running_var_pointer, c_offsets, c_mask,
     C, row_programs,
-    eps: tl.float64, momentum: tl.float64, keep: tl.float64, unbiased_momentum: tl.float64,
+    eps, momentum, keep, unbiased_momentum,
     UPDATE_RUNNING: tl.constexpr, UPDATE_ABRI_RUNNING: tl.constexpr,
     ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Merges the partial summaries in a fixed order into batch mean/invstd; updates running stats.
-
-    Grid: (cdiv(C, BLOCK_C),).
-
-    Args:
-        partial_pointer: Pointer to the partials of fwd_partial_stats_kernel,
-            contiguous [3, row_programs, C].
-        mean_pointer, invstd_pointer: Pointers to the outputs, contiguous [1, C], accumulation
-            dtype: batch mean and 1/sqrt(biased variance + eps).
-        running_mean_pointer, running_var_pointer: Pointers to the original BN's running
-            statistics, [C], updated in place in their own dtype.
-        abri_running_mean_pointer, abri_running_var_pointer: The same for ABRi's added BN.
-        C: Number of channels.
-        row_programs: Number of partial rows.
-        eps: Added to the variance.
-        momentum, keep: Weight of the batch statistic and of the old value (1 - momentum).
-        unbiased_momentum: momentum * count / (count - 1), weight of the biased batch variance.
-        UPDATE_RUNNING, UPDATE_ABRI_RUNNING: Which running sets exist.
-        ACC: Accumulation dtype.
-        BLOCK_R, BLOCK_C: Partial rows and channels loaded per step.
-    """
-    c_offsets = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c_offsets < C
+    """Merges the partial summaries of channels ``c_offsets`` in a fixed order into the batch
+    mean/invstd, and updates the running statistics (arguments as fwd_partial_stats_kernel)."""
     mean = tl.zeros([BLOCK_C], dtype=ACC)
     m2 = tl.zeros([BLOCK_C], dtype=ACC)
     count = tl.zeros([BLOCK_C], dtype=ACC)
@@ -161,10 +168,13 @@ def fwd_finalize_kernel(
         rows = row_start + tl.arange(0, BLOCK_R)
         mask = (rows < row_programs)[:, None] & c_mask[None, :]
         offsets = rows[:, None] * C + c_offsets[None, :]
-        # Masked slots load count 0, which chan_merge treats as empty.
-        block_mean = tl.load(partial_pointer + offsets, mask=mask, other=0)
-        block_m2 = tl.load(partial_pointer + row_size + offsets, mask=mask, other=0)
-        block_count = tl.load(partial_pointer + 2 * row_size + offsets, mask=mask, other=0)
+        # Masked slots load count 0, which chan_merge treats as empty. ".cg": other programs
+        # wrote these, so read them from L2, not from this SM's (incoherent) L1.
+        block_mean = tl.load(partial_pointer + offsets, mask=mask, other=0, cache_modifier=".cg")
+        block_m2 = tl.load(partial_pointer + row_size + offsets, mask=mask, other=0,
+                           cache_modifier=".cg")
+        block_count = tl.load(partial_pointer + 2 * row_size + offsets, mask=mask, other=0,
+                              cache_modifier=".cg")
         block_mean, block_m2, block_count = tl.reduce((block_mean, block_m2, block_count), 0,
                                                       chan_merge)
         mean, m2, count = chan_merge(mean, m2, count, block_mean, block_m2, block_count)
@@ -201,7 +211,7 @@ def fwd_normalize_kernel(
     running_mean_pointer, running_var_pointer, abri_running_mean_pointer,
     abri_running_var_pointer,
     weight_pointer, bias_pointer, abri_weight_pointer, abri_bias_pointer, alpha_pointer,
-    dead_count_pointer, dead_sample_count_pointer, seen_pointer, map_alive_pointer,
+    dead_count_pointer, dead_sample_count_pointer, seen_pointer, map_slots_pointer,
     N, C, HW, W,
     x_stride_n, x_stride_c, x_stride_h, x_stride_w,
     y_stride_n, y_stride_c, y_stride_h, y_stride_w,
@@ -233,8 +243,8 @@ def fwd_normalize_kernel(
         dead_count_pointer: Pointer to int64 [C]: += outputs <= 0 before the activation.
         dead_sample_count_pointer: Pointer to int64 [C]: += samples whose whole map is <= 0.
         seen_pointer: Pointer to int64 [2]: += [N*H*W, N] (by program (0, 0)).
-        map_alive_pointer: Pointer to a zero-filled int32 [N, C] scratch, one flag per map
-            ("some output > 0 seen"); used only when MAP_SPLIT.
+        map_slots_pointer: Pointer to int32 [>= N * C] zeros, one slot per map, left zeroed;
+            used only when MAP_SPLIT.
         N, C, HW, W: Batch size, channels, H*W and W of x.
         x_stride_*, y_stride_*: Strides; with SPLIT_HW false *_stride_w is the merged H*W stride.
         samples_per_program, hw_splits, hw_chunk: The work split (module docstring).
@@ -308,13 +318,15 @@ def fwd_normalize_kernel(
         if COUNT_DEAD:
             map_alive = tl.max(alive, axis=0)
             if MAP_SPLIT:
-                # The map is shared by hw_splits programs: the one holding its first chunk counts
-                # it dead (+1); the first program to see a positive output takes that back (-1).
-                # The sum is exact once every program has run, whatever the order.
-                previously_alive = tl.atomic_or(map_alive_pointer + n * C + c_offsets, 1,
-                                                mask=c_mask & (map_alive > 0), sem="relaxed")
-                first_alive = (map_alive > 0) & (previously_alive == 0)
-                dead_samples += tl.cast(hw_start == 0, tl.int32) - first_alive.to(tl.int32)
+                # The map is shared by hw_splits programs. Each adds 1 to the map's slot, plus
+                # 2**16 if it saw a positive output; the last to add knows whether any did,
+                # counts the map, and sets the slot back to 0 for the next launch.
+                slot = map_slots_pointer + n * C + c_offsets
+                previous = tl.atomic_add(slot, 1 + map_alive * 65536, mask=c_mask,
+                                         sem="relaxed")
+                last = (previous & 0xFFFF) == hw_splits - 1
+                dead_samples += (last & (previous < 65536) & (map_alive == 0)).to(tl.int32)
+                tl.store(slot, 0, mask=c_mask & last)
             else:
                 dead_samples += 1 - map_alive
 
@@ -337,7 +349,9 @@ def fwd_normalize_kernel(
 def bwd_partial_sums_kernel(
     grad_y_pointer, x_pointer, grad_x_pointer, mean_pointer, invstd_pointer,
     weight_pointer, bias_pointer, abri_weight_pointer, abri_bias_pointer, alpha_pointer,
-    partial_pointer,
+    partial_pointer, sums_pointer,
+    grad_weight_pointer, grad_bias_pointer, grad_abri_weight_pointer, grad_abri_bias_pointer,
+    grad_alpha_pointer, grad_alpha_total_pointer, counter_pointer,
     N, C, HW, W,
     grad_y_stride_n, grad_y_stride_c, grad_y_stride_h, grad_y_stride_w,
     x_stride_n, x_stride_c, x_stride_h, x_stride_w,
@@ -347,8 +361,11 @@ def bwd_partial_sums_kernel(
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ABRI_WEIGHT: tl.constexpr,
     HAS_ABRI_BIAS: tl.constexpr, ABRI: tl.constexpr, ALPHA_PER_CHANNEL: tl.constexpr,
     SPLIT_HW: tl.constexpr, ACC: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_TOTAL: tl.constexpr,
 ):
-    """Per-program partial sums of dy and dy * (x - mean_k); with running stats also grad_x.
+    """Per-program partial sums of dy and dy * (x - mean_k); with running stats also grad_x. The
+    last program of each channel block to finish reduces them (S1, S2, parameter gradients), and
+    with a layer-wise alpha the last channel block sums d/d alpha over the channels.
 
     dy is the incoming gradient, zeroed where the fused ReLU was inactive (mask recomputed from
     x). Grid: (row_programs, cdiv(C, BLOCK_C)).
@@ -360,8 +377,13 @@ def bwd_partial_sums_kernel(
         mean_pointer, invstd_pointer: Pointers to the forward's [K, C] statistics (accumulation
             dtype); row abri_row_offset / C is the added ABRi BN's (row 0 when K = 1).
         weight_pointer ... alpha_pointer: As in fwd_normalize_kernel.
-        partial_pointer: Pointer to the output partials, contiguous [1 + K, row_programs, C]:
+        partial_pointer: Pointer to the partials, contiguous [1 + K, row_programs, C]:
             sum(dy), then sum(dy * (x - mean_k)) for each statistics row k.
+        sums_pointer ... grad_alpha_pointer: Outputs as in _finalize_sums.
+        grad_alpha_total_pointer: Output [1] in alpha's dtype: d/d alpha summed over channels
+            (written when ABRI and not ALPHA_PER_CHANNEL).
+        counter_pointer: Pointer to int32 [>= cdiv(C, BLOCK_C) + 1] zeros: programs finished
+            per channel block, then channel blocks finished; each is set back to 0 by its last.
         N, C, HW, W: Batch size, channels, H*W and W of x.
         *_stride_*: Strides; with SPLIT_HW false *_stride_w is the merged H*W stride.
         samples_per_program, hw_splits, hw_chunk: The work split (module docstring).
@@ -371,9 +393,11 @@ def bwd_partial_sums_kernel(
         COMPUTE_GRAD_X: Running statistics are constants, so grad_x = dy * scale is written here.
         RELU, HAS_*, ABRI, ALPHA_PER_CHANNEL, SPLIT_HW, ACC, BLOCK_HW, BLOCK_C: As in
             fwd_normalize_kernel.
+        BLOCK_R: Partial rows reduced per step; BLOCK_TOTAL: channels summed per step.
     """
     pid_rows = tl.program_id(0)
-    c_offsets = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    pid_c = tl.program_id(1)
+    c_offsets = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c_offsets < C
     mean, invstd, abri_mean, scale, shift = saved_affine(
         mean_pointer, invstd_pointer, abri_row_offset, c_offsets, c_mask, weight_pointer,
@@ -417,6 +441,42 @@ def bwd_partial_sums_kernel(
         tl.store(partial_pointer + 2 * row_size + offsets, tl.sum(abri_sum_dy_centered, axis=0),
                  mask=c_mask)
 
+    # Every thread's partials, then (barrier) one release; the last program acquires them all.
+    tl.debug_barrier()
+    finished = tl.atomic_add(counter_pointer + pid_c, 1, sem="acq_rel")
+    if finished == row_programs - 1:
+        _finalize_sums(
+            partial_pointer, invstd_pointer, sums_pointer, weight_pointer, bias_pointer,
+            abri_weight_pointer, abri_bias_pointer, alpha_pointer, grad_weight_pointer,
+            grad_bias_pointer, grad_abri_weight_pointer, grad_abri_bias_pointer,
+            grad_alpha_pointer, c_offsets, c_mask, C, row_programs, abri_row_offset, TWO_ROWS,
+            HAS_WEIGHT, HAS_BIAS, HAS_ABRI_WEIGHT, HAS_ABRI_BIAS, ABRI, ALPHA_PER_CHANNEL, ACC,
+            BLOCK_R, BLOCK_C)
+        tl.store(counter_pointer + pid_c, 0)
+        if ABRI:
+            if not ALPHA_PER_CHANNEL:
+                channel_blocks = tl.num_programs(1)
+                tl.debug_barrier()  # every thread's grad_alpha stores before the release
+                blocks_done = tl.atomic_add(counter_pointer + channel_blocks, 1, sem="acq_rel")
+                if blocks_done == channel_blocks - 1:
+                    _store_alpha_total(grad_alpha_pointer, grad_alpha_total_pointer, C, ACC,
+                                       BLOCK_TOTAL)
+                    tl.store(counter_pointer + channel_blocks, 0)
+
+
+@triton.jit
+def _store_alpha_total(grad_alpha_pointer, grad_alpha_total_pointer, C, ACC: tl.constexpr,
+                       BLOCK_TOTAL: tl.constexpr):
+    """grad_alpha_total = sum of the C per-channel d/d alpha, in a fixed order."""
+    total = tl.zeros([BLOCK_TOTAL], dtype=ACC)
+    for start in range(0, C, BLOCK_TOTAL):
+        offsets = start + tl.arange(0, BLOCK_TOTAL)
+        total += tl.load(grad_alpha_pointer + offsets, mask=offsets < C, other=0,
+                         cache_modifier=".cg")
+    offsets = tl.arange(0, 1)
+    store_rounded(grad_alpha_total_pointer + offsets, tl.broadcast_to(tl.sum(total, axis=0), (1,)),
+                  offsets < 1)
+
 
 @triton.jit
 def _sum_partial_rows(partial_pointer, row_programs, C, c_offsets, c_mask, ACC: tl.constexpr,
@@ -426,8 +486,9 @@ def _sum_partial_rows(partial_pointer, row_programs, C, c_offsets, c_mask, ACC: 
     for row_start in range(0, row_programs, BLOCK_R):
         rows = row_start + tl.arange(0, BLOCK_R)
         mask = (rows < row_programs)[:, None] & c_mask[None, :]
+        # ".cg": other programs wrote these; read them from L2, not this SM's (incoherent) L1.
         block = tl.load(partial_pointer + rows[:, None] * C + c_offsets[None, :], mask=mask,
-                        other=0)
+                        other=0, cache_modifier=".cg")
         total += tl.sum(block, axis=0)
     return total
 
@@ -444,21 +505,20 @@ def _alpha_branch(gamma_pointer, beta_pointer, c_offsets, c_mask, sum_dy, sum_dy
     return branch
 
 
-@triton.jit(do_not_specialize=("row_programs",))
-def bwd_finalize_kernel(
+@triton.jit
+def _finalize_sums(
     partial_pointer, invstd_pointer, sums_pointer,
     weight_pointer, bias_pointer, abri_weight_pointer, abri_bias_pointer, alpha_pointer,
     grad_weight_pointer, grad_bias_pointer, grad_abri_weight_pointer, grad_abri_bias_pointer,
-    grad_alpha_pointer,
+    grad_alpha_pointer, c_offsets, c_mask,
     C, row_programs, abri_row_offset,
     TWO_ROWS: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_ABRI_WEIGHT: tl.constexpr, HAS_ABRI_BIAS: tl.constexpr, ABRI: tl.constexpr,
     ALPHA_PER_CHANNEL: tl.constexpr, ACC: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """S1 = sum(dy), S2_k = sum(dy * xhat_k) in a fixed order, and the parameter gradients.
-
-    Grid: (cdiv(C, BLOCK_C),).
+    """S1 = sum(dy), S2_k = sum(dy * xhat_k) of channels ``c_offsets`` in a fixed order, and the
+    parameter gradients.
 
     Args:
         partial_pointer: Pointer to the [1 + K, row_programs, C] partials of
@@ -471,15 +531,13 @@ def bwd_finalize_kernel(
             alpha * S2_0 and alpha * S1 (alpha = 1 without ABRi).
         grad_abri_weight_pointer, grad_abri_bias_pointer: Outputs [C]: (1 - alpha) * S2_last and
             (1 - alpha) * S1.
-        grad_alpha_pointer: Output [C]: per-channel d/d alpha (the launcher sums it over channels
-            for a scalar alpha).
+        grad_alpha_pointer: Output [C]: per-channel d/d alpha.
+        c_offsets, c_mask: The channels.
         C, row_programs: Channels and partial rows.
         abri_row_offset: (K - 1) * C, offset of the last statistics row.
         TWO_ROWS, HAS_*, ABRI, ALPHA_PER_CHANNEL, ACC: As in bwd_partial_sums_kernel.
         BLOCK_R, BLOCK_C: Partial rows and channels loaded per step.
     """
-    c_offsets = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = c_offsets < C
     row_size = row_programs * C
     sum_dy = _sum_partial_rows(partial_pointer, row_programs, C, c_offsets, c_mask, ACC,
                                BLOCK_R, BLOCK_C)
@@ -542,7 +600,7 @@ def bwd_grad_x_kernel(
         grad_y_pointer, x_pointer, grad_x_pointer: As in bwd_partial_sums_kernel (grad_x is
             always written here).
         mean_pointer, invstd_pointer: Pointers to the forward's [K, C] statistics.
-        sums_pointer: Pointer to [2, C]: S1 and S2 of statistics row 0 (bwd_finalize_kernel).
+        sums_pointer: Pointer to [2, C]: S1 and S2 of statistics row 0 (_finalize_sums).
         weight_pointer ... alpha_pointer: As in fwd_normalize_kernel.
         N, C, HW, W, *_stride_*, samples_per_program, hw_splits, hw_chunk, abri_row_offset:
             As in bwd_partial_sums_kernel.

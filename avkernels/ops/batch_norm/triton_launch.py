@@ -31,10 +31,8 @@ from avkernels.ops.batch_norm.schema import (
     output_memory_format,
 )
 from avkernels.ops.batch_norm.triton_kernels import (
-    bwd_finalize_kernel,
     bwd_grad_x_kernel,
     bwd_partial_sums_kernel,
-    fwd_finalize_kernel,
     fwd_normalize_kernel,
     fwd_partial_stats_kernel,
 )
@@ -51,10 +49,6 @@ _MAX_BLOCK_C_CHANNELS_INNER = 64
 _PROGRAMS_PER_SM = 8
 # The interpreter (CPU tensors, TRITON_INTERPRET=1) runs programs one after another: few of them.
 _INTERPRETER_PROGRAMS = 4
-# Finalize kernels: narrow channel blocks and tall row blocks, so that even ~1000 partial rows
-# take a few dependent load rounds and C = 64 still gets several programs.
-_FINALIZE_BLOCK_C = 16
-_FINALIZE_TILE_ELEMENTS = 4096
 
 
 # --- launch planning -----------------------------------------------------------------------------
@@ -153,16 +147,6 @@ def _plan(x: Tensor, split_hw: bool) -> _Plan:
     )
 
 
-def _finalize_launch(channels: int, row_programs: int) -> tuple[tuple[int], dict]:
-    """Grid and block/warp options of the finalize kernels."""
-    block_c = min(triton.next_power_of_2(max(channels, 1)), _FINALIZE_BLOCK_C)
-    # Not sized to row_programs, which changes with the batch size: one variant per C.
-    block_r = _FINALIZE_TILE_ELEMENTS // block_c
-    num_warps = max(1, min(8, block_r * block_c // 256))
-    grid = (max(1, triton.cdiv(channels, block_c)),)
-    return grid, dict(BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
-
-
 # --- launch plans --------------------------------------------------------------------------------
 
 # A launch plan depends only on its key (geometry, dtypes, device, flags), so a dict keeps one per
@@ -186,6 +170,21 @@ def clear_plans() -> None:
     """Forgets every launch plan (after changing what plans depend on, e.g. in a benchmark)."""
     _FORWARD_PLANS.clear()
     _BACKWARD_PLANS.clear()
+
+
+# Zeroed int32 counters, per (device, stream), that every kernel using them leaves zeroed: the
+# last-program-done counters and the split-map slots need zeros without a zero-fill launch per
+# call. Launches on one stream run one after another, so they never use a buffer at once.
+_SCRATCH: dict = {}
+
+
+def _scratch(device: torch.device, size: int) -> Tensor:
+    stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
+    buffer = _SCRATCH.get((device, stream))
+    if buffer is None or buffer.numel() < size:
+        grown = max(size, 2 * (0 if buffer is None else buffer.numel()))
+        buffer = _SCRATCH[device, stream] = torch.zeros(grown, dtype=torch.int32, device=device)
+    return buffer
 
 
 def _keep_plan(plans: dict, key: tuple, plan):
@@ -230,18 +229,14 @@ def _affine_flags(a) -> dict:
 
 class _ForwardPlan(NamedTuple):
     y_format: torch.memory_format
-    # Templates (see _template) of the statistics, the partials and the zero-filled flags of
-    # maps split across programs (None when not needed).
+    # Templates (see _template) of the statistics and the partials.
     stats: Tensor
     partial: Tensor
-    map_alive: Tensor | None
+    scratch_size: int  # zeroed int32 counters needed (see _scratch)
     count: int  # values per channel (N*H*W)
     grid: tuple[int, int]
     stats_ints: tuple[int, ...]
     stats_options: dict
-    finalize_grid: tuple[int]
-    finalize_ints: tuple[int, ...]
-    finalize_options: dict
     normalize_ints: tuple[int, ...]
     normalize_options: dict
 
@@ -257,7 +252,6 @@ def _forward_plan(a) -> _ForwardPlan:
     geometry = (batch, channels, spatial, width)
     work_split = (plan.samples_per_program, plan.hw_splits, plan.hw_chunk)
     tile = _tile_options(plan, acc)
-    finalize_grid, finalize_options = _finalize_launch(channels, plan.row_programs)
     count_dead = a.dead_count is not None
     map_split = count_dead and plan.hw_splits > 1
     return _ForwardPlan(
@@ -268,18 +262,16 @@ def _forward_plan(a) -> _ForwardPlan:
             x.device,
         ),
         partial=_template((3, plan.row_programs, channels), acc, x.device),
-        map_alive=_template((batch, channels), torch.int32, x.device) if map_split else None,
+        # Per channel block (statistics), or per map (split maps): see the kernels.
+        scratch_size=max(plan.channel_blocks, batch * channels if map_split else 0),
         count=batch * spatial,
         grid=plan.grid,
         stats_ints=(*geometry, *strides[:4], *work_split, plan.row_programs),
-        stats_options=tile,
-        finalize_grid=finalize_grid,
-        finalize_ints=(channels, plan.row_programs),
-        finalize_options=dict(
+        stats_options=dict(
             UPDATE_RUNNING=a.running_mean is not None,
             UPDATE_ABRI_RUNNING=a.abri_running_mean is not None,
-            ACC=_TRITON_ACC[acc],
-            **finalize_options,
+            BLOCK_R=_TILE_ELEMENTS // plan.block_c,
+            **tile,
         ),
         normalize_ints=(*geometry, *strides, *work_split),
         normalize_options=dict(
@@ -301,16 +293,14 @@ class _BackwardPlan(NamedTuple):
     sums: Tensor
     no_grad: Tensor
     alpha_per_channel: Tensor
-    alpha_dtype: torch.dtype | None  # the dtype of a layer-wise alpha's gradient
+    alpha_total: Tensor  # template of a layer-wise alpha's gradient, (1,) in alpha's dtype
+    scratch_size: int
     has_grads: tuple[bool, bool, bool, bool]  # weight, bias, abri_weight, abri_bias
     abri: bool
     per_channel_alpha: bool
     grid: tuple[int, int]
     partial_ints: tuple[int, ...]
     partial_options: dict
-    finalize_grid: tuple[int]
-    finalize_ints: tuple[int, ...]
-    finalize_options: dict
     grad_x_ints: tuple[int, ...]
     grad_x_options: dict
 
@@ -327,7 +317,6 @@ def _backward_plan(a) -> _BackwardPlan:
     two_rows = mean.shape[0] == 2
     flags = _affine_flags(a)
     tile = _tile_options(plan, mean.dtype)
-    finalize_grid, finalize_options = _finalize_launch(channels, plan.row_programs)
     abri = a.abri_alpha is not None
     return _BackwardPlan(
         grad_x_format=grad_x_format,
@@ -335,7 +324,8 @@ def _backward_plan(a) -> _BackwardPlan:
         sums=_template((2, channels), mean.dtype, x.device),
         no_grad=_template((0,), mean.dtype, x.device),
         alpha_per_channel=_template((channels if abri else 0,), mean.dtype, x.device),
-        alpha_dtype=a.abri_alpha.dtype if abri else None,
+        alpha_total=_template((1,), a.abri_alpha.dtype if abri else mean.dtype, x.device),
+        scratch_size=plan.channel_blocks + 1,
         # The added BN's parameters only take a gradient in ABRi mode, as in the reference.
         has_grads=(
             a.weight is not None,
@@ -353,11 +343,8 @@ def _backward_plan(a) -> _BackwardPlan:
             RELU=a.relu,
             **flags,
             **tile,
-        ),
-        finalize_grid=finalize_grid,
-        finalize_ints=(channels, plan.row_programs, abri_row_offset),
-        finalize_options=dict(
-            TWO_ROWS=two_rows, **flags, ACC=_TRITON_ACC[mean.dtype], **finalize_options
+            BLOCK_R=_TILE_ELEMENTS // plan.block_c,
+            BLOCK_TOTAL=min(triton.next_power_of_2(channels), _TILE_ELEMENTS),
         ),
         grad_x_ints=(*geometry, *strides, *work_split, abri_row_offset),
         grad_x_options=dict(RELU=a.relu, **flags, **tile),
@@ -391,21 +378,22 @@ def forward(*args) -> tuple[Tensor, Tensor, Tensor]:
         invstd = torch.empty_like(plan.stats)
         # Absent optional tensors are never read (their HAS_* / mode flag is off): any pointer.
         given = [mean if t is None else t for t in args[6:13]]
+        scratch = _scratch(x.device, plan.scratch_size)
         if a.use_batch_stats:
-            partial = torch.empty_like(plan.partial)
-            fwd_partial_stats_kernel[plan.grid](x, partial, *plan.stats_ints, **plan.stats_options)
             momentum, count = a.momentum, plan.count
-            fwd_finalize_kernel[plan.finalize_grid](
-                partial,
+            fwd_partial_stats_kernel[plan.grid](
+                x,
+                torch.empty_like(plan.partial),
                 mean,
                 invstd,
                 *given[:4],
-                *plan.finalize_ints,
+                scratch,
+                *plan.stats_ints,
                 a.eps,
                 momentum,
                 1.0 - momentum,
                 momentum * count / (count - 1) if count > 1 else 0.0,
-                **plan.finalize_options,
+                **plan.stats_options,
             )
         fwd_normalize_kernel[plan.grid](
             x,
@@ -415,7 +403,7 @@ def forward(*args) -> tuple[Tensor, Tensor, Tensor]:
             *given[:4],
             *(mean if t is None else t.contiguous() for t in args[1:6]),
             *given[4:],
-            mean if plan.map_alive is None else torch.zeros_like(plan.map_alive),
+            scratch,
             *plan.normalize_ints,
             a.eps,
             **plan.normalize_options,
@@ -450,7 +438,16 @@ def backward(*args) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         mean, invstd = a.mean.contiguous(), a.invstd.contiguous()
         params = [mean if p is None else p.contiguous() for p in args[2:7]]
         grad_x = torch.empty_like(x, memory_format=plan.grad_x_format)
-        partial = torch.empty_like(plan.partial)
+        grads = [
+            torch.empty_like(p) if has else torch.empty_like(plan.no_grad)
+            for p, has in zip(params, plan.has_grads)
+        ]
+        per_channel = plan.per_channel_alpha
+        grad_alpha = torch.empty_like(params[4] if per_channel else plan.alpha_per_channel)
+        # A layer-wise alpha's (1,) gradient sums the per-channel ones, in the kernel.
+        layer_wise = plan.abri and not per_channel
+        grad_alpha_total = torch.empty_like(plan.alpha_total) if layer_wise else grad_alpha
+        sums = torch.empty_like(plan.sums)
         bwd_partial_sums_kernel[plan.grid](
             grad_y,
             x,
@@ -458,27 +455,14 @@ def backward(*args) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
             mean,
             invstd,
             *params,
-            partial,
-            *plan.partial_ints,
-            **plan.partial_options,
-        )
-        grads = [
-            torch.empty_like(p) if has else torch.empty_like(plan.no_grad)
-            for p, has in zip(params, plan.has_grads)
-        ]
-        grad_alpha = torch.empty_like(
-            params[4] if plan.per_channel_alpha else plan.alpha_per_channel
-        )
-        sums = torch.empty_like(plan.sums)
-        bwd_finalize_kernel[plan.finalize_grid](
-            partial,
-            invstd,
+            torch.empty_like(plan.partial),
             sums,
-            *params,
             *(grad if has else mean for grad, has in zip(grads, plan.has_grads)),
             grad_alpha if plan.abri else mean,
-            *plan.finalize_ints,
-            **plan.finalize_options,
+            grad_alpha_total,
+            _scratch(x.device, plan.scratch_size),
+            *plan.partial_ints,
+            **plan.partial_options,
         )
         if a.use_batch_stats:
             bwd_grad_x_kernel[plan.grid](
@@ -492,6 +476,4 @@ def backward(*args) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
                 *plan.grad_x_ints,
                 **plan.grad_x_options,
             )
-        if plan.abri and not plan.per_channel_alpha:
-            grad_alpha = grad_alpha.sum(0, keepdim=True).to(plan.alpha_dtype)
-    return grad_x, *grads, grad_alpha
+    return grad_x, *grads, grad_alpha_total
