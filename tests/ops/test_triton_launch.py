@@ -171,3 +171,36 @@ def test_host_overhead_stays_small():
     assert set(results) == set(host_overhead._calls((1, 1, 1, 1)))
     worst = max(entry["us"] for entry in results.values())
     assert worst <= 3 * host_overhead.TARGET_US, results
+
+
+def test_channel_blocks_go_on_the_unbounded_grid_axis():
+    # NCHW with 16x16 maps tiles 4 channels per program: 300,000 channels are 75,000 channel
+    # blocks, more than grid axes 1 and 2 allow (65,535). An expanded x needs no memory.
+    x = torch.randn(1, 1, 16, 16).expand(2, 300_000, 16, 16)
+    plan = triton_launch._plan(x, split_hw=False)
+    channel_blocks, rows = plan.grid
+    assert channel_blocks * plan.block_c >= x.shape[1] > 65_535 * plan.block_c
+    assert rows <= 65_535
+
+
+@pytest.mark.skipif(not INTERPRETER, reason="runs the interpreted kernels on CPU tensors")
+@pytest.mark.parametrize("train", [True, False])
+def test_expanded_input_gives_the_contiguous_result(train):
+    x = torch.randn(1, 3, 4, 5).expand(3, 3, 4, 5)
+    expanded = triton_launch.forward(*_forward_args(x, train=train, dead=True, relu=True))
+    contiguous = triton_launch.forward(
+        *_forward_args(x.contiguous(), train=train, dead=True, relu=True)
+    )
+    for got, expected in zip(expanded, contiguous):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not INTERPRETER, reason="runs the interpreted kernels on CPU tensors")
+def test_empty_batch_gives_empty_outputs():
+    x = torch.randn(0, 3, 4, 5)
+    args = list(_forward_args(x, train=False, dead=True))
+    y, mean, invstd = triton_launch.forward(*args)
+    assert y.shape == x.shape and mean.shape == (1, 3)
+    assert args[12].tolist() == [0, 0]  # seen: nothing counted
+    grads = triton_launch.backward(*_backward_args(x, mean, invstd, train=False))
+    assert grads[0].shape == x.shape

@@ -17,8 +17,10 @@ Why one file of ~640 lines (over the project's ~500-line guide): the four kernel
 addressing and work split described here, and the launch plan in ``triton_launch`` relies on them
 agreeing; one file keeps that contract, and its description, in one place.
 
-Work split (every kernel that touches the N*C*H*W elements uses the same one): grid axis 1
-walks channel blocks, grid axis 0 "row programs". A row program owns either
+Work split (every kernel that touches the N*C*H*W elements uses the same one): grid axis 0
+walks channel blocks (axis 0 allows 2**31 - 1 programs, so any C fits), grid axis 1 "row
+programs" (at most about twice the programs the launcher aims at, far below axis 1's 65,535).
+A row program owns either
 ``samples_per_program`` whole samples, or, when there are too few samples to fill the GPU, one
 ``hw_chunk`` of one sample (``hw_splits`` chunks per sample). Reductions over N*H*W are thus split
 across row programs; their per-program partials are merged in a fixed order, so float results
@@ -77,7 +79,7 @@ def fwd_partial_stats_kernel(
     """Per-channel Welford summaries of the elements one row program owns; the last program of
     each channel block to finish merges them into the batch statistics.
 
-    Grid: (row_programs, cdiv(C, BLOCK_C)).
+    Grid: (cdiv(C, BLOCK_C), row_programs).
 
     Args:
         x_pointer: Pointer to the input x, shape [N, C, H, W], addressed through the strides.
@@ -93,7 +95,7 @@ def fwd_partial_stats_kernel(
         N, C, HW, W: Batch size, channels, H*W and W of x.
         x_stride_*: Strides of x; with SPLIT_HW false x_stride_w is the merged H*W stride.
         samples_per_program, hw_splits, hw_chunk: The work split (module docstring).
-        row_programs: Size of grid axis 0 (rows of the partial buffer).
+        row_programs: Size of grid axis 1 (rows of the partial buffer).
         eps: Added to the variance.
         momentum, keep: Weight of the batch statistic and of the old value (1 - momentum).
         unbiased_momentum: momentum * count / (count - 1), weight of the biased batch variance.
@@ -102,8 +104,8 @@ def fwd_partial_stats_kernel(
         ACC: Accumulation dtype (float32, or float64 for float64 input).
         BLOCK_HW, BLOCK_C: Tile extents; BLOCK_R: partial rows merged per step.
     """
-    pid_rows = tl.program_id(0)
-    pid_c = tl.program_id(1)
+    pid_c = tl.program_id(0)
+    pid_rows = tl.program_id(1)
     c_offsets = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c_offsets < C
     n_start, n_end, hw_start, hw_end = row_program_range(
@@ -225,7 +227,7 @@ def fwd_normalize_kernel(
 ):
     """y = [ReLU](x * scale + shift) with the per-channel ABRi-blended affine; dead counters.
 
-    Grid: (row_programs, cdiv(C, BLOCK_C)).
+    Grid: (cdiv(C, BLOCK_C), row_programs).
 
     Args:
         x_pointer: Pointer to the input x, shape [N, C, H, W], addressed through the strides.
@@ -233,7 +235,7 @@ def fwd_normalize_kernel(
         mean_pointer, invstd_pointer: Pointers to [K, C] contiguous statistics, accumulation
             dtype. With batch statistics (K = 1) they are read (written by the finalize kernel);
             with running statistics they are written here (K = 2 for ABRi: row 1 is the added
-            BN's set) by the programs of grid row 0.
+            BN's set) by the programs of row 0.
         running_mean_pointer, running_var_pointer: Pointers to the original BN's running
             statistics, [C] (read in eval only).
         abri_running_mean_pointer, abri_running_var_pointer: The same for ABRi's added BN.
@@ -259,8 +261,8 @@ def fwd_normalize_kernel(
         ACC: Accumulation dtype.
         BLOCK_HW, BLOCK_C: Tile extents.
     """
-    pid_rows = tl.program_id(0)
-    pid_c = tl.program_id(1)
+    pid_c = tl.program_id(0)
+    pid_rows = tl.program_id(1)
     c_offsets = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c_offsets < C
 
@@ -368,7 +370,7 @@ def bwd_partial_sums_kernel(
     with a layer-wise alpha the last channel block sums d/d alpha over the channels.
 
     dy is the incoming gradient, zeroed where the fused ReLU was inactive (mask recomputed from
-    x). Grid: (row_programs, cdiv(C, BLOCK_C)).
+    x). Grid: (cdiv(C, BLOCK_C), row_programs).
 
     Args:
         grad_y_pointer: Pointer to dL/dy, shape [N, C, H, W], any strides (stride 0 allowed).
@@ -387,7 +389,7 @@ def bwd_partial_sums_kernel(
         N, C, HW, W: Batch size, channels, H*W and W of x.
         *_stride_*: Strides; with SPLIT_HW false *_stride_w is the merged H*W stride.
         samples_per_program, hw_splits, hw_chunk: The work split (module docstring).
-        row_programs: Size of grid axis 0.
+        row_programs: Size of grid axis 1.
         abri_row_offset: (K - 1) * C, offset of the last statistics row.
         TWO_ROWS: K = 2 (ABRi with running statistics).
         COMPUTE_GRAD_X: Running statistics are constants, so grad_x = dy * scale is written here.
@@ -395,8 +397,8 @@ def bwd_partial_sums_kernel(
             fwd_normalize_kernel.
         BLOCK_R: Partial rows reduced per step; BLOCK_TOTAL: channels summed per step.
     """
-    pid_rows = tl.program_id(0)
-    pid_c = tl.program_id(1)
+    pid_c = tl.program_id(0)
+    pid_rows = tl.program_id(1)
     c_offsets = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c_offsets < C
     mean, invstd, abri_mean, scale, shift = saved_affine(
@@ -455,7 +457,7 @@ def bwd_partial_sums_kernel(
         tl.store(counter_pointer + pid_c, 0)
         if ABRI:
             if not ALPHA_PER_CHANNEL:
-                channel_blocks = tl.num_programs(1)
+                channel_blocks = tl.num_programs(0)
                 tl.debug_barrier()  # every thread's grad_alpha stores before the release
                 blocks_done = tl.atomic_add(counter_pointer + channel_blocks, 1, sem="acq_rel")
                 if blocks_done == channel_blocks - 1:
@@ -594,7 +596,7 @@ def bwd_grad_x_kernel(
 ):
     """Batch-statistics grad_x = scale * (dy - S1 / M - xhat * S2 / M), M = N*H*W.
 
-    Grid: (row_programs, cdiv(C, BLOCK_C)).
+    Grid: (cdiv(C, BLOCK_C), row_programs).
 
     Args:
         grad_y_pointer, x_pointer, grad_x_pointer: As in bwd_partial_sums_kernel (grad_x is
@@ -607,8 +609,8 @@ def bwd_grad_x_kernel(
         RELU, HAS_*, ABRI, ALPHA_PER_CHANNEL, SPLIT_HW, ACC, BLOCK_HW, BLOCK_C: As in
             bwd_partial_sums_kernel.
     """
-    pid_rows = tl.program_id(0)
-    c_offsets = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    pid_rows = tl.program_id(1)
+    c_offsets = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = c_offsets < C
     mean, invstd, abri_mean, scale, shift = saved_affine(
         mean_pointer, invstd_pointer, abri_row_offset, c_offsets, c_mask, weight_pointer,

@@ -69,7 +69,7 @@ class _Plan(NamedTuple):
 
     @property
     def grid(self) -> tuple[int, int]:
-        return (self.row_programs, self.channel_blocks)
+        return (self.channel_blocks, self.row_programs)
 
 
 @functools.cache

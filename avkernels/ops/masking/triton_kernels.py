@@ -111,7 +111,8 @@ def zero_masked_patches_kernel(
                     + h.to(tl.int64) * stride_h + w.to(tl.int64) * stride_w)
         zeros = tl.zeros((BLOCK_PIXELS,), dtype=x_ptr.dtype.element_ty)
         for channel in range(0, channels):
-            tl.store(pointers + channel * stride_c, zeros, mask=masked)
+            # int64: channel * stride_c passes 2**31 on large inputs although both factors fit.
+            tl.store(pointers + tl.cast(channel, tl.int64) * stride_c, zeros, mask=masked)
 
 
 # --- fusion: masked copy of two feature rows (forward: into the concat; backward: out of it) ----
