@@ -165,6 +165,13 @@ def seeds(op: str, seeds: Tensor, shape: tuple[int, int], columns: str) -> None:
         )
 
 
+def same_device(op: str, device: torch.device, **tensors: Tensor | None) -> None:
+    """Every given tensor is on ``device``: a GPU kernel would read another device's pointer."""
+    for name, t in tensors.items():
+        if t is not None and t.device != device:
+            _fail(f"{op}: {name} is on {t.device} but the input is on {device}; move it there")
+
+
 def positive_sizes(op: str, what: str, *sizes: int) -> None:
     if not all(size > 0 for size in sizes):
         _fail(f"{op}: {what} must be positive, got {sizes}")
@@ -180,6 +187,7 @@ def zero_masked_patches(
     positive_sizes(op, "patch sizes", patch_h, patch_w)
     ratios(op, "ratio", ratio, x.shape[0])
     seeds(op, seed_values, (x.shape[0], x.shape[2]), "(B, T)")
+    same_device(op, x.device, ratio=ratio, seeds=seed_values)
 
 
 def masked_concat(
@@ -203,6 +211,7 @@ def masked_concat(
     ratios(op, "ratio_a", ratio_a, a.shape[0])
     ratios(op, "ratio_v", ratio_v, a.shape[0])
     seeds(op, seed_values, (a.shape[0], 2), "(B, 2)")
+    same_device(op, a.device, v=v, ratio_a=ratio_a, ratio_v=ratio_v, seeds=seed_values)
 
 
 def masked_concat_backward(
@@ -222,3 +231,4 @@ def masked_concat_backward(
     ratios(op, "ratio_a", ratio_a, grad.shape[0])
     ratios(op, "ratio_v", ratio_v, grad.shape[0])
     seeds(op, seed_values, (grad.shape[0], 2), "(B, 2)")
+    same_device(op, grad.device, ratio_a=ratio_a, ratio_v=ratio_v, seeds=seed_values)

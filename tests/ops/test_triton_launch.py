@@ -204,3 +204,24 @@ def test_empty_batch_gives_empty_outputs():
     assert args[12].tolist() == [0, 0]  # seen: nothing counted
     grads = triton_launch.backward(*_backward_args(x, mean, invstd, train=False))
     assert grads[0].shape == x.shape
+
+
+@pytest.mark.parametrize("op", ["zero_masked_patches", "masked_concat", "masked_concat_backward"])
+def test_masking_launchers_reject_tensors_on_another_device(op):
+    from avkernels.ops.masking import triton_launch as masking
+
+    ratios = torch.full((2,), 0.5, dtype=torch.float64)
+    seeds = torch.zeros(2, 2, dtype=torch.int64, device="meta")  # any device but the input's
+    calls = {
+        "zero_masked_patches": lambda: masking.zero_masked_patches(
+            torch.randn(2, 1, 2, 4, 4), ratios, seeds, 2, 2
+        ),
+        "masked_concat": lambda: masking.masked_concat(
+            torch.randn(2, 4), torch.randn(2, 4), ratios, None, seeds, 2, 2
+        ),
+        "masked_concat_backward": lambda: masking.masked_concat_backward(
+            torch.randn(2, 8), ratios, None, seeds, 4, 2, 2
+        ),
+    }
+    with pytest.raises(ValueError, match=f"{op}: seeds is on meta but the input is on cpu"):
+        calls[op]()
