@@ -225,3 +225,21 @@ def test_masking_launchers_reject_tensors_on_another_device(op):
     }
     with pytest.raises(ValueError, match=f"{op}: seeds is on meta but the input is on cpu"):
         calls[op]()
+
+
+@pytest.mark.skipif(not INTERPRETER, reason="runs the interpreted kernels on CPU tensors")
+@pytest.mark.parametrize("train", [True, False])
+def test_maps_split_across_programs_are_counted_once(train):
+    # 32x32 maps of 2 samples: the interpreter's plan cuts each map into 2 chunks, one per
+    # program. One map is alive only in its first chunk, one only in its last, the rest dead.
+    x = torch.full((2, 2, 32, 32), -1.0)
+    x[0, 0, 0, 0] = x[1, 1, -1, -1] = 1000.0
+    plan = triton_launch._plan(x, split_hw=False)
+    assert plan.hw_splits == 2
+    args = _forward_args(x, train=train, dead=True, relu=True)
+    args[1].fill_(1.0)  # weight
+    triton_launch.forward(*args)
+    dead_count, dead_sample_count, seen = args[10:13]
+    assert dead_sample_count.tolist() == [1, 1]
+    assert dead_count.tolist() == [2 * 1024 - 1] * 2
+    assert seen.tolist() == [2 * 1024, 2]
