@@ -14,11 +14,14 @@ const c10::TypedOperatorHandle<ForwardSignature>& forward_op() {
   return op;
 }
 
-const c10::TypedOperatorHandle<BackwardSignature>& backward_op() {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("avkernels::batch_norm_bwd", "")
-                             .typed<BackwardSignature>();
-  return op;
+c10::TypedOperatorHandle<BackwardSignature> backward_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<BackwardSignature>();
+}
+
+BackwardResult call_backward(const c10::TypedOperatorHandle<BackwardSignature>& op,
+                             const BackwardArgs& a) {
+  return op.call(a.grad_y, a.x, a.weight, a.bias, a.abri_weight, a.abri_bias, a.abri_alpha,
+                 a.mean, a.invstd, a.use_batch_stats, a.relu);
 }
 
 }  // namespace
@@ -31,8 +34,13 @@ ForwardResult batch_norm_fwd(const ForwardArgs& a) {
 }
 
 BackwardResult batch_norm_bwd(const BackwardArgs& a) {
-  return backward_op().call(a.grad_y, a.x, a.weight, a.bias, a.abri_weight, a.abri_bias,
-                            a.abri_alpha, a.mean, a.invstd, a.use_batch_stats, a.relu);
+  static const auto op = backward_op("avkernels::batch_norm_bwd");
+  return call_backward(op, a);
+}
+
+BackwardResult batch_norm_bwd_differentiable(const BackwardArgs& a) {
+  static const auto op = backward_op("avkernels::batch_norm_bwd_differentiable");
+  return call_backward(op, a);
 }
 
 }  // namespace avkernels::bn

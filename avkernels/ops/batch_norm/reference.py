@@ -125,6 +125,25 @@ def backward(a: BackwardArgs) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, T
     return (grad_x, *grads)
 
 
+def differentiable_backward(a: BackwardArgs) -> tuple[Tensor, ...]:
+    """``batch_norm_bwd_differentiable``: :func:`backward` with the saved batch statistics
+    turned back into functions of ``x``, so that autograd differentiates the gradients again
+    (docs/DESIGN.md, "Double backward").
+
+    The forward kernel's ``mean``/``invstd`` reach the backward as constants. Adding the
+    zero-valued ``s - s.detach()`` of the same statistic ``s`` recomputed from ``x`` keeps their
+    values and gives them the derivatives of every order; ``invstd = (var + eps) ** -0.5`` is
+    rebuilt from its own value, so ``eps`` is not needed.
+    """
+    if a.use_batch_stats and a.x.numel():
+        var, mean = torch.var_mean(a.x.to(a.mean.dtype), dim=(0, 2, 3), correction=0)
+        a = a._replace(
+            mean=a.mean + (mean - mean.detach()),
+            invstd=(a.invstd.pow(-2) + (var - var.detach())).rsqrt(),
+        )
+    return backward(a)
+
+
 def grad_sums(
     grad_y: Tensor,
     x: Tensor,

@@ -13,6 +13,7 @@ from avkernels.ops.batch_norm.autograd import tracked_batch_norm_python_autograd
 from avkernels.ops.batch_norm.definition import batch_norm_fwd
 from avkernels.ops.batch_norm.schema import (
     BACKWARD,
+    DIFFERENTIABLE_BACKWARD,
     FORWARD,
     PARAMETERS,
     TRACKED,
@@ -29,6 +30,10 @@ def reference_forward(*args):
 
 def reference_backward(*args):
     return reference.backward(BackwardArgs(*args))
+
+
+def reference_differentiable_backward(*args):
+    return reference.differentiable_backward(BackwardArgs(*args))
 
 
 def _tracked_forward(*args):
@@ -61,6 +66,11 @@ def _backward_fake(*args):
 def _tracked_fake(x, *args):
     return torch.empty_like(x, memory_format=output_memory_format(x))
 
+
+# Every device: the differentiable backward decomposes into PyTorch ops, which autograd records.
+register_python_kernels(
+    DIFFERENTIABLE_BACKWARD, {"CompositeImplicitAutograd": reference_differentiable_backward}
+)
 
 if not HAS_EXTENSION:
     register_python_kernels(FORWARD, {"CPU": reference_forward})

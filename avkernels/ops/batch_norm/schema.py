@@ -13,6 +13,10 @@
 ``tracked_batch_norm``
     ``batch_norm_fwd``'s output ``y``, differentiable: its autograd kernel calls the two ops
     above. This is what ``TrackedBN`` runs.
+``batch_norm_bwd_differentiable``
+    ``batch_norm_bwd``'s arguments and results from differentiable PyTorch ops, with the batch
+    statistics' dependence on ``x`` restored: what the backward of ``tracked_batch_norm`` runs
+    under ``create_graph=True``, so that its gradients can be differentiated again.
 
 Conventions shared by all implementations (C++ on CPU, Triton on CUDA, the PyTorch reference):
 
@@ -82,6 +86,9 @@ BACKWARD = OpSignature(
     "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
 TRACKED = FORWARD.renamed("tracked_batch_norm", returns="Tensor")
+# batch_norm_bwd written with differentiable PyTorch ops: the backward under create_graph=True
+# (docs/DESIGN.md, "Double backward").
+DIFFERENTIABLE_BACKWARD = BACKWARD.renamed("batch_norm_bwd_differentiable", BACKWARD.returns)
 
 ForwardArgs = FORWARD.record
 BackwardArgs = BACKWARD.record

@@ -1,6 +1,7 @@
 // Autograd of avkernels::tracked_batch_norm, for every device: the forward calls batch_norm_fwd,
-// the backward batch_norm_bwd, both through the dispatcher (so CPU runs the C++ kernels, CUDA the
-// Triton ones, fake tensors the Python fake kernels). Semantics: avkernels/ops/batch_norm/.
+// the backward batch_norm_bwd (batch_norm_bwd_differentiable under create_graph=True), all
+// through the dispatcher (so CPU runs the C++ kernels, CUDA the Triton ones, fake tensors the
+// Python fake kernels). Semantics: avkernels/ops/batch_norm/.
 //
 // Why C++: a Python torch.autograd.Function and its Python backward cost about 25 us per layer
 // and training step more than nn.BatchNorm2d's C++ autograd node, as much as the whole kernel
@@ -69,8 +70,10 @@ class TrackedBatchNorm : public torch::autograd::Function<TrackedBatchNorm> {
                          abri_alpha,      saved[kMean],     saved[kInvstd],
                          ctx->saved_data["use_batch_stats"].toBool(),
                          ctx->saved_data["relu"].toBool()};
+    // Grad mode is on in a backward only with create_graph=True: then the gradients must be
+    // differentiable again (docs/DESIGN.md, "Double backward"); otherwise the fused kernels.
     auto [grad_x, grad_weight, grad_bias, grad_abri_weight, grad_abri_bias, grad_abri_alpha] =
-        batch_norm_bwd(a);
+        at::GradMode::is_enabled() ? batch_norm_bwd_differentiable(a) : batch_norm_bwd(a);
     // One slot per forward argument, in ForwardArgs' order; an absent parameter has an empty
     // placeholder gradient and gets none.
     variable_list result(Arity<ForwardSignature>::value);
