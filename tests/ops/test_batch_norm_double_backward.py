@@ -14,6 +14,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from torch.autograd import forward_ad as fwAD
 
 from avkernels import TrackedBN
 from avkernels.ops.batch_norm import autograd as python_autograd
@@ -254,3 +255,53 @@ def test_synchronised_double_backward_raises():
             torch.autograd.grad(y, x, inputs["grad_y"], create_graph=True)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("autograd", ["op", "python"])
+@pytest.mark.parametrize("case", [CASES[1], CASES[9], CASES[16], CASES[23]], ids=str)
+def test_forward_mode_ad_gradcheck(case, autograd):
+    """Forward-mode AD (batch_norm_fwd_differentiable) against finite differences; backward and
+    double backward through the same graph as well."""
+    tracked = {
+        "op": tracked_batch_norm,
+        "python": python_autograd.tracked_batch_norm_python_autograd,
+    }[autograd]
+    inputs = make_inputs(case)
+    names, leaves = _differentiable_inputs(inputs)
+    assert torch.autograd.gradcheck(
+        _as_function(tracked, inputs, names), leaves, check_forward_ad=True, check_backward_ad=True
+    )
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("relu", [False, True], ids=["", "fused_relu"])
+def test_forward_mode_ad_matches_batchnorm2d(training, relu):
+    """The tangent of TrackedBN's output, its running statistics (no tangent) and its dead
+    counts under forward_ad, against nn.BatchNorm2d (+ ReLU) and an ordinary forward."""
+    x = torch.randn(3, 2, 3, 3, dtype=F64, generator=torch.Generator().manual_seed(4))
+    tangent = torch.randn_like(x)
+    expected_bn, bn, plain_bn = (
+        nn.BatchNorm2d(2),
+        TrackedBN(2, activation="relu" if relu else None),
+        TrackedBN(2, activation="relu" if relu else None),
+    )
+    for module in (expected_bn, bn, plain_bn):
+        module.double().train(training)
+        with torch.no_grad():
+            module.bias.copy_(torch.tensor([0.3, -0.4]))
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, tangent)
+        expected = expected_bn(dual)
+        expected = expected.relu() if relu else expected
+        got = bn(dual)
+        got_primal, got_tangent = fwAD.unpack_dual(got)
+        expected_primal, expected_tangent = fwAD.unpack_dual(expected)
+        for name in ("running_mean", "running_var"):
+            assert fwAD.unpack_dual(getattr(bn, name)).tangent is None, name
+    torch.testing.assert_close(got_tangent, expected_tangent)
+    torch.testing.assert_close(got_primal, expected_primal)
+    assert got_tangent.abs().max() > 0
+    plain_bn(x)
+    for name in ("running_mean", "running_var", "dead_count", "dead_sample_count", "seen"):
+        torch.testing.assert_close(getattr(bn, name), getattr(plain_bn, name), msg=name)
+    torch.testing.assert_close(bn.running_mean, expected_bn.running_mean)

@@ -4,11 +4,13 @@ autograd kernel, ``csrc/ops/autograd/batch_norm_kernel.cpp``, serves otherwise) 
 from __future__ import annotations
 
 import torch
+from torch.autograd import forward_ad
 
 from avkernels.ops.batch_norm.definition import (
     batch_norm_bwd,
     batch_norm_bwd_differentiable,
     batch_norm_fwd,
+    batch_norm_fwd_differentiable,
 )
 from avkernels.ops.batch_norm.schema import PARAMETERS, ForwardArgs
 
@@ -43,5 +45,13 @@ class TrackedBNFunction(torch.autograd.Function):
 
 
 def tracked_batch_norm_python_autograd(*args):
-    """``tracked_batch_norm``'s Autograd kernel without the extension: ``TrackedBNFunction``."""
+    """``tracked_batch_norm``'s Autograd kernel without the extension: ``TrackedBNFunction``, or
+    under forward-mode AD ``batch_norm_fwd_differentiable`` (docs/DESIGN.md, "Double backward")."""
+    if any(has_tangent(arg) for arg in args):
+        return batch_norm_fwd_differentiable(*args)[0]
     return TrackedBNFunction.apply(*args)
+
+
+def has_tangent(value) -> bool:
+    """Whether ``value`` is a tensor with a forward-mode tangent at the current dual level."""
+    return isinstance(value, torch.Tensor) and forward_ad.unpack_dual(value).tangent is not None

@@ -67,6 +67,8 @@ def update_running_stats(
     """``r = (1 - momentum) * r + momentum * batch_stat`` for every ``(running_mean,
     running_var)`` pair that is not None, with the unbiased variance of ``count`` values
     (``var`` is the biased one)."""
+    # no_grad does not stop forward-mode AD: detached, the buffers take no tangent.
+    mean, var = mean.detach(), var.detach()
     for r_mean, r_var in running_sets:
         if r_mean is not None:
             r_mean.copy_(r_mean.to(mean.dtype) * (1 - momentum) + mean * momentum)

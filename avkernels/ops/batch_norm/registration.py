@@ -14,6 +14,7 @@ from avkernels.ops.batch_norm.definition import batch_norm_fwd
 from avkernels.ops.batch_norm.schema import (
     BACKWARD,
     DIFFERENTIABLE_BACKWARD,
+    DIFFERENTIABLE_FORWARD,
     FORWARD,
     PARAMETERS,
     TRACKED,
@@ -67,7 +68,8 @@ def _tracked_fake(x, *args):
     return torch.empty_like(x, memory_format=output_memory_format(x))
 
 
-# Every device: the differentiable backward decomposes into PyTorch ops, which autograd records.
+# Every device: the differentiable ops decompose into PyTorch ops, which autograd records.
+register_python_kernels(DIFFERENTIABLE_FORWARD, {"CompositeImplicitAutograd": reference_forward})
 register_python_kernels(
     DIFFERENTIABLE_BACKWARD, {"CompositeImplicitAutograd": reference_differentiable_backward}
 )

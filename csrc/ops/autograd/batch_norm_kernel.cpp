@@ -39,6 +39,15 @@ bool requires_grad(const T&) {  // the flags and floats
   return false;
 }
 
+// A forward-mode tangent (level 0: forward AD's only level in ordinary use, as ATen's
+// isFwGradDefined checks).
+bool has_tangent(const Tensor& t) { return t._fw_grad(/*level=*/0).defined(); }
+bool has_tangent(const OptionalTensor& t) { return t.has_value() && has_tangent(*t); }
+template <typename T>
+bool has_tangent(const T&) {
+  return false;
+}
+
 // Saved for backward, in this order: x, the five parameters (undefined where absent), mean,
 // invstd. The ReLU mask is recomputed in backward, so nothing else is kept.
 enum Saved : size_t { kX, kWeight, kBias, kAbriWeight, kAbriBias, kAbriAlpha, kMean, kInvstd };
@@ -100,6 +109,11 @@ struct Kernels<Result(Parameters...)> {
   }
 
   static Tensor autograd(Parameters... parameters) {
+    if ((has_tangent(parameters) || ...)) {
+      // Forward-mode AD: a custom C++ Function has no jvp, so the forward is built from
+      // differentiable PyTorch ops (docs/DESIGN.md, "Double backward").
+      return std::get<0>(batch_norm_fwd_differentiable(ForwardArgs{parameters...}));
+    }
     if (!at::GradMode::is_enabled() || !(requires_grad(parameters) || ...)) {
       // Nothing to differentiate (inference, frozen layers): skip building an autograd node, a
       // few microseconds that matter to small eval layers.
