@@ -17,6 +17,8 @@ from torch import nn
 from torch.autograd import forward_ad as fwAD
 
 from avkernels import TrackedBN
+from avkernels import functional as F
+from avkernels.functional import AbriState, DeadStats
 from avkernels.ops.batch_norm import autograd as python_autograd
 from avkernels.ops.batch_norm import (
     batch_norm_bwd_differentiable,
@@ -73,8 +75,11 @@ INTERPRETER_CASES = [
 
 def _params():
     for name in ("reference", "cpp", "triton", "cuda"):
-        cases = INTERPRETER_CASES if name == "triton" and INTERPRETER else CASES
-        yield from (pytest.param(name, case, id=f"{name}-{case}") for case in cases)
+        for case in CASES:
+            # the other interpreted cases: about a minute in all
+            heavy = name == "triton" and INTERPRETER and case not in INTERPRETER_CASES
+            marks = [pytest.mark.slow] if heavy else []
+            yield pytest.param(name, case, id=f"{name}-{case}", marks=marks)
 
 
 def _differentiable_inputs(inputs: dict) -> tuple[tuple[str, ...], tuple[torch.Tensor, ...]]:
@@ -305,3 +310,37 @@ def test_forward_mode_ad_matches_batchnorm2d(training, relu):
     for name in ("running_mean", "running_var", "dead_count", "dead_sample_count", "seen"):
         torch.testing.assert_close(getattr(bn, name), getattr(plain_bn, name), msg=name)
     torch.testing.assert_close(bn.running_mean, expected_bn.running_mean)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_functional_api_gradgradcheck_with_abri(training):
+    """avkernels.functional.tracked_batch_norm with ABRi, fused ReLU and dead counting."""
+    g = torch.Generator().manual_seed(5)
+    x, weight, bias, abri_weight, abri_bias, alpha = (
+        torch.randn(shape, dtype=F64, generator=g).requires_grad_()
+        for shape in (SHAPE, 2, 2, 2, 2, 1)
+    )
+    running = [torch.rand(2, dtype=F64, generator=g) + 0.5 for _ in range(4)]
+
+    def function(x, weight, bias, abri_weight, abri_bias, alpha):
+        mean, var, abri_mean, abri_var = (r.clone() for r in running)
+        counters = DeadStats(
+            torch.zeros(2, dtype=torch.long),
+            torch.zeros(2, dtype=torch.long),
+            torch.zeros(2, dtype=torch.long),
+        )
+        abri = AbriState(abri_weight, abri_bias, alpha, abri_mean, abri_var)
+        return F.tracked_batch_norm(
+            x,
+            mean,
+            var,
+            weight,
+            bias,
+            training=training,
+            activation="relu",
+            dead_stats=counters,
+            abri=abri,
+        )
+
+    leaves = (x, weight, bias, abri_weight, abri_bias, alpha)
+    assert torch.autograd.gradgradcheck(function, leaves)
