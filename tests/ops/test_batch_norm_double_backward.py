@@ -344,3 +344,12 @@ def test_functional_api_gradgradcheck_with_abri(training):
 
     leaves = (x, weight, bias, abri_weight, abri_bias, alpha)
     assert torch.autograd.gradgradcheck(function, leaves)
+
+
+def test_forward_mode_ad_checks_the_arguments():
+    inputs = make_inputs(BNCase(SHAPE, F64))
+    inputs["weight"] = torch.ones(3, dtype=F64)  # 2 channels
+    with fwAD.dual_level():
+        inputs["x"] = fwAD.make_dual(inputs["x"], torch.ones_like(inputs["x"]))
+        with pytest.raises((RuntimeError, ValueError), match="weight"):
+            tracked_batch_norm(*fwd_args(inputs))

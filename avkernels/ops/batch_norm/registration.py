@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from avkernels._extension import HAS_EXTENSION
+from avkernels.ops import checks
 from avkernels.ops._library import register_python_kernels
 from avkernels.ops.batch_norm import reference
 from avkernels.ops.batch_norm.autograd import tracked_batch_norm_python_autograd
@@ -31,6 +32,14 @@ def reference_forward(*args):
 
 def reference_backward(*args):
     return reference.backward(BackwardArgs(*args))
+
+
+def _differentiable_forward(*args):
+    """``batch_norm_fwd_differentiable``: the argument checks of the fused kernels, then the
+    reference forward."""
+    a = ForwardArgs(*args)
+    checks.batch_norm_forward(a)
+    return reference.forward(a)
 
 
 def reference_differentiable_backward(*args):
@@ -69,7 +78,9 @@ def _tracked_fake(x, *args):
 
 
 # Every device: the differentiable ops decompose into PyTorch ops, which autograd records.
-register_python_kernels(DIFFERENTIABLE_FORWARD, {"CompositeImplicitAutograd": reference_forward})
+register_python_kernels(
+    DIFFERENTIABLE_FORWARD, {"CompositeImplicitAutograd": _differentiable_forward}
+)
 register_python_kernels(
     DIFFERENTIABLE_BACKWARD, {"CompositeImplicitAutograd": reference_differentiable_backward}
 )
