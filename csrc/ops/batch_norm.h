@@ -64,7 +64,13 @@ using BackwardSignature = BackwardResult(const Tensor&, const Tensor&, const Opt
 
 // The ops through the dispatcher: each device (and fake tensors) gets its own kernel.
 ForwardResult batch_norm_fwd(const ForwardArgs& a);
+// batch_norm_fwd from differentiable PyTorch ops, for forward-mode AD (docs/DESIGN.md,
+// "Double backward").
+ForwardResult batch_norm_fwd_differentiable(const ForwardArgs& a);
 BackwardResult batch_norm_bwd(const BackwardArgs& a);
+// batch_norm_bwd from differentiable PyTorch ops, for a backward that builds a graph
+// (docs/DESIGN.md, "Double backward").
+BackwardResult batch_norm_bwd_differentiable(const BackwardArgs& a);
 
 // A kernel written against an argument struct, as the positional function the dispatcher
 // registers: Positional<ForwardSignature, ForwardArgs, kernel>::call.

@@ -19,6 +19,7 @@ import torch
 
 import avkernels
 from avkernels.ops.masking import reference as masking
+from avkernels.ops.masking.autograd import MaskedConcatFunction
 from tests.helpers.batch_norm import HAS_CUDA, INTERPRETER, require_extension
 
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
@@ -353,6 +354,39 @@ def test_mask_patches_gradcheck():
     torch.autograd.gradcheck(
         lambda t: avkernels.mask_patches(t, ratios_of(0.5, 0.9), 2, seed=9), (x,)
     )
+
+
+def test_mask_patches_double_backward():
+    """Second derivatives and forward-mode AD (docs/DESIGN.md, "Double backward"): gradcheck,
+    gradgradcheck, and the Hessian of sum(y**2), 2 * mask, exactly."""
+    x = torch.randn(2, 1, 4, 6, dtype=F64, requires_grad=True)
+
+    def masked(t):
+        return avkernels.mask_patches(t, ratios_of(0.5, 0.9), 2, seed=9)
+
+    assert torch.autograd.gradgradcheck(masked, (x,))
+    assert torch.autograd.gradcheck(masked, (x,), check_forward_ad=True)
+    kept = masked(x).detach() != 0
+    (grad,) = torch.autograd.grad(masked(x).square().sum(), x, create_graph=True)
+    (second,) = torch.autograd.grad(grad.sum(), x)
+    assert torch.equal(second, 2 * kept.double()) and not kept.all()
+
+
+def test_masked_concat_double_backward():
+    a, v, _, ratio_a, ratio_v, seeds, ga, gv = _fusion_inputs(FUSION_CASES[1], F64, "cpu")
+    a, v = a.requires_grad_(), v.requires_grad_()
+
+    def fused(a, v):
+        return MaskedConcatFunction.apply(a, v, ratio_a, ratio_v, seeds, ga, gv)
+
+    assert torch.autograd.gradgradcheck(fused, (a, v))
+    assert torch.autograd.gradcheck(fused, (a, v), check_forward_ad=True)
+    assert torch.autograd.gradgradcheck(fused, (a, v), check_fwd_over_rev=True)
+    grads = torch.autograd.grad(fused(a, v).square().sum(), (a, v), create_graph=True)
+    second = torch.autograd.grad(sum(g.sum() for g in grads), (a, v))
+    ones = [torch.ones_like(t) for t in (a, v)]
+    mask = masking.masked_concat_reference(*ones, ratio_a, ratio_v, seeds, ga, gv)
+    assert torch.equal(torch.cat(second, 1), 2 * mask) and not mask.all()
 
 
 def test_mask_patches_compiles_fullgraph():

@@ -1,5 +1,6 @@
-"""The tracked batch-norm op family: ``batch_norm_fwd``, ``batch_norm_bwd`` and the
-differentiable ``tracked_batch_norm`` (one op for plain, ReLU-fused and ABRi BatchNorm).
+"""The tracked batch-norm op family: ``batch_norm_fwd``, ``batch_norm_bwd`` (and their
+differentiable forms ``batch_norm_fwd_differentiable``, ``batch_norm_bwd_differentiable``) and
+the differentiable ``tracked_batch_norm`` (one op for plain, ReLU-fused and ABRi BatchNorm).
 
 Files: :mod:`.schema` (the contract: argument tables, conventions), :mod:`.definition` (the op
 handles), :mod:`.reference` (plain PyTorch, the oracle), :mod:`.triton_kernels` and
@@ -9,7 +10,13 @@ The C++ kernels are in ``csrc/ops/``.
 """
 
 from avkernels.ops.batch_norm import registration  # noqa: F401  (registers the kernels)
-from avkernels.ops.batch_norm.definition import batch_norm_bwd, batch_norm_fwd, tracked_batch_norm
+from avkernels.ops.batch_norm.definition import (
+    batch_norm_bwd,
+    batch_norm_bwd_differentiable,
+    batch_norm_fwd,
+    batch_norm_fwd_differentiable,
+    tracked_batch_norm,
+)
 from avkernels.ops.batch_norm.schema import (
     BackwardArgs,
     ForwardArgs,
@@ -22,7 +29,9 @@ __all__ = [
     "ForwardArgs",
     "accumulation_dtype",
     "batch_norm_bwd",
+    "batch_norm_bwd_differentiable",
     "batch_norm_fwd",
+    "batch_norm_fwd_differentiable",
     "output_memory_format",
     "tracked_batch_norm",
 ]

@@ -4,13 +4,20 @@ autograd kernel, ``csrc/ops/autograd/batch_norm_kernel.cpp``, serves otherwise) 
 from __future__ import annotations
 
 import torch
+from torch.autograd import forward_ad
 
-from avkernels.ops.batch_norm.definition import batch_norm_bwd, batch_norm_fwd
+from avkernels.ops.batch_norm.definition import (
+    batch_norm_bwd,
+    batch_norm_bwd_differentiable,
+    batch_norm_fwd,
+    batch_norm_fwd_differentiable,
+)
 from avkernels.ops.batch_norm.schema import PARAMETERS, ForwardArgs
 
 
 class TrackedBNFunction(torch.autograd.Function):
-    """Forward calls ``batch_norm_fwd``, backward ``batch_norm_bwd``.
+    """Forward calls ``batch_norm_fwd``, backward ``batch_norm_bwd`` (under ``create_graph=True``
+    ``batch_norm_bwd_differentiable``).
 
     ``apply(*args)`` takes ``tracked_batch_norm``'s arguments in order. Saves only ``x``, the
     parameters and the per-channel ``(mean, invstd)``; the fused ReLU's mask is recomputed in
@@ -28,7 +35,9 @@ class TrackedBNFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, *params, mean, invstd = ctx.saved_tensors
-        grad_x, *param_grads = batch_norm_bwd(
+        # Grad mode is on here only under create_graph=True (docs/DESIGN.md, "Double backward").
+        backward_op = batch_norm_bwd_differentiable if torch.is_grad_enabled() else batch_norm_bwd
+        grad_x, *param_grads = backward_op(
             grad_y, x, *params, mean, invstd, ctx.use_batch_stats, ctx.relu
         )
         grads = [None if p is None else g for p, g in zip(params, param_grads)]
@@ -36,5 +45,13 @@ class TrackedBNFunction(torch.autograd.Function):
 
 
 def tracked_batch_norm_python_autograd(*args):
-    """``tracked_batch_norm``'s Autograd kernel without the extension: ``TrackedBNFunction``."""
+    """``tracked_batch_norm``'s Autograd kernel without the extension: ``TrackedBNFunction``, or
+    under forward-mode AD ``batch_norm_fwd_differentiable`` (docs/DESIGN.md, "Double backward")."""
+    if any(has_tangent(arg) for arg in args):
+        return batch_norm_fwd_differentiable(*args)[0]
     return TrackedBNFunction.apply(*args)
+
+
+def has_tangent(value) -> bool:
+    """Whether ``value`` is a tensor with a forward-mode tangent at the current dual level."""
+    return isinstance(value, torch.Tensor) and forward_ad.unpack_dual(value).tangent is not None

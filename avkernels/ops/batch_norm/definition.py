@@ -2,9 +2,19 @@
 registered on them by :mod:`.registration` (Python) and by the compiled extension (C++)."""
 
 from avkernels.ops._library import define_op
-from avkernels.ops.batch_norm.schema import BACKWARD, FORWARD, TRACKED
+from avkernels.ops.batch_norm.schema import (
+    BACKWARD,
+    DIFFERENTIABLE_BACKWARD,
+    DIFFERENTIABLE_FORWARD,
+    FORWARD,
+    TRACKED,
+)
 
 batch_norm_fwd = define_op(FORWARD)
 batch_norm_bwd = define_op(BACKWARD)
 # The functional form of TrackedBN: batch_norm_fwd's arguments, its output y, differentiable.
 tracked_batch_norm = define_op(TRACKED)
+# batch_norm_bwd, differentiable again: the backward under create_graph=True.
+batch_norm_bwd_differentiable = define_op(DIFFERENTIABLE_BACKWARD)
+# batch_norm_fwd, differentiable: the forward under forward-mode AD.
+batch_norm_fwd_differentiable = define_op(DIFFERENTIABLE_FORWARD)

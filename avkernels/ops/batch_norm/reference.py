@@ -67,6 +67,8 @@ def update_running_stats(
     """``r = (1 - momentum) * r + momentum * batch_stat`` for every ``(running_mean,
     running_var)`` pair that is not None, with the unbiased variance of ``count`` values
     (``var`` is the biased one)."""
+    # no_grad does not stop forward-mode AD: detached, the buffers take no tangent.
+    mean, var = mean.detach(), var.detach()
     for r_mean, r_var in running_sets:
         if r_mean is not None:
             r_mean.copy_(r_mean.to(mean.dtype) * (1 - momentum) + mean * momentum)
@@ -123,6 +125,25 @@ def backward(a: BackwardArgs) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, T
     grad_x = grad_x.to(x.dtype).contiguous(memory_format=output_memory_format(x))
     grads = parameter_grads(*params, sum_dy, sum_dy_xhat[0], sum_dy_xhat[-1])
     return (grad_x, *grads)
+
+
+def differentiable_backward(a: BackwardArgs) -> tuple[Tensor, ...]:
+    """``batch_norm_bwd_differentiable``: :func:`backward` with the saved batch statistics
+    turned back into functions of ``x``, so that autograd differentiates the gradients again
+    (docs/DESIGN.md, "Double backward").
+
+    The forward kernel's ``mean``/``invstd`` reach the backward as constants. Adding the
+    zero-valued ``s - s.detach()`` of the same statistic ``s`` recomputed from ``x`` keeps their
+    values and gives them the derivatives of every order; ``invstd = (var + eps) ** -0.5`` is
+    rebuilt from its own value, so ``eps`` is not needed.
+    """
+    if a.use_batch_stats and a.x.numel():
+        var, mean = torch.var_mean(a.x.to(a.mean.dtype), dim=(0, 2, 3), correction=0)
+        a = a._replace(
+            mean=a.mean + (mean - mean.detach()),
+            invstd=(a.invstd.pow(-2) + (var - var.detach())).rsqrt(),
+        )
+    return backward(a)
 
 
 def grad_sums(

@@ -7,12 +7,15 @@ from __future__ import annotations
 import torch
 
 from avkernels._extension import HAS_EXTENSION
+from avkernels.ops import checks
 from avkernels.ops._library import register_python_kernels
 from avkernels.ops.batch_norm import reference
 from avkernels.ops.batch_norm.autograd import tracked_batch_norm_python_autograd
 from avkernels.ops.batch_norm.definition import batch_norm_fwd
 from avkernels.ops.batch_norm.schema import (
     BACKWARD,
+    DIFFERENTIABLE_BACKWARD,
+    DIFFERENTIABLE_FORWARD,
     FORWARD,
     PARAMETERS,
     TRACKED,
@@ -29,6 +32,18 @@ def reference_forward(*args):
 
 def reference_backward(*args):
     return reference.backward(BackwardArgs(*args))
+
+
+def _differentiable_forward(*args):
+    """``batch_norm_fwd_differentiable``: the argument checks of the fused kernels, then the
+    reference forward."""
+    a = ForwardArgs(*args)
+    checks.batch_norm_forward(a)
+    return reference.forward(a)
+
+
+def reference_differentiable_backward(*args):
+    return reference.differentiable_backward(BackwardArgs(*args))
 
 
 def _tracked_forward(*args):
@@ -61,6 +76,14 @@ def _backward_fake(*args):
 def _tracked_fake(x, *args):
     return torch.empty_like(x, memory_format=output_memory_format(x))
 
+
+# Every device: the differentiable ops decompose into PyTorch ops, which autograd records.
+register_python_kernels(
+    DIFFERENTIABLE_FORWARD, {"CompositeImplicitAutograd": _differentiable_forward}
+)
+register_python_kernels(
+    DIFFERENTIABLE_BACKWARD, {"CompositeImplicitAutograd": reference_differentiable_backward}
+)
 
 if not HAS_EXTENSION:
     register_python_kernels(FORWARD, {"CPU": reference_forward})

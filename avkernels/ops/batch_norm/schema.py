@@ -13,6 +13,13 @@
 ``tracked_batch_norm``
     ``batch_norm_fwd``'s output ``y``, differentiable: its autograd kernel calls the two ops
     above. This is what ``TrackedBN`` runs.
+``batch_norm_fwd_differentiable``
+    ``batch_norm_fwd``'s arguments and results from differentiable PyTorch ops: what
+    ``tracked_batch_norm`` runs when an input carries a forward-mode tangent.
+``batch_norm_bwd_differentiable``
+    ``batch_norm_bwd``'s arguments and results from differentiable PyTorch ops, with the batch
+    statistics' dependence on ``x`` restored: what the backward of ``tracked_batch_norm`` runs
+    under ``create_graph=True``, so that its gradients can be differentiated again.
 
 Conventions shared by all implementations (C++ on CPU, Triton on CUDA, the PyTorch reference):
 
@@ -82,6 +89,11 @@ BACKWARD = OpSignature(
     "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
 )
 TRACKED = FORWARD.renamed("tracked_batch_norm", returns="Tensor")
+# batch_norm_bwd written with differentiable PyTorch ops: the backward under create_graph=True
+# (docs/DESIGN.md, "Double backward").
+DIFFERENTIABLE_BACKWARD = BACKWARD.renamed("batch_norm_bwd_differentiable", BACKWARD.returns)
+# batch_norm_fwd written with differentiable PyTorch ops: the forward under forward-mode AD.
+DIFFERENTIABLE_FORWARD = FORWARD.renamed("batch_norm_fwd_differentiable", FORWARD.returns)
 
 ForwardArgs = FORWARD.record
 BackwardArgs = BACKWARD.record

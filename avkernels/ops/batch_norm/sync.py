@@ -154,6 +154,13 @@ class SyncTrackedBNFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
+        if torch.is_grad_enabled():  # create_graph=True (docs/DESIGN.md, "Double backward")
+            raise RuntimeError(
+                "synchronised TrackedBN (sync=True / process_group) cannot be differentiated "
+                "twice: its gradient all-reduce is not differentiable. For a gradient penalty or "
+                "Hessian-vector products use TrackedBN(sync=False) (nn.SyncBatchNorm has the "
+                "same limit)"
+            )
         x, *params, mean, invstd = ctx.saved_tensors
         xf, dy, scale, sum_dy, sum_dy_xhat = grad_sums(grad_y, x, *params, mean, invstd, ctx.relu)
         global_sums = torch.cat([sum_dy, sum_dy_xhat[0]])

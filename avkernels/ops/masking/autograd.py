@@ -1,5 +1,9 @@
 """Autograd of the masking ops: masks are regenerated in backward from (ratio, seed), never
-stored."""
+stored.
+
+Masking is linear, and each backward and forward-mode tangent is a masking again: it runs
+through the autograd functions here, not the bare ops, so that the gradients are differentiable
+to any order and forward-mode AD works (docs/DESIGN.md, "Double backward")."""
 
 from __future__ import annotations
 
@@ -23,15 +27,20 @@ class MaskPatchesFunction(torch.autograd.Function):
         y = x.clone()
         zero_masked_patches(y, ratio, seeds, patch_h, patch_w)
         ctx.save_for_backward(ratio, seeds)
+        ctx.save_for_forward(ratio, seeds)
         ctx.patch_size = (patch_h, patch_w)
         return y
 
     @staticmethod
+    def jvp(ctx, x_tangent, *_):
+        ratio, seeds = ctx.saved_tensors
+        return MaskPatchesFunction.apply(x_tangent, ratio, seeds, *ctx.patch_size)
+
+    @staticmethod
     def backward(ctx, grad_y):
         ratio, seeds = ctx.saved_tensors
-        # A fresh dense copy: grad_y may be expanded (stride 0) or shared with other nodes.
-        grad_x = grad_y.clone(memory_format=torch.contiguous_format)
-        zero_masked_patches(grad_x, ratio, seeds, *ctx.patch_size)
+        # forward's copy: grad_y may be expanded (stride 0) or shared with other nodes.
+        grad_x = MaskPatchesFunction.apply(grad_y, ratio, seeds, *ctx.patch_size)
         return grad_x, None, None, None, None
 
 
@@ -41,13 +50,46 @@ class MaskedConcatFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, v, ratio_a, ratio_v, seeds, group_a: int, group_v: int):
         ctx.save_for_backward(ratio_a, ratio_v, seeds)
+        ctx.save_for_forward(ratio_a, ratio_v, seeds)
         ctx.features_a, ctx.groups = a.shape[1], (group_a, group_v)
         return masked_concat(a, v, ratio_a, ratio_v, seeds, group_a, group_v)
 
     @staticmethod
+    def jvp(ctx, a_tangent, v_tangent, *_):
+        ratio_a, ratio_v, seeds = ctx.saved_tensors
+        return MaskedConcatFunction.apply(
+            a_tangent, v_tangent, ratio_a, ratio_v, seeds, *ctx.groups
+        )
+
+    @staticmethod
     def backward(ctx, grad):
         ratio_a, ratio_v, seeds = ctx.saved_tensors
-        grad_a, grad_v = masked_concat_backward(
+        grad_a, grad_v = MaskedConcatBackwardFunction.apply(
             grad, ratio_a, ratio_v, seeds, ctx.features_a, *ctx.groups
         )
         return grad_a, grad_v, None, None, None, None, None
+
+
+class MaskedConcatBackwardFunction(torch.autograd.Function):
+    """``masked_concat_backward``, differentiable: its backward is ``masked_concat`` of the two
+    halves' gradients (the masks are their own adjoints)."""
+
+    @staticmethod
+    def forward(ctx, grad, ratio_a, ratio_v, seeds, features_a: int, group_a: int, group_v: int):
+        ctx.save_for_backward(ratio_a, ratio_v, seeds)
+        ctx.save_for_forward(ratio_a, ratio_v, seeds)
+        ctx.features_a, ctx.groups = features_a, (group_a, group_v)
+        return masked_concat_backward(grad, ratio_a, ratio_v, seeds, features_a, group_a, group_v)
+
+    @staticmethod
+    def jvp(ctx, grad_tangent, *_):
+        ratio_a, ratio_v, seeds = ctx.saved_tensors
+        return MaskedConcatBackwardFunction.apply(
+            grad_tangent, ratio_a, ratio_v, seeds, ctx.features_a, *ctx.groups
+        )
+
+    @staticmethod
+    def backward(ctx, grad_a, grad_v):
+        ratio_a, ratio_v, seeds = ctx.saved_tensors
+        grad = MaskedConcatFunction.apply(grad_a, grad_v, ratio_a, ratio_v, seeds, *ctx.groups)
+        return grad, None, None, None, None, None, None

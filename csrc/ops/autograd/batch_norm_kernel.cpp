@@ -1,6 +1,7 @@
 // Autograd of avkernels::tracked_batch_norm, for every device: the forward calls batch_norm_fwd,
-// the backward batch_norm_bwd, both through the dispatcher (so CPU runs the C++ kernels, CUDA the
-// Triton ones, fake tensors the Python fake kernels). Semantics: avkernels/ops/batch_norm/.
+// the backward batch_norm_bwd (batch_norm_bwd_differentiable under create_graph=True), all
+// through the dispatcher (so CPU runs the C++ kernels, CUDA the Triton ones, fake tensors the
+// Python fake kernels). Semantics: avkernels/ops/batch_norm/.
 //
 // Why C++: a Python torch.autograd.Function and its Python backward cost about 25 us per layer
 // and training step more than nn.BatchNorm2d's C++ autograd node, as much as the whole kernel
@@ -38,6 +39,15 @@ bool requires_grad(const T&) {  // the flags and floats
   return false;
 }
 
+// A forward-mode tangent (level 0: forward AD's only level in ordinary use, as ATen's
+// isFwGradDefined checks).
+bool has_tangent(const Tensor& t) { return t._fw_grad(/*level=*/0).defined(); }
+bool has_tangent(const OptionalTensor& t) { return t.has_value() && has_tangent(*t); }
+template <typename T>
+bool has_tangent(const T&) {
+  return false;
+}
+
 // Saved for backward, in this order: x, the five parameters (undefined where absent), mean,
 // invstd. The ReLU mask is recomputed in backward, so nothing else is kept.
 enum Saved : size_t { kX, kWeight, kBias, kAbriWeight, kAbriBias, kAbriAlpha, kMean, kInvstd };
@@ -69,8 +79,10 @@ class TrackedBatchNorm : public torch::autograd::Function<TrackedBatchNorm> {
                          abri_alpha,      saved[kMean],     saved[kInvstd],
                          ctx->saved_data["use_batch_stats"].toBool(),
                          ctx->saved_data["relu"].toBool()};
+    // Grad mode is on in a backward only with create_graph=True: then the gradients must be
+    // differentiable again (docs/DESIGN.md, "Double backward"); otherwise the fused kernels.
     auto [grad_x, grad_weight, grad_bias, grad_abri_weight, grad_abri_bias, grad_abri_alpha] =
-        batch_norm_bwd(a);
+        at::GradMode::is_enabled() ? batch_norm_bwd_differentiable(a) : batch_norm_bwd(a);
     // One slot per forward argument, in ForwardArgs' order; an absent parameter has an empty
     // placeholder gradient and gets none.
     variable_list result(Arity<ForwardSignature>::value);
@@ -97,6 +109,11 @@ struct Kernels<Result(Parameters...)> {
   }
 
   static Tensor autograd(Parameters... parameters) {
+    if ((has_tangent(parameters) || ...)) {
+      // Forward-mode AD: a custom C++ Function has no jvp, so the forward is built from
+      // differentiable PyTorch ops (docs/DESIGN.md, "Double backward").
+      return std::get<0>(batch_norm_fwd_differentiable(ForwardArgs{parameters...}));
+    }
     if (!at::GradMode::is_enabled() || !(requires_grad(parameters) || ...)) {
       // Nothing to differentiate (inference, frozen layers): skip building an autograd node, a
       // few microseconds that matter to small eval layers.
