@@ -18,7 +18,13 @@ the ``compare`` fixture, which
 
 At the end of the session each benchmark module's comparisons are printed as a ratio table
 (candidate / baseline, medians from this run) and saved as ``<module>_<device>.json/.md/.png``
-under ``benchmarks/results/``. Targets are reported as met or **MISSED**; they never fail the run.
+in a new timestamped folder under ``.benchmarks/ratios/`` (untracked): the committed figures in
+``benchmarks/results/`` change only when asked (``--bench-results-dir benchmarks/results``).
+Targets are reported as met or **MISSED**; they never fail the run.
+
+Before anything imports avkernels, :mod:`benchmarks.package_under_test` picks the compiled
+package (the checkout's copy when built, else the installed one) and stops the run with what to
+do when there is none.
 
 Options: ``--bench-quick`` (small smoke-test shapes; nothing saved unless ``--bench-results-dir``
 is given), ``--bench-results-dir DIR``, ``--bench-no-save``, ``--bench-tag TAG`` (file-name
@@ -40,6 +46,7 @@ import os
 import re
 import statistics
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -48,10 +55,11 @@ import torch._dynamo
 import torch._functorch.config
 import torch._inductor.config
 
-from benchmarks import report
+from benchmarks import package_under_test, report
 from benchmarks.harness import Case, Comparison, Step
 
-RESULTS_DIR = Path(__file__).parent / "results"
+COMMITTED_RESULTS_DIR = Path(__file__).parent / "results"
+RUNS_DIR = package_under_test.CHECKOUT / ".benchmarks" / "ratios"  # untracked (.gitignore)
 COPY_BYTES = 256 * 2**20  # well beyond any GPU's L2, so the copy streams from HBM
 COPY_REPEATS = 20
 
@@ -98,7 +106,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--bench-results-dir",
         default=None,
-        help=f"where to write the ratio files (default {RESULTS_DIR})",
+        help="where to write the ratio files (default: a new timestamped folder under "
+        f"{RUNS_DIR}; pass {COMMITTED_RESULTS_DIR} to update the committed figures)",
     )
     group.addoption(
         "--bench-no-save", action="store_true", help="print the ratio table only, write no files"
@@ -135,6 +144,10 @@ def _steady_malloc() -> bool:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    try:
+        package_under_test.import_avkernels()
+    except package_under_test.NoCompiledAvkernels as error:
+        raise pytest.UsageError(str(error)) from None
     _steady_malloc()
     config.addinivalue_line(
         "markers",
@@ -158,6 +171,15 @@ def pytest_configure(config: pytest.Config) -> None:
     # keys on the generated source, thread count included, so that stays.
     torch._inductor.config.fx_graph_cache = False
     torch._functorch.config.enable_autograd_cache = False
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    import avkernels  # the package pytest_configure picked
+
+    return (
+        f"avkernels {avkernels.__version__}: {Path(avkernels.__file__).parent} "
+        f"(C++ extension loaded: {avkernels.HAS_EXTENSION})"
+    )
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -321,7 +343,9 @@ def _results_dir(config: pytest.Config) -> Path | None:
     explicit = config.getoption("bench_results_dir")
     if explicit:
         return Path(explicit)
-    return None if config.getoption("bench_quick") else RESULTS_DIR
+    if config.getoption("bench_quick"):
+        return None
+    return RUNS_DIR / datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
 
 
 def _device_tag(config: pytest.Config) -> str:
