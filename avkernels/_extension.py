@@ -33,7 +33,7 @@ def _why_not_loaded(error: ImportError) -> str:
     running = torch.__version__
     if skipped is not None:
         return (
-            f"avkernels was installed without its compiled CPU extension ({skipped}). To build "
+            f"the package was installed without its compiled CPU extension ({skipped}). To build "
             f"it, install a C++ compiler if needed and, with torch {running} installed, run "
             f"{REBUILD}; AVKERNELS_NO_EXTENSION=1 at install time skips it on purpose."
         )
