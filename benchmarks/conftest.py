@@ -228,7 +228,11 @@ def compare(benchmark, request):
             _synchronize(case.device)
         benchmark.group = case.title
         benchmark.extra_info.update(
-            implementation=case.implementations[implementation].label, calls_per_round=calls
+            implementation=case.implementations[implementation].label,
+            calls_per_round=calls,
+            suite=suite,
+            case_id=case.id,
+            implementation_id=implementation,
         )
         benchmark(timed_round)
         if benchmark.stats is None:  # --benchmark-disable: checked and run once, not timed
@@ -292,7 +296,7 @@ def _interleaved_ratio(
             timed(step)  # the untimed round before
             rounds[step].append(timed(step))
     medians = [statistics.median(rounds[step]) for step in (candidate, baseline)]
-    return report.InterleavedRatio(medians[0] / medians[1], len(rounds[candidate]))
+    return report.InterleavedRatio(medians[0] / medians[1], len(rounds[candidate]), *medians)
 
 
 def _checked_step(case: Case, implementation: str):
@@ -357,26 +361,60 @@ def _device_tag(config: pytest.Config) -> str:
     return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
 
 
+def _suite_rows(session: _BenchSession) -> dict[str, list[dict]]:
+    """Each benchmark module's comparison rows (``report.comparison_rows``)."""
+    return {
+        suite: report.comparison_rows(
+            cases.values(), session.timings[suite], session.interleaved.get(suite, {})
+        )
+        for suite, cases in session.cases.items()
+    }
+
+
+def pytest_benchmark_update_json(config: pytest.Config, benchmarks, output_json: dict) -> None:
+    """Put each candidate's ratios into its ``extra_info`` in pytest-benchmark's saved runs
+    (``--benchmark-autosave``, ``--benchmark-json``), for ``benchmarks/compare.py``."""
+    session = config.stash.get(_SESSION, None)
+    if session is None:
+        return
+    rows = _suite_rows(session)
+    for entry in output_json["benchmarks"]:
+        extra = entry["extra_info"]
+        extra["ratios"] = {
+            row["baseline_id"]: {
+                key: row[key] for key in ("ratio", "timing", "target", "status", "baseline")
+            }
+            for row in rows.get(extra.get("suite"), [])
+            if row["case_id"] == extra.get("case_id")
+            and row["candidate_id"] == extra.get("implementation_id")
+        }
+
+
+@pytest.hookimpl(trylast=True)  # after pytest-benchmark's tables: the ratios are what counts
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
     session = config.stash.get(_SESSION, None)
     if session is None or not session.timings:
         return
     env = report.environment(config, session.load_at_start, session.copy_bandwidth)
     directory = _results_dir(config)
-    for suite, cases in session.cases.items():
-        timings = session.timings[suite]
-        rows = report.comparison_rows(cases.values(), timings, session.interleaved.get(suite, {}))
+    summaries = []
+    for suite, rows in _suite_rows(session).items():
         terminalreporter.write_sep("=", f"ratios: {suite} (candidate / baseline, this run)")
-        for warning in report.load_warnings(env):
-            terminalreporter.write_line(f"Warning: {warning}", yellow=True)
-        terminalreporter.write_line(report.markdown(rows))
+        terminalreporter.write_line(report.markdown(rows, with_summary=False))
+        summaries.append((suite, report.target_summary(rows)))
         if directory is not None:
+            cases = session.cases[suite].values()
             written = report.write(
                 directory,
                 f"{suite}_{_device_tag(config)}",
                 suite,
                 env,
                 rows,
-                report.timing_rows(cases.values(), timings),
+                report.timing_rows(cases, session.timings[suite]),
             )
             terminalreporter.write_line("written: " + ", ".join(map(str, written)))
+    terminalreporter.write_sep("=", "avkernels targets (ratios timed in this run)")
+    for warning in report.load_warnings(env):
+        terminalreporter.write_line(f"Warning: {warning}", yellow=True)
+    for suite, summary in summaries:
+        terminalreporter.write_line(f"{suite}: {summary}")

@@ -59,6 +59,8 @@ class InterleavedRatio:
 
     ratio: float  # median candidate round / median baseline round
     rounds: int  # rounds of each side
+    candidate_s: float  # median candidate round, per call
+    baseline_s: float  # median baseline round, per call
 
 
 def comparison_rows(
@@ -70,9 +72,10 @@ def comparison_rows(
 
     ``timings`` maps (case id, implementation id) to its :class:`Timing`; ``interleaved``
     (case id, candidate id, baseline id) to the ratio timed interleaved, which is the row's
-    ratio where there is one (``timing: "interleaved"``). Otherwise the ratio is candidate
-    median / baseline median of their separate runs (``timing: "separate"``). ``ratio_min``
-    is always the fastest separate rounds' ratio.
+    ratio where there is one (``timing: "interleaved"``), and then the row's times (and roofline
+    fractions) are the interleaved medians too, so that they agree with the ratio. Otherwise the
+    ratio is candidate median / baseline median of their separate runs (``timing:
+    "separate"``). ``ratio_min`` is always the fastest separate rounds' ratio.
     """
     rows = []
     for case in cases:
@@ -84,8 +87,10 @@ def comparison_rows(
             if baseline and candidate:
                 ratio = candidate.median / baseline.median
                 ratio_min = candidate.minimum / baseline.minimum
+            candidate_s = candidate.median if candidate else None
+            baseline_s = baseline.median if baseline else None
             if paired is not None:
-                ratio = paired.ratio
+                ratio, candidate_s, baseline_s = paired.ratio, paired.candidate_s, paired.baseline_s
             if ratio is None:
                 status = NOT_MEASURED
             elif comparison.target is None:
@@ -96,21 +101,30 @@ def comparison_rows(
                 {
                     "case": case.title,
                     "case_id": case.id,
+                    "candidate_id": comparison.candidate,
+                    "baseline_id": comparison.baseline,
                     "candidate": case.implementations[comparison.candidate].label,
                     "baseline": case.implementations[comparison.baseline].label,
-                    "candidate_s": candidate.median if candidate else None,
-                    "baseline_s": baseline.median if baseline else None,
+                    "candidate_s": candidate_s,
+                    "baseline_s": baseline_s,
                     "ratio": ratio,
                     "timing": "separate" if paired is None else "interleaved",
                     "interleaved_rounds": None if paired is None else paired.rounds,
                     "ratio_min": ratio_min,
                     "target": comparison.target,
                     "status": status,
-                    "candidate_roofline": candidate.roofline_fraction if candidate else None,
-                    "baseline_roofline": baseline.roofline_fraction if baseline else None,
+                    "candidate_roofline": _roofline(candidate, candidate_s),
+                    "baseline_roofline": _roofline(baseline, baseline_s),
                 }
             )
     return rows
+
+
+def _roofline(timing: Timing | None, seconds: float | None) -> float | None:
+    """The roofline fraction of ``timing``'s implementation at ``seconds`` per call."""
+    if timing is None or timing.roofline_fraction is None or seconds is None:
+        return None
+    return timing.roofline_fraction * timing.median / seconds
 
 
 def timing_rows(cases: Iterable[Case], timings: dict[tuple[str, str], Timing]) -> list[dict]:
@@ -141,8 +155,9 @@ def _format_percent(fraction: float | None) -> str:
     return "-" if fraction is None else f"{fraction:.0%}"
 
 
-def markdown(rows: list[dict]) -> str:
-    """The ratio table; a missed target reads **MISSED** and is summarised under the table."""
+def markdown(rows: list[dict], with_summary: bool = True) -> str:
+    """The ratio table; a missed target reads **MISSED** and is summarised under the table
+    (``with_summary``)."""
     with_roofline = any(row["candidate_roofline"] is not None for row in rows)
     header = [
         "Case",
@@ -180,29 +195,30 @@ def markdown(rows: list[dict]) -> str:
     legend = (
         (
             "\u2020 timed interleaved with its baseline (each timed round after an untimed one of "
-            "the same step); other ratios "
+            "the same step), times and roofline fractions from those rounds too; other rows "
             "compare separate runs.\n\n"
         )
         if any(row["timing"] == "interleaved" for row in rows)
         else ""
     )
-    return "\n".join(lines) + "\n\n" + legend + target_summary(rows) + "\n"
+    summary = target_summary(rows) + "\n" if with_summary else ""
+    return "\n".join(lines) + "\n\n" + legend + summary
 
 
 def target_summary(rows: list[dict]) -> str:
-    """``Targets: 3 of 5 met; MISSED: ...`` (or a note that no target was measured)."""
+    """``Targets: 3 of 5 met.`` then one ``- MISSED ...`` line per missed target (or a note that
+    no target was measured)."""
     judged = [row for row in rows if row["status"] in (MET, MISSED)]
     if not judged:
         return "Targets: none measured in this run."
     missed = [row for row in judged if row["status"] == MISSED]
-    text = f"Targets: {len(judged) - len(missed)} of {len(judged)} met."
-    if missed:
-        text += " MISSED: " + "; ".join(
-            f"{row['case']}: {row['candidate']} vs {row['baseline']} "
-            f"{row['ratio']:.2f}x > {row['target']:.2f}x"
-            for row in missed
-        )
-    return text
+    lines = [f"Targets: {len(judged) - len(missed)} of {len(judged)} met."]
+    lines += [
+        f"- MISSED {row['ratio']:.2f}x > {row['target']:.2f}x: {row['case']}: "
+        f"{row['candidate']} vs {row['baseline']}"
+        for row in missed
+    ]
+    return "\n".join(lines)
 
 
 def environment(
