@@ -37,7 +37,7 @@ class Timing:
     stddev: float
     rounds: int
     calls_per_round: int
-    roofline_fraction: float | None  # CUDA: roofline time / median, else None
+    roofline_fraction: float | None  # roofline time / median (None: the case has no roofline)
 
     @classmethod
     def from_stats(cls, stats, calls_per_round: int, roofline_seconds: float | None) -> Timing:
@@ -115,6 +115,8 @@ def comparison_rows(
                     "status": status,
                     "candidate_roofline": _roofline(candidate, candidate_s),
                     "baseline_roofline": _roofline(baseline, baseline_s),
+                    "candidate_GBps": _bandwidth(case, candidate_s),
+                    "baseline_GBps": _bandwidth(case, baseline_s),
                 }
             )
     return rows
@@ -125,6 +127,13 @@ def _roofline(timing: Timing | None, seconds: float | None) -> float | None:
     if timing is None or timing.roofline_fraction is None or seconds is None:
         return None
     return timing.roofline_fraction * timing.median / seconds
+
+
+def _bandwidth(case: Case, seconds: float | None) -> float | None:
+    """GB/s moved at the case's roofline bytes (docs/DESIGN.md, "Performance model")."""
+    if case.roofline_bytes is None or seconds is None:
+        return None
+    return case.roofline_bytes / seconds / 1e9
 
 
 def timing_rows(cases: Iterable[Case], timings: dict[tuple[str, str], Timing]) -> list[dict]:
@@ -151,8 +160,10 @@ def _format_time(seconds: float | None) -> str:
     return f"{seconds * 1e6:.3g} us"
 
 
-def _format_percent(fraction: float | None) -> str:
-    return "-" if fraction is None else f"{fraction:.0%}"
+def _format_traffic(gigabytes_per_second: float | None, fraction: float | None) -> str:
+    if gigabytes_per_second is None or fraction is None:
+        return "-"
+    return f"{gigabytes_per_second:.3g} GB/s ({fraction:.0%})"
 
 
 def markdown(rows: list[dict], with_summary: bool = True) -> str:
@@ -170,7 +181,7 @@ def markdown(rows: list[dict], with_summary: bool = True) -> str:
         "Status",
     ]
     if with_roofline:
-        header.append("Roofline (candidate / baseline)")
+        header.append("GB/s, % of measured copy (candidate / baseline)")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         status = f"**{row['status']}**" if row["status"] == MISSED else row["status"]
@@ -188,8 +199,10 @@ def markdown(rows: list[dict], with_summary: bool = True) -> str:
         ]
         if with_roofline:
             cells.append(
-                f"{_format_percent(row['candidate_roofline'])} / "
-                f"{_format_percent(row['baseline_roofline'])}"
+                " / ".join(
+                    _format_traffic(row[f"{side}_GBps"], row[f"{side}_roofline"])
+                    for side in ("candidate", "baseline")
+                )
             )
         lines.append("| " + " | ".join(cells) + " |")
     legend = (
@@ -238,9 +251,6 @@ def environment(
             "memory_GiB": round(properties.total_memory / 2**30, 1),
             "cuda": torch.version.cuda,
             "cudnn": torch.backends.cudnn.version(),
-            "copy_bandwidth_GBps": {
-                device: round(bandwidth / 1e9, 1) for device, bandwidth in copy_bandwidth.items()
-            },
         }
     from avkernels import HAS_EXTENSION
 
@@ -251,6 +261,9 @@ def environment(
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_average_at_start": [round(load, 2) for load in load_at_start],
+        "copy_bandwidth_GBps": {
+            device: round(bandwidth / 1e9, 1) for device, bandwidth in copy_bandwidth.items()
+        },
         "cuda": cuda,
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -268,19 +281,17 @@ def environment_markdown(env: dict) -> str:
     device = (
         "CPU only"
         if cuda is None
-        else (
-            f"{cuda['device']} (CUDA {cuda['cuda']}, cuDNN {cuda['cudnn']}, "
-            "measured copy bandwidth "
-            + ", ".join(f"{dev}: {bw} GB/s" for dev, bw in cuda["copy_bandwidth_GBps"].items())
-            + ")"
-        )
+        else (f"{cuda['device']} (CUDA {cuda['cuda']}, cuDNN {cuda['cudnn']})")
     )
+    bandwidths = env["copy_bandwidth_GBps"]
     lines = [
         f"- Date (UTC): {env['date']}",
         f"- Command: `{env['command']}`",
         f"- CPU: {env['cpu']}, {env['cpu_count']} cores, torch threads {env['torch_threads']}; "
         f"load average at start {env['load_average_at_start']}",
         f"- GPU: {device}",
+        "- Measured copy bandwidth (read + written): "
+        + (", ".join(f"{dev}: {bw} GB/s" for dev, bw in bandwidths.items()) or "not measured"),
         f"- Versions: python {env['python']}, torch {env['torch']}, triton {env['triton']}, "
         f"pytest-benchmark {env['pytest_benchmark']}; avkernels C++ extension loaded: "
         f"{env['avkernels_cpp_extension']}; git {env['git']}",

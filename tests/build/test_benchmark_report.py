@@ -128,3 +128,19 @@ def test_compare_names_a_file_it_cannot_use(tmp_path):
     (tmp_path / "other.json").write_text("{}")
     with pytest.raises(SystemExit, match="neither a ratio file"):
         compare.load_ratios(tmp_path / "other.json")
+
+
+def test_cpu_rows_get_bandwidth_and_share_of_the_measured_copy():
+    """4 MB a call: 2 GB/s at 2 ms; the copy-bandwidth fraction follows the interleaved time."""
+    case = make_case()
+    case = Case(**{**case.__dict__, "roofline_bytes": 4_000_000})
+    timings = {
+        key: report.Timing(t.median, t.minimum, t.mean, 0.0, 5, 1, roofline_fraction=0.1)
+        for key, t in TIMINGS.items()
+    }
+    ours_vs_torch = report.comparison_rows([case], timings, INTERLEAVED)[0]
+    assert ours_vs_torch["baseline_GBps"] == pytest.approx(2.0)
+    assert ours_vs_torch["candidate_GBps"] == pytest.approx(2.5)  # 1.6 ms interleaved
+    assert ours_vs_torch["candidate_roofline"] == pytest.approx(0.1 * 3e-3 / 1.6e-3)
+    table = report.markdown([ours_vs_torch])
+    assert "| 2.5 GB/s (19%) / 2 GB/s (10%) |" in table
