@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from avkernels.files import atomic_write_text
+
 ABSOLUTE_THRESHOLD = 1e-10
 RELATIVE_THRESHOLD = 1e-3
 ACTIVATION_THRESHOLD = 0.99
@@ -140,7 +142,7 @@ def _json_float(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(repr=False)
 class DiagnosisReport:
     """Per-layer and per-channel dead-channel diagnosis of a model (see :func:`diagnose`)."""
 
@@ -189,6 +191,15 @@ class DiagnosisReport:
                 f">= {_percent(self.activation_threshold)} of samples"
             )
         return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        # One line: the per-channel arrays are in to_json(), save() and the tables.
+        title = f"{self.title!r}, " if self.title else ""
+        return (
+            f"DiagnosisReport({title}{len(self.layers)} layers, {self.channels} channels, "
+            f"{self.abnormal} abnormal, activations: "
+            + (f"{self.batches} batches)" if self.has_activations else "none)")
+        )
 
     def _criterion(self) -> str:
         if self.relative:
@@ -292,6 +303,16 @@ class DiagnosisReport:
         return row
 
     # -- plots ------------------------------------------------------------------------------
+
+    def save(self, directory: str | Path) -> list[Path]:
+        """Write ``report.json`` (every channel) and ``report.md`` into ``directory``, each
+        atomically; return their paths."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        return [
+            atomic_write_text(directory / "report.json", self.to_json() + "\n"),
+            atomic_write_text(directory / "report.md", self.to_markdown()),
+        ]
 
     def plot(self, directory: str | Path) -> list[Path]:
         """Write the report's plots (PNG) into ``directory``; return their paths."""

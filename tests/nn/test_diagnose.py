@@ -167,3 +167,18 @@ def test_plots_and_before_after_comparison(tmp_path):
     assert json.loads(comparison.to_json())["labels"] == ["pre-trained", "ABRi"]
     with pytest.raises(ValueError, match="different models"):
         compare(before, diagnose(nn.Sequential(nn.BatchNorm2d(3))))
+
+
+def test_repr_is_one_line_and_save_writes_json_and_markdown(tmp_path):
+    model = resnet_with_dead_channels()
+    report = diagnose(model, [torch.randn(2, 3, 32, 32)], title="dead")
+    text = repr(report)
+    assert "\n" not in text and len(text) < 200
+    assert text == (
+        f"DiagnosisReport('dead', {len(report.layers)} layers, {report.channels} channels, "
+        f"{report.abnormal} abnormal, activations: 1 batches)"
+    )
+    assert "activations: none" in repr(diagnose(model))
+    json_path, markdown_path = report.save(tmp_path / "out")
+    assert DiagnosisReport.from_json(json_path.read_text()).to_dict() == report.to_dict()
+    assert markdown_path.read_text() == report.to_markdown()
