@@ -152,6 +152,7 @@ class DiagnosisReport:
     activation_threshold: float
     batches: int = 0
     title: str = ""
+    from_counters: bool = False  # activations read from TrackedBN's counters, not an eval pass
 
     # -- tables -----------------------------------------------------------------------------
 
@@ -187,10 +188,17 @@ class DiagnosisReport:
         if self.has_activations:
             dead = sum(layer.dead_on_all_samples or 0 for layer in self.layers)
             lines.append(
-                f"activations ({self.batches} batches, eval): {dead} channels <= 0 on "
+                f"activations ({self.activations_origin}): {dead} channels <= 0 on "
                 f">= {_percent(self.activation_threshold)} of samples"
             )
         return "\n".join(lines)
+
+    @property
+    def activations_origin(self) -> str:
+        """Where the activation statistics come from, for titles and summaries."""
+        if self.from_counters:
+            return "TrackedBN counters collected while the model ran"
+        return f"{self.batches} batches, eval"
 
     def __repr__(self) -> str:
         # One line: the per-channel arrays are in to_json(), save() and the tables.
@@ -198,7 +206,7 @@ class DiagnosisReport:
         return (
             f"DiagnosisReport({title}{len(self.layers)} layers, {self.channels} channels, "
             f"{self.abnormal} abnormal, activations: "
-            + (f"{self.batches} batches)" if self.has_activations else "none)")
+            + (f"{self.activations_origin})" if self.has_activations else "none)")
         )
 
     def _criterion(self) -> str:
@@ -216,6 +224,7 @@ class DiagnosisReport:
             "relative": self.relative,
             "activation_threshold": self.activation_threshold,
             "batches": self.batches,
+            "from_counters": self.from_counters,
             "summary": {"channels": self.channels, "abnormal": self.abnormal},
             "layer_table": self.layer_table(),
             "layers": [layer.to_dict() for layer in self.layers],
@@ -238,6 +247,7 @@ class DiagnosisReport:
             relative=data["relative"],
             activation_threshold=data["activation_threshold"],
             batches=data["batches"],
+            from_counters=data.get("from_counters", False),
             title=data["title"],
         )
 
