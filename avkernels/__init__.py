@@ -17,21 +17,25 @@ from avkernels._version import __version__
 from avkernels.convert import convert, revert
 from avkernels.diagnosis import DiagnosisReport, diagnose
 from avkernels.functional import mask_patches
+from avkernels.model_stats import LayerDeadStats, dead_stats, reset_dead_stats
 from avkernels.nn import FusionOutput, MaskedConcatFusion, TrackedBN
 
 __all__ = [
     "HAS_EXTENSION",
     "DiagnosisReport",
     "FusionOutput",
+    "LayerDeadStats",
     "MaskedConcatFusion",
     "TrackedBN",
     "__version__",
     "abri",
     "convert",
+    "dead_stats",
     "diagnose",
     "distributed",
     "functional",
     "fust",
     "mask_patches",
+    "reset_dead_stats",
     "revert",
 ]

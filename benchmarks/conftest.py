@@ -18,7 +18,13 @@ the ``compare`` fixture, which
 
 At the end of the session each benchmark module's comparisons are printed as a ratio table
 (candidate / baseline, medians from this run) and saved as ``<module>_<device>.json/.md/.png``
-under ``benchmarks/results/``. Targets are reported as met or **MISSED**; they never fail the run.
+in a new timestamped folder under ``.benchmarks/ratios/`` (untracked): the committed figures in
+``benchmarks/results/`` change only when asked (``--bench-results-dir benchmarks/results``).
+Targets are reported as met or **MISSED**; they never fail the run.
+
+Before anything imports avkernels, :mod:`benchmarks.package_under_test` picks the compiled
+package (the checkout's copy when built, else the installed one) and stops the run with what to
+do when there is none.
 
 Options: ``--bench-quick`` (small smoke-test shapes; nothing saved unless ``--bench-results-dir``
 is given), ``--bench-results-dir DIR``, ``--bench-no-save``, ``--bench-tag TAG`` (file-name
@@ -40,6 +46,7 @@ import os
 import re
 import statistics
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -48,11 +55,12 @@ import torch._dynamo
 import torch._functorch.config
 import torch._inductor.config
 
-from benchmarks import report
+from benchmarks import package_under_test, report
 from benchmarks.harness import Case, Comparison, Step
 
-RESULTS_DIR = Path(__file__).parent / "results"
-COPY_BYTES = 256 * 2**20  # well beyond any GPU's L2, so the copy streams from HBM
+COMMITTED_RESULTS_DIR = Path(__file__).parent / "results"
+RUNS_DIR = package_under_test.CHECKOUT / ".benchmarks" / "ratios"  # untracked (.gitignore)
+COPY_BYTES = 256 * 2**20  # well beyond any GPU's L2 or CPU's L3: the copy streams from memory
 COPY_REPEATS = 20
 
 
@@ -63,7 +71,7 @@ class _BenchSession:
         self.load_at_start = os.getloadavg()
         self.cases: dict[str, dict[str, Case]] = {}  # module stem -> case id -> case, run order
         self.timings: dict[str, dict[tuple[str, str], report.Timing]] = {}
-        self.copy_bandwidth: dict[str, float] = {}  # CUDA device -> bytes/s (read + written)
+        self.copy_bandwidth: dict[str, float] = {}  # device -> bytes/s (read + written)
         # module stem -> (case id, candidate, baseline) -> ratio timed interleaved
         self.interleaved: dict[str, dict[tuple[str, str, str], report.InterleavedRatio]] = {}
 
@@ -78,7 +86,8 @@ class _BenchSession:
         self.interleaved.setdefault(suite, {})[key] = ratio
 
     def device_copy_bandwidth(self, device: torch.device) -> float:
-        """Bytes per second (read + written) of a large device-to-device copy, measured once."""
+        """Bytes per second (read + written) of a large copy within ``device``, measured once
+        (on the CPU with this run's torch threads)."""
         key = str(device)
         if key not in self.copy_bandwidth:
             self.copy_bandwidth[key] = _measure_copy_bandwidth(device)
@@ -98,7 +107,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--bench-results-dir",
         default=None,
-        help=f"where to write the ratio files (default {RESULTS_DIR})",
+        help="where to write the ratio files (default: a new timestamped folder under "
+        f"{RUNS_DIR}; pass {COMMITTED_RESULTS_DIR} to update the committed figures)",
     )
     group.addoption(
         "--bench-no-save", action="store_true", help="print the ratio table only, write no files"
@@ -135,6 +145,10 @@ def _steady_malloc() -> bool:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    try:
+        package_under_test.import_avkernels()
+    except package_under_test.NoCompiledAvkernels as error:
+        raise pytest.UsageError(str(error)) from None
     _steady_malloc()
     config.addinivalue_line(
         "markers",
@@ -158,6 +172,15 @@ def pytest_configure(config: pytest.Config) -> None:
     # keys on the generated source, thread count included, so that stays.
     torch._inductor.config.fx_graph_cache = False
     torch._functorch.config.enable_autograd_cache = False
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    import avkernels  # the package pytest_configure picked
+
+    return (
+        f"avkernels {avkernels.__version__}: {Path(avkernels.__file__).parent} "
+        f"(C++ extension loaded: {avkernels.HAS_EXTENSION})"
+    )
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -206,13 +229,17 @@ def compare(benchmark, request):
             _synchronize(case.device)
         benchmark.group = case.title
         benchmark.extra_info.update(
-            implementation=case.implementations[implementation].label, calls_per_round=calls
+            implementation=case.implementations[implementation].label,
+            calls_per_round=calls,
+            suite=suite,
+            case_id=case.id,
+            implementation_id=implementation,
         )
         benchmark(timed_round)
         if benchmark.stats is None:  # --benchmark-disable: checked and run once, not timed
             return
         roofline_seconds = None
-        if case.roofline_bytes is not None and case.device.type == "cuda":
+        if case.roofline_bytes is not None:
             roofline_seconds = case.roofline_bytes / session.device_copy_bandwidth(case.device)
         timing = report.Timing.from_stats(benchmark.stats.stats, calls, roofline_seconds)
         session.record(suite, case, implementation, timing)
@@ -270,7 +297,7 @@ def _interleaved_ratio(
             timed(step)  # the untimed round before
             rounds[step].append(timed(step))
     medians = [statistics.median(rounds[step]) for step in (candidate, baseline)]
-    return report.InterleavedRatio(medians[0] / medians[1], len(rounds[candidate]))
+    return report.InterleavedRatio(medians[0] / medians[1], len(rounds[candidate]), *medians)
 
 
 def _checked_step(case: Case, implementation: str):
@@ -299,8 +326,15 @@ def _measure_copy_bandwidth(device: torch.device) -> float:
     target = torch.empty_like(source)
     for _ in range(3):
         target.copy_(source)
+    _synchronize(device)
     seconds = []
     for _ in range(COPY_REPEATS):
+        if device.type != "cuda":
+            start = time.perf_counter()
+            target.copy_(source)
+            seconds.append(time.perf_counter() - start)
+            continue
+        # CUDA events: a host timer and a synchronise would add ~10% to a 0.1 ms copy.
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         target.copy_(source)
@@ -321,7 +355,9 @@ def _results_dir(config: pytest.Config) -> Path | None:
     explicit = config.getoption("bench_results_dir")
     if explicit:
         return Path(explicit)
-    return None if config.getoption("bench_quick") else RESULTS_DIR
+    if config.getoption("bench_quick"):
+        return None
+    return RUNS_DIR / datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
 
 
 def _device_tag(config: pytest.Config) -> str:
@@ -333,26 +369,60 @@ def _device_tag(config: pytest.Config) -> str:
     return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
 
 
+def _suite_rows(session: _BenchSession) -> dict[str, list[dict]]:
+    """Each benchmark module's comparison rows (``report.comparison_rows``)."""
+    return {
+        suite: report.comparison_rows(
+            cases.values(), session.timings[suite], session.interleaved.get(suite, {})
+        )
+        for suite, cases in session.cases.items()
+    }
+
+
+def pytest_benchmark_update_json(config: pytest.Config, benchmarks, output_json: dict) -> None:
+    """Put each candidate's ratios into its ``extra_info`` in pytest-benchmark's saved runs
+    (``--benchmark-autosave``, ``--benchmark-json``), for ``benchmarks/compare.py``."""
+    session = config.stash.get(_SESSION, None)
+    if session is None:
+        return
+    rows = _suite_rows(session)
+    for entry in output_json["benchmarks"]:
+        extra = entry["extra_info"]
+        extra["ratios"] = {
+            row["baseline_id"]: {
+                key: row[key] for key in ("ratio", "timing", "target", "status", "baseline")
+            }
+            for row in rows.get(extra.get("suite"), [])
+            if row["case_id"] == extra.get("case_id")
+            and row["candidate_id"] == extra.get("implementation_id")
+        }
+
+
+@pytest.hookimpl(trylast=True)  # after pytest-benchmark's tables: the ratios are what counts
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
     session = config.stash.get(_SESSION, None)
     if session is None or not session.timings:
         return
     env = report.environment(config, session.load_at_start, session.copy_bandwidth)
     directory = _results_dir(config)
-    for suite, cases in session.cases.items():
-        timings = session.timings[suite]
-        rows = report.comparison_rows(cases.values(), timings, session.interleaved.get(suite, {}))
+    summaries = []
+    for suite, rows in _suite_rows(session).items():
         terminalreporter.write_sep("=", f"ratios: {suite} (candidate / baseline, this run)")
-        for warning in report.load_warnings(env):
-            terminalreporter.write_line(f"Warning: {warning}", yellow=True)
-        terminalreporter.write_line(report.markdown(rows))
+        terminalreporter.write_line(report.markdown(rows, with_summary=False))
+        summaries.append((suite, report.target_summary(rows)))
         if directory is not None:
+            cases = session.cases[suite].values()
             written = report.write(
                 directory,
                 f"{suite}_{_device_tag(config)}",
                 suite,
                 env,
                 rows,
-                report.timing_rows(cases.values(), timings),
+                report.timing_rows(cases, session.timings[suite]),
             )
             terminalreporter.write_line("written: " + ", ".join(map(str, written)))
+    terminalreporter.write_sep("=", "avkernels targets (ratios timed in this run)")
+    for warning in report.load_warnings(env):
+        terminalreporter.write_line(f"Warning: {warning}", yellow=True)
+    for suite, summary in summaries:
+        terminalreporter.write_line(f"{suite}: {summary}")

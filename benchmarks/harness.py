@@ -108,6 +108,11 @@ def assert_results_close(
             assert worst <= allowed, message(f"counts differ by up to {worst} (allowed {allowed})")
 
 
+def relative_error(value: Tensor, reference: Tensor) -> float:
+    """L2 norm of the difference / L2 norm of the reference (float64)."""
+    return ((value.double() - reference).norm() / reference.norm()).item()
+
+
 def _float_tolerance(dtype: torch.dtype) -> float:
     if dtype == torch.float64:
         return 1e-9
@@ -130,8 +135,8 @@ class Case:
         comparisons: the ratios reported for this case.
         check: ``check(actual, expected)`` raises ``AssertionError`` on a mismatch.
         roofline_bytes: the bytes one call must move at the performance model's pass count;
-            on CUDA each implementation's time is also reported as a fraction of
-            ``roofline_bytes / measured device-to-device copy bandwidth``.
+            each implementation is also reported in GB/s at these bytes and as a fraction of
+            ``roofline_bytes / the copy bandwidth measured on the case's device``.
         calls_per_round: calls per timed round; on CUDA several calls share one synchronise so
             that launch-bound shapes are not dominated by it (times are reported per call).
         warmup_calls: untimed calls after the check (which already ran one, compiling if needed).

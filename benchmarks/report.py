@@ -37,7 +37,7 @@ class Timing:
     stddev: float
     rounds: int
     calls_per_round: int
-    roofline_fraction: float | None  # CUDA: roofline time / median, else None
+    roofline_fraction: float | None  # roofline time / median (None: the case has no roofline)
 
     @classmethod
     def from_stats(cls, stats, calls_per_round: int, roofline_seconds: float | None) -> Timing:
@@ -59,6 +59,8 @@ class InterleavedRatio:
 
     ratio: float  # median candidate round / median baseline round
     rounds: int  # rounds of each side
+    candidate_s: float  # median candidate round, per call
+    baseline_s: float  # median baseline round, per call
 
 
 def comparison_rows(
@@ -70,9 +72,10 @@ def comparison_rows(
 
     ``timings`` maps (case id, implementation id) to its :class:`Timing`; ``interleaved``
     (case id, candidate id, baseline id) to the ratio timed interleaved, which is the row's
-    ratio where there is one (``timing: "interleaved"``). Otherwise the ratio is candidate
-    median / baseline median of their separate runs (``timing: "separate"``). ``ratio_min``
-    is always the fastest separate rounds' ratio.
+    ratio where there is one (``timing: "interleaved"``), and then the row's times (and roofline
+    fractions) are the interleaved medians too, so that they agree with the ratio. Otherwise the
+    ratio is candidate median / baseline median of their separate runs (``timing:
+    "separate"``). ``ratio_min`` is always the fastest separate rounds' ratio.
     """
     rows = []
     for case in cases:
@@ -84,8 +87,10 @@ def comparison_rows(
             if baseline and candidate:
                 ratio = candidate.median / baseline.median
                 ratio_min = candidate.minimum / baseline.minimum
+            candidate_s = candidate.median if candidate else None
+            baseline_s = baseline.median if baseline else None
             if paired is not None:
-                ratio = paired.ratio
+                ratio, candidate_s, baseline_s = paired.ratio, paired.candidate_s, paired.baseline_s
             if ratio is None:
                 status = NOT_MEASURED
             elif comparison.target is None:
@@ -96,21 +101,39 @@ def comparison_rows(
                 {
                     "case": case.title,
                     "case_id": case.id,
+                    "candidate_id": comparison.candidate,
+                    "baseline_id": comparison.baseline,
                     "candidate": case.implementations[comparison.candidate].label,
                     "baseline": case.implementations[comparison.baseline].label,
-                    "candidate_s": candidate.median if candidate else None,
-                    "baseline_s": baseline.median if baseline else None,
+                    "candidate_s": candidate_s,
+                    "baseline_s": baseline_s,
                     "ratio": ratio,
                     "timing": "separate" if paired is None else "interleaved",
                     "interleaved_rounds": None if paired is None else paired.rounds,
                     "ratio_min": ratio_min,
                     "target": comparison.target,
                     "status": status,
-                    "candidate_roofline": candidate.roofline_fraction if candidate else None,
-                    "baseline_roofline": baseline.roofline_fraction if baseline else None,
+                    "candidate_roofline": _roofline(candidate, candidate_s),
+                    "baseline_roofline": _roofline(baseline, baseline_s),
+                    "candidate_GBps": _bandwidth(case, candidate_s),
+                    "baseline_GBps": _bandwidth(case, baseline_s),
                 }
             )
     return rows
+
+
+def _roofline(timing: Timing | None, seconds: float | None) -> float | None:
+    """The roofline fraction of ``timing``'s implementation at ``seconds`` per call."""
+    if timing is None or timing.roofline_fraction is None or seconds is None:
+        return None
+    return timing.roofline_fraction * timing.median / seconds
+
+
+def _bandwidth(case: Case, seconds: float | None) -> float | None:
+    """GB/s moved at the case's roofline bytes (docs/DESIGN.md, "Performance model")."""
+    if case.roofline_bytes is None or seconds is None:
+        return None
+    return case.roofline_bytes / seconds / 1e9
 
 
 def timing_rows(cases: Iterable[Case], timings: dict[tuple[str, str], Timing]) -> list[dict]:
@@ -137,12 +160,15 @@ def _format_time(seconds: float | None) -> str:
     return f"{seconds * 1e6:.3g} us"
 
 
-def _format_percent(fraction: float | None) -> str:
-    return "-" if fraction is None else f"{fraction:.0%}"
+def _format_traffic(gigabytes_per_second: float | None, fraction: float | None) -> str:
+    if gigabytes_per_second is None or fraction is None:
+        return "-"
+    return f"{gigabytes_per_second:.3g} GB/s ({fraction:.0%})"
 
 
-def markdown(rows: list[dict]) -> str:
-    """The ratio table; a missed target reads **MISSED** and is summarised under the table."""
+def markdown(rows: list[dict], with_summary: bool = True) -> str:
+    """The ratio table; a missed target reads **MISSED** and is summarised under the table
+    (``with_summary``)."""
     with_roofline = any(row["candidate_roofline"] is not None for row in rows)
     header = [
         "Case",
@@ -155,7 +181,7 @@ def markdown(rows: list[dict]) -> str:
         "Status",
     ]
     if with_roofline:
-        header.append("Roofline (candidate / baseline)")
+        header.append("GB/s, % of measured copy (candidate / baseline)")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         status = f"**{row['status']}**" if row["status"] == MISSED else row["status"]
@@ -173,36 +199,39 @@ def markdown(rows: list[dict]) -> str:
         ]
         if with_roofline:
             cells.append(
-                f"{_format_percent(row['candidate_roofline'])} / "
-                f"{_format_percent(row['baseline_roofline'])}"
+                " / ".join(
+                    _format_traffic(row[f"{side}_GBps"], row[f"{side}_roofline"])
+                    for side in ("candidate", "baseline")
+                )
             )
         lines.append("| " + " | ".join(cells) + " |")
     legend = (
         (
             "\u2020 timed interleaved with its baseline (each timed round after an untimed one of "
-            "the same step); other ratios "
+            "the same step), times and roofline fractions from those rounds too; other rows "
             "compare separate runs.\n\n"
         )
         if any(row["timing"] == "interleaved" for row in rows)
         else ""
     )
-    return "\n".join(lines) + "\n\n" + legend + target_summary(rows) + "\n"
+    summary = target_summary(rows) + "\n" if with_summary else ""
+    return "\n".join(lines) + "\n\n" + legend + summary
 
 
 def target_summary(rows: list[dict]) -> str:
-    """``Targets: 3 of 5 met; MISSED: ...`` (or a note that no target was measured)."""
+    """``Targets: 3 of 5 met.`` then one ``- MISSED ...`` line per missed target (or a note that
+    no target was measured)."""
     judged = [row for row in rows if row["status"] in (MET, MISSED)]
     if not judged:
         return "Targets: none measured in this run."
     missed = [row for row in judged if row["status"] == MISSED]
-    text = f"Targets: {len(judged) - len(missed)} of {len(judged)} met."
-    if missed:
-        text += " MISSED: " + "; ".join(
-            f"{row['case']}: {row['candidate']} vs {row['baseline']} "
-            f"{row['ratio']:.2f}x > {row['target']:.2f}x"
-            for row in missed
-        )
-    return text
+    lines = [f"Targets: {len(judged) - len(missed)} of {len(judged)} met."]
+    lines += [
+        f"- MISSED {row['ratio']:.2f}x > {row['target']:.2f}x: {row['case']}: "
+        f"{row['candidate']} vs {row['baseline']}"
+        for row in missed
+    ]
+    return "\n".join(lines)
 
 
 def environment(
@@ -222,9 +251,6 @@ def environment(
             "memory_GiB": round(properties.total_memory / 2**30, 1),
             "cuda": torch.version.cuda,
             "cudnn": torch.backends.cudnn.version(),
-            "copy_bandwidth_GBps": {
-                device: round(bandwidth / 1e9, 1) for device, bandwidth in copy_bandwidth.items()
-            },
         }
     from avkernels import HAS_EXTENSION
 
@@ -235,6 +261,9 @@ def environment(
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_average_at_start": [round(load, 2) for load in load_at_start],
+        "copy_bandwidth_GBps": {
+            device: round(bandwidth / 1e9, 1) for device, bandwidth in copy_bandwidth.items()
+        },
         "cuda": cuda,
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -252,19 +281,17 @@ def environment_markdown(env: dict) -> str:
     device = (
         "CPU only"
         if cuda is None
-        else (
-            f"{cuda['device']} (CUDA {cuda['cuda']}, cuDNN {cuda['cudnn']}, "
-            "measured copy bandwidth "
-            + ", ".join(f"{dev}: {bw} GB/s" for dev, bw in cuda["copy_bandwidth_GBps"].items())
-            + ")"
-        )
+        else (f"{cuda['device']} (CUDA {cuda['cuda']}, cuDNN {cuda['cudnn']})")
     )
+    bandwidths = env["copy_bandwidth_GBps"]
     lines = [
         f"- Date (UTC): {env['date']}",
         f"- Command: `{env['command']}`",
         f"- CPU: {env['cpu']}, {env['cpu_count']} cores, torch threads {env['torch_threads']}; "
         f"load average at start {env['load_average_at_start']}",
         f"- GPU: {device}",
+        "- Measured copy bandwidth (read + written): "
+        + (", ".join(f"{dev}: {bw} GB/s" for dev, bw in bandwidths.items()) or "not measured"),
         f"- Versions: python {env['python']}, torch {env['torch']}, triton {env['triton']}, "
         f"pytest-benchmark {env['pytest_benchmark']}; avkernels C++ extension loaded: "
         f"{env['avkernels_cpp_extension']}; git {env['git']}",

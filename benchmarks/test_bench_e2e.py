@@ -41,7 +41,7 @@ from torch.nn import functional as F
 from avkernels import abri, mask_patches, revert
 from avkernels.app.models import AVClassifier
 from avkernels.app.training import TrainConfig, patch_size
-from benchmarks.harness import Case, Comparison, Implementation, Result, Step
+from benchmarks.harness import Case, Comparison, Implementation, Result, Step, relative_error
 from benchmarks.test_bench_abri import ALPHA, official_abri
 from benchmarks.test_bench_masking import (
     PatchSetting,
@@ -341,15 +341,10 @@ def check_step(setting: Setting, actual: Result, expected: Result) -> None:
         floor = RELATIVE_FLOOR[setting.dtype]["loss" if name == "loss" else "grad"]
         got = actual[name]
         assert got.shape == value.shape and got.isfinite().all(), f"{name}: bad shape or values"
-        error, allowed = _relative_error(got, value), 2 * _relative_error(pytorch[name], value)
+        error, allowed = relative_error(got, value), 2 * relative_error(pytorch[name], value)
         assert error <= allowed + floor, (
             f"{name}: relative error {error:.2e} against float64, PyTorch's {allowed / 2:.2e}"
         )
-
-
-def _relative_error(value: Tensor, reference: Tensor) -> float:
-    """L2 norm of the difference / L2 norm of the reference (float64)."""
-    return ((value.double() - reference).norm() / reference.norm()).item()
 
 
 def _frames(visual: Tensor) -> Tensor:

@@ -10,6 +10,10 @@ import argparse
 import importlib
 import sys
 
+import torch
+
+from avkernels import HAS_EXTENSION, __version__
+
 COMMANDS = ("demo", "diagnose", "prepare", "data_stats", "train", "fust")
 
 
@@ -21,6 +25,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="avkernels",
         description="Dead-channel tracking, ABRi and Fusion Tuning for audio-visual learning.",
+    )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"avkernels {__version__} (torch {torch.__version__}, "
+        f"C++ extension loaded: {HAS_EXTENSION})",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:

@@ -34,6 +34,7 @@ from avkernels.diagnosis.report import (
     DiagnosisReport,
     LayerDiagnosis,
 )
+from avkernels.model_stats import dead_stats
 from avkernels.nn.tracked_bn import TrackedBN
 from avkernels.ops.batch_norm.reference import effective_affine
 
@@ -50,6 +51,7 @@ def diagnose(
     max_batches: int | None = None,
     forward: Callable[[nn.Module, Any], Any] | None = None,
     title: str = "",
+    counters: bool = False,
 ) -> DiagnosisReport:
     """Diagnose dead channels in every BatchNorm2d of ``model``; return a :class:`DiagnosisReport`.
 
@@ -67,6 +69,10 @@ def diagnose(
         max_batches: stop after this many batches of ``data``.
         forward: ``forward(model, batch)`` for models whose call is not ``model(batch_input)``.
         title: shown in the report.
+        counters: instead of a pass over ``data``, take the activation statistics from the
+            counters every TrackedBN (``track_dead=True``) collected while the user's own
+            training or evaluation ran, since its last reset (see
+            :func:`avkernels.dead_stats`); layers that counted nothing get none.
     """
     if threshold is None:
         threshold = RELATIVE_THRESHOLD if relative else ABSOLUTE_THRESHOLD
@@ -85,7 +91,11 @@ def diagnose(
         _parameter_criterion(layer, bn, threshold, relative)
         layers.append(layer)
     report = DiagnosisReport(layers, threshold, relative, activation_threshold, title=title)
-    if data is not None:
+    if counters:
+        if data is not None:
+            raise ValueError("diagnose: pass data or counters=True, not both")
+        _counted_activations(report, model)
+    elif data is not None:
         report.batches = _activation_criterion(report, model, data, max_batches, forward)
     return report
 
@@ -151,6 +161,18 @@ def _feeds_relu(bn: nn.BatchNorm2d, name: str, feeders: dict[str, bool] | None) 
     if feeders is None:
         return None
     return feeders.get(name, False)
+
+
+def _counted_activations(report: DiagnosisReport, model: nn.Module) -> None:
+    """Fill the layers' activation statistics from the TrackedBN counters already collected."""
+    counted = dead_stats(model)  # raises when no TrackedBN of the model counts
+    for layer in report.layers:
+        stats = counted.get(layer.name)
+        if stats is not None and stats.samples:
+            layer.samples = stats.samples
+            layer.dead_fraction = stats.dead_fraction.cpu().numpy()
+            layer.dead_sample_fraction = stats.dead_sample_fraction.cpu().numpy()
+    report.from_counters = True
 
 
 def _activation_criterion(

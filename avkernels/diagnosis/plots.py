@@ -146,7 +146,7 @@ def plot_dead_sample_histogram(report: DiagnosisReport, path: Path) -> Path:
         axes.set_yscale("log")
     axes.set_xlabel("fraction of samples with the whole map <= 0")
     axes.set_ylabel("channels")
-    axes.set_title(f"Dead feature maps per channel ({report.batches} batches, eval)", fontsize=10)
+    axes.set_title(f"Dead feature maps per channel ({report.activations_origin})", fontsize=10)
     return _save(figure, path)
 
 

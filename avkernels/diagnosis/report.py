@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from avkernels.files import atomic_write_text
+
 ABSOLUTE_THRESHOLD = 1e-10
 RELATIVE_THRESHOLD = 1e-3
 ACTIVATION_THRESHOLD = 0.99
@@ -140,7 +142,7 @@ def _json_float(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(repr=False)
 class DiagnosisReport:
     """Per-layer and per-channel dead-channel diagnosis of a model (see :func:`diagnose`)."""
 
@@ -150,6 +152,7 @@ class DiagnosisReport:
     activation_threshold: float
     batches: int = 0
     title: str = ""
+    from_counters: bool = False  # activations read from TrackedBN's counters, not an eval pass
 
     # -- tables -----------------------------------------------------------------------------
 
@@ -185,10 +188,26 @@ class DiagnosisReport:
         if self.has_activations:
             dead = sum(layer.dead_on_all_samples or 0 for layer in self.layers)
             lines.append(
-                f"activations ({self.batches} batches, eval): {dead} channels <= 0 on "
+                f"activations ({self.activations_origin}): {dead} channels <= 0 on "
                 f">= {_percent(self.activation_threshold)} of samples"
             )
         return "\n".join(lines)
+
+    @property
+    def activations_origin(self) -> str:
+        """Where the activation statistics come from, for titles and summaries."""
+        if self.from_counters:
+            return "TrackedBN counters collected while the model ran"
+        return f"{self.batches} batches, eval"
+
+    def __repr__(self) -> str:
+        # One line: the per-channel arrays are in to_json(), save() and the tables.
+        title = f"{self.title!r}, " if self.title else ""
+        return (
+            f"DiagnosisReport({title}{len(self.layers)} layers, {self.channels} channels, "
+            f"{self.abnormal} abnormal, activations: "
+            + (f"{self.activations_origin})" if self.has_activations else "none)")
+        )
 
     def _criterion(self) -> str:
         if self.relative:
@@ -205,6 +224,7 @@ class DiagnosisReport:
             "relative": self.relative,
             "activation_threshold": self.activation_threshold,
             "batches": self.batches,
+            "from_counters": self.from_counters,
             "summary": {"channels": self.channels, "abnormal": self.abnormal},
             "layer_table": self.layer_table(),
             "layers": [layer.to_dict() for layer in self.layers],
@@ -227,6 +247,7 @@ class DiagnosisReport:
             relative=data["relative"],
             activation_threshold=data["activation_threshold"],
             batches=data["batches"],
+            from_counters=data.get("from_counters", False),
             title=data["title"],
         )
 
@@ -292,6 +313,16 @@ class DiagnosisReport:
         return row
 
     # -- plots ------------------------------------------------------------------------------
+
+    def save(self, directory: str | Path) -> list[Path]:
+        """Write ``report.json`` (every channel) and ``report.md`` into ``directory``, each
+        atomically; return their paths."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        return [
+            atomic_write_text(directory / "report.json", self.to_json() + "\n"),
+            atomic_write_text(directory / "report.md", self.to_markdown()),
+        ]
 
     def plot(self, directory: str | Path) -> list[Path]:
         """Write the report's plots (PNG) into ``directory``; return their paths."""

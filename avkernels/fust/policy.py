@@ -19,6 +19,7 @@ Final ratios are clipped to [0, 1).
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ from avkernels.fust.confidence import (
     _normalise_ids,
     as_confidences,
 )
+
+logger = logging.getLogger(__name__)
 
 RULES = ("symmetric", "official")
 MODES = ("conf", "mean")
@@ -149,7 +152,8 @@ def mask_ratios(
         eta, rho: steepness and scale per modality, ``(audio, visual)`` or one value for both.
         rule: ``"symmetric"`` (the paper's intent) or ``"official"`` (the released code).
         mode: ``"conf"`` (per-sample ratios) or ``"mean"`` (the dataset mean for everyone).
-        verbose: print the summary (how many samples get masked per modality, mean ratios).
+        verbose: log the summary (how many samples get masked per modality, mean ratios) at
+            INFO level on the ``avkernels.fust.policy`` logger; nothing goes to stdout.
 
     Returns:
         :class:`MaskRatios` (unpacks as ``r_a, r_v``; float64, clipped to [0, 1), in the order
@@ -175,7 +179,7 @@ def mask_ratios(
         ratios.append(torch.from_numpy(np.clip(raw, 0.0, MAX_RATIO)))
     result = MaskRatios(ids, ratios[0], ratios[1], rule, mode, threshold, eta, rho)
     if verbose:
-        print(result)
+        logger.info("%s", result)
     return result
 
 

@@ -167,3 +167,42 @@ def test_plots_and_before_after_comparison(tmp_path):
     assert json.loads(comparison.to_json())["labels"] == ["pre-trained", "ABRi"]
     with pytest.raises(ValueError, match="different models"):
         compare(before, diagnose(nn.Sequential(nn.BatchNorm2d(3))))
+
+
+def test_repr_is_one_line_and_save_writes_json_and_markdown(tmp_path):
+    model = resnet_with_dead_channels()
+    report = diagnose(model, [torch.randn(2, 3, 32, 32)], title="dead")
+    text = repr(report)
+    assert "\n" not in text and len(text) < 200
+    assert text == (
+        f"DiagnosisReport('dead', {len(report.layers)} layers, {report.channels} channels, "
+        f"{report.abnormal} abnormal, activations: 1 batches, eval)"
+    )
+    assert "activations: none" in repr(diagnose(model))
+    json_path, markdown_path = report.save(tmp_path / "out")
+    assert DiagnosisReport.from_json(json_path.read_text()).to_dict() == report.to_dict()
+    assert markdown_path.read_text() == report.to_markdown()
+
+
+def test_report_from_the_counters_of_training():
+    """counters=True reads what TrackedBN counted during the user's training: the same fractions
+    as avkernels.dead_stats, with no pass over data and the counters left as they were."""
+    from avkernels import convert, dead_stats
+
+    model = convert(resnet_with_dead_channels()).train()
+    for _ in range(2):
+        model(torch.randn(2, 3, 32, 32))
+    counted = dead_stats(model)
+    report = diagnose(model, counters=True)
+    assert report.from_counters and report.batches == 0
+    for diagnosed in report.layers:
+        np.testing.assert_array_equal(
+            diagnosed.dead_fraction, counted[diagnosed.name].dead_fraction.numpy()
+        )
+        assert diagnosed.samples == 4
+    assert "TrackedBN counters" in report.summary() and "TrackedBN counters" in repr(report)
+    again = DiagnosisReport.from_json(report.to_json())
+    assert again.from_counters and again.to_dict() == report.to_dict()
+    assert int(dead_stats(model)["bn1"].samples) == 4  # untouched
+    with pytest.raises(ValueError, match="not both"):
+        diagnose(model, [torch.randn(2, 3, 32, 32)], counters=True)

@@ -4,6 +4,7 @@ joining the two modalities' confidences by sample id, and the summary."""
 from __future__ import annotations
 
 import itertools
+import logging
 
 import numpy as np
 import pytest
@@ -209,9 +210,12 @@ def test_bad_arguments():
         mask_ratios({"a": 0.5}, [0.5], 0.5, 1.0, 1.0)
 
 
-def test_summary_is_printed_and_returned(capsys):
-    ratios = mask_ratios([0.9, 0.2, 0.4, 0.8], [0.3, 0.8, 0.3, 0.1], 0.5, 2.0, 0.8)
-    printed = capsys.readouterr().out
+def test_summary_is_logged_and_returned(caplog, capsys):
+    """The summary goes to the avkernels.fust.policy logger at INFO, nothing to stdout."""
+    with caplog.at_level(logging.INFO, logger="avkernels.fust.policy"):
+        ratios = mask_ratios([0.9, 0.2, 0.4, 0.8], [0.3, 0.8, 0.3, 0.1], 0.5, 2.0, 0.8)
+    assert capsys.readouterr().out == ""
+    printed = "\n".join(record.getMessage() for record in caplog.records)
     summary = ratios.summary()
     assert summary["samples"] == 4
     assert summary["audio_masked"] == 2 and summary["visual_masked"] == 1
