@@ -184,6 +184,13 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
         "--num-workers", type=types.non_negative_int, default=0, help="DataLoader workers"
     )
     parser.add_argument(
+        "--on-error",
+        choices=("fail", "skip"),
+        default="fail",
+        help="clips with a missing or unreadable file: fail (default) or skip them (a warning "
+        "lists them)",
+    )
+    parser.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -269,7 +276,14 @@ def resolve_data_settings(args: argparse.Namespace, run_dirs: list[Path]) -> Non
 
 def open_datasets(args: argparse.Namespace):
     """(train, eval or None) AVDatasets of the manifest; CommandError for every data problem."""
-    from avkernels.app.data import AudioConfig, AVDataset, DataError, VisualConfig, read_manifest
+    from avkernels.app.data import (
+        AudioConfig,
+        AVDataset,
+        ClipError,
+        DataError,
+        VisualConfig,
+        read_manifest,
+    )
 
     manifest = args.manifest
     try:
@@ -284,7 +298,8 @@ def open_datasets(args: argparse.Namespace):
                 f"manifest {manifest} has no split {args.train_split!r} "
                 f"(splits: {sorted(splits)}); choose one with --train-split"
             )
-        train_data = AVDataset(manifest, args.train_split, audio, visual)
+        on_error = "raise" if args.on_error == "fail" else "skip"
+        train_data = AVDataset(manifest, args.train_split, audio, visual, on_error=on_error)
         eval_split = args.eval_split
         if eval_split is None:
             eval_split = "test" if "test" in splits else "none"
@@ -296,7 +311,12 @@ def open_datasets(args: argparse.Namespace):
                     f"(splits: {sorted(splits)}); choose one with --eval-split "
                     "or pass --eval-split none"
                 )
-            eval_data = AVDataset(manifest, eval_split, audio, visual)
+            eval_data = AVDataset(manifest, eval_split, audio, visual, on_error=on_error)
+    except ClipError as error:
+        raise CommandError(
+            f"{error}; fix the file or the manifest, or pass --on-error skip to leave such "
+            "clips out"
+        ) from None
     except (DataError, ValueError) as error:
         raise CommandError(str(error)) from None
     args.resolved_eval_split = eval_split
