@@ -1,5 +1,6 @@
 """Values that used to be taken silently and give a wrong result: an ABRi blend weight outside
-[0, 1], NaN mask ratios, NaN or infinite diagnosis thresholds and inputs, a NaN mask-ratio tau. Each raises ValueError naming the argument."""
+[0, 1], NaN mask ratios, NaN or infinite diagnosis thresholds and inputs, a NaN mask-ratio tau.
+Each raises ValueError naming the argument."""
 
 from __future__ import annotations
 
