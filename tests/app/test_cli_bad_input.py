@@ -143,7 +143,7 @@ def cases():
             ["lr: 0.01 != 0.5", "config.json"],
         ),
         (stage2 + ["--init-from", "{stage1}"], 2, ["another dataset", "--init-from"]),
-        (stage2, 2, ["stage-1 confidences", "init_from"]),
+        (stage2, 2, ["stage-1 confidences", "--audio-confidence or --init-from"]),
         # fust
         (fust[:2] + ["--out", "{file}"], 2, ["--out", "is a file"]),
         (fust + ["--stage1-epochs", "0"], 2, ["--stage1-epochs", ">= 1"]),

@@ -214,7 +214,8 @@ def check_run_folder(run_dir: Path, args: argparse.Namespace) -> list[Path]:
                 "to start a new run there"
             )
         return []
-    names = (CONFIG, CHECKPOINT, METRICS_CSV, METRICS_JSONL, MODEL, SETTINGS)
+    # run.json alone (a start that failed before the first checkpoint) holds no work.
+    names = (CONFIG, CHECKPOINT, METRICS_CSV, METRICS_JSONL, MODEL)
     taken = [run_dir / name for name in names if (run_dir / name).exists()]
     taken += sorted(run_dir.glob("confidence_*.pt"))
     if taken and not args.overwrite:
