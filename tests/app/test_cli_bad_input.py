@@ -302,6 +302,7 @@ def test_ctrl_c_unexpected_errors_and_debug(world, tmp_path, capsys, monkeypatch
 
 def test_diagnose_reads_before_first_and_any_width(world, tmp_path, capsys):
     from avkernels import DiagnosisReport
+    from avkernels.diagnosis import compare
     from tests.helpers.diagnosis import resnet_with_dead_channels
 
     dead = tmp_path / "dead.pth"
@@ -315,7 +316,9 @@ def test_diagnose_reads_before_first_and_any_width(world, tmp_path, capsys):
     new = DiagnosisReport.from_json((out / "report.json").read_text())
     assert old.abnormal > 0 and new.abnormal == 0
     comparison = (out / "comparison.md").read_text()
-    assert comparison != comparison.replace(f"{old.abnormal}", "")  # the old count is shown
+    labels = ("before", "now")
+    assert comparison == compare(old, new, labels=labels).to_markdown()
+    assert comparison != compare(new, new, labels=labels).to_markdown()
     model = Path(world["stage1"]) / "model.pt"  # an encoder of width 4
     code, out_text, err = run_main(
         capsys, "diagnose", model, "--prefix", "audio_net.", "--out", tmp_path / "narrow"
