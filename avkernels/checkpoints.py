@@ -81,8 +81,11 @@ def load_state_dict(
 def _load_failure(error: Exception) -> str:
     """Why ``torch.load(weights_only=True)`` failed, without torch's advice to load the file
     unsafely (a file that needs it is not a checkpoint this package reads)."""
-    if "weights_only" in str(error) or "Weights only" in str(error):
+    text = str(error)
+    if "Unsupported global" in text:
         return "it holds Python objects besides tensors, which are not loaded for safety"
+    if "weights_only" in text or "Weights only" in text:
+        return "not a file written by torch.save"
     return first_line(error)
 
 
