@@ -61,7 +61,7 @@ def load_state_dict(
         content = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - torch.load raises many types for foreign files
         raise CheckpointError(
-            f"{path} is not a PyTorch checkpoint that can be loaded safely ({first_line(error)})"
+            f"{path} is not a PyTorch checkpoint that can be loaded safely ({_load_failure(error)})"
         ) from None
     for _ in range(2):  # e.g. {"model": {"state_dict": ...}}
         if isinstance(content, dict):
@@ -76,6 +76,17 @@ def load_state_dict(
     if all(key.startswith("module.") for key in content):  # saved from DistributedDataParallel
         content = {key[len("module.") :]: value for key, value in content.items()}
     return content
+
+
+def _load_failure(error: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` failed, without torch's advice to load the file
+    unsafely (a file that needs it is not a checkpoint this package reads)."""
+    text = str(error)
+    if "Unsupported global" in text:
+        return "it holds Python objects besides tensors, which are not loaded for safety"
+    if "weights_only" in text or "Weights only" in text:
+        return "not a file written by torch.save"
+    return first_line(error)
 
 
 def _is_state_dict(content: Any) -> bool:

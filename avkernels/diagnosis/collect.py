@@ -19,6 +19,7 @@ so its "dead" outputs mean something else.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -76,8 +77,8 @@ def diagnose(
     """
     if threshold is None:
         threshold = RELATIVE_THRESHOLD if relative else ABSOLUTE_THRESHOLD
-    if threshold < 0:
-        raise ValueError(f"diagnose: threshold must be >= 0, got {threshold}")
+    if not threshold >= 0 or math.isinf(threshold):  # NaN compares false
+        raise ValueError(f"diagnose: threshold must be a finite number >= 0, got {threshold}")
     relu_feeders = _relu_feeders(model)
     layers = []
     for name, bn in _batchnorms(model):
@@ -206,7 +207,14 @@ def _activation_criterion(
                 if forward is not None:
                     forward(work, batch)
                 else:
-                    work(_batch_input(batch).to(device))
+                    inputs = _batch_input(batch)
+                    if inputs.is_floating_point() and not torch.isfinite(inputs).all():
+                        # NaN activations compare false with 0: every channel would look alive.
+                        raise ValueError(
+                            f"diagnose: batch {batches} of the data holds NaN or infinite "
+                            "values; the dead-channel counts need finite inputs"
+                        )
+                    work(inputs.to(device))
                 batches += 1
         for layer in report.layers:
             bn = tracked[layer.name]

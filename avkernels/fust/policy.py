@@ -20,6 +20,7 @@ Final ratios are clipped to [0, 1).
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -166,6 +167,8 @@ def mask_ratios(
         raise ValueError(f"mask_ratios: mode must be one of {MODES}, got {mode!r}")
     eta, rho = _pair(eta, "eta"), _pair(rho, "rho")
     threshold = float(threshold)
+    if math.isnan(threshold):  # compares false with every confidence: nothing masked, silently
+        raise ValueError("mask_ratios: threshold (tau) is NaN; give a confidence (> 1: no masking)")
     ids, audio, visual = _joined(conf_a, conf_v)
     ratio = _official_ratio if rule == "official" else _symmetric_ratio
     pairs = [ratio(a, v, threshold, eta, rho) for a, v in zip(audio.tolist(), visual.tolist())]

@@ -140,6 +140,11 @@ class TrackedBN(nn.BatchNorm2d):
             )
         if self.abri_enabled:
             raise RuntimeError("TrackedBN.enable_abri: ABRi is already enabled on this layer")
+        if not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):  # NaN fails too
+            raise ValueError(
+                f"TrackedBN.enable_abri: alpha is the initial blend weight of the two BNs, a "
+                f"number in [0, 1], got {alpha!r}"
+            )
         channels = self.num_features
         factory = {"device": self.weight.device, "dtype": self.weight.dtype}
         self.abri_weight = nn.Parameter(torch.empty(channels, **factory))

@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader
 from avkernels.app.data import (
     AudioConfig,
     AVDataset,
+    ClipError,
     ClipRecord,
     DataError,
     VisualConfig,
@@ -154,7 +155,7 @@ def test_missing_and_corrupt_files_raise_or_are_skipped(tmp_path):
     for frame in list_frames(tmp_path / "frames/c3")[1:]:
         frame.unlink()
     manifest = write_manifest(tmp_path / "m.csv", records)
-    with pytest.raises(DataError, match=r"c1.wav: audio file not found \(clip 'c1'; pass on_err"):
+    with pytest.raises(ClipError, match=r"c1.wav: audio file not found \(clip 'c1'\)"):
         AVDataset(manifest, "train", AUDIO, VISUAL)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -19,7 +19,8 @@ if importlib.util.find_spec("spokennumbers") is None:  # found, not imported: it
         allow_module_level=True,
     )
 
-from avkernels.app.cli import main  # noqa: E402
+from avkernels.app.cli import main
+from tests.app.cli_helpers import last_line, run_main  # noqa: E402
 
 SECTIONS = ("environment", "data", "pretrain", "transfer", "fust", "kernels", "timings")
 
@@ -109,22 +110,22 @@ def test_a_lost_step_is_rebuilt_from_its_finished_runs_with_the_same_numbers(qui
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--quick", "--seed", "-1"], "--seed must be >= 0"),
+        (["--quick", "--seed", "-1"], "argument --seed: must be an integer in [0, "),
         (["--quick", "--seed", "1"], "other settings"),  # the quick run's folder, another seed
         ([], "other settings"),  # the quick run's folder, default sizes
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(quick_run, capsys, argv, message):
-    assert main(["demo", "--out", str(quick_run), *argv]) == 2
-    error = capsys.readouterr().err
-    assert message in error and error.count("\n") == 1
+    code, _, error = run_main(capsys, "demo", "--out", quick_run, *argv)
+    assert code == 2
+    assert message in last_line(error) and "Traceback" not in error
 
 
 def test_out_that_is_a_file_or_a_foreign_folder_exits_2(tmp_path, capsys):
     file = tmp_path / "file"
     file.write_text("x")
-    assert main(["demo", "--quick", "--out", str(file)]) == 2
-    assert "is a file" in capsys.readouterr().err
+    code, _, error = run_main(capsys, "demo", "--quick", "--out", file)
+    assert code == 2 and "is a file" in last_line(error)
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")

@@ -300,6 +300,14 @@ def test_linear_probe_separates_separable_features_and_keeps_rng(tmp_path):
         ("modalities", ("audio", "text"), "modalities"),
         ("mask_eta", (1.0,), "mask_eta must be an"),
         ("lr", 0.0, "lr must be > 0"),
+        ("lr", float("nan"), "lr must be > 0"),
+        ("audio_patch_grid", (0, 0), "audio_patch_grid must be two ints >= 1"),
+        ("visual_patch_grid", (-1, -1), "visual_patch_grid must be two ints >= 1"),
+        ("mask_rho", (2.0, 0.5), r"mask_rho must lie in \[0, 1\]"),
+        ("mask_threshold", float("nan"), r"mask_threshold must lie in \[0, 1\]"),
+        ("mask_eta", (float("inf"), 1.0), "mask_eta must be finite"),
+        ("lr_gamma", float("nan"), "lr_gamma must be finite"),
+        ("seed", -1, "seed must be an int"),
     ],
 )
 def test_config_rejects_bad_values(field, value, message):

@@ -7,29 +7,31 @@ pass); the network input is then ``(fbank - mean) / (2 * std)``.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from avkernels.app.cli import CommandError
+from avkernels.app.cli import CommandError, RunError
+from avkernels.app.commands import arguments as types
 
 NAME = "data-stats"
 HELP = "compute the fbank mean/std of a manifest split (audio normalisation statistics)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("manifest", type=Path, help="a manifest (.csv or .jsonl)")
+    parser.add_argument("manifest", type=types.manifest_file, help="a manifest (.csv or .jsonl)")
     parser.add_argument("--split", default="train", help="split to use (default train)")
-    parser.add_argument("--sample-rate", type=int, default=16000)
-    parser.add_argument("--mel-bins", type=int, default=128)
-    parser.add_argument("--target-length", type=int, default=1024, help="fbank frames per clip")
+    parser.add_argument("--sample-rate", type=types.positive_int, default=16000)
+    parser.add_argument("--mel-bins", type=types.positive_int, default=128)
+    parser.add_argument(
+        "--target-length", type=types.positive_int, default=1024, help="fbank frames per clip"
+    )
     parser.add_argument(
         "--max-clips",
-        type=int,
+        type=types.positive_int,
         default=None,
         help="use at most this many clips (the first of the split)",
     )
     parser.add_argument(
         "--out",
-        type=Path,
+        type=types.output_file,
         default=None,
         help="JSON file to write (default: fbank_stats.json next to the manifest)",
     )
@@ -44,13 +46,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from avkernels.app.data import AudioConfig, DataError, compute_fbank_stats, read_manifest
 
-    if args.max_clips is not None and args.max_clips < 1:
-        raise CommandError("--max-clips must be >= 1")
     try:
         config = AudioConfig(args.sample_rate, args.mel_bins, args.target_length)
     except ValueError as error:
         raise CommandError(str(error)) from None
     out = args.out or args.manifest.parent / "fbank_stats.json"
+    types.check_writable(out.parent, "--out" if args.out else "the manifest's folder")
     try:
         records = [r for r in read_manifest(args.manifest) if r.split == args.split]
         if not records:
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         stats.save(out)
     except OSError as error:
-        raise CommandError(f"cannot write {out}: {error.strerror or error}") from None
+        raise RunError(f"cannot write {out}: {error.strerror or error}") from None
     print(
         f"{args.split}: {stats.clips} clips, fbank mean {stats.mean:.6f}, std {stats.std:.6f} "
         f"-> {out}"

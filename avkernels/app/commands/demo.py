@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from avkernels.app.commands import arguments as types
+
 NAME = "demo"
 HELP = (
     "run the paper's story end to end on AV-Digits (pre-training, dead channels, ABRi, "
@@ -23,7 +25,7 @@ HELP = (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out",
-        type=Path,
+        type=types.output_dir,
         default=Path("avkernels-demo"),
         help="folder of the runs and the report (default ./avkernels-demo); "
         "an existing demo folder is resumed",
@@ -33,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="tiny data, models and epochs (about a minute; numbers are noise)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of every run (default 0)")
+    parser.add_argument("--seed", type=types.seed, default=0, help="seed of every run (default 0)")
     parser.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
@@ -43,10 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from avkernels.app.cli import CommandError
+    from avkernels.app.cli import CommandError, RunError
 
-    if args.seed < 0:
-        raise CommandError(f"--seed must be >= 0, got {args.seed}")
+    types.check_writable(args.out)
     try:
         from avkernels.app.data import DataError
         from avkernels.app.demo import DemoError, run_demo
@@ -65,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
             "with `pip install 'avkernels[av]'`"
         ) from None
     except OSError as error:
-        raise CommandError(f"cannot write into {args.out}: {error.strerror or error}") from None
+        raise RunError(f"cannot write into {args.out}: {error.strerror or error}") from None
     for name in ("report.md", "report.html", "report.json"):
         print(f"wrote {args.out / name}")
     return 0

@@ -3,7 +3,9 @@
 Reads torchvision-layout checkpoints (with or without ``fc``, i.e. also the official plain
 backbone), official ABRi checkpoints (``bn1_addition``, ``fusion_weight1``, ``downsample.conv``)
 and avkernels ABRi checkpoints (``bn1.abri_weight``...), as a plain state dict or wrapped under
-a ``model``/``state_dict`` key, with or without a DDP ``module.`` prefix. Writes ``report.md``,
+a ``model``/``state_dict`` key, with or without a DDP ``module.`` prefix; encoders of any width
+(the width is the checkpoint's own: its stem's output channels, e.g. ``avkernels train
+--width 16`` runs). Writes ``report.md``,
 ``report.json`` and PNG plots into ``--out`` and prints a short summary.
 """
 
@@ -15,12 +17,14 @@ from typing import Any
 
 import torch
 
-from avkernels.app.cli import CommandError
+from avkernels.app.cli import CommandError, RunError
+from avkernels.app.commands import arguments as types
 from avkernels.checkpoints import (
     BLOCKS,
     CheckpointError,
     build_resnet,
     describe,
+    detect_arch,
     first_line,
     load_state_dict,
     select_encoder,
@@ -32,7 +36,9 @@ HELP = "report the dead BatchNorm channels of a ResNet-18/34 checkpoint"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", type=Path, help="a .pth/.pt file holding a state dict")
+    parser.add_argument(
+        "checkpoint", type=types.existing_file, help="a .pth/.pt file holding a state dict"
+    )
     parser.add_argument(
         "--arch",
         choices=sorted(BLOCKS),
@@ -55,87 +61,125 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--data",
-        type=Path,
+        type=types.existing_file,
         default=None,
         help="inputs for the activation statistics: a .pt/.pth file with a "
         "tensor (N, C, H, W) (or (N, H, W) for 1 channel), or .npy/.npz",
     )
-    parser.add_argument("--batch-size", type=int, default=32, help="batch size for --data")
-    parser.add_argument("--max-batches", type=int, default=None, help="use at most this many")
+    parser.add_argument(
+        "--batch-size", type=types.positive_int, default=32, help="batch size for --data"
+    )
+    parser.add_argument(
+        "--max-batches", type=types.positive_int, default=None, help="use at most this many"
+    )
     parser.add_argument(
         "--threshold",
-        type=float,
+        type=types.non_negative_float,
         default=None,
-        help="tau of the |gamma|, |beta| criterion (default 1e-10, 1e-3 with --relative)",
+        help="tau of the |gamma|, |beta| criterion (default 1e-10, 1e-3 with --relative; "
+        "with --relative a fraction in [0, 1])",
     )
     parser.add_argument(
         "--relative", action="store_true", help="tau is a fraction of each layer's median |gamma|"
     )
     parser.add_argument(
         "--before",
-        type=Path,
+        type=types.existing_file,
         default=None,
         help="report.json of an earlier diagnosis (e.g. before fine-tuning) to "
         "compare with: writes comparison.md and comparison.png",
     )
     parser.add_argument(
-        "--device", default=None, help="device for the forward passes (default: cuda if available)"
+        "--device",
+        type=types.device,
+        default=None,
+        help="device for the forward passes (default: cuda if available)",
     )
     parser.add_argument(
-        "--out", type=Path, default=Path("diagnosis"), help="output directory (default ./diagnosis)"
+        "--out",
+        type=types.output_dir,
+        default=Path("diagnosis"),
+        help="output directory (default ./diagnosis)",
     )
 
 
 def run(args: argparse.Namespace) -> int:
     from avkernels.diagnosis import DiagnosisReport, compare, diagnose
 
-    if args.batch_size < 1:
-        raise CommandError("--batch-size must be >= 1")
+    if args.relative and args.threshold is not None and args.threshold > 1:
+        raise CommandError(
+            f"--threshold {args.threshold} with --relative is a fraction of each layer's "
+            "median |gamma|: give one in [0, 1]"
+        )
+    types.check_device(args.device)
+    # Read before anything is written: --before may lie in --out and be replaced below.
+    before = None if args.before is None else _read_report(args.before, DiagnosisReport)
     try:
         state_dict = load_state_dict(args.checkpoint)
         state_dict, prefix_note = select_encoder(state_dict, args.prefix)
-        model, description = build_resnet(state_dict, args.arch, args.in_channels)
+        model, description = _build_model(state_dict, args.arch, args.in_channels)
     except CheckpointError as error:
         raise CommandError(str(error)) from None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        model.to(torch.device(device))
-    except (RuntimeError, AssertionError) as error:
-        raise CommandError(f"cannot use --device {device}: {first_line(error)}") from None
+    model.to(torch.device(device))
     in_channels = model.conv1.in_channels
     batches = None
     if args.data is not None:
         batches = load_batches(args.data, in_channels, args.batch_size)
-    report = diagnose(
-        model,
-        batches,
-        threshold=args.threshold,
-        relative=args.relative,
-        max_batches=args.max_batches,
-        title=f"{args.checkpoint.name} ({description})",
-    )
-    out = args.out
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        written = [out / "report.md", out / "report.json"]
-        atomic_write_text(written[0], report.to_markdown())
-        atomic_write_text(written[1], report.to_json())
+        report = diagnose(
+            model,
+            batches,
+            threshold=args.threshold,
+            relative=args.relative,
+            max_batches=args.max_batches,
+            title=f"{args.checkpoint.name} ({description})",
+        )
+        comparison = None if before is None else compare(before, report, labels=("before", "now"))
+    except ValueError as error:
+        raise CommandError(f"{args.before or args.data or args.checkpoint}: {error}") from None
+    # Everything is computed first, so a failure never leaves a mix of old and new files.
+    texts = {"report.md": report.to_markdown(), "report.json": report.to_json()}
+    if comparison is not None:
+        texts["comparison.md"] = comparison.to_markdown()
+    out = args.out
+    types.check_writable(out)
+    try:
+        written = [atomic_write_text(out / name, text) for name, text in texts.items()]
         written += report.plot(out)
-        if args.before is not None:
-            before = _read_report(args.before, DiagnosisReport)
-            try:
-                comparison = compare(before, report, labels=("before", "now"))
-            except ValueError as error:
-                raise CommandError(f"{args.before}: {error}") from None
-            atomic_write_text(out / "comparison.md", comparison.to_markdown())
-            written += [out / "comparison.md", comparison.plot(out / "comparison.png")]
+        if comparison is not None:
+            written.append(comparison.plot(out / "comparison.png"))
     except OSError as error:
         reason = error.strerror or error
-        raise CommandError(f"cannot write the report into {out}: {reason}") from None
+        raise RunError(f"cannot write the report into {out}: {reason}") from None
     print(f"{args.checkpoint}: {description}{prefix_note}")
     print(report.summary())
     print("wrote " + ", ".join(str(path) for path in written))
     return 0
+
+
+def _build_model(state_dict: dict, arch: str | None, in_channels: int | None):
+    """The ResNet of ``state_dict``: torchvision's at width 64, avkernels' encoder otherwise."""
+    stem = state_dict.get("conv1.weight")
+    width = stem.shape[0] if stem is not None and stem.dim() == 4 else 64
+    if width == 64:
+        return build_resnet(state_dict, arch, in_channels)
+    from avkernels.app.models import ResNetEncoder, load_encoder
+
+    detected = detect_arch(state_dict)
+    if detected is None or (arch is not None and arch != detected):
+        return build_resnet(state_dict, arch, in_channels)  # its errors name the problem
+    stored = stem.shape[1]
+    if in_channels is not None and in_channels != stored:
+        raise CheckpointError(
+            f"--in-channels {in_channels} but the checkpoint's first convolution takes "
+            f"{stored} channels"
+        )
+    if stored not in (1, 3):
+        raise CheckpointError(f"the checkpoint's stem takes {stored} channels; 1 or 3 expected")
+    encoder = ResNetEncoder(detected, stored, width=width, fuse_relu=False)
+    load_encoder(encoder, state_dict)
+    return encoder, f"{detected} of width {width}, {stored} input channel(s)"
 
 
 # --- data -------------------------------------------------------------------------------------
@@ -143,8 +187,6 @@ def run(args: argparse.Namespace) -> int:
 
 def load_batches(path: Path, in_channels: int, batch_size: int) -> list[torch.Tensor]:
     """Inputs from a .pt/.pth/.npy/.npz file as (N, C, H, W) float batches."""
-    if not path.is_file():
-        raise CommandError(f"--data {path}: no such file")
     try:
         if path.suffix in (".npy", ".npz"):
             import numpy as np

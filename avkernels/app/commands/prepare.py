@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from avkernels.app.cli import CommandError
+from avkernels.app.cli import CommandError, RunError
+from avkernels.app.commands import arguments as types
 from avkernels.files import atomic_write_text
 
 NAME = "prepare"
@@ -29,9 +29,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "ave, or av-digits (built offline)",
     )
     parser.add_argument(
-        "--root", type=Path, default=None, help="the raw dataset folder (not used by av-digits)"
+        "--root",
+        type=types.existing_dir,
+        default=None,
+        help="the raw dataset folder (not used by av-digits)",
     )
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--out", type=types.output_dir, required=True, help="output folder")
     parser.add_argument("--manifest-format", choices=("csv", "jsonl"), default="csv")
     parser.add_argument(
         "--on-error",
@@ -41,12 +44,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "skip them (listed in problems.txt and on stderr)",
     )
     digits = parser.add_argument_group("av-digits")
-    digits.add_argument("--train-per-class", type=int, default=160)
-    digits.add_argument("--test-per-class", type=int, default=40)
-    digits.add_argument("--image-size", type=int, default=32)
+    digits.add_argument("--train-per-class", type=types.positive_int, default=160)
+    digits.add_argument("--test-per-class", type=types.positive_int, default=40)
+    digits.add_argument("--image-size", type=types.positive_int, default=32)
     digits.add_argument(
         "--visual-difficulty",
-        type=float,
+        type=types.probability,
         nargs=2,
         default=(0.0, 0.5),
         metavar=("LOW", "HIGH"),
@@ -54,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     digits.add_argument(
         "--audio-difficulty",
-        type=float,
+        type=types.probability,
         nargs=2,
         default=(0.0, 0.5),
         metavar=("LOW", "HIGH"),
@@ -64,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-asterisk", action="store_true", help="ignore installed Asterisk digit recordings"
     )
     digits.add_argument("--no-espeak", action="store_true", help="ignore espeak-ng")
-    digits.add_argument("--seed", type=int, default=0)
+    digits.add_argument("--seed", type=types.seed, default=0)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -96,6 +99,7 @@ def _build_av_digits(args: argparse.Namespace) -> int:
         )
     except ValueError as error:
         raise CommandError(str(error)) from None
+    types.check_writable(args.out)
     built = load_av_digits(args.out, config)
     info = built.info
     print(
@@ -112,6 +116,7 @@ def _import(args: argparse.Namespace) -> int:
 
     if args.root is None:
         raise CommandError(f"{args.format} needs --root, the folder holding the raw dataset")
+    types.check_writable(args.out)
     result = import_layout(args.format, args.root)
     problems = result.problems
     if problems and args.on_error == "fail":
@@ -131,7 +136,7 @@ def _import(args: argparse.Namespace) -> int:
         if problems:
             atomic_write_text(args.out / "problems.txt", "".join(f"{p}\n" for p in problems))
     except OSError as error:
-        raise CommandError(f"cannot write into {args.out}: {error.strerror or error}") from None
+        raise RunError(f"cannot write into {args.out}: {error.strerror or error}") from None
     splits: dict[str, int] = {}
     for record in result.records:
         splits[record.split] = splits.get(record.split, 0) + 1

@@ -16,15 +16,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 from pathlib import Path
 
-from avkernels.app.cli import CommandError
+from avkernels.app.cli import CommandError, RunError
+from avkernels.app.commands import arguments as types
+from avkernels.app.commands import run_settings
 
 NAME = "train"
 HELP = "train one run on a manifest: FusT stage 1 or stage 2, or naive joint training"
 
-FBANK_STATS = "fbank_stats.json"  # where `avkernels data-stats` writes by default
 # One line of help per TrainConfig field (defaults are appended).
 FIELD_HELP = {
     "num_classes": "classes (default: from the manifest's labels)",
@@ -69,12 +69,36 @@ FIELD_HELP = {
     "a gradient scaler, GPU only); evaluation stays fp32",
     "channels_last": "model and inputs in channels_last memory format",
 }
-_PAIR_TYPES = {
-    "mask_eta": float,
-    "mask_rho": float,
-    "audio_patch_grid": int,
-    "visual_patch_grid": int,
+# The argument type of each TrainConfig field that is a number or a file (the others take
+# choices or names); the pairs take two values of it.
+FIELD_TYPES = {
+    "num_classes": types.positive_int,
+    "epochs": types.positive_int,
+    "batch_size": types.positive_int,
+    "seed": types.seed,
+    "lr": types.positive_float,
+    "momentum": types.probability,
+    "weight_decay": types.non_negative_float,
+    "lr_step": types.positive_int,
+    "lr_gamma": types.positive_float,
+    "width": types.positive_int,
+    "audio_init": types.existing_file,
+    "visual_init": types.existing_file,
+    "init_from": types.existing_path,
+    "audio_confidence": types.existing_file,
+    "visual_confidence": types.existing_file,
+    "mask_threshold": types.probability,
+    "mask_eta": types.non_negative_float,
+    "mask_rho": types.probability,
+    "audio_patch_grid": types.positive_int,
+    "visual_patch_grid": types.positive_int,
+    "feature_group": types.positive_int,
+    "checkpoint_every": types.non_negative_int,
+    "probe_epochs": types.non_negative_int,
+    "probe_lr": types.positive_float,
 }
+_PAIRS = ("mask_eta", "mask_rho", "audio_patch_grid", "visual_patch_grid")
+RGB = 3  # channels of the frames the visual front end reads (avkernels.app.data.visual)
 _MODALITY_LISTS = ("abri", "modalities")
 _PATH_FIELDS = ("audio_init", "visual_init", "init_from", "audio_confidence", "visual_confidence")
 
@@ -89,13 +113,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "joint training with masking; joint: naive joint training",
     )
     add_data_arguments(parser)
-    parser.add_argument("--out", type=Path, required=True, help="run directory")
+    parser.add_argument("--out", type=types.output_dir, required=True, help="run directory")
+    add_run_folder_arguments(parser)
     add_config_arguments(parser, skip={"stage"})
+
+
+def add_run_folder_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run that --out already holds (its files are deleted first)",
+    )
+    parser.add_argument(
+        "--allow-data-changes",
+        action="store_true",
+        help="with --resume: continue although the data settings differ from the saved ones",
+    )
 
 
 def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     """Manifest, splits, front-end settings, device and run control (shared with ``fust``)."""
-    parser.add_argument("manifest", type=Path, help="a manifest (.csv or .jsonl)")
+    parser.add_argument("manifest", type=types.manifest_file, help="a manifest (.csv or .jsonl)")
+    parser.add_argument(
+        "--config",
+        action=run_settings.ConfigFile,
+        default=None,
+        help="a TOML file of option values (keys: the option names without '--'); "
+        "options on the command line win",
+    )
     parser.add_argument("--train-split", default="train", help="training split (default train)")
     parser.add_argument(
         "--eval-split",
@@ -105,18 +150,25 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--fbank-stats",
-        type=Path,
         default=None,
-        help=f"audio normalisation statistics (default: {FBANK_STATS} next to "
-        "the manifest, else the official Kinetics-Sounds values)",
+        help=f"audio normalisation statistics (default: {run_settings.FBANK_STATS} next to "
+        f"the manifest; '{run_settings.OFFICIAL_STATS}': the official Kinetics-Sounds values)",
     )
-    parser.add_argument("--mel-bins", type=int, default=128, help="fbank mel bins (default 128)")
-    parser.add_argument(
-        "--target-length", type=int, default=1024, help="fbank frames per clip (default 1024)"
-    )
-    parser.add_argument("--sample-rate", type=int, default=16000, help="default 16000")
-    parser.add_argument("--image-size", type=int, default=224, help="frame side (default 224)")
-    parser.add_argument("--frames", type=int, default=3, help="frames per clip (default 3)")
+    data_help = {
+        "mel_bins": "fbank mel bins",
+        "target_length": "fbank frames per clip",
+        "sample_rate": "audio sample rate",
+        "image_size": "frame side",
+        "frames": "frames per clip",
+    }
+    for name, default in run_settings.DATA_DEFAULTS.items():
+        parser.add_argument(
+            run_settings.option(name),
+            type=types.positive_int,
+            default=None,
+            help=f"{data_help[name]} (default: the resumed run's, the dataset's build.json, "
+            f"else {default})",
+        )
     parser.add_argument(
         "--resume",
         action="store_true",
@@ -124,10 +176,20 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--device",
+        type=types.device,
         default=None,
         help="default: cuda if available, else cpu (under torchrun: cuda:LOCAL_RANK)",
     )
-    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers")
+    parser.add_argument(
+        "--num-workers", type=types.non_negative_int, default=0, help="DataLoader workers"
+    )
+    parser.add_argument(
+        "--on-error",
+        choices=("fail", "skip"),
+        default="fail",
+        help="clips with a missing or unreadable file: fail (default) or skip them (a warning "
+        "lists them)",
+    )
     parser.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
@@ -150,24 +212,24 @@ def add_config_arguments(parser: argparse.ArgumentParser, skip=frozenset()) -> N
             help_text += f" (default {_shown(field.default)})"
         if field.name in _MODALITY_LISTS:
             group.add_argument(option, nargs="*", choices=MODALITIES, default=None, help=help_text)
-        elif field.name in _PAIR_TYPES:
+        elif field.name in _PAIRS:
             group.add_argument(
                 option,
                 nargs=2,
-                type=_PAIR_TYPES[field.name],
+                type=FIELD_TYPES[field.name],
                 default=None,
                 metavar=("AUDIO", "VISUAL") if field.name.startswith("mask") else ("ROWS", "COLS"),
                 help=help_text,
             )
         elif field.default is None:
-            group.add_argument(option, default=None, help=help_text)
+            group.add_argument(option, type=FIELD_TYPES[field.name], default=None, help=help_text)
         elif isinstance(field.default, bool):
             group.add_argument(
                 option, action=argparse.BooleanOptionalAction, default=None, help=help_text
             )
         else:
             # num_classes, the one field without a default, is an int
-            kind = int if field.default is dataclasses.MISSING else type(field.default)
+            kind = FIELD_TYPES.get(field.name, type(field.default))
             group.add_argument(
                 option, type=kind, default=None, choices=CHOICES.get(field.name), help=help_text
             )
@@ -180,18 +242,20 @@ def _shown(value) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from avkernels.app.training import STAGES, torchrun_process_group
+    from avkernels.app.training import torchrun_process_group
     from avkernels.distributed import Ranks
 
-    if args.stage not in STAGES:
-        raise CommandError(f"unknown stage {args.stage!r}; choose one of {STAGES}")
+    types.check_device(args.device)
+    replaced = run_settings.check_run_folder(args.out, args)
+    resolve_data_settings(args, [args.out])
     with torchrun_process_group(args.device) as device:
         args.device = device
         train_data, eval_data = open_datasets(args)
         config = config_from_args(
             args, args.out, stage=args.stage, num_classes=getattr(train_data, "num_classes", None)
         )
-        history = run_stage(config, train_data, eval_data, args.out, args)
+        check_fits_data(config, train_data)
+        history = run_stage(config, train_data, eval_data, args.out, args, replaced)
         if Ranks.current().is_main:
             print(summary_line(args.stage, history))
             print(f"wrote {args.out}")
@@ -201,31 +265,32 @@ def run(args: argparse.Namespace) -> int:
 # --- shared with `avkernels fust` ---------------------------------------------------------------
 
 
+def resolve_data_settings(args: argparse.Namespace, run_dirs: list[Path]) -> None:
+    """The data settings of this run: given, else those of the resumed run (the first of
+    ``run_dirs`` that has them), else the dataset's build.json, else the defaults."""
+    saved = {}
+    if args.resume:
+        saved = next(filter(None, map(run_settings.read_settings, run_dirs)), {})
+    run_settings.resolve_data_settings(args, saved)
+
+
 def open_datasets(args: argparse.Namespace):
     """(train, eval or None) AVDatasets of the manifest; CommandError for every data problem."""
-    from avkernels.app.data import AudioConfig, AVDataset, DataError, FbankStats, read_manifest
+    from avkernels.app.data import (
+        AudioConfig,
+        AVDataset,
+        ClipError,
+        DataError,
+        VisualConfig,
+        read_manifest,
+    )
 
     manifest = args.manifest
-    if not manifest.is_file():
-        raise CommandError(
-            f"manifest {manifest}: no such file (write one with `avkernels prepare`)"
-        )
-    for name in ("mel_bins", "target_length", "sample_rate", "image_size", "frames"):
-        if getattr(args, name) < 1:
-            raise CommandError(f"--{name.replace('_', '-')} must be >= 1")
-    if args.num_workers < 0:
-        raise CommandError("--num-workers must be >= 0")
     try:
-        from avkernels.app.data import VisualConfig
-
         audio = AudioConfig(args.sample_rate, args.mel_bins, args.target_length)
-        stats_path = args.fbank_stats or manifest.parent / FBANK_STATS
-        if args.fbank_stats is not None and not stats_path.is_file():
-            raise CommandError(
-                f"--fbank-stats {stats_path}: no such file (compute it with `avkernels data-stats`)"
-            )
-        if stats_path.is_file():
-            audio = audio.with_stats(FbankStats.load(stats_path))
+        stats = run_settings.fbank_stats(args)
+        if stats is not None:
+            audio = audio.with_stats(stats)
         visual = VisualConfig(frames_per_clip=args.frames, size=args.image_size)
         splits = {record.split for record in read_manifest(manifest)}
         if args.train_split not in splits:
@@ -233,7 +298,8 @@ def open_datasets(args: argparse.Namespace):
                 f"manifest {manifest} has no split {args.train_split!r} "
                 f"(splits: {sorted(splits)}); choose one with --train-split"
             )
-        train_data = AVDataset(manifest, args.train_split, audio, visual)
+        on_error = "raise" if args.on_error == "fail" else "skip"
+        train_data = AVDataset(manifest, args.train_split, audio, visual, on_error=on_error)
         eval_split = args.eval_split
         if eval_split is None:
             eval_split = "test" if "test" in splits else "none"
@@ -245,10 +311,37 @@ def open_datasets(args: argparse.Namespace):
                     f"(splits: {sorted(splits)}); choose one with --eval-split "
                     "or pass --eval-split none"
                 )
-            eval_data = AVDataset(manifest, eval_split, audio, visual)
+            eval_data = AVDataset(manifest, eval_split, audio, visual, on_error=on_error)
+    except ClipError as error:
+        raise CommandError(
+            f"{error}; fix the file or the manifest, or pass --on-error skip to leave such "
+            "clips out"
+        ) from None
     except (DataError, ValueError) as error:
         raise CommandError(str(error)) from None
+    args.resolved_eval_split = eval_split
     return train_data, eval_data
+
+
+def check_fits_data(config, train_data) -> None:
+    """What the config must agree on with the dataset, checked before the model is built."""
+    classes = getattr(train_data, "num_classes", config.num_classes)
+    if config.num_classes < classes:
+        raise CommandError(
+            f"--num-classes {config.num_classes}: the manifest has labels up to {classes - 1}, "
+            f"so at least {classes} classes; pass --num-classes {classes} or leave it out"
+        )
+    if config.visual_channels != RGB:
+        raise CommandError(
+            f"--visual-channels {config.visual_channels}: the frames are read as RGB "
+            f"({RGB} channels); leave --visual-channels out"
+        )
+    features = 8 * config.width  # each encoder's pooled features (ResNetEncoder.out_features)
+    if config.mask_target != "input" and config.feature_group > features:
+        raise CommandError(
+            f"--feature-group {config.feature_group}: an encoder of --width {config.width} has "
+            f"{features} features, so no group would ever be masked; use at most {features}"
+        )
 
 
 def config_from_args(args: argparse.Namespace, run_dir: Path, *, num_classes: int | None, **fixed):
@@ -262,7 +355,7 @@ def config_from_args(args: argparse.Namespace, run_dir: Path, *, num_classes: in
         try:
             values = json.loads(saved.read_text(encoding="utf-8"))
         except (OSError, ValueError) as error:
-            raise CommandError(f"{saved}: cannot read the saved config ({error})") from None
+            raise RunError(f"{saved}: cannot read the saved config ({error})") from None
     for field in dataclasses.fields(TrainConfig):
         given = getattr(args, field.name, None)
         if isinstance(given, list):
@@ -291,12 +384,20 @@ def _option_names(message: str) -> str:
     return re.sub(r"TrainConfig\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), message)
 
 
-def run_stage(config, train_data, eval_data, run_dir: Path, args: argparse.Namespace) -> list:
-    """Train (or resume) one run; CommandError for setup problems, exit 130 on Ctrl-C."""
+def run_stage(
+    config, train_data, eval_data, run_dir: Path, args: argparse.Namespace, replaced=()
+) -> list:
+    """Train (or resume) one run; CommandError for setup problems, exit 130 on Ctrl-C.
+    ``replaced``: the files of an old run that ``--overwrite`` deletes once the setup is done."""
     from avkernels.app.data import DataError
-    from avkernels.app.training import Trainer, TrainingInterrupted
+    from avkernels.app.training import CHECKPOINT, Trainer, TrainingInterrupted
+    from avkernels.checkpoints import CheckpointError
     from avkernels.distributed import Ranks
 
+    main_rank = Ranks.current().is_main
+    if main_rank:
+        for path in replaced:
+            path.unlink(missing_ok=True)
     try:
         trainer = Trainer(
             config,
@@ -308,26 +409,53 @@ def run_stage(config, train_data, eval_data, run_dir: Path, args: argparse.Names
             num_workers=args.num_workers,
             progress=args.progress,
         )
-    except FileExistsError as error:
-        raise CommandError(
-            f"{run_dir} already holds a run: add --resume to continue it, or choose another --out"
-        ) from error
     except FileNotFoundError as error:
         message = str(error).removeprefix("Trainer: ")
         raise CommandError(_option_names(message)) from None
+    except CheckpointError as error:
+        raise CommandError(str(error)) from None
     except (ValueError, KeyError, RuntimeError) as error:
         message = str(error.args[0] if error.args else error).removeprefix("Trainer: ")
         raise CommandError(_option_names(message)) from None
+    check_confidences_cover(trainer, train_data)
+    if main_rank:
+        run_settings.write_settings(
+            run_dir, args, train_data.audio_config, args.resolved_eval_split
+        )
     try:
         return trainer.fit()
     except TrainingInterrupted as stop:
-        if Ranks.current().is_main:
-            print(f"avkernels: {stop}: run the same command with --resume", file=sys.stderr)
-        raise KeyboardInterrupt from None
+        raise KeyboardInterrupt(f"{stop}: run the same command with --resume") from None
     except DataError as error:
+        saved = (run_dir / CHECKPOINT).is_file()
+        raise RunError(
+            f"{error} ("
+            + (
+                f"the checkpoint in {run_dir} holds the progress so far: fix the file and "
+                "run the same command with --resume"
+                if saved
+                else "nothing was saved yet: fix the file and run the same command again"
+            )
+            + ")"
+        ) from None
+
+
+def check_confidences_cover(trainer, train_data) -> None:
+    """Stage 2: every training clip has a stage-1 confidence (else they were recorded on
+    another dataset), checked before the first step."""
+    if trainer.ratios is None or trainer.ratios.ids is None:
+        return
+    ids = [record.id for record in train_data.records]
+    try:
+        trainer.ratios.gather(ids)
+    except KeyError:
+        known = set(trainer.ratios.ids)
+        missing = [i for i in ids if i not in known]
         raise CommandError(
-            f"{error} (the checkpoint in {run_dir} holds the progress so far: "
-            "fix the file and --resume)"
+            f"the stage-1 confidences have no value for {len(missing)} of the {len(ids)} "
+            f"training clips (e.g. {missing[:3]}): they were recorded on another dataset; "
+            "give the stage-1 run of this manifest with --init-from (or "
+            "--audio-confidence/--visual-confidence)"
         ) from None
 
 

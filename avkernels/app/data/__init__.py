@@ -50,7 +50,7 @@ from avkernels.app.data.av_digits import (
     load_av_digits,
 )
 from avkernels.app.data.dataset import AVDataset
-from avkernels.app.data.errors import DataError
+from avkernels.app.data.errors import ClipError, DataError
 from avkernels.app.data.importers import IMPORTERS, ImportResult, import_layout
 from avkernels.app.data.manifest import ClipRecord, read_manifest, write_manifest
 from avkernels.app.data.visual import VisualConfig, frame_indices, list_frames, load_frames
@@ -67,6 +67,7 @@ __all__ = [
     "AVDigitsConfig",
     "AudioConfig",
     "ClipRecord",
+    "ClipError",
     "DataError",
     "FbankStats",
     "IMPORTERS",

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import Dataset
 
 from avkernels.app.data.audio import AudioConfig, audio_input
-from avkernels.app.data.errors import DataError
+from avkernels.app.data.errors import ClipError, DataError
 from avkernels.app.data.manifest import ClipRecord, read_manifest, select_split
 from avkernels.app.data.visual import VisualConfig, list_frames, load_frames
 from avkernels.app.progress import progress_enabled
@@ -126,11 +126,7 @@ class AVDataset(Dataset):
                 check_clip(record, self.visual_config, self.modalities)
             except DataError as error:
                 if on_error == "raise":
-                    raise DataError(
-                        error.path,
-                        f"{error.reason} (clip {record.id!r}; pass "
-                        "on_error='skip' to leave such clips out)",
-                    ) from None
+                    raise ClipError(error.path, f"{error.reason} (clip {record.id!r})") from None
                 self.skipped.append(DataError(error.path, f"{error.reason} (clip {record.id!r})"))
                 continue
             kept.append(record)

@@ -12,3 +12,8 @@ class DataError(Exception):
         self.path = Path(path)
         self.reason = reason
         super().__init__(f"{path}: {reason}")
+
+
+class ClipError(DataError):
+    """A clip of a manifest whose file is missing or unreadable; ``AVDataset(on_error='skip')``
+    (``--on-error skip`` on the command line) leaves such clips out."""

@@ -4,6 +4,7 @@ take (stages, modalities, optimizers, schedules, mask targets, precisions)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -159,7 +160,7 @@ class TrainConfig:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name} must be an int >= 0")
         for name in ("lr", "probe_lr"):
-            if not getattr(self, name) > 0:
+            if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
                 raise ValueError(f"TrainConfig.{name} must be > 0, got {getattr(self, name)}")
         for name in ("mask_eta", "mask_rho", "audio_patch_grid", "visual_patch_grid"):
             if len(getattr(self, name)) != 2:
@@ -168,6 +169,21 @@ class TrainConfig:
                     if name.startswith("mask")
                     else f"TrainConfig.{name} must be a (rows, columns) pair"
                 )
+        for name in ("audio_patch_grid", "visual_patch_grid"):
+            if not all(isinstance(cells, int) and cells >= 1 for cells in getattr(self, name)):
+                raise ValueError(
+                    f"TrainConfig.{name} must be two ints >= 1, got {getattr(self, name)}"
+                )
+        for name in ("mask_rho", "mask_threshold"):
+            values = getattr(self, name)
+            if not all(0 <= v <= 1 for v in (values if isinstance(values, tuple) else [values])):
+                raise ValueError(f"TrainConfig.{name} must lie in [0, 1], got {values}")
+        if not all(math.isfinite(v) and v >= 0 for v in self.mask_eta):
+            raise ValueError(f"TrainConfig.mask_eta must be finite and >= 0, got {self.mask_eta}")
+        if not (math.isfinite(self.lr_gamma) and self.lr_gamma > 0):
+            raise ValueError(f"TrainConfig.lr_gamma must be finite and > 0, got {self.lr_gamma}")
+        if not (isinstance(self.seed, int) and 0 <= self.seed < 2**32):
+            raise ValueError(f"TrainConfig.seed must be an int in [0, 2**32), got {self.seed!r}")
         if self.visual_channels not in (1, 3):
             raise ValueError("TrainConfig.visual_channels must be 1 or 3")
         for name in ("sync_bn", "channels_last"):

@@ -74,7 +74,8 @@ def build_mask_ratios(config: TrainConfig) -> MaskRatios:
             if config.init_from is None or not Path(config.init_from).is_dir():
                 raise ValueError(
                     f"stage 2 needs the stage-1 confidences: set "
-                    f"{modality}_confidence or init_from (a stage-1 run dir)"
+                    f"TrainConfig.{modality}_confidence or TrainConfig.init_from (a stage-1 run "
+                    "folder)"
                 )
             path = Path(config.init_from) / f"confidence_{modality}.pt"
         if not Path(path).is_file():

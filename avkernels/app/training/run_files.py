@@ -52,8 +52,11 @@ def read_checkpoint(path: Path) -> dict:
     """The state saved in a training checkpoint; ``ValueError`` for a foreign or damaged file."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # a foreign or damaged file
-        raise ValueError(f"Trainer: {path} is not a readable checkpoint ({error})") from None
+    except Exception as error:  # a foreign or damaged file; torch's advice does not apply
+        raise ValueError(
+            f"Trainer: {path} is not a readable training checkpoint ({type(error).__name__}); "
+            "start a new run with --overwrite, or in a new --out"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"Trainer: {path} is not an avkernels training checkpoint")
     return state

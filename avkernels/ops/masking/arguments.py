@@ -3,6 +3,7 @@ sizes, normalised and checked before any kernel runs."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -34,7 +35,12 @@ def per_sample_ratio(
             )
         if not ratio.is_floating_point():
             raise TypeError(f"{name} must be a floating tensor, got {ratio.dtype}")
+        # NaN compares false: it would mask nothing, silently (one sync; skipped when compiled)
+        if not torch.compiler.is_compiling() and torch.isnan(ratio).any():
+            raise ValueError(f"{name} holds NaN; ratios are numbers (<= 0 masks nothing)")
         return ratio.to(device=device, dtype=torch.float64)
+    if math.isnan(float(ratio)):
+        raise ValueError(f"{name} is NaN; ratios are numbers (<= 0 masks nothing)")
     return torch.full((batch,), float(ratio), dtype=torch.float64, device=device)
 
 
