@@ -12,6 +12,7 @@ from torch import nn
 
 from avkernels import TrackedBN, diagnose, mask_patches
 from avkernels.fust import mask_ratios
+from avkernels.ops.masking.arguments import per_sample_ratio
 
 
 @pytest.mark.parametrize("alpha", [2.0, -0.1, math.nan])
@@ -32,6 +33,15 @@ def test_enable_abri_keeps_accepting_the_ends():
 def test_mask_patches_rejects_nan_ratios(ratio):
     with pytest.raises(ValueError, match="NaN"):
         mask_patches(torch.ones(2, 1, 4, 4), ratio, (2, 2))
+
+
+def test_device_ratios_are_checked_by_an_async_assert_not_a_host_sync(monkeypatch):
+    # On a GPU a host-side NaN check would synchronise every call; the device asserts instead.
+    asserted = []
+    monkeypatch.setattr(torch, "_assert_async", lambda ok, message: asserted.append(message))
+    ratio = torch.tensor([0.5, math.nan], dtype=torch.float64, device="meta")
+    per_sample_ratio(ratio, 2, torch.device("meta"))
+    assert asserted == ["ratio holds NaN; ratios are numbers (<= 0 masks nothing)"]
 
 
 def test_mask_patches_still_masks_with_finite_ratios():

@@ -35,9 +35,13 @@ def per_sample_ratio(
             )
         if not ratio.is_floating_point():
             raise TypeError(f"{name} must be a floating tensor, got {ratio.dtype}")
-        # NaN compares false: it would mask nothing, silently (one sync; skipped when compiled)
-        if not torch.compiler.is_compiling() and torch.isnan(ratio).any():
-            raise ValueError(f"{name} holds NaN; ratios are numbers (<= 0 masks nothing)")
+        # NaN compares false: it would mask nothing, silently. A CPU tensor is checked here; a
+        # device tensor by an asynchronous device-side assert, so the check costs no host sync.
+        nan_message = f"{name} holds NaN; ratios are numbers (<= 0 masks nothing)"
+        if ratio.device.type != "cpu":
+            torch._assert_async(~torch.isnan(ratio).any(), nan_message)
+        elif not torch.compiler.is_compiling() and torch.isnan(ratio).any():
+            raise ValueError(nan_message)
         return ratio.to(device=device, dtype=torch.float64)
     if math.isnan(float(ratio)):
         raise ValueError(f"{name} is NaN; ratios are numbers (<= 0 masks nothing)")
