@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
+from torch.nn import functional as F
 
 from avkernels.functional import ACTIVATIONS, AbriState, DeadStats, tracked_batch_norm
 from avkernels.ops.batch_norm.sync import check_process_group, sync_enabled
@@ -19,6 +21,15 @@ ABRI_STATE = (
     "abri_running_var",
     "abri_num_batches_tracked",
 )
+
+
+def _exporting_to_onnx() -> bool:
+    """Inside ``torch.onnx.export``, either exporter (it traces, or compiles with dynamo=True).
+
+    ``is_in_onnx_export`` alone costs about 1.7 us a call; the tracing checks cost 0.3 us.
+    """
+    tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()
+    return tracing and torch.onnx.is_in_onnx_export()
 
 
 class TrackedBN(nn.BatchNorm2d):
@@ -213,13 +224,29 @@ class TrackedBN(nn.BatchNorm2d):
 
     # -- forward ----------------------------------------------------------------------------
 
+    def __prepare_scriptable__(self) -> TrackedBN:
+        """Called by ``torch.jit.script`` on every submodule: refuse with the way out."""
+        raise RuntimeError(
+            "torch.jit.script cannot compile TrackedBN: its forward dispatches in Python "
+            "(dead-channel counters, ABRi, synchronisation). Script the model after "
+            "avkernels.revert(model) (plain nn.BatchNorm2d; fold ABRi layers with "
+            "avkernels.abri.fold first), or use torch.compile, torch.fx or torch.onnx.export, "
+            "which support TrackedBN"
+        )
+
     def forward(self, input: Tensor) -> Tensor:
+        if _exporting_to_onnx():
+            return self._export_forward(input)
         # Each parameter and buffer is read once: nn.Module.__getattr__ costs about 1 us a read
         # here, as much as a small layer's Python overhead budget.
         weight, bias = self.weight, self.bias
         running_mean, running_var = self.running_mean, self.running_var
-        self._check_input_dim(input)
-        self._check_input(input, weight if weight is not None else running_mean)
+        # torch.fx traces values, so Python checks on the input cannot run while tracing; the op
+        # checks its arguments again (docs/DESIGN.md, "PyTorch conventions").
+        checking = not is_fx_symbolic_tracing()
+        if checking:
+            self._check_input_dim(input)
+            self._check_input(input, weight if weight is not None else running_mean)
         # Momentum and running-statistics rules exactly as nn.BatchNorm2d.forward.
         factor = 0.0 if self.momentum is None else self.momentum
         num_batches_tracked = self.num_batches_tracked
@@ -231,7 +258,7 @@ class TrackedBN(nn.BatchNorm2d):
         use_batch_stats = self.training or (running_mean is None and running_var is None)
         # Synced layers check the global batch size instead (inside the sync path).
         synced = self.sync and self.training and sync_enabled(self.process_group)
-        if use_batch_stats and not synced:
+        if use_batch_stats and not synced and checking:
             size = input.shape
             if size[0] * size[2] * size[3] == 1:
                 raise ValueError(
@@ -284,6 +311,31 @@ class TrackedBN(nn.BatchNorm2d):
         if cumulative:
             self._average_running_stats(running_mean, running_var)
         return output
+
+    def _export_forward(self, input: Tensor) -> Tensor:
+        """The eval forward as ``batch_norm`` (+ ``relu``), which the ONNX exporters write as
+        BatchNormalization (+ Relu); an inference graph has no use for dead counts."""
+        if self.training:
+            raise RuntimeError(
+                "TrackedBN: ONNX export supports eval mode only (the dead-channel counters have "
+                "no ONNX equivalent); export with training=torch.onnx.TrainingMode.EVAL, the "
+                "default, or call model.eval() first"
+            )
+
+        def normalise(weight, bias, running_mean, running_var):
+            batch_stats = running_mean is None
+            return F.batch_norm(
+                input, running_mean, running_var, weight, bias, batch_stats, 0.0, self.eps
+            )
+
+        output = normalise(self.weight, self.bias, self.running_mean, self.running_var)
+        if self.abri_enabled:
+            added = normalise(
+                self.abri_weight, self.abri_bias, self.abri_running_mean, self.abri_running_var
+            )
+            alpha = self.abri_alpha.view(-1, 1, 1)
+            output = alpha * output + (1 - alpha) * added
+        return output if self.activation is None else F.relu(output)
 
     @torch.no_grad()
     def _average_running_stats(self, batch_mean: Tensor, batch_var: Tensor) -> None:
