@@ -32,6 +32,15 @@ def _exporting_to_onnx() -> bool:
     return tracing and torch.onnx.is_in_onnx_export()
 
 
+@torch.fx.node.has_side_effect
+@torch.fx.wrap
+def _count_training_batch(input: Tensor, batch_counters: list[Tensor]) -> None:
+    """Add 1 to each counter. A function of the input, so that torch.fx records the call in a
+    traced graph (the buffers alone are not traced values); kept by dead-code elimination."""
+    for counter in batch_counters:
+        counter.add_(1)
+
+
 class TrackedBN(nn.BatchNorm2d):
     """``nn.BatchNorm2d`` with a fused ReLU option and in-kernel dead-channel statistics.
 
@@ -252,9 +261,10 @@ class TrackedBN(nn.BatchNorm2d):
         num_batches_tracked = self.num_batches_tracked
         counting = self.training and self.track_running_stats and num_batches_tracked is not None
         if counting:
-            num_batches_tracked.add_(1)
+            batch_counters = [num_batches_tracked]
             if self.abri_enabled:
-                self.abri_num_batches_tracked.add_(1)
+                batch_counters.append(self.abri_num_batches_tracked)
+            _count_training_batch(input, batch_counters)
         use_batch_stats = self.training or (running_mean is None and running_var is None)
         # Synced layers check the global batch size instead (inside the sync path).
         synced = self.sync and self.training and sync_enabled(self.process_group)
@@ -277,6 +287,12 @@ class TrackedBN(nn.BatchNorm2d):
                 self.abri_running_var if keep_running else None,
             )
         cumulative = counting and self.momentum is None
+        if cumulative and not checking:
+            raise RuntimeError(
+                "torch.fx cannot trace TrackedBN(momentum=None) in training mode (the cumulative "
+                "average is computed outside the op); trace the model in eval mode, or with a "
+                "Tracer whose is_leaf_module keeps nn.BatchNorm2d layers as leaves"
+            )
         if cumulative:
             # Cumulative averages over each BN's own batch count, as nn.BatchNorm2d keeps them:
             # the kernel writes this batch's statistics (momentum 1 on zeros), averaged below with
