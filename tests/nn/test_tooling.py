@@ -24,7 +24,8 @@ MODELS = {
     "resnet18": (lambda: torchvision.models.resnet18(num_classes=10), 32),
     "mobilenet_v3_small": (lambda: torchvision.models.mobilenet_v3_small(num_classes=10), 32),
     "efficientnet_b0": (lambda: torchvision.models.efficientnet_b0(num_classes=10), 32),
-    "densenet121": (
+    "densenet121": (lambda: torchvision.models.densenet121(num_classes=10), 32),
+    "densenet121_memory_efficient": (
         lambda: torchvision.models.densenet121(num_classes=10, memory_efficient=True),
         32,
     ),
@@ -36,13 +37,16 @@ MODELS = {
         lambda: torchvision.models.inception_v3(
             num_classes=10, aux_logits=False, init_weights=True
         ),
-        75,
+        139,  # at 75x75 the last BNs see 4 values a channel, too few to compare train steps
     ),
 }
 FAST = ("resnet18", "mobilenet_v3_small")
 MODEL_PARAMS = [
     pytest.param(name, marks=() if name in FAST else pytest.mark.slow) for name in MODELS
 ]
+# torchvision's memory-efficient DenseNet branches on requires_grad in Python: not traceable by
+# torch.fx, with or without conversion.
+FX_MODEL_PARAMS = [p for p in MODEL_PARAMS if p.values[0] != "densenet121_memory_efficient"]
 RELATIVE_ERROR = 1e-4  # of each tensor's largest magnitude: fp32 through tens of BN layers
 
 
@@ -65,6 +69,29 @@ def _model(name: str) -> tuple[nn.Module, torch.Tensor]:
 def _assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     atol = RELATIVE_ERROR * max(expected.abs().max().item(), 1e-6)
     torch.testing.assert_close(actual, expected, rtol=0, atol=atol)
+
+
+def _assert_like_batchnorm(actual, plain: nn.Module, x: torch.Tensor, training: bool) -> None:
+    """``actual`` is the output of ``plain``'s converted model: its error against ``plain`` run
+    in float64 is at most twice ``plain``'s own float32 error (train steps of deep models on
+    small batches amplify rounding). Runs ``plain`` once in float32, as the converted model ran.
+    """
+    float64_model = copy.deepcopy(plain).double()
+    for module in float64_model.modules():
+        module._forward_hooks.clear()  # the copied dead-count hooks must not count this run
+    reference = _run(float64_model, x.double(), training)
+    expected = _run(plain, x, training)
+    if isinstance(expected, dict):
+        for key in expected:
+            _assert_error_within(actual[key], expected[key], reference[key])
+    else:
+        _assert_error_within(actual, expected, reference)
+
+
+def _assert_error_within(actual, expected, reference) -> None:
+    own_error = (expected.double() - reference).abs().max().item()
+    error = (actual.double() - reference).abs().max().item()
+    assert error <= 2 * own_error + RELATIVE_ERROR * reference.abs().max().item()
 
 
 def _run(model: nn.Module, x: torch.Tensor, training: bool):
@@ -130,7 +157,7 @@ def test_convert_and_revert_keep_hooks():
 # -- torch.fx --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", MODEL_PARAMS)
+@pytest.mark.parametrize("name", FX_MODEL_PARAMS)
 def test_fx_symbolic_trace_matches_batchnorm_and_counts_dead_channels(name):
     model, x = _model(name)
     plain = copy.deepcopy(model)
@@ -141,10 +168,12 @@ def test_fx_symbolic_trace_matches_batchnorm_and_counts_dead_channels(name):
         traced = torch.fx.symbolic_trace(converted)
         kernels = [n for n in traced.graph.nodes if "tracked_batch_norm" in str(n.target)]
         assert len(kernels) == len(reference_counts)
-        _assert_close(_run(traced, x, training), _run(plain, x, training))
+        _assert_like_batchnorm(_run(traced, x, training), plain, x, training)
     # The graph updates the converted model's own counters and running statistics.
+    # Outputs within rounding of 0 may fall on either side: at most 1 in 10,000 counts differs.
     for layer_name, count in _dead_counts(converted).items():
-        torch.testing.assert_close(count, reference_counts[layer_name], rtol=0, atol=0)
+        expected_count = reference_counts[layer_name]
+        assert (count - expected_count).abs().sum() <= 1e-4 * expected_count.sum(), layer_name
     expected = plain.state_dict()
     for key, actual in converted.state_dict().items():
         _assert_close(actual.double(), expected[key].double())
@@ -159,7 +188,7 @@ def test_fx_refuses_to_trace_a_cumulative_average_in_training():
     torch.testing.assert_close(traced(x), nn.BatchNorm2d(3).eval()(x))
 
 
-@pytest.mark.parametrize("name", MODEL_PARAMS)
+@pytest.mark.parametrize("name", FX_MODEL_PARAMS)
 def test_create_feature_extractor_matches_batchnorm(name):
     model, x = _model(name)
     plain = copy.deepcopy(model)
@@ -170,10 +199,9 @@ def test_create_feature_extractor_matches_batchnorm(name):
     expected = create_feature_extractor(plain, return_nodes)
     layer = next(m for m in converted.modules() if isinstance(m, TrackedBN))
     for training in (True, False, True):  # the extractor switches graphs on .train()/.eval()
-        actual, wanted = _run(extractor, x, training), _run(expected, x, training)
-        assert actual.keys() == wanted.keys()
-        for key in wanted:
-            _assert_close(actual[key], wanted[key])
+        actual = _run(extractor, x, training)
+        assert actual.keys() == set(return_nodes)
+        _assert_like_batchnorm(actual, expected, x, training)
     # Three forwards counted (samples), two of them training steps.
     assert layer.seen[1].item() == 3 * x.shape[0]
     assert layer.num_batches_tracked.item() == 2
