@@ -116,10 +116,6 @@ def _record_dead_counts(plain: nn.Module) -> dict[str, torch.Tensor]:
     return counts
 
 
-def _dead_counts(converted: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: m.dead_count for n, m in converted.named_modules() if isinstance(m, TrackedBN)}
-
-
 # -- hooks -----------------------------------------------------------------------------------
 
 
@@ -170,10 +166,13 @@ def test_fx_symbolic_trace_matches_batchnorm_and_counts_dead_channels(name):
         assert len(kernels) == len(reference_counts)
         _assert_like_batchnorm(_run(traced, x, training), plain, x, training)
     # The graph updates the converted model's own counters and running statistics.
-    # Outputs within rounding of 0 may fall on either side: at most 1 in 10,000 counts differs.
-    for layer_name, count in _dead_counts(converted).items():
-        expected_count = reference_counts[layer_name]
-        assert (count - expected_count).abs().sum() <= 1e-4 * expected_count.sum(), layer_name
+    # Outputs within rounding of 0 may fall on either side: at most 2, or 1 in 10,000 of the
+    # counted outputs, differ.
+    for layer_name, layer in converted.named_modules():
+        if isinstance(layer, TrackedBN):
+            outputs = layer.seen[0].item() * layer.num_features
+            flips = (layer.dead_count - reference_counts[layer_name]).abs().sum().item()
+            assert flips <= max(2, 1e-4 * outputs), layer_name
     expected = plain.state_dict()
     for key, actual in converted.state_dict().items():
         _assert_close(actual.double(), expected[key].double())
