@@ -13,10 +13,27 @@ CONVERT_OPTIONS = {"activation", "track_dead", "sync", "process_group"}
 # Options about how the model runs across processes rather than what a layer computes: convert()
 # also sets them on layers that already are TrackedBN (e.g. ABRi layers).
 MODEL_WIDE_OPTIONS = ("sync", "process_group")
+# nn.Module's hook registries: the new layer takes over the very dicts, so that hooks registered on
+# the old layer run on the new one and their handles still remove them.
+_HOOK_REGISTRIES = (
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+    "_is_full_backward_hook",
+    "_state_dict_pre_hooks",
+    "_state_dict_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
 
 
 def _move_state(source: nn.BatchNorm2d, target: nn.BatchNorm2d) -> nn.BatchNorm2d:
-    """Give ``target`` the very Parameter and buffer objects of ``source`` (no copies)."""
+    """Give ``target`` the very Parameter and buffer objects of ``source`` (no copies), and its
+    hooks."""
     for name in _SHARED_STATE:
         value = getattr(source, name, None)
         if name in source._parameters:
@@ -26,6 +43,8 @@ def _move_state(source: nn.BatchNorm2d, target: nn.BatchNorm2d) -> nn.BatchNorm2
     target.train(source.training)
     if hasattr(source, "qconfig"):
         target.qconfig = source.qconfig
+    for name in _HOOK_REGISTRIES:
+        setattr(target, name, getattr(source, name))
     return target
 
 
@@ -33,11 +52,12 @@ def convert(module: nn.Module, **kwargs: object) -> nn.Module:
     """Replace every ``nn.BatchNorm2d`` in ``module`` by :class:`TrackedBN`; return the new root.
 
     Like ``nn.SyncBatchNorm.convert_sync_batchnorm``: the new layers reuse the same Parameter
-    and buffer objects, so optimizers built before the conversion keep working. ``kwargs`` go
-    to ``TrackedBN`` (``activation``, ``track_dead``, ``sync``, ``process_group``). Layers that
-    already are TrackedBN are kept, with ``sync``/``process_group`` set on them when given:
-    ``convert(model, sync=True)`` synchronises every TrackedBN of the model, ABRi layers
-    included (see :mod:`avkernels.distributed`).
+    and buffer objects, so optimizers built before the conversion keep working, and keep the hooks
+    registered on each layer (forward, backward, state-dict; their handles still remove them).
+    ``kwargs`` go to ``TrackedBN`` (``activation``, ``track_dead``, ``sync``,
+    ``process_group``). Layers that already are TrackedBN are kept, with ``sync``/``process_group``
+    set on them when given: ``convert(model, sync=True)`` synchronises every TrackedBN of the
+    model, ABRi layers included (see :mod:`avkernels.distributed`).
     """
     unknown = set(kwargs) - CONVERT_OPTIONS
     if unknown:
@@ -72,6 +92,8 @@ def convert(module: nn.Module, **kwargs: object) -> nn.Module:
 
 def revert(module: nn.Module) -> nn.Module:
     """Turn every :class:`TrackedBN` of ``module`` back into ``nn.BatchNorm2d``; return the root.
+
+    Like :func:`convert`, the new layers reuse the Parameter and buffer objects and keep the hooks.
 
     A layer with ``sync=True`` becomes ``nn.SyncBatchNorm`` with the same ``process_group``,
     so the model keeps normalising with the statistics of the whole distributed batch (PyTorch's

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
+from torch.nn import functional as F
 
 from avkernels.functional import ACTIVATIONS, AbriState, DeadStats, tracked_batch_norm
 from avkernels.ops.batch_norm.sync import check_process_group, sync_enabled
@@ -19,6 +21,24 @@ ABRI_STATE = (
     "abri_running_var",
     "abri_num_batches_tracked",
 )
+
+
+def _exporting_to_onnx() -> bool:
+    """Inside ``torch.onnx.export``, either exporter (it traces, or compiles with dynamo=True).
+
+    ``is_in_onnx_export`` alone costs about 1.7 us a call; the tracing checks cost 0.3 us.
+    """
+    tracing = torch.jit.is_tracing() or torch.compiler.is_compiling()
+    return tracing and torch.onnx.is_in_onnx_export()
+
+
+@torch.fx.node.has_side_effect
+@torch.fx.wrap
+def _count_training_batch(input: Tensor, batch_counters: list[Tensor]) -> None:
+    """Add 1 to each counter. A function of the input, so that torch.fx records the call in a
+    traced graph (the buffers alone are not traced values); kept by dead-code elimination."""
+    for counter in batch_counters:
+        counter.add_(1)
 
 
 class TrackedBN(nn.BatchNorm2d):
@@ -218,25 +238,42 @@ class TrackedBN(nn.BatchNorm2d):
 
     # -- forward ----------------------------------------------------------------------------
 
+    def __prepare_scriptable__(self) -> TrackedBN:
+        """Called by ``torch.jit.script`` on every submodule: refuse with the way out."""
+        raise RuntimeError(
+            "torch.jit.script cannot compile TrackedBN: its forward dispatches in Python "
+            "(dead-channel counters, ABRi, synchronisation). Script the model after "
+            "avkernels.revert(model) (plain nn.BatchNorm2d; fold ABRi layers with "
+            "avkernels.abri.fold first), or use torch.compile, torch.fx or torch.onnx.export, "
+            "which support TrackedBN"
+        )
+
     def forward(self, input: Tensor) -> Tensor:
+        if _exporting_to_onnx():
+            return self._export_forward(input)
         # Each parameter and buffer is read once: nn.Module.__getattr__ costs about 1 us a read
         # here, as much as a small layer's Python overhead budget.
         weight, bias = self.weight, self.bias
         running_mean, running_var = self.running_mean, self.running_var
-        self._check_input_dim(input)
-        self._check_input(input, weight if weight is not None else running_mean)
+        # torch.fx traces values, so Python checks on the input cannot run while tracing; the op
+        # checks its arguments again (docs/DESIGN.md, "PyTorch conventions").
+        checking = not is_fx_symbolic_tracing()
+        if checking:
+            self._check_input_dim(input)
+            self._check_input(input, weight if weight is not None else running_mean)
         # Momentum and running-statistics rules exactly as nn.BatchNorm2d.forward.
         factor = 0.0 if self.momentum is None else self.momentum
         num_batches_tracked = self.num_batches_tracked
         counting = self.training and self.track_running_stats and num_batches_tracked is not None
         if counting:
-            num_batches_tracked.add_(1)
+            batch_counters = [num_batches_tracked]
             if self.abri_enabled:
-                self.abri_num_batches_tracked.add_(1)
+                batch_counters.append(self.abri_num_batches_tracked)
+            _count_training_batch(input, batch_counters)
         use_batch_stats = self.training or (running_mean is None and running_var is None)
         # Synced layers check the global batch size instead (inside the sync path).
         synced = self.sync and self.training and sync_enabled(self.process_group)
-        if use_batch_stats and not synced:
+        if use_batch_stats and not synced and checking:
             size = input.shape
             if size[0] * size[2] * size[3] == 1:
                 raise ValueError(
@@ -255,6 +292,12 @@ class TrackedBN(nn.BatchNorm2d):
                 self.abri_running_var if keep_running else None,
             )
         cumulative = counting and self.momentum is None
+        if cumulative and not checking:
+            raise RuntimeError(
+                "torch.fx cannot trace TrackedBN(momentum=None) in training mode (the cumulative "
+                "average is computed outside the op); trace the model in eval mode, or with a "
+                "Tracer whose is_leaf_module keeps nn.BatchNorm2d layers as leaves"
+            )
         if cumulative:
             # Cumulative averages over each BN's own batch count, as nn.BatchNorm2d keeps them:
             # the kernel writes this batch's statistics (momentum 1 on zeros), averaged below with
@@ -289,6 +332,31 @@ class TrackedBN(nn.BatchNorm2d):
         if cumulative:
             self._average_running_stats(running_mean, running_var)
         return output
+
+    def _export_forward(self, input: Tensor) -> Tensor:
+        """The eval forward as ``batch_norm`` (+ ``relu``), which the ONNX exporters write as
+        BatchNormalization (+ Relu); an inference graph has no use for dead counts."""
+        if self.training:
+            raise RuntimeError(
+                "TrackedBN: ONNX export supports eval mode only (the dead-channel counters have "
+                "no ONNX equivalent); export with training=torch.onnx.TrainingMode.EVAL, the "
+                "default, or call model.eval() first"
+            )
+
+        def normalise(weight, bias, running_mean, running_var):
+            batch_stats = running_mean is None
+            return F.batch_norm(
+                input, running_mean, running_var, weight, bias, batch_stats, 0.0, self.eps
+            )
+
+        output = normalise(self.weight, self.bias, self.running_mean, self.running_var)
+        if self.abri_enabled:
+            added = normalise(
+                self.abri_weight, self.abri_bias, self.abri_running_mean, self.abri_running_var
+            )
+            alpha = self.abri_alpha.view(-1, 1, 1)
+            output = alpha * output + (1 - alpha) * added
+        return output if self.activation is None else F.relu(output)
 
     @torch.no_grad()
     def _average_running_stats(self, batch_mean: Tensor, batch_var: Tensor) -> None:
