@@ -295,7 +295,9 @@ class TrackedBN(nn.BatchNorm2d):
                 (self.abri_running_mean, self.abri_running_var, self.abri_num_batches_tracked)
             )
         for mean, var, count in running_sets:
-            weight = count.reciprocal().to(mean.dtype)
+            # 1 / count in float64, rounded once to the statistics' dtype (nn.BatchNorm2d's
+            # factor is a Python float).
+            weight = count.double().reciprocal().to(mean.dtype)
             mean.lerp_(batch_mean, weight)
             var.lerp_(batch_var, weight)
 
