@@ -252,13 +252,11 @@ class TrackedBN(nn.BatchNorm2d):
         cumulative = counting and self.momentum is None
         if cumulative:
             # Cumulative averages over each BN's own batch count, as nn.BatchNorm2d keeps them:
-            # the kernel writes this batch's statistics (momentum 1 on zeros), averaged below with
+            # the kernel writes this batch's statistics (momentum 1 on copies), averaged below with
             # tensor arithmetic (1 / num_batches_tracked as a Python float is a data-dependent
             # scalar that torch.compile(fullgraph=True) cannot pass to the op).
-            running_mean, running_var = (
-                torch.zeros_like(running_mean),
-                torch.zeros_like(running_var),
-            )
+            # Copies, not zeros: an empty batch leaves them (and so the averages) unchanged.
+            running_mean, running_var = running_mean.clone(), running_var.clone()
             factor = 1.0
             if abri is not None:
                 abri = abri._replace(running_mean=None, running_var=None)

@@ -95,7 +95,7 @@ def batch_norm_forward(a) -> None:
         _fail(f"{op}: use_batch_stats=False needs the running statistics (both sets with ABRi)")
     batch, _, height, width = a.x.shape
     updates_running = a.running_mean is not None or a.abri_running_mean is not None
-    if a.use_batch_stats and updates_running and batch * height * width < 2:
+    if a.use_batch_stats and updates_running and batch * height * width == 1:
         _fail(
             f"{op}: expected more than 1 value per channel when training (got input of "
             f"shape {tuple(a.x.shape)})"

@@ -5,6 +5,7 @@ dtype mixes, and dead counters recreated in another dtype. Every case runs on ea
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -42,3 +43,38 @@ def test_cumulative_average_in_float64_matches_batchnorm2d(backend):
         torch.testing.assert_close(
             getattr(tracked, name), getattr(plain, name), rtol=1e-14, atol=1e-14
         )
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 4, 4), (2, 3, 0, 4)], ids=["N=0", "H=0"])
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_empty_batch_matches_batchnorm2d(backend, shape, momentum, training):
+    plain, tracked = _pair(backend, momentum=momentum)
+    with backend.active():
+        for layer in (plain, tracked):
+            layer.train(training)
+            x = torch.randn(shape, device=backend.device, requires_grad=True)
+            y = layer(x)
+            assert y.shape == shape
+            y.sum().backward()
+            assert x.grad.shape == shape
+    for name in ("weight", "bias"):
+        grad = getattr(tracked, name).grad
+        assert torch.equal(grad, getattr(plain, name).grad) and not grad.any()
+    for name, value in plain.state_dict().items():
+        assert torch.equal(tracked.state_dict()[name], value), name
+    if shape[0] == 0:  # no sample: nothing counted
+        assert tracked.seen.tolist() == [0, 0]
+        assert not tracked.dead_count.any() and not tracked.dead_sample_count.any()
+
+
+def test_empty_batch_abri_gradients_are_zero(backend):
+    tracked = TrackedBN(3, device=backend.device, activation="relu").enable_abri()
+    running = {name: value.clone() for name, value in tracked.state_dict().items()}
+    with backend.active():
+        tracked(torch.randn(0, 3, 4, 4, device=backend.device, requires_grad=True)).sum().backward()
+    for name, parameter in tracked.named_parameters():
+        assert torch.equal(parameter.grad, torch.zeros_like(parameter)), name
+    for name, value in tracked.state_dict().items():
+        expected = running[name] + 1 if name.endswith("num_batches_tracked") else running[name]
+        assert torch.equal(value, expected), name

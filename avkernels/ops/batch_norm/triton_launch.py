@@ -188,8 +188,9 @@ def forward(*args) -> tuple[Tensor, Tensor, Tensor]:
     count_dead = dead_count is not None
     spatial = height * width
     count = batch * spatial
-    update_running = use_batch_stats and running_mean is not None
-    update_abri_running = use_batch_stats and abri_running_mean is not None
+    # An empty batch leaves the running statistics as they are, as nn.BatchNorm2d does.
+    update_running = use_batch_stats and count > 0 and running_mean is not None
+    update_abri_running = use_batch_stats and count > 0 and abri_running_mean is not None
 
     acc = accumulation_dtype(x)
     weight, bias, abri_weight, abri_bias, abri_alpha = map(
@@ -302,6 +303,10 @@ def backward(*args) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     batch, channels, height, width = x.shape
     acc = mean.dtype
     mean, invstd = mean.contiguous(), invstd.contiguous()
+    if x.numel() == 0:
+        # An empty batch sums nothing: its (NaN) batch invstd must not turn the zero sums into
+        # NaN parameter gradients (nn.BatchNorm2d gives zeros).
+        invstd = torch.zeros_like(invstd)
     weight, bias, abri_weight, abri_bias, abri_alpha = map(
         _contiguous, (a.weight, a.bias, a.abri_weight, a.abri_bias, a.abri_alpha)
     )

@@ -428,8 +428,9 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(
     const int64_t count = N * HW;
     for (const auto& [r_mean, r_var] :
          {std::pair(a.running_mean, a.running_var), std::pair(a.abri_running_mean, a.abri_running_var)}) {
-      if (!r_mean.has_value()) continue;
-      TORCH_CHECK(count != 1, kForward,
+      // An empty batch leaves the running statistics as they are, as nn.BatchNorm2d does.
+      if (!r_mean.has_value() || empty) continue;
+      TORCH_CHECK_VALUE(count != 1, kForward,
                   ": cannot update running statistics from one value per channel (N*H*W = 1): "
                   "the unbiased variance is undefined");
       const acc_t keep = static_cast<acc_t>(1 - a.momentum);
@@ -554,6 +555,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
   std::vector<acc_t> mean, invstd;
   read_values(a.mean, mean);
   read_values(a.invstd, invstd);
+  // An empty batch sums nothing: its (NaN) batch statistics must not turn the zero sums into
+  // NaN parameter gradients (nn.BatchNorm2d gives zeros).
+  if (x.numel() == 0) {
+    std::fill(mean.begin(), mean.end(), acc_t(0));
+    std::fill(invstd.begin(), invstd.end(), acc_t(0));
+  }
   std::vector<acc_t> scale(C), shift(C);
   affine.fold(mean.data(), invstd.data(), sets, C, scale.data(), shift.data());
 
