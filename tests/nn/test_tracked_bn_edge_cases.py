@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from avkernels import TrackedBN
+from avkernels.functional import tracked_batch_norm
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 DTYPES = (F16, BF16, F32, F64)
@@ -78,3 +80,27 @@ def test_empty_batch_abri_gradients_are_zero(backend):
     for name, value in tracked.state_dict().items():
         expected = running[name] + 1 if name.endswith("num_batches_tracked") else running[name]
         assert torch.equal(value, expected), name
+
+
+@pytest.mark.parametrize("eps", [0.0, -1e-5])
+def test_non_positive_eps_raises_like_batchnorm2d(backend, eps):
+    x = torch.randn(2, 3, 4, 4, device=backend.device)
+    messages = []
+    with backend.active():
+        for layer in _pair(backend, eps=eps):
+            with pytest.raises(ValueError) as error:
+                layer(x)
+            messages.append(str(error.value))
+        with pytest.raises(ValueError) as error:
+            tracked_batch_norm(x, None, None, training=True, eps=eps)
+        messages.append(str(error.value))
+        with pytest.raises(ValueError) as error:
+            F.batch_norm(x, None, None, training=True, eps=eps)
+        messages.append(str(error.value))
+    assert len(set(messages)) == 1 and messages[0].startswith("batch_norm eps must be positive")
+
+
+def test_nan_eps_raises(backend):
+    """nn.BatchNorm2d returns all NaN for eps=NaN; TrackedBN says why instead."""
+    with pytest.raises(ValueError, match="batch_norm eps must be positive, but got nan"):
+        _pair(backend, eps=float("nan"))[1](torch.randn(2, 3, 4, 4, device=backend.device))
