@@ -312,7 +312,7 @@ class TrackedBN(nn.BatchNorm2d):
                 f"move one of them (e.g. module.to({str(input.device)!r}))"
             )
         if input.shape[1] != self.num_features:
-            raise ValueError(
+            raise RuntimeError(
                 f"TrackedBN: expected {self.num_features} channels (dim 1) but the input has "
                 f"shape {tuple(input.shape)}"
             )

@@ -104,3 +104,64 @@ def test_nan_eps_raises(backend):
     """nn.BatchNorm2d returns all NaN for eps=NaN; TrackedBN says why instead."""
     with pytest.raises(ValueError, match="batch_norm eps must be positive, but got nan"):
         _pair(backend, eps=float("nan"))[1](torch.randn(2, 3, 4, 4, device=backend.device))
+
+
+def _resize(size: int):
+    def change(layer):
+        layer.running_mean = torch.zeros(size, device=layer.running_mean.device)
+        layer.running_var = torch.ones(size, device=layer.running_var.device)
+
+    return change
+
+
+def _weight_of_size(size: int):
+    def change(layer):
+        layer.weight = nn.Parameter(torch.ones(size, device=layer.weight.device))
+
+    return change
+
+
+@pytest.mark.parametrize(
+    "change, channels, kwargs",
+    [
+        (_resize(4), 3, {}),
+        (_weight_of_size(4), 3, {"track_running_stats": False}),
+        (None, 4, {}),
+        (None, 4, {"track_running_stats": False}),
+    ],
+    ids=["running_stats_size", "weight_size", "input_channels", "input_channels_untracked"],
+)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_size_mismatches_raise_runtime_error_like_batchnorm2d(
+    backend, change, channels, kwargs, training
+):
+    x = torch.randn(2, channels, 4, 4, device=backend.device)
+    with backend.active():
+        for layer in _pair(backend, **kwargs):
+            if change is not None:
+                change(layer)
+            layer.train(training)
+            with pytest.raises(RuntimeError):
+                layer(x)
+
+
+@pytest.mark.parametrize("param_dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("input_dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_dtype_mixes_are_those_of_batchnorm2d(backend, input_dtype, param_dtype, training):
+    """Accepted exactly where nn.BatchNorm2d accepts them on CPU (the same dtype, or float32
+    parameters with float16/bfloat16 input); elsewhere a RuntimeError, as BN raises."""
+    x = torch.randn(2, 3, 4, 4, device=backend.device).to(input_dtype)
+    outcomes = []
+    with backend.active():
+        for layer in _pair(backend):
+            layer.to(param_dtype).train(training)
+            try:
+                outcomes.append(layer(x).dtype)
+            except RuntimeError as error:
+                outcomes.append(type(error))
+    if backend.device == "cpu":
+        assert outcomes[1] == outcomes[0]
+    else:  # on CUDA nn.BatchNorm2d accepts more; TrackedBN keeps the CPU rule
+        accepted = param_dtype == input_dtype or (param_dtype == F32 and input_dtype in (F16, BF16))
+        assert outcomes[1] == (input_dtype if accepted else RuntimeError)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from avkernels._extension import HAS_EXTENSION
+from avkernels.ops import checks
 from avkernels.ops._library import register_python_kernels
 from avkernels.ops.batch_norm import reference
 from avkernels.ops.batch_norm.autograd import tracked_batch_norm_python_autograd
@@ -24,11 +25,15 @@ from avkernels.ops.batch_norm.schema import (
 
 
 def reference_forward(*args):
-    return reference.forward(ForwardArgs(*args))
+    a = ForwardArgs(*args)
+    checks.batch_norm_forward(a)
+    return reference.forward(a)
 
 
 def reference_backward(*args):
-    return reference.backward(BackwardArgs(*args))
+    a = BackwardArgs(*args)
+    checks.batch_norm_backward(a)
+    return reference.backward(a)
 
 
 def _tracked_forward(*args):

@@ -31,6 +31,8 @@ Conventions shared by all implementations (C++ on CPU, Triton on CUDA, the PyTor
 * Parameter gradients have the parameter's dtype; an absent parameter gets an empty (0,) tensor.
 * An empty batch (no elements), as in nn.BatchNorm2d: the running statistics stay as they are
   and the parameter gradients are zeros (its batch ``mean``/``invstd`` are NaN).
+* Dtypes, as nn.BatchNorm2d accepts them on CPU: the parameters and running statistics share
+  one dtype, ``x``'s, or float32 with float16/bfloat16 ``x``.
 """
 
 from __future__ import annotations

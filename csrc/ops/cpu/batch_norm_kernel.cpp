@@ -21,6 +21,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <initializer_list>
 #include <limits>
 #include <memory>
 #include <optional>
@@ -204,6 +205,25 @@ void check_together(const char* op, const OptionalTensor& a, const char* a_name,
                     const OptionalTensor& b, const char* b_name) {
   TORCH_CHECK(a.has_value() == b.has_value(), op, ": ", a_name, " and ", b_name,
               " must be given together (one is None)");
+}
+
+// The dtype mixes nn.BatchNorm2d accepts on CPU: every parameter and running statistic has x's
+// dtype, or float32 with float16/bfloat16 x (docs/DESIGN.md, "Op contracts").
+void check_parameter_dtypes(const char* op, const Tensor& x,
+                            std::initializer_list<const OptionalTensor*> tensors) {
+  std::optional<at::ScalarType> common;
+  for (const OptionalTensor* t : tensors) {
+    if (!t->has_value()) continue;
+    TORCH_CHECK(!common || *common == (*t)->scalar_type(), op,
+                ": the parameters and running statistics must share one dtype, got ", *common,
+                " and ", (*t)->scalar_type(), "; convert the layer with module.to(dtype)");
+    common = (*t)->scalar_type();
+  }
+  const bool low_precision = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(!common || *common == x.scalar_type() || (low_precision && *common == at::kFloat),
+              op, ": mixed dtypes: input ", x.scalar_type(), " with parameters ", *common,
+              "; use the input's dtype for the layer (module.to(x.dtype)), or float32 parameters "
+              "with float16/bfloat16 input");
 }
 
 void check_counter(const OptionalTensor& t, const char* name, int64_t size) {
@@ -501,6 +521,10 @@ ForwardResult batch_norm_fwd_cpu(const ForwardArgs& a) {
   check_vector(kForward, "running_var", a.running_var, C);
   check_vector(kForward, "abri_running_mean", a.abri_running_mean, C);
   check_vector(kForward, "abri_running_var", a.abri_running_var, C);
+  check_parameter_dtypes(kForward, a.x,
+                         {&a.weight, &a.bias, &a.abri_weight, &a.abri_bias, &a.abri_alpha,
+                          &a.running_mean, &a.running_var, &a.abri_running_mean,
+                          &a.abri_running_var});
   check_together(kForward, a.running_mean, "running_mean", a.running_var, "running_var");
   check_together(kForward, a.abri_running_mean, "abri_running_mean", a.abri_running_var,
                  "abri_running_var");
