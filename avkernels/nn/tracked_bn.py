@@ -200,6 +200,20 @@ class TrackedBN(nn.BatchNorm2d):
         self.dead_sample_count.zero_()
         self.seen.zero_()
 
+    def _dead_stats(self) -> DeadStats:
+        """The counters for the op, int64 again if a buffer was recreated in another dtype.
+
+        PyTorch's own module tests recreate every buffer with ``.to(dtype)``, the integer ones
+        included; the counts survive exactly as long as that dtype holds them.
+        """
+        counters = DeadStats(self.dead_count, self.dead_sample_count, self.seen)
+        if all(counter.dtype == torch.long for counter in counters):
+            return counters
+        counters = DeadStats(*(counter.round().long() for counter in counters))
+        for name, counter in zip(DeadStats._fields, counters):
+            setattr(self, name, counter)
+        return counters
+
     def dead_fraction(self) -> Tensor:
         """Per channel, the fraction of outputs ``<= 0`` (before the activation) seen so far.
 
@@ -260,11 +274,7 @@ class TrackedBN(nn.BatchNorm2d):
             factor = 1.0
             if abri is not None:
                 abri = abri._replace(running_mean=None, running_var=None)
-        dead = (
-            DeadStats(self.dead_count, self.dead_sample_count, self.seen)
-            if self.track_dead
-            else None
-        )
+        dead = self._dead_stats() if self.track_dead else None
         output = tracked_batch_norm(
             input,
             running_mean,

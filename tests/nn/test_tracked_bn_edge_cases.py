@@ -165,3 +165,24 @@ def test_dtype_mixes_are_those_of_batchnorm2d(backend, input_dtype, param_dtype,
     else:  # on CUDA nn.BatchNorm2d accepts more; TrackedBN keeps the CPU rule
         accepted = param_dtype == input_dtype or (param_dtype == F32 and input_dtype in (F16, BF16))
         assert outcomes[1] == (input_dtype if accepted else RuntimeError)
+
+
+@pytest.mark.parametrize("buffer_dtype", [F32, F64], ids=str)
+def test_counters_recreated_as_float_keep_exact_counts(backend, buffer_dtype):
+    """PyTorch's test_to helper recreates every buffer with ``.to(dtype)``, int64 ones too."""
+    factory = {"device": backend.device, "dtype": buffer_dtype}
+    recreated, kept = TrackedBN(3, **factory), TrackedBN(3, **factory)
+    generator = torch.Generator().manual_seed(0)
+    xs = [torch.randn(2, 3, 5, 5, generator=generator).to(**factory) for _ in range(3)]
+    with backend.active():
+        for layer in (recreated, kept):
+            layer(xs[0])
+        for name, buffer in list(recreated.named_buffers()):
+            setattr(recreated, name, buffer.detach().clone().to(buffer_dtype))
+        for x in xs[1:]:
+            for layer in (recreated, kept):
+                layer(x)
+    for name in ("dead_count", "dead_sample_count", "seen"):
+        counter = getattr(recreated, name)
+        assert counter.dtype == torch.long and torch.equal(counter, getattr(kept, name)), name
+    assert recreated.seen.tolist() == [3 * 2 * 25, 3 * 2]
