@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from avkernels.functional import ACTIVATIONS, AbriState, DeadStats, tracked_batch_norm
 from avkernels.ops.batch_norm.sync import check_process_group, sync_enabled
+from avkernels.ops.checks import UnsupportedDtypeError
 
 ABRI_GRANULARITIES = ("layer", "channel")
 # ABRi's added BN and blend weight: registered (persistent) only while ABRi is on.
@@ -312,7 +313,7 @@ class TrackedBN(nn.BatchNorm2d):
     def _check_input(self, input: Tensor, reference: Tensor | None) -> None:
         """Dtype, channels, and device against ``reference`` (a parameter or buffer)."""
         if not input.is_floating_point():
-            raise TypeError(
+            raise UnsupportedDtypeError(
                 f"TrackedBN expects a floating-point input, got {input.dtype}; "
                 "convert it with input.float()"
             )

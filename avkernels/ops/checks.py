@@ -25,6 +25,11 @@ def _reject(message: str) -> None:
     raise RuntimeError(message)
 
 
+class UnsupportedDtypeError(TypeError, NotImplementedError):
+    """An input dtype the batch-norm kernels have no implementation for: a ``TypeError``, and
+    the ``NotImplementedError`` (a ``RuntimeError``) nn.BatchNorm2d raises for it."""
+
+
 def batch_norm_input(name: str, x: Tensor) -> None:
     """4-D, a supported floating dtype, one sample addressable with int32 offsets."""
     if x.dim() != 4:
@@ -33,7 +38,7 @@ def batch_norm_input(name: str, x: Tensor) -> None:
             "reshape 2-D/3-D input to 4-D first"
         )
     if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(
+        raise UnsupportedDtypeError(
             f"{name}: dtype {x.dtype} is not supported; use float16, bfloat16, float32 or float64"
         )
     # Offsets inside one sample are int32 in the GPU kernels (the sample offset is int64).

@@ -186,3 +186,16 @@ def test_counters_recreated_as_float_keep_exact_counts(backend, buffer_dtype):
         counter = getattr(recreated, name)
         assert counter.dtype == torch.long and torch.equal(counter, getattr(kept, name)), name
     assert recreated.seen.tolist() == [3 * 2 * 25, 3 * 2]
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.uint8, torch.bool], ids=str)
+def test_integer_input_raises_like_batchnorm2d(backend, dtype):
+    """nn.BatchNorm2d raises NotImplementedError (a RuntimeError); TrackedBN's error is that
+    class and a TypeError."""
+    x = torch.ones(2, 3, 4, 4, dtype=dtype, device=backend.device)
+    with backend.active():
+        for layer in _pair(backend):
+            with pytest.raises(NotImplementedError):
+                layer(x)
+    with pytest.raises(TypeError, match="floating-point input"):
+        TrackedBN(3, device=backend.device)(x)
