@@ -29,6 +29,13 @@ from tests.helpers.upstream import (
     samples,
 )
 
+
+@pytest.fixture(autouse=True)
+def seeded_rng():
+    """Seed as PyTorch's TestCase does before every test (its inputs are random)."""
+    torch.manual_seed(0)
+
+
 DTYPE_METHODS = {torch.float32: "float", torch.float64: "double"}
 
 

@@ -26,6 +26,12 @@ BATCH_NORM = pytest.mark.parametrize(
 )
 
 
+@pytest.fixture(autouse=True)
+def seeded_rng():
+    """Seed as PyTorch's TestCase does before every test (its inputs are random)."""
+    torch.manual_seed(0)
+
+
 def _rand(*shape, device, dtype=F32, **kwargs):
     return torch.rand(*shape, device=device, **kwargs).to(dtype)
 
