@@ -86,7 +86,8 @@ def tracked_batch_norm(
         weight, bias: (C,) affine parameters, or None (1 and 0).
         training: normalise with the batch statistics (and update the running ones).
         momentum: weight of the batch statistic in the running-statistics update.
-        eps: added to the variance; must be positive.
+        eps: added to the variance; must be positive (``ValueError`` otherwise, as in
+            ``torch.nn.functional.batch_norm``).
         activation: ``None`` or ``"relu"``, applied in the same kernel (forward and backward).
         dead_stats: counters to add this batch's dead-channel counts to (:class:`DeadStats`).
         abri: ABRi's added BN (:class:`AbriState`): the output blends the two BNs.
@@ -102,6 +103,8 @@ def tracked_batch_norm(
         raise ValueError(
             f"tracked_batch_norm: activation must be one of {ACTIVATIONS}, got {activation!r}"
         )
+    if not eps > 0:  # NaN too: it would normalise every value to NaN
+        raise ValueError(f"batch_norm eps must be positive, but got {eps}")
     no_abri = (None,) * 5
     abri_weight, abri_bias, abri_alpha, abri_mean, abri_var = no_abri if abri is None else abri
     counters = (None,) * 3 if dead_stats is None else dead_stats

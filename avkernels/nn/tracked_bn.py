@@ -10,6 +10,7 @@ from torch.nn import functional as F
 
 from avkernels.functional import ACTIVATIONS, AbriState, DeadStats, tracked_batch_norm
 from avkernels.ops.batch_norm.sync import check_process_group, sync_enabled
+from avkernels.ops.checks import UnsupportedDtypeError
 
 ABRI_GRANULARITIES = ("layer", "channel")
 # ABRi's added BN and blend weight: registered (persistent) only while ABRi is on.
@@ -225,6 +226,20 @@ class TrackedBN(nn.BatchNorm2d):
         self.dead_sample_count.zero_()
         self.seen.zero_()
 
+    def _dead_stats(self) -> DeadStats:
+        """The counters for the op, int64 again if a buffer was recreated in another dtype.
+
+        PyTorch's own module tests recreate every buffer with ``.to(dtype)``, the integer ones
+        included; the counts survive exactly as long as that dtype holds them.
+        """
+        counters = DeadStats(self.dead_count, self.dead_sample_count, self.seen)
+        if all(counter.dtype == torch.long for counter in counters):
+            return counters
+        counters = DeadStats(*(counter.round().long() for counter in counters))
+        for name, counter in zip(DeadStats._fields, counters):
+            setattr(self, name, counter)
+        return counters
+
     def dead_fraction(self) -> Tensor:
         """Per channel, the fraction of outputs ``<= 0`` (before the activation) seen so far.
 
@@ -300,21 +315,15 @@ class TrackedBN(nn.BatchNorm2d):
             )
         if cumulative:
             # Cumulative averages over each BN's own batch count, as nn.BatchNorm2d keeps them:
-            # the kernel writes this batch's statistics (momentum 1 on zeros), averaged below with
+            # the kernel writes this batch's statistics (momentum 1 on copies), averaged below with
             # tensor arithmetic (1 / num_batches_tracked as a Python float is a data-dependent
             # scalar that torch.compile(fullgraph=True) cannot pass to the op).
-            running_mean, running_var = (
-                torch.zeros_like(running_mean),
-                torch.zeros_like(running_var),
-            )
+            # Copies, not zeros: an empty batch leaves them (and so the averages) unchanged.
+            running_mean, running_var = running_mean.clone(), running_var.clone()
             factor = 1.0
             if abri is not None:
                 abri = abri._replace(running_mean=None, running_var=None)
-        dead = (
-            DeadStats(self.dead_count, self.dead_sample_count, self.seen)
-            if self.track_dead
-            else None
-        )
+        dead = self._dead_stats() if self.track_dead else None
         output = tracked_batch_norm(
             input,
             running_mean,
@@ -368,14 +377,16 @@ class TrackedBN(nn.BatchNorm2d):
                 (self.abri_running_mean, self.abri_running_var, self.abri_num_batches_tracked)
             )
         for mean, var, count in running_sets:
-            weight = count.reciprocal().to(mean.dtype)
+            # 1 / count in float64, rounded once to the statistics' dtype (nn.BatchNorm2d's
+            # factor is a Python float).
+            weight = count.double().reciprocal().to(mean.dtype)
             mean.lerp_(batch_mean, weight)
             var.lerp_(batch_var, weight)
 
     def _check_input(self, input: Tensor, reference: Tensor | None) -> None:
         """Dtype, channels, and device against ``reference`` (a parameter or buffer)."""
         if not input.is_floating_point():
-            raise TypeError(
+            raise UnsupportedDtypeError(
                 f"TrackedBN expects a floating-point input, got {input.dtype}; "
                 "convert it with input.float()"
             )
@@ -385,7 +396,7 @@ class TrackedBN(nn.BatchNorm2d):
                 f"move one of them (e.g. module.to({str(input.device)!r}))"
             )
         if input.shape[1] != self.num_features:
-            raise ValueError(
+            raise RuntimeError(
                 f"TrackedBN: expected {self.num_features} channels (dim 1) but the input has "
                 f"shape {tuple(input.shape)}"
             )

@@ -15,17 +15,30 @@ def _fail(message: str) -> None:
 
 
 # --- batch norm -------------------------------------------------------------------------------
+# Bad tensors raise RuntimeError, as the C++ kernels' TORCH_CHECK and nn.BatchNorm2d do; a
+# batch too small to train on raises ValueError, as torch.nn.functional.batch_norm does.
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def _reject(message: str) -> None:
+    raise RuntimeError(message)
+
+
+class UnsupportedDtypeError(TypeError, NotImplementedError):
+    """An input dtype the batch-norm kernels have no implementation for: a ``TypeError``, and
+    the ``NotImplementedError`` (a ``RuntimeError``) nn.BatchNorm2d raises for it."""
 
 
 def batch_norm_input(name: str, x: Tensor) -> None:
     """4-D, a supported floating dtype, one sample addressable with int32 offsets."""
     if x.dim() != 4:
-        _fail(
+        _reject(
             f"{name}: expected a 4-D (N, C, H, W) tensor, got shape {tuple(x.shape)}; "
             "reshape 2-D/3-D input to 4-D first"
         )
     if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(
+        raise UnsupportedDtypeError(
             f"{name}: dtype {x.dtype} is not supported; use float16, bfloat16, float32 or float64"
         )
     # Offsets inside one sample are int32 in the GPU kernels (the sample offset is int64).
@@ -33,7 +46,7 @@ def batch_norm_input(name: str, x: Tensor) -> None:
         (size - 1) * abs(stride) for size, stride in zip(x.shape[1:], x.stride()[1:]) if size > 0
     )
     if sample_extent >= 2**31:
-        _fail(
+        _reject(
             f"{name}: one sample spans {sample_extent} elements, more than the 2**31 the "
             "GPU kernels address; split the channels"
         )
@@ -53,11 +66,46 @@ def per_channel(
     shape = t.shape
     if shape != (channels,) and not (allow_single and shape == (1,)):
         wanted = f"(1,) or ({channels},)" if allow_single else f"({channels},)"
-        _fail(f"{name}: expected shape {wanted}, got {tuple(t.shape)}")
+        _reject(f"{name}: expected shape {wanted}, got {tuple(t.shape)}")
     if t.device != device:
-        _fail(f"{name} is on {t.device} but x is on {device}; move it to x's device")
+        _reject(f"{name} is on {t.device} but x is on {device}; move it to x's device")
     if mutable and not t.is_contiguous():
-        _fail(f"{name} is updated in place and must be contiguous")
+        _reject(f"{name} is updated in place and must be contiguous")
+
+
+# The forward's float tensors besides x: the parameters and the running statistics.
+TENSOR_STATE = (
+    "weight",
+    "bias",
+    "abri_weight",
+    "abri_bias",
+    "abri_alpha",
+    "running_mean",
+    "running_var",
+    "abri_running_mean",
+    "abri_running_var",
+)
+
+
+def parameter_dtypes(op: str, x: Tensor, tensors: list[Tensor | None]) -> None:
+    """The dtype mixes nn.BatchNorm2d accepts on CPU: the parameters and running statistics share
+    one dtype, ``x``'s, or float32 with float16/bfloat16 ``x``."""
+    dtypes = {t.dtype for t in tensors if t is not None}
+    if len(dtypes) > 1:
+        _reject(
+            f"{op}: the parameters and running statistics must share one dtype, got "
+            f"{sorted(map(str, dtypes))}; convert the layer with module.to(dtype)"
+        )
+    if (
+        dtypes
+        and dtypes != {x.dtype}
+        and not (x.dtype in LOW_PRECISION and dtypes == {torch.float32})
+    ):
+        _reject(
+            f"{op}: mixed dtypes: input {x.dtype} with parameters {dtypes.pop()}; use the "
+            "input's dtype for the layer (module.to(x.dtype)), or float32 parameters with "
+            "float16/bfloat16 input"
+        )
 
 
 def batch_norm_forward(a, input_checked: bool = False) -> None:
@@ -80,25 +128,26 @@ def batch_norm_forward(a, input_checked: bool = False) -> None:
         "dead_sample_count",
     ):
         per_channel(name, getattr(a, name), channels, device, mutable=True)
+    parameter_dtypes(op, a.x, [getattr(a, name) for name in TENSOR_STATE])
     if (a.running_mean is None) != (a.running_var is None) or (
         (a.abri_running_mean is None) != (a.abri_running_var is None)
     ):
-        _fail(f"{op}: a running mean and its running var come together")
+        _reject(f"{op}: a running mean and its running var come together")
     counting = a.dead_count is not None
     if counting != (a.dead_sample_count is not None) or counting != (a.seen is not None):
-        _fail(f"{op}: dead_count, dead_sample_count and seen are all given or all None")
+        _reject(f"{op}: dead_count, dead_sample_count and seen are all given or all None")
     if counting and (a.seen.shape != (2,) or not a.seen.is_contiguous() or a.seen.device != device):
-        _fail(
+        _reject(
             f"{op}: seen must be a contiguous (2,) tensor on x's device, got "
             f"{tuple(a.seen.shape)} on {a.seen.device}"
         )
     if not a.use_batch_stats and (
         a.running_mean is None or (a.abri_alpha is not None and a.abri_running_mean is None)
     ):
-        _fail(f"{op}: use_batch_stats=False needs the running statistics (both sets with ABRi)")
+        _reject(f"{op}: use_batch_stats=False needs the running statistics (both sets with ABRi)")
     batch, _, height, width = a.x.shape
     updates_running = a.running_mean is not None or a.abri_running_mean is not None
-    if a.use_batch_stats and updates_running and batch * height * width < 2:
+    if a.use_batch_stats and updates_running and batch * height * width == 1:
         _fail(
             f"{op}: expected more than 1 value per channel when training (got input of "
             f"shape {tuple(a.x.shape)})"
@@ -113,7 +162,7 @@ def batch_norm_backward(a, inputs_checked: bool = False) -> None:
         batch_norm_input(f"{op}: x", a.x)
     channels, device = a.x.shape[1], a.x.device
     if a.grad_y.shape != a.x.shape:
-        _fail(f"{op}: grad_y has shape {tuple(a.grad_y.shape)}, expected x's {tuple(a.x.shape)}")
+        _reject(f"{op}: grad_y has shape {tuple(a.grad_y.shape)}, expected x's {tuple(a.x.shape)}")
     if not inputs_checked:
         batch_norm_input(f"{op}: grad_y", a.grad_y)
     for name in ("weight", "bias", "abri_weight", "abri_bias"):
@@ -128,13 +177,13 @@ def batch_norm_backward(a, inputs_checked: bool = False) -> None:
         or mean.dtype not in (torch.float32, torch.float64)
         or invstd.dtype != mean.dtype
     ):
-        _fail(
+        _reject(
             f"{op}: mean and invstd must be the forward's (K, C) float32/float64 statistics, "
             f"got {tuple(mean.shape)} {mean.dtype} and {tuple(invstd.shape)} {invstd.dtype}"
         )
     for name, t in (("grad_y", a.grad_y), ("mean", mean), ("invstd", invstd)):
         if t.device != device:
-            _fail(f"{op}: {name} is on {t.device} but x is on {device}")
+            _reject(f"{op}: {name} is on {t.device} but x is on {device}")
 
 
 # --- masking ----------------------------------------------------------------------------------

@@ -66,7 +66,10 @@ def update_running_stats(
 ) -> None:
     """``r = (1 - momentum) * r + momentum * batch_stat`` for every ``(running_mean,
     running_var)`` pair that is not None, with the unbiased variance of ``count`` values
-    (``var`` is the biased one)."""
+    (``var`` is the biased one). An empty batch (``count == 0``) leaves them as they are, as
+    nn.BatchNorm2d does."""
+    if count == 0:
+        return
     # no_grad does not stop forward-mode AD: detached, the buffers take no tangent.
     mean, var = mean.detach(), var.detach()
     for r_mean, r_var in running_sets:
@@ -166,6 +169,10 @@ def grad_sums(
     """
     acc = mean.dtype
     xf, dy = x.to(acc), grad_y.to(acc)
+    if x.numel() == 0:
+        # An empty batch sums nothing: its (NaN) batch invstd must not turn the zero sums into
+        # NaN parameter gradients (nn.BatchNorm2d gives zeros).
+        invstd = torch.zeros_like(invstd)
     scale, shift = effective_affine(weight, bias, abri_weight, abri_bias, abri_alpha, mean, invstd)
     if relu:
         dy = torch.where(xf * _per_channel(scale) + _per_channel(shift) > 0, dy, 0)

@@ -27,11 +27,15 @@ from avkernels.ops.batch_norm.schema import (
 
 
 def reference_forward(*args):
-    return reference.forward(ForwardArgs(*args))
+    a = ForwardArgs(*args)
+    checks.batch_norm_forward(a)
+    return reference.forward(a)
 
 
 def reference_backward(*args):
-    return reference.backward(BackwardArgs(*args))
+    a = BackwardArgs(*args)
+    checks.batch_norm_backward(a)
+    return reference.backward(a)
 
 
 def _differentiable_forward(*args):

@@ -36,6 +36,10 @@ Conventions shared by all implementations (C++ on CPU, Triton on CUDA, the PyTor
   outputs ``<= 0`` before the activation, ``dead_sample_count`` (C,) samples with a whole map
   ``<= 0``, ``seen`` (2,) elements per channel and samples counted so far.
 * Parameter gradients have the parameter's dtype; an absent parameter gets an empty (0,) tensor.
+* An empty batch (no elements), as in nn.BatchNorm2d: the running statistics stay as they are
+  and the parameter gradients are zeros (its batch ``mean``/``invstd`` are NaN).
+* Dtypes, as nn.BatchNorm2d accepts them on CPU: the parameters and running statistics share
+  one dtype, ``x``'s, or float32 with float16/bfloat16 ``x``.
 """
 
 from __future__ import annotations

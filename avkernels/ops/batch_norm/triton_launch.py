@@ -268,8 +268,9 @@ def _forward_plan(a) -> _ForwardPlan:
         grid=plan.grid,
         stats_ints=(*geometry, *strides[:4], *work_split, plan.row_programs),
         stats_options=dict(
-            UPDATE_RUNNING=a.running_mean is not None,
-            UPDATE_ABRI_RUNNING=a.abri_running_mean is not None,
+            # An empty batch leaves the running statistics as they are, as nn.BatchNorm2d does.
+            UPDATE_RUNNING=a.running_mean is not None and batch * spatial > 0,
+            UPDATE_ABRI_RUNNING=a.abri_running_mean is not None and batch * spatial > 0,
             BLOCK_R=_TILE_ELEMENTS // plan.block_c,
             **tile,
         ),
@@ -436,6 +437,10 @@ def backward(*args) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         plan = _keep_plan(_BACKWARD_PLANS, key, _backward_plan(a))
     with _device_guard(x.device):
         mean, invstd = a.mean.contiguous(), a.invstd.contiguous()
+        if x.numel() == 0:
+            # An empty batch sums nothing: its (NaN) batch invstd must not turn the zero sums into
+            # NaN parameter gradients (nn.BatchNorm2d gives zeros).
+            invstd = torch.zeros_like(invstd)
         params = [mean if p is None else p.contiguous() for p in args[2:7]]
         grad_x = torch.empty_like(x, memory_format=plan.grad_x_format)
         grads = [

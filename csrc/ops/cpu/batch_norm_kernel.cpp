@@ -21,6 +21,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <initializer_list>
 #include <limits>
 #include <memory>
 #include <optional>
@@ -204,6 +205,25 @@ void check_together(const char* op, const OptionalTensor& a, const char* a_name,
                     const OptionalTensor& b, const char* b_name) {
   TORCH_CHECK(a.has_value() == b.has_value(), op, ": ", a_name, " and ", b_name,
               " must be given together (one is None)");
+}
+
+// The dtype mixes nn.BatchNorm2d accepts on CPU: every parameter and running statistic has x's
+// dtype, or float32 with float16/bfloat16 x (docs/DESIGN.md, "Op contracts").
+void check_parameter_dtypes(const char* op, const Tensor& x,
+                            std::initializer_list<const OptionalTensor*> tensors) {
+  std::optional<at::ScalarType> common;
+  for (const OptionalTensor* t : tensors) {
+    if (!t->has_value()) continue;
+    TORCH_CHECK(!common || *common == (*t)->scalar_type(), op,
+                ": the parameters and running statistics must share one dtype, got ", *common,
+                " and ", (*t)->scalar_type(), "; convert the layer with module.to(dtype)");
+    common = (*t)->scalar_type();
+  }
+  const bool low_precision = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
+  TORCH_CHECK(!common || *common == x.scalar_type() || (low_precision && *common == at::kFloat),
+              op, ": mixed dtypes: input ", x.scalar_type(), " with parameters ", *common,
+              "; use the input's dtype for the layer (module.to(x.dtype)), or float32 parameters "
+              "with float16/bfloat16 input");
 }
 
 void check_counter(const OptionalTensor& t, const char* name, int64_t size) {
@@ -428,8 +448,9 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(
     const int64_t count = N * HW;
     for (const auto& [r_mean, r_var] :
          {std::pair(a.running_mean, a.running_var), std::pair(a.abri_running_mean, a.abri_running_var)}) {
-      if (!r_mean.has_value()) continue;
-      TORCH_CHECK(count != 1, kForward,
+      // An empty batch leaves the running statistics as they are, as nn.BatchNorm2d does.
+      if (!r_mean.has_value() || empty) continue;
+      TORCH_CHECK_VALUE(count != 1, kForward,
                   ": cannot update running statistics from one value per channel (N*H*W = 1): "
                   "the unbiased variance is undefined");
       const acc_t keep = static_cast<acc_t>(1 - a.momentum);
@@ -500,6 +521,10 @@ ForwardResult batch_norm_fwd_cpu(const ForwardArgs& a) {
   check_vector(kForward, "running_var", a.running_var, C);
   check_vector(kForward, "abri_running_mean", a.abri_running_mean, C);
   check_vector(kForward, "abri_running_var", a.abri_running_var, C);
+  check_parameter_dtypes(kForward, a.x,
+                         {&a.weight, &a.bias, &a.abri_weight, &a.abri_bias, &a.abri_alpha,
+                          &a.running_mean, &a.running_var, &a.abri_running_mean,
+                          &a.abri_running_var});
   check_together(kForward, a.running_mean, "running_mean", a.running_var, "running_var");
   check_together(kForward, a.abri_running_mean, "abri_running_mean", a.abri_running_var,
                  "abri_running_var");
@@ -554,6 +579,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
   std::vector<acc_t> mean, invstd;
   read_values(a.mean, mean);
   read_values(a.invstd, invstd);
+  // An empty batch sums nothing: its (NaN) batch statistics must not turn the zero sums into
+  // NaN parameter gradients (nn.BatchNorm2d gives zeros).
+  if (x.numel() == 0) {
+    std::fill(mean.begin(), mean.end(), acc_t(0));
+    std::fill(invstd.begin(), invstd.end(), acc_t(0));
+  }
   std::vector<acc_t> scale(C), shift(C);
   affine.fold(mean.data(), invstd.data(), sets, C, scale.data(), shift.data());
 
