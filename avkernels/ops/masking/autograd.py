@@ -1,9 +1,9 @@
 """Autograd of the masking ops: masks are regenerated in backward from (ratio, seed), never
 stored.
 
-Masking is linear, and each backward and forward-mode tangent is a masking again: it runs
-through the autograd functions here, not the bare ops, so that the gradients are differentiable
-to any order and forward-mode AD works (docs/DESIGN.md, "Double backward")."""
+Masking is linear, and each backward is a masking again: it runs through the autograd functions
+here, not the bare ops, so that under ``create_graph=True`` the gradients are differentiable to
+any order (docs/DESIGN.md, "Double backward")."""
 
 from __future__ import annotations
 
@@ -27,14 +27,8 @@ class MaskPatchesFunction(torch.autograd.Function):
         y = x.clone()
         zero_masked_patches(y, ratio, seeds, patch_h, patch_w)
         ctx.save_for_backward(ratio, seeds)
-        ctx.save_for_forward(ratio, seeds)
         ctx.patch_size = (patch_h, patch_w)
         return y
-
-    @staticmethod
-    def jvp(ctx, x_tangent, *_):
-        ratio, seeds = ctx.saved_tensors
-        return MaskPatchesFunction.apply(x_tangent, ratio, seeds, *ctx.patch_size)
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -50,16 +44,8 @@ class MaskedConcatFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, v, ratio_a, ratio_v, seeds, group_a: int, group_v: int):
         ctx.save_for_backward(ratio_a, ratio_v, seeds)
-        ctx.save_for_forward(ratio_a, ratio_v, seeds)
         ctx.features_a, ctx.groups = a.shape[1], (group_a, group_v)
         return masked_concat(a, v, ratio_a, ratio_v, seeds, group_a, group_v)
-
-    @staticmethod
-    def jvp(ctx, a_tangent, v_tangent, *_):
-        ratio_a, ratio_v, seeds = ctx.saved_tensors
-        return MaskedConcatFunction.apply(
-            a_tangent, v_tangent, ratio_a, ratio_v, seeds, *ctx.groups
-        )
 
     @staticmethod
     def backward(ctx, grad):
@@ -77,16 +63,8 @@ class MaskedConcatBackwardFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, grad, ratio_a, ratio_v, seeds, features_a: int, group_a: int, group_v: int):
         ctx.save_for_backward(ratio_a, ratio_v, seeds)
-        ctx.save_for_forward(ratio_a, ratio_v, seeds)
-        ctx.features_a, ctx.groups = features_a, (group_a, group_v)
+        ctx.groups = (group_a, group_v)
         return masked_concat_backward(grad, ratio_a, ratio_v, seeds, features_a, group_a, group_v)
-
-    @staticmethod
-    def jvp(ctx, grad_tangent, *_):
-        ratio_a, ratio_v, seeds = ctx.saved_tensors
-        return MaskedConcatBackwardFunction.apply(
-            grad_tangent, ratio_a, ratio_v, seeds, ctx.features_a, *ctx.groups
-        )
 
     @staticmethod
     def backward(ctx, grad_a, grad_v):
