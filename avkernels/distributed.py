@@ -11,6 +11,7 @@ copied to every rank before each forward) overwrite the dead counters, and
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -39,6 +40,7 @@ class Ranks:
 
     @classmethod
     def current(cls) -> Ranks:
+        """This process's rank and the world size of the default group (0 of 1 without one)."""
         if dist.is_available() and dist.is_initialized():
             return cls(dist.get_rank(), dist.get_world_size())
         return cls()
@@ -55,7 +57,7 @@ class Ranks:
         start = self.rank * base + min(self.rank, extra)
         return range(start, start + base + (self.rank < extra))
 
-    def gather(self, value) -> list:
+    def gather(self, value: Any) -> list[Any]:
         """Every rank's ``value`` (picklable, tensors on the CPU), in rank order, on every rank."""
         if self.world_size == 1:
             return [value]
@@ -68,6 +70,7 @@ class Ranks:
         return flag if self.world_size == 1 else any(self.gather(bool(flag)))
 
     def barrier(self) -> None:
+        """Wait until every rank reaches this point (nothing to do in one process)."""
         if self.world_size > 1:
             dist.barrier()
 

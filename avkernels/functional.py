@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 from avkernels.ops.batch_norm import ForwardArgs
 from avkernels.ops.batch_norm import tracked_batch_norm as _tracked_batch_norm_op
@@ -127,6 +128,14 @@ def tracked_batch_norm(
     )
     if process_group is not None and training:
         return sync_tracked_batch_norm(args, process_group)
+    # Batch statistics of one value per channel, as torch.nn.functional.batch_norm refuses them
+    # (a synced batch is checked as a whole, above). Not while torch.fx traces: it has no values.
+    size = input.shape
+    if training and not is_fx_symbolic_tracing() and input.dim() == 4:
+        if size[0] * size[2] * size[3] == 1:
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got input size {size}"
+            )
     return _tracked_batch_norm_op(*args)
 
 

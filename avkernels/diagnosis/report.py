@@ -44,10 +44,12 @@ class LayerDiagnosis:
 
     @property
     def closed(self) -> int:
+        """Abnormal channels with ``beta <= 0``: always 0 after a ReLU."""
         return 0 if self.status is None else self.status.count("closed")
 
     @property
     def constant(self) -> int:
+        """Abnormal channels with ``beta > 0``: a constant output."""
         return 0 if self.status is None else self.status.count("constant")
 
     @property
@@ -57,10 +59,12 @@ class LayerDiagnosis:
 
     @property
     def abnormal_ratio(self) -> float | None:
+        """Share of the layer's channels that are abnormal; None without parameters."""
         return None if self.status is None else self.abnormal / self.channels
 
     @property
     def has_activations(self) -> bool:
+        """Whether activation statistics were collected for this layer."""
         return self.dead_sample_fraction is not None
 
     @property
@@ -72,11 +76,13 @@ class LayerDiagnosis:
 
     @property
     def dead_channel_ratio(self) -> float | None:
+        """Share of channels dead on (nearly) every sample; None without activations."""
         count = self.dead_on_all_samples
         return None if count is None else count / self.channels
 
     @property
     def mean_dead_fraction(self) -> float | None:
+        """Mean over channels of the fraction of outputs <= 0; None without activations."""
         return None if self.dead_fraction is None else float(np.mean(self.dead_fraction))
 
     @property
@@ -118,6 +124,7 @@ class LayerDiagnosis:
         return rows
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields (arrays as lists); :meth:`from_dict` reads them back."""
         data = dataclasses.asdict(self)
         for key, value in data.items():
             if isinstance(value, np.ndarray):
@@ -126,6 +133,7 @@ class LayerDiagnosis:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LayerDiagnosis:
+        """The layer :meth:`to_dict` wrote (lists back to arrays)."""
         values = dict(data)
         for key in ("gamma", "beta", "dead_fraction", "dead_sample_fraction"):
             if values.get(key) is not None:
@@ -158,20 +166,25 @@ class DiagnosisReport:
 
     @property
     def channels(self) -> int:
+        """Channels of every diagnosed layer."""
         return sum(layer.channels for layer in self.layers)
 
     @property
     def abnormal(self) -> int:
+        """Abnormal channels (closed + constant) of every layer."""
         return sum(layer.abnormal for layer in self.layers)
 
     @property
     def has_activations(self) -> bool:
+        """Whether any layer has activation statistics."""
         return any(layer.has_activations for layer in self.layers)
 
     def layer_table(self) -> list[dict[str, Any]]:
+        """One row per layer: the columns of the report's per-layer table."""
         return [layer.row() for layer in self.layers]
 
     def channel_table(self) -> list[dict[str, Any]]:
+        """One row per channel of every layer (layer, channel, gamma, beta, status, activations)."""
         return [row for layer in self.layers for row in layer.channel_rows()]
 
     def summary(self) -> str:
@@ -217,6 +230,7 @@ class DiagnosisReport:
     # -- serialisation ----------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
+        """The report as JSON-ready data, with its format version."""
         return {
             "version": REPORT_VERSION,
             "title": self.title,
@@ -231,10 +245,12 @@ class DiagnosisReport:
         }
 
     def to_json(self, indent: int | None = 2) -> str:
+        """The report as JSON (strict: no NaN); :meth:`from_json` reads it back."""
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
 
     @classmethod
     def from_json(cls, text: str) -> DiagnosisReport:
+        """The report :meth:`to_json` wrote; ValueError for another format version."""
         data = json.loads(text)
         if data.get("version") != REPORT_VERSION:
             raise ValueError(
@@ -355,6 +371,7 @@ class ReportComparison:
             )
 
     def rows(self) -> list[dict[str, Any]]:
+        """One row per layer: abnormal and dead counts before and after, and their change."""
         rows = []
         for old, new in zip(self.before.layers, self.after.layers):
             rows.append(
@@ -370,9 +387,11 @@ class ReportComparison:
         return rows
 
     def to_json(self, indent: int | None = 2) -> str:
+        """The labels and :meth:`rows` as JSON."""
         return json.dumps({"labels": list(self.labels), "layers": self.rows()}, indent=indent)
 
     def to_markdown(self) -> str:
+        """The comparison as a Markdown table, one row per layer."""
         first, second = self.labels
         with_activations = self.before.has_activations and self.after.has_activations
         headers = ["layer", f"abnormal {first}", f"abnormal {second}"]
@@ -400,6 +419,7 @@ class ReportComparison:
         )
 
     def plot(self, path: str | Path) -> Path:
+        """Draw the per-layer before/after chart as a PNG at ``path``; return it."""
         from avkernels.diagnosis import plots
 
         return plots.plot_comparison(self, Path(path))

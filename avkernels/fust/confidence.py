@@ -35,6 +35,8 @@ from torch import Tensor
 from avkernels.files import atomic_write
 
 SampleId = Union[int, str]
+# A batch's sample ids: a sequence of ids, or a 1-D integer tensor.
+SampleIds = Union[Sequence[SampleId], Tensor]
 FILE_FORMAT = "avkernels.fust.confidence"
 FILE_VERSION = 1
 SUFFIXES = (".pt", ".npz")
@@ -52,6 +54,7 @@ class Confidences:
         return len(self.ids)
 
     def as_dict(self) -> dict:
+        """``{sample id: confidence}``."""
         return dict(zip(self.ids, self.values.tolist()))
 
     def aligned(self, ids: Sequence[SampleId], what: str = "confidences") -> Tensor:
@@ -121,7 +124,7 @@ class ConfidenceTracker:
         """Completed epochs."""
         return len(self._epochs)
 
-    def update(self, sample_ids, logits: Tensor, labels: Tensor) -> None:
+    def update(self, sample_ids: SampleIds, logits: Tensor, labels: Tensor) -> None:
         """Record ``softmax(logits)[label]`` of each sample of a batch (no gradient is kept)."""
         ids = _normalise_ids(sample_ids)
         if logits.dim() != 2:

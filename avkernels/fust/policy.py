@@ -33,6 +33,7 @@ from torch import Tensor
 from avkernels.fust.confidence import (
     Confidences,
     ConfidenceTracker,
+    SampleIds,
     _normalise_ids,
     as_confidences,
 )
@@ -80,7 +81,7 @@ class MaskRatios:
     def __len__(self) -> int:
         return self.audio.numel()
 
-    def gather(self, sample_ids) -> tuple[Tensor, Tensor]:
+    def gather(self, sample_ids: SampleIds) -> tuple[Tensor, Tensor]:
         """``(r_a, r_v)`` of a batch, by sample id (or by position when ``ids`` is None)."""
         if self.ids is None:
             rows = torch.as_tensor(sample_ids, dtype=torch.long)

@@ -59,8 +59,8 @@ class MaskedConcatFusion(nn.Module):
         *,
         group_size: int | Sequence[int] = 1,
         bias: bool = True,
-        device=None,
-        dtype=None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if num_classes is None:
@@ -76,11 +76,14 @@ class MaskedConcatFusion(nn.Module):
         )
 
     def extra_repr(self) -> str:
+        """Feature sizes and group size."""
         return f"in_features={self.in_features}, group_size={self.group_size}"
 
     def forward(
         self, a: Tensor, v: Tensor, ratio_a: Ratio = None, ratio_v: Ratio = None
     ) -> FusionOutput:
+        """Concatenate ``a`` (B, Fa) and ``v`` (B, Fv), in training masking feature groups of
+        each by its per-sample ratio (None: none), and classify: fused and per-modality logits."""
         features_a, features_v = self.in_features
         if a.dim() != 2 or v.dim() != 2 or a.shape[1] != features_a or v.shape[1] != features_v:
             raise ValueError(

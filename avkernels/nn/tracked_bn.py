@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed import ProcessGroup
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torch.nn import functional as F
 
@@ -80,13 +81,13 @@ class TrackedBN(nn.BatchNorm2d):
         momentum: float | None = 0.1,
         affine: bool = True,
         track_running_stats: bool = True,
-        device=None,
-        dtype=None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
         *,
         bias: bool = True,
         activation: str | None = None,
         track_dead: bool = True,
-        process_group=None,
+        process_group: ProcessGroup | None = None,
         sync: bool = False,
     ) -> None:
         check_process_group(process_group, "TrackedBN")
@@ -113,6 +114,7 @@ class TrackedBN(nn.BatchNorm2d):
         self.register_buffer("seen", torch.zeros(2, **counter), persistent=False)
 
     def reset_parameters(self) -> None:
+        """Reset the running statistics (as nn.BatchNorm2d does); gamma to 1, beta to 0."""
         self.reset_running_stats()
         if self.affine:
             nn.init.ones_(self.weight)
@@ -120,6 +122,7 @@ class TrackedBN(nn.BatchNorm2d):
                 nn.init.zeros_(self.bias)
 
     def extra_repr(self) -> str:
+        """nn.BatchNorm2d's fields; then bias, activation, ABRi, sync where set; track_dead."""
         extra = super().extra_repr()
         if self.affine and self.bias is None:
             extra += ", bias=False"
@@ -135,6 +138,7 @@ class TrackedBN(nn.BatchNorm2d):
 
     @property
     def abri_enabled(self) -> bool:
+        """Whether :meth:`enable_abri` has added the ABRi branch."""
         return self.abri_granularity is not None
 
     def enable_abri(self, alpha: float = 0.5, granularity: str = "layer") -> TrackedBN:
@@ -264,6 +268,7 @@ class TrackedBN(nn.BatchNorm2d):
         )
 
     def forward(self, input: Tensor) -> Tensor:
+        """nn.BatchNorm2d of ``input`` (N, C, H, W); counts dead outputs when ``track_dead``."""
         if _exporting_to_onnx():
             return self._export_forward(input)
         # Each parameter and buffer is read once: nn.Module.__getattr__ costs about 1 us a read
@@ -288,12 +293,6 @@ class TrackedBN(nn.BatchNorm2d):
         use_batch_stats = self.training or (running_mean is None and running_var is None)
         # Synced layers check the global batch size instead (inside the sync path).
         synced = self.sync and self.training and sync_enabled(self.process_group)
-        if use_batch_stats and not synced and checking:
-            size = input.shape
-            if size[0] * size[2] * size[3] == 1:
-                raise ValueError(
-                    f"Expected more than 1 value per channel when training, got input size {size}"
-                )
         keep_running = not self.training or self.track_running_stats
         if not keep_running:
             running_mean = running_var = None

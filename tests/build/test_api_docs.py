@@ -4,7 +4,8 @@
   (a section is headed ``## `module` ``), and every section names a module that exists.
 * Every entry of a section (a bullet starting with a backticked name) is a public name of it.
 * Every public function and class has a docstring; every public function has type hints on each
-  parameter and on its return.
+  parameter and on its return. So do the public methods and properties a public class defines
+  (``__init__``: hints only).
 """
 
 from __future__ import annotations
@@ -61,17 +62,44 @@ def _public_objects():
                 yield pytest.param(obj, id=f"{module_name}.{name}")
 
 
+def _assert_hinted(function) -> None:
+    signature = inspect.signature(function)
+    unhinted = [
+        name
+        for name, parameter in signature.parameters.items()
+        if parameter.annotation is inspect.Parameter.empty and name not in ("self", "cls")
+    ]
+    assert not unhinted, f"{function.__qualname__}: parameters without type hints: {unhinted}"
+    assert signature.return_annotation is not inspect.Signature.empty, (
+        f"{function.__qualname__} has no return type hint"
+    )
+
+
 @pytest.mark.parametrize("obj", list(_public_objects()))
 def test_public_objects_have_docstrings_and_hints(obj):
     assert inspect.getdoc(obj), f"{obj.__qualname__} has no docstring"
     if inspect.isfunction(obj):
-        signature = inspect.signature(obj)
-        unhinted = [
-            name
-            for name, parameter in signature.parameters.items()
-            if parameter.annotation is inspect.Parameter.empty
-        ]
-        assert not unhinted, f"{obj.__qualname__}: parameters without type hints: {unhinted}"
-        assert signature.return_annotation is not inspect.Signature.empty, (
-            f"{obj.__qualname__} has no return type hint"
-        )
+        _assert_hinted(obj)
+
+
+def _public_methods():
+    seen = set()
+    for param in _public_objects():
+        (cls,) = param.values
+        if not inspect.isclass(cls) or not cls.__module__.startswith("avkernels") or cls in seen:
+            continue
+        seen.add(cls)
+        for name, value in vars(cls).items():
+            if name.startswith("_") and name != "__init__":
+                continue
+            function = value.fget if isinstance(value, property) else value
+            function = getattr(function, "__func__", function)  # classmethod, staticmethod
+            if inspect.isfunction(function):
+                yield pytest.param(function, name == "__init__", id=f"{cls.__qualname__}.{name}")
+
+
+@pytest.mark.parametrize(("method", "is_init"), list(_public_methods()))
+def test_public_methods_have_docstrings_and_hints(method, is_init):
+    if not is_init:
+        assert method.__doc__, f"{method.__qualname__} has no docstring"
+    _assert_hinted(method)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from avkernels import TrackedBN
+from avkernels import TrackedBN, functional
 from avkernels.ops.batch_norm import output_memory_format
 from tests.helpers.batch_norm import (
     LOW_PRECISION,
@@ -247,6 +247,17 @@ def test_single_value_per_channel_error_matches_batchnorm2d():
     # eval with running statistics accepts a single value per channel
     tracked, plain = TrackedBN(3).eval(), nn.BatchNorm2d(3).eval()
     torch.testing.assert_close(tracked(x), plain(x))
+
+
+def test_functional_single_value_per_channel_error_matches_f_batch_norm():
+    # Training without running statistics: F.batch_norm still refuses one value per channel.
+    x = torch.randn(1, 3, 1, 1)
+    errors = []
+    for function in (F.batch_norm, functional.tracked_batch_norm):
+        with pytest.raises(ValueError) as error:
+            function(x, None, None, training=True, momentum=0.1, eps=1e-5)
+        errors.append(str(error.value))
+    assert errors[0] == errors[1]
 
 
 @pytest.mark.parametrize(
