@@ -65,8 +65,11 @@ def _inputs() -> list[dict]:
             continue
         channels = shape[1]
 
+        # Parameters in x's dtype, float32 for float16/bfloat16 x: nn.BatchNorm2d's dtype mixes.
+        state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+
         def randn(*size):
-            return torch.randn(size, generator=generator)
+            return torch.randn(size, generator=generator, dtype=state_dtype)
 
         x = randn(*shape)
         x[0, 0] = 0.0  # an all-zero map: a dead sample in channel 0
@@ -81,13 +84,16 @@ def _inputs() -> list[dict]:
                 "abri": (
                     randn(channels),
                     randn(channels),
-                    torch.rand(channels, generator=generator),
+                    torch.rand(channels, generator=generator, dtype=state_dtype),
                     randn(channels),
-                    torch.rand(channels, generator=generator) + 0.5,
+                    torch.rand(channels, generator=generator, dtype=state_dtype) + 0.5,
                 )
                 if abri
                 else None,
-                "running": (randn(channels), torch.rand(channels, generator=generator) + 0.5),
+                "running": (
+                    randn(channels),
+                    torch.rand(channels, generator=generator, dtype=state_dtype) + 0.5,
+                ),
                 "train": train,
                 "relu": relu,
             }

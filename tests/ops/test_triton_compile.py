@@ -275,12 +275,17 @@ def _launch_pair(
     x = _activation(torch, shape, layout, dtype)
     channels = x.shape[1]
 
-    def vector(vector_dtype=torch.float32):
+    # Parameters in x's dtype, float32 for float16/bfloat16 x: nn.BatchNorm2d's dtype mixes.
+    state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+
+    def vector(vector_dtype=state_dtype):
         return torch.ones(channels, dtype=vector_dtype)
 
     given = {name: vector() for name in params}
     if abri is not None:
-        given["abri_alpha"] = vector() if abri == "per_channel" else torch.ones(1)
+        given["abri_alpha"] = (
+            vector() if abri == "per_channel" else torch.ones(1, dtype=state_dtype)
+        )
     stats = {}
     if running:
         stats = {"running_mean": vector(), "running_var": vector()}
