@@ -92,7 +92,9 @@ def fold(model: nn.Module) -> nn.Module:
     The folded layer holds the single per-channel affine of ABRi in eval (``scale``, ``shift``,
     docs/DESIGN.md, "ABRi as one BatchNorm") as ``running_mean = 0``, ``running_var = 1``,
     ``weight = scale * sqrt(1 + eps)``, ``bias = shift``: for export and inference, not for
-    further training (its batch-statistics output differs). Returns the (possibly new) root.
+    further training (its batch-statistics output differs). A layer with the fused
+    ``activation="relu"`` becomes ``nn.Sequential(nn.BatchNorm2d, nn.ReLU())``, so its state-dict
+    keys gain a ``0.`` (``bn1.weight`` -> ``bn1.0.weight``). Returns the (possibly new) root.
     """
     if isinstance(model, TrackedBN) and model.abri_enabled:
         return _fold_layer(model)
@@ -103,12 +105,7 @@ def fold(model: nn.Module) -> nn.Module:
     return model
 
 
-def _fold_layer(layer: TrackedBN) -> nn.BatchNorm2d:
-    if layer.activation is not None:
-        raise ValueError(
-            f"cannot fold an ABRi layer with activation={layer.activation!r} into nn.BatchNorm2d: "
-            "it has no fused activation; set layer.activation = None and add an nn.ReLU after it"
-        )
+def _fold_layer(layer: TrackedBN) -> nn.Module:
     if not layer.track_running_stats:
         raise ValueError(
             "cannot fold an ABRi layer built with track_running_stats=False: it normalises with "
@@ -133,7 +130,10 @@ def _fold_layer(layer: TrackedBN) -> nn.BatchNorm2d:
     plain.bias.copy_(shift)
     plain.num_batches_tracked.copy_(layer.num_batches_tracked)
     plain.train(layer.training)
-    return plain
+    if layer.activation is None:
+        return plain
+    # ReLU is the only fused activation (avkernels.functional.ACTIVATIONS).
+    return nn.Sequential(plain, nn.ReLU()).train(layer.training)
 
 
 # --- official checkpoint layout -----------------------------------------------------------------

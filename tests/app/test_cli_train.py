@@ -14,6 +14,7 @@ pytest.importorskip("PIL")
 from avkernels.app.cli import main  # noqa: E402
 from avkernels.app.data import ClipRecord, write_manifest  # noqa: E402
 from tests.app.data_fixtures import TINY_TRAINING_OPTIONS as TINY  # noqa: E402
+from tests.app.training_fixtures import sigint_inside_the_probe  # noqa: E402
 
 
 def error_line(capsys) -> str:
@@ -163,3 +164,18 @@ def test_fust_pipeline_and_resume(tmp_path, clips_manifest, capsys):
     assert main(argv + ["--resume"]) == 0
     after = torch.load(out / "stage2" / "model.pt", weights_only=True)
     assert all(torch.equal(before[key], after[key]) for key in before)
+
+
+def test_ctrl_c_during_the_probes_exits_130_and_resume_finishes(
+    tmp_path, clips_manifest, capsys, monkeypatch
+):
+    out = tmp_path / "run"
+    argv = ["train", "joint", str(clips_manifest), "--out", str(out), *TINY, "--probe-epochs", "1"]
+    sigint_inside_the_probe(monkeypatch)
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "interrupted" in err and "linear probes" in err and "--resume" in err
+    assert "Traceback" not in err and not (out / "model.pt").exists()
+    monkeypatch.undo()
+    assert main(argv + ["--resume"]) == 0
+    assert "probe_audio" in capsys.readouterr().out and (out / "model.pt").is_file()

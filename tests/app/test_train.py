@@ -30,6 +30,7 @@ from tests.app.training_fixtures import (
     assert_same_state,
     final_state,
     run,
+    sigint_inside_the_probe,
     tiny_config,
 )
 
@@ -127,6 +128,21 @@ def test_ctrl_c_stops_after_the_step_with_a_checkpoint(tmp_path):
         run(config, tmp_path / "resumed", on_step=interrupt)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
     run(config, tmp_path / "resumed", resume=True)
+    assert_same_state(final_state(tmp_path / "straight"), final_state(tmp_path / "resumed"))
+
+
+def test_ctrl_c_during_the_probes_stops_them_and_resume_runs_them(tmp_path, monkeypatch):
+    config = tiny_config(stage="joint", epochs=1, probe_epochs=2)
+    run(config, tmp_path / "straight")
+    sigint_inside_the_probe(monkeypatch)
+    with pytest.raises(TrainingInterrupted, match="linear probes.*resume"):
+        run(config, tmp_path / "resumed")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    saved = torch.load(tmp_path / "resumed" / CHECKPOINT, weights_only=True)
+    assert saved["epoch"] == 1 and not saved["finished"]
+    monkeypatch.undo()
+    history = run(config, tmp_path / "resumed", resume=True).history
+    assert [row["split"] for row in history] == ["train", "eval", "probe_audio", "probe_visual"]
     assert_same_state(final_state(tmp_path / "straight"), final_state(tmp_path / "resumed"))
 
 

@@ -1,12 +1,15 @@
 """The training tests' shared pieces (tests/app/test_train.py and test_train_distributed.py,
 whose spawned ranks import them): tiny synthetic data in the batch contract, a tiny config, a
-run, and bitwise comparisons of checkpoint states."""
+run, bitwise comparisons of checkpoint states, and a Ctrl-C inside the linear probes."""
 
 from __future__ import annotations
 
+import os
+import signal
+
 import torch
 
-from avkernels.app.training import CHECKPOINT, TrainConfig, Trainer
+from avkernels.app.training import CHECKPOINT, TrainConfig, Trainer, linear_probe
 
 NUM_CLASSES = 3
 
@@ -108,3 +111,18 @@ def final_state(run_dir) -> dict:
             "history",
         )
     }
+
+
+def sigint_inside_the_probe(monkeypatch) -> None:
+    """Make the trainer's first linear probe receive a real Ctrl-C (SIGINT) as it starts."""
+    from avkernels.app.training import trainer as trainer_module
+
+    sent = []
+
+    def interrupted_probe(*args, **kwargs):
+        if not sent:
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGINT)
+        return linear_probe(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "linear_probe", interrupted_probe)

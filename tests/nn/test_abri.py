@@ -16,6 +16,7 @@ import torchvision
 from torch import nn
 
 from avkernels import TrackedBN, abri, revert
+from avkernels.app.models import ResNetEncoder
 from tests.helpers.batch_norm import assert_close, assert_dead_counts, dead_tolerance
 from tests.helpers.official import OfficialABRi, OfficialResNet18, randomise
 
@@ -288,9 +289,36 @@ def test_fold_layer_matches_official_eval_output_exactly_in_float64():
     torch.testing.assert_close(folded(x), official(x), rtol=1e-12, atol=1e-12)
 
 
-def test_fold_refuses_fused_activation():
-    with pytest.raises(ValueError, match="activation"):
-        abri.fold(TrackedBN(4, activation="relu").enable_abri())
+def test_fold_fused_relu_layer_into_batchnorm_and_relu():
+    tracked, official = layer_pair(6, "channel", activation="relu")
+    folded = abri.fold(tracked.double())
+    assert [type(m) for m in folded] == [nn.BatchNorm2d, nn.ReLU]
+    assert folded.training and folded[0].training
+    folded.eval()
+    official.eval()
+    x = torch.randn(2, 6, 3, 3, dtype=F64)
+    torch.testing.assert_close(folded(x), F.relu(official(x)), rtol=1e-12, atol=1e-12)
+
+
+def test_fold_the_applications_encoder_with_fused_relus():
+    torch.manual_seed(0)
+    model = abri.apply(ResNetEncoder("resnet18", 3, width=8), 0.6, "channel")
+    fused = [name for name, layer in abri.abri_layers(model) if layer.activation == "relu"]
+    assert len(fused) == 9  # the stem and each block's bn1
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    for step in range(2):  # move both BN sets and alpha away from their initial values
+        optimizer.zero_grad()
+        model(small_input(step, batch=4, size=32)).square().mean().backward()
+        optimizer.step()
+    model.eval()
+    x = small_input(9, size=32)
+    with torch.no_grad():
+        expected = model(x)
+        folded = abri.fold(model)
+        assert not list(abri.abri_layers(folded))
+        for name in fused:
+            assert [type(m) for m in folded.get_submodule(name)] == [nn.BatchNorm2d, nn.ReLU]
+        torch.testing.assert_close(folded(x), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("granularity", GRANULARITIES)

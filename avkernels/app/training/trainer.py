@@ -238,27 +238,43 @@ class Trainer:
                 )
                 self._train_epoch(loader)
                 self._end_epoch()
-            if config.probe_epochs:
-                self.ranks.broadcast_float_buffers(self.model)
-                for modality in self.modalities:
-                    row = linear_probe(
-                        self.model,
-                        modality,
-                        self.train_data,
-                        self.eval_data,
-                        epochs=config.probe_epochs,
-                        lr=config.probe_lr,
-                        batch_size=config.batch_size,
-                        seed=config.seed,
-                        device=self.device,
-                        ranks=self.ranks,
-                    )
-                    self.history.append({"epoch": self.epoch, "split": f"probe_{modality}", **row})
-            self.finished = True
-            if self.ranks.is_main:
-                run_files.write_model(self.run_dir, self.model.state_dict())
-            self.save_checkpoint()
+        if config.probe_epochs:
+            self._probe_encoders()
+        self.finished = True
+        if self.ranks.is_main:
+            run_files.write_model(self.run_dir, self.model.state_dict())
+        self.save_checkpoint()
         return self.history
+
+    def _probe_encoders(self) -> None:
+        """The linear probes of each encoder, after the last epoch. They run without the
+        stop-after-this-step handler, whose flag only the training steps check: the last epoch's
+        checkpoint holds the whole training, so Ctrl-C stops them at once, and a resume runs
+        them again."""
+        config = self.config
+        try:
+            if self._stop.is_set():  # Ctrl-C during the last epoch's evaluation
+                raise KeyboardInterrupt
+            self.ranks.broadcast_float_buffers(self.model)
+            for modality in self.modalities:
+                row = linear_probe(
+                    self.model,
+                    modality,
+                    self.train_data,
+                    self.eval_data,
+                    epochs=config.probe_epochs,
+                    lr=config.probe_lr,
+                    batch_size=config.batch_size,
+                    seed=config.seed,
+                    device=self.device,
+                    ranks=self.ranks,
+                )
+                self.history.append({"epoch": self.epoch, "split": f"probe_{modality}", **row})
+        except KeyboardInterrupt:
+            raise TrainingInterrupted(
+                f"stopped during the linear probes; the checkpoint in {self.run_dir} holds the "
+                "whole training: resume it to run the probes"
+            ) from None
 
     def _train_epoch(self, loader: DataLoader) -> None:
         from tqdm.auto import tqdm
