@@ -17,21 +17,10 @@ import traceback
 import torch
 
 from avkernels import HAS_EXTENSION, __version__
+from avkernels.app.errors import CommandError
 
 COMMANDS = ("demo", "diagnose", "prepare", "data_stats", "train", "fust")
 DEBUG_HELP = "show the traceback of an error"
-
-
-class CommandError(Exception):
-    """A problem with the user's input: printed as one line, exit code 2."""
-
-    exit_code = 2
-
-
-class RunError(CommandError):
-    """The work failed (a file could not be written, data broke mid-run): one line, exit 1."""
-
-    exit_code = 1
 
 
 def build_parser() -> argparse.ArgumentParser:

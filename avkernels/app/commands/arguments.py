@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import tempfile
 from pathlib import Path
+
+from avkernels.app.errors import CommandError
 
 SEED_LIMIT = 2**32  # numpy's generators take seeds in [0, 2**32)
 
@@ -156,13 +159,11 @@ def output_file(text: str) -> Path:
 def check_writable(folder: Path, option: str = "--out") -> None:
     """Make ``folder`` (with its parents) and prove that a file can be written in it; raise
     :class:`~avkernels.app.cli.CommandError` naming ``option`` otherwise. Called before the work."""
-    from avkernels.app.cli import CommandError
-
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".avkernels-write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
+        # A file of its own: ranks of a torchrun job check the same folder at the same time.
+        with tempfile.TemporaryFile(dir=folder):
+            pass
     except OSError as error:
         raise CommandError(
             f"{option} {folder}: cannot write there ({error.strerror or error}); "
@@ -173,8 +174,6 @@ def check_writable(folder: Path, option: str = "--out") -> None:
 def check_device(name: str | None, option: str = "--device") -> None:
     """A device that exists on this machine (None: the default, always fine)."""
     import torch
-
-    from avkernels.app.cli import CommandError
 
     if name is None:
         return

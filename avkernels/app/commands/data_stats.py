@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-from avkernels.app.cli import CommandError, RunError
 from avkernels.app.commands import arguments as types
+from avkernels.app.errors import CommandError, RunError
 
 NAME = "data-stats"
 HELP = "compute the fbank mean/std of a manifest split (audio normalisation statistics)"

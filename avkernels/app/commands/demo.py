@@ -14,6 +14,7 @@ import argparse
 from pathlib import Path
 
 from avkernels.app.commands import arguments as types
+from avkernels.app.errors import CommandError, RunError
 
 NAME = "demo"
 HELP = (
@@ -45,8 +46,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from avkernels.app.cli import CommandError, RunError
-
     types.check_writable(args.out)
     try:
         from avkernels.app.data import DataError

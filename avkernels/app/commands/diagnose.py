@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from avkernels.app.cli import CommandError, RunError
 from avkernels.app.commands import arguments as types
+from avkernels.app.errors import CommandError, RunError
 from avkernels.checkpoints import (
     BLOCKS,
     CheckpointError,

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 
-from avkernels.app.cli import RunError
 from avkernels.app.commands import arguments as types
 from avkernels.app.commands import run_settings
 from avkernels.app.commands.train import (
@@ -29,6 +28,7 @@ from avkernels.app.commands.train import (
     run_stage,
     summary_line,
 )
+from avkernels.app.errors import RunError
 from avkernels.files import atomic_write_text
 
 NAME = "fust"

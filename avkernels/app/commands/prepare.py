@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from avkernels.app.cli import CommandError, RunError
 from avkernels.app.commands import arguments as types
+from avkernels.app.errors import CommandError, RunError
 from avkernels.files import atomic_write_text
 
 NAME = "prepare"

@@ -13,8 +13,8 @@ import json
 import platform
 from pathlib import Path
 
-from avkernels.app.cli import CommandError, RunError
 from avkernels.app.commands.arguments import existing_file
+from avkernels.app.errors import CommandError, RunError
 from avkernels.files import atomic_write_text
 
 SETTINGS = "run.json"  # the data settings and versions of a run, beside config.json

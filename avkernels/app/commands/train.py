@@ -18,9 +18,9 @@ import dataclasses
 import json
 from pathlib import Path
 
-from avkernels.app.cli import CommandError, RunError
 from avkernels.app.commands import arguments as types
 from avkernels.app.commands import run_settings
+from avkernels.app.errors import CommandError, RunError
 
 NAME = "train"
 HELP = "train one run on a manifest: FusT stage 1 or stage 2, or naive joint training"
