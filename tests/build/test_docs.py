@@ -50,7 +50,7 @@ SCANNED = (
 SKIPPED_SUFFIXES = {".so", ".o", ".pyc", ".png", ".jpg", ".pt", ".npz", ".wav"}
 # The specification's name, as a word (an uppercase token, or its file name in any case). The
 # pattern is written in two pieces so that this file does not match it.
-SPECIFICATION = re.compile(r"(?<![A-Za-z])S" r"PEC(?![A-Za-z])|(?i:\bs" r"pec\.md\b)")
+EXTERNAL_REFERENCE = re.compile(r"(?<![A-Za-z])S" r"PEC(?![A-Za-z])|(?i:\bs" r"pec\.md\b)")
 # A citation: the file, a comma, then the section name in double quotes (at most 120
 # characters, which may wrap across lines of a comment or docstring).
 CITATION = re.compile(r'docs/DESIGN\.md,\s*"([^"]{1,120})"')
@@ -86,7 +86,7 @@ def specification_mentions(root: Path) -> list[str]:
     """``path:line: text`` of every mention of the specification."""
     found = []
     for path, text in scanned_files(root):
-        for match in SPECIFICATION.finditer(text):
+        for match in EXTERNAL_REFERENCE.finditer(text):
             line = line_of(text, match.start())
             found.append(f"{path}:{line}: {text.splitlines()[line - 1].strip()}")
     return found

@@ -331,13 +331,13 @@ def _masking_launches(torch, kernels, dtype) -> None:
 
 
 # The specialisation sweep: every batch size up to 64 at several map sizes, fixed C, dtype and
-# flags, in both memory formats. Each kernel may compile at most SPECIALIZATIONS_PER_MAP_SIZE
+# flags, in both memory formats. Each kernel may compile at most VARIANTS_PER_MAP_SIZE
 # variants per map size of the sweep, whatever N: N and the work split that follows from it are
 # runtime arguments (do_not_specialize), and the finalize tiles do not depend on them. (Measured:
 # 1 to 3 variants per kernel and memory format over the whole sweep; 6 to 12 before.)
 SWEEP_BATCHES = range(1, 65)
 SWEEP_MAPS = ((7, 7), (14, 14), (28, 28), (56, 56))
-SPECIALIZATIONS_PER_MAP_SIZE = 1
+VARIANTS_PER_MAP_SIZE = 1
 
 
 def _count_specializations() -> dict:
@@ -519,7 +519,7 @@ def test_batch_sizes_compile_a_bounded_number_of_variants():
     assert run.returncode == 0, f"the count script failed:\n{run.stderr[-4000:]}"
     counts = json.loads(run.stdout)
     assert len(counts) == 2 * 4, counts  # the mode's 4 kernels, in 2 memory formats
-    bound = SPECIALIZATIONS_PER_MAP_SIZE * len(SWEEP_MAPS)
+    bound = VARIANTS_PER_MAP_SIZE * len(SWEEP_MAPS)
     over = {name: count for name, count in counts.items() if count > bound}
     assert not over, (
         f"more than {bound} variants for {len(SWEEP_BATCHES)} batch sizes x {len(SWEEP_MAPS)} "
