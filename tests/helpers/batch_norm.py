@@ -373,3 +373,15 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, baseline=None, na
         f"{name}: max error {error:.3g} exceeds 2 x PyTorch's {pytorch_error:.3g} + atol "
         f"({bound:.3g})"
     )
+
+
+def randomize_batch_norm_state(model: torch.nn.Module) -> None:
+    """Non-trivial parameters and running statistics in every nn.BatchNorm2d of ``model`` (from
+    the global RNG), so that a lost parameter or statistic shows in the outputs."""
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, torch.nn.BatchNorm2d):
+                layer.weight.uniform_(0.5, 1.5)
+                layer.bias.normal_(0, 0.2)
+                layer.running_mean.normal_(0, 0.2)
+                layer.running_var.uniform_(0.5, 1.5)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from avkernels import TrackedBN, convert, revert
+from tests.helpers.batch_norm import randomize_batch_norm_state
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -25,14 +26,7 @@ def assert_close_deep(actual: torch.Tensor, expected: torch.Tensor, name: str = 
 def _resnet18() -> nn.Module:
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10)
-    # non-trivial BN state, so that a lost parameter or statistic shows in the outputs
-    with torch.no_grad():
-        for layer in model.modules():
-            if isinstance(layer, nn.BatchNorm2d):
-                layer.weight.uniform_(0.5, 1.5)
-                layer.bias.normal_(0, 0.2)
-                layer.running_mean.normal_(0, 0.2)
-                layer.running_var.uniform_(0.5, 1.5)
+    randomize_batch_norm_state(model)
     return model
 
 

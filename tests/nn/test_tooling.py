@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from avkernels import TrackedBN, convert, revert
+from tests.helpers.batch_norm import randomize_batch_norm_state
 from tests.helpers.onnx_graph import export_bytes, node_types
 
 torchvision = pytest.importorskip("torchvision")
@@ -55,13 +56,7 @@ def _model(name: str) -> tuple[nn.Module, torch.Tensor]:
     build, size = MODELS[name]
     torch.manual_seed(0)
     model = build()
-    with torch.no_grad():
-        for layer in model.modules():
-            if isinstance(layer, nn.BatchNorm2d):
-                layer.weight.uniform_(0.5, 1.5)
-                layer.bias.normal_(0, 0.2)
-                layer.running_mean.normal_(0, 0.2)
-                layer.running_var.uniform_(0.5, 1.5)
+    randomize_batch_norm_state(model)
     x = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(1))
     return model, x
 

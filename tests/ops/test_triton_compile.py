@@ -51,24 +51,17 @@ COMPILE_TIMEOUT_S = 900
 # --- the script (runs in the subprocess) ---------------------------------------------------------
 
 
-def _record_launches(arch: int, shard: int, shards: int) -> dict:
-    """Compiles every specialization that launches[shard::shards] ask for (see the docstring)."""
-    import torch
-    import triton
+def _pretend_gpu(arch: int, hook):
+    """Make Triton see an sm_<arch> GPU that is not there: a driver that reports it, ``hook``
+    called instead of each launch (Triton's jit_cache_hook), and the launcher's grids sized for
+    that GPU's SM count. Returns the compile target."""
     from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.runtime.driver import driver
-    from triton.runtime.jit import JITFunction
 
-    from avkernels.ops.batch_norm import triton_kernels as batch_norm_kernels
     from avkernels.ops.batch_norm import triton_launch as batch_norm_launch
-    from avkernels.ops.masking import triton_kernels as masking_kernels
-    from avkernels.ops.masking import triton_launch as masking_launch
 
     target = GPUTarget("cuda", arch, 32)
-    tools = _nvidia_tools(triton)
-    records: dict[str, dict] = {}
-    launch = ""  # the launch being made, named in its records
 
     class CompileOnlyDriver:  # what JITFunction.run asks of the driver before compiling
         def get_current_device(self):
@@ -79,6 +72,29 @@ def _record_launches(arch: int, shard: int, shards: int) -> dict:
 
         def get_current_target(self):
             return target
+
+    driver.set_active(CompileOnlyDriver())
+    knobs.runtime.jit_cache_hook = hook
+    batch_norm_launch._target_programs = lambda device: (
+        batch_norm_launch._PROGRAMS_PER_SM * TARGETS[arch][0]
+    )
+    return target
+
+
+def _record_launches(arch: int, shard: int, shards: int) -> dict:
+    """Compiles every specialization that launches[shard::shards] ask for (see the docstring)."""
+    import torch
+    import triton
+    from triton.runtime.jit import JITFunction
+
+    from avkernels.ops.batch_norm import triton_kernels as batch_norm_kernels
+    from avkernels.ops.batch_norm import triton_launch as batch_norm_launch
+    from avkernels.ops.masking import triton_kernels as masking_kernels
+    from avkernels.ops.masking import triton_launch as masking_launch
+
+    tools = _nvidia_tools(triton)
+    records: dict[str, dict] = {}
+    launch = ""  # the launch being made, named in its records
 
     def compile_instead_of_launch(*, key, fn, compile, **_) -> bool:
         if str(key) not in records:
@@ -110,11 +126,7 @@ def _record_launches(arch: int, shard: int, shards: int) -> dict:
         record.update(_resources(compiled.asm["cubin"], tools), error=None)
         return record
 
-    driver.set_active(CompileOnlyDriver())
-    knobs.runtime.jit_cache_hook = compile_instead_of_launch
-    batch_norm_launch._target_programs = lambda device: (
-        batch_norm_launch._PROGRAMS_PER_SM * TARGETS[arch][0]
-    )
+    target = _pretend_gpu(arch, compile_instead_of_launch)
     # `launch` is read by compile_instead_of_launch: it names the records each launch makes.
     launches = _launches(torch, batch_norm_launch, masking_launch)[shard::shards]
     for launch, make in launches:  # noqa: B007
@@ -343,35 +355,17 @@ VARIANTS_PER_MAP_SIZE = 1
 def _count_specializations() -> dict:
     """Distinct specialisations per (kernel, memory format) over the sweep, not compiled."""
     import torch
-    from triton import knobs
-    from triton.backends.compiler import GPUTarget
-    from triton.runtime.driver import driver
 
     from avkernels.ops.batch_norm import triton_launch as batch_norm_launch
 
-    target = GPUTarget("cuda", 90, 32)
     keys: dict[str, set] = {}
     layout = ""
-
-    class CompileOnlyDriver:
-        def get_current_device(self):
-            return 0
-
-        def get_current_stream(self, device=None):
-            return 0
-
-        def get_current_target(self):
-            return target
 
     def record(*, key, fn, **_) -> bool:
         keys.setdefault(f"{fn.jit_function.__name__} {layout}", set()).add(str(key))
         return True  # nothing compiled or launched
 
-    driver.set_active(CompileOnlyDriver())
-    knobs.runtime.jit_cache_hook = record
-    batch_norm_launch._target_programs = lambda device: (
-        batch_norm_launch._PROGRAMS_PER_SM * TARGETS[90][0]
-    )
+    _pretend_gpu(90, record)
     for layout in ("nchw", "channels_last"):  # noqa: B007 - read by record
         for height, width in SWEEP_MAPS:
             for batch in SWEEP_BATCHES:
