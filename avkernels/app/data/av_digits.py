@@ -38,6 +38,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,7 @@ from avkernels.app.data.av_digits_sources import (
     Speaker,
     asterisk_speakers,
     espeak_speakers,
+    missing_voice_packages,
     mnist_pools,
     split_speakers,
     spokennumbers_speaker,
@@ -61,7 +63,7 @@ from avkernels.app.data.manifest import ClipRecord, read_manifest, write_manifes
 from avkernels.app.data.visual import VisualConfig
 from avkernels.app.progress import progress_enabled
 
-BUILD_FORMAT_VERSION = 2
+BUILD_FORMAT_VERSION = 3
 SPEED_FACTORS = (0.9, 0.95, 1.0, 1.05, 1.1)
 
 
@@ -79,7 +81,8 @@ class AVDigitsConfig:
     clip_seconds: float = 1.0
     visual_difficulty: tuple = (0.0, 0.5)
     audio_difficulty: tuple = (0.0, 0.5)
-    test_speaker_fraction: float = 0.25
+    test_speakers: int = 2
+    held_out_rotation: int = 0
     use_asterisk: bool = True
     use_espeak: bool = True
     asterisk_root: str = str(DEFAULT_ASTERISK_ROOT)
@@ -99,10 +102,12 @@ class AVDigitsConfig:
             low, high = getattr(self, name)
             if not 0 <= low <= high <= 1:
                 raise ValueError(f"{name} must satisfy 0 <= low <= high <= 1, got {(low, high)}")
-        if not 0 < self.test_speaker_fraction < 1:
-            raise ValueError("test_speaker_fraction must be in (0, 1)")
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
+        for name in ("seed", "held_out_rotation"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if not isinstance(self.test_speakers, int) or self.test_speakers < 1:
+            raise ValueError(f"test_speakers must be an int >= 1, got {self.test_speakers!r}")
         if not 0 < self.band_limit_rate <= self.sample_rate:
             raise ValueError(
                 f"band_limit_rate must be in (0, sample_rate={self.sample_rate}], "
@@ -129,6 +134,11 @@ class AVDigits:
 
     def records(self) -> list[ClipRecord]:
         return read_manifest(self.manifest)
+
+    def speakers(self, split: str = "test") -> dict:
+        """Clip id -> speaker (person) of the clips of ``split``: the ``speakers`` argument of
+        :func:`avkernels.app.training.evaluation.evaluate`, for accuracy per speaker."""
+        return {r.id: r.extra["speaker"] for r in self.records() if r.split == split}
 
 
 # --- clip synthesis -----------------------------------------------------------------------------
@@ -301,6 +311,38 @@ def _open(root: Path) -> AVDigits:
     )
 
 
+def _fewer_speakers_message(config: AVDigitsConfig, split, missing: list[str]) -> str:
+    held_out = ", ".join(split.held_out) or "none"
+    if split.held_out:
+        first = (
+            f"AV-Digits: {len(split.held_out)} test speaker(s) unseen in training "
+            f"({held_out}; {config.test_speakers} asked)"
+        )
+    else:
+        first = (
+            "AV-Digits: no speaker can be held out (each needs another speaker of one of its "
+            "languages in training), so train and test audio share the voices "
+            f"({', '.join(sorted({s.name for s in split.test}))})"
+        )
+    if missing:
+        return (
+            f"{first}; voice packages not installed: {' '.join(missing)}. Install them for "
+            f"more speakers: `sudo apt-get install {' '.join(missing)}` (`./dev demo` does "
+            "it when run as root)"
+        )
+    if not config.use_asterisk:
+        return f"{first}; the Asterisk voices are switched off (use_asterisk=False)"
+    return f"{first}; every known voice package is installed: ask for fewer test_speakers"
+
+
+def held_out_speakers(config: AVDigitsConfig = AVDigitsConfig()) -> tuple:
+    """The persons :func:`load_av_digits` holds out for the test split with the voices
+    installed now (``config.test_speakers`` of them when possible, chosen by
+    ``config.held_out_rotation``); nothing is built."""
+    speakers = _recorded_speakers(config)
+    return split_speakers(speakers, config.test_speakers, config.held_out_rotation).held_out
+
+
 def _build(
     root: Path, config: AVDigitsConfig, speakers: list[Speaker], progress: bool | None = None
 ) -> None:
@@ -310,16 +352,10 @@ def _build(
     from tqdm.auto import tqdm
 
     rng = np.random.default_rng(config.seed)
-    train_speakers, test_speakers, disjoint = split_speakers(
-        speakers, config.test_speaker_fraction, rng
-    )
-    if not disjoint:
-        warnings.warn(
-            "AV-Digits: only one real speaker (spokennumbers) is available, so train "
-            "and test audio share a voice; install asterisk-core-sounds-*-wav or "
-            "espeak-ng for speaker-disjoint splits",
-            stacklevel=3,
-        )
+    speaker_split = split_speakers(speakers, config.test_speakers, config.held_out_rotation)
+    missing = missing_voice_packages(Path(config.asterisk_root)) if config.use_asterisk else []
+    if len(speaker_split.held_out) < config.test_speakers or missing:
+        warnings.warn(_fewer_speakers_message(config, speaker_split, missing), stacklevel=3)
     images, _, pools = mnist_pools(rng)
     variants = {
         s.source: [_speed_variants(p, config.sample_rate, config.band_limit_rate) for p in s.files]
@@ -338,15 +374,18 @@ def _build(
             disable=not progress_enabled(progress),
         )
         for split, per_class, voices in (
-            ("train", config.train_per_class, train_speakers),
-            ("test", config.test_per_class, test_speakers),
+            ("train", config.train_per_class, speaker_split.train),
+            ("test", config.test_per_class, speaker_split.test),
         ):
             for number in range(per_class * 10):
                 bar.update()
                 digit = number % 10
                 clip_id = f"{split}-{number:05d}"
                 image_index = int(pools[split][digit][number // 10])
-                speaker = voices[int(rng.integers(len(voices)))]
+                # Voices in turn within each digit, each digit starting at another voice: every
+                # voice says every digit (nearly) equally often, so per-speaker accuracies
+                # compare like with like even at a few clips per class.
+                speaker = voices[(number // 10 + digit) % len(voices)]
                 speed = int(rng.integers(len(SPEED_FACTORS)))
                 d_visual = float(rng.uniform(*config.visual_difficulty))
                 d_audio = float(rng.uniform(*config.audio_difficulty))
@@ -399,10 +438,19 @@ def _build(
         info = {
             "format_version": BUILD_FORMAT_VERSION,
             "config": dataclasses.asdict(config),
-            "speaker_disjoint": disjoint,
+            "speaker_disjoint": speaker_split.disjoint,
             "speakers": {
-                "train": sorted({s.source for s in train_speakers}),
-                "test": sorted({s.source for s in test_speakers}),
+                "train": sorted({s.source for s in speaker_split.train}),
+                "test": sorted({s.source for s in speaker_split.test}),
+            },
+            "test_speakers": list(speaker_split.held_out),
+            "unused_voices": sorted(s.source for s in speaker_split.unused),
+            "missing_voice_packages": missing,
+            "speaker_clips": {
+                name: dict(
+                    sorted(Counter(r.extra["speaker"] for r in records if r.split == name).items())
+                )
+                for name in ("train", "test")
             },
             "clips": {"train": config.train_per_class * 10, "test": config.test_per_class * 10},
             "audio_input": [1, config.num_frames, config.num_mel_bins],

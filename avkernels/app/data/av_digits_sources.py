@@ -8,12 +8,14 @@ machine without downloading anything:
   ``asterisk-prompt-it-menardi-wav`` when installed: human recordings by several speakers in
   five languages (CC-BY-SA-3.0 or CC-BY-3.0, read from ``/usr/share/asterisk/sounds``; never
   copied into this package); ``espeak-ng`` voices when the program is installed: synthetic;
-* the speaker-disjoint split of the voices (:func:`split_speakers`).
+* the speaker-disjoint split of the voices (:func:`split_speakers`): a rotating choice of
+  real persons held out for the test split, each speaking a language training hears.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -119,27 +121,87 @@ def espeak_speakers(work: Path) -> list[Speaker]:
     return speakers
 
 
-def split_speakers(
-    speakers: list[Speaker], fraction: float, rng: np.random.Generator
-) -> tuple[list[Speaker], list[Speaker], bool]:
-    """(train, test, disjoint): persons split separately among real and synthetic voices;
-    a group with one person serves both splits."""
-    train, test, disjoint = [], [], True
-    for synthetic in (False, True):
-        group = [s for s in speakers if s.synthetic == synthetic]
-        people = sorted({s.name for s in group})
-        if not people:
-            continue
-        if len(people) == 1:
-            train += group
-            test += group
-            disjoint = False
-            continue
-        held_out = max(1, round(len(people) * fraction))
-        chosen = set(rng.permutation(people)[:held_out].tolist())
-        train += [s for s in group if s.name not in chosen]
-        test += [s for s in group if s.name in chosen]
-    return train, test, disjoint
+@dataclass(frozen=True)
+class SpeakerSplit:
+    """Which voices serve which split; ``held_out`` names the persons heard only in test."""
+
+    train: list
+    test: list
+    unused: list  # held-out voices in a language no real training voice speaks
+    held_out: tuple
+
+    @property
+    def disjoint(self) -> bool:
+        return bool(self.held_out)
+
+
+def _heard_in_training(speakers: list[Speaker], held_out: tuple) -> bool:
+    """Whether every person of ``held_out`` has a voice in a language some training voice
+    speaks: a test clip in a language never heard in training measures the language, not the
+    speaker. Synthetic voices do not count, so the choice does not depend on espeak-ng."""
+    heard = _heard_languages(speakers, held_out)
+    return all(
+        any(s.language in heard for s in speakers if s.name == person) for person in held_out
+    )
+
+
+def _heard_languages(speakers: list[Speaker], held_out: tuple) -> set:
+    return {s.language for s in speakers if not s.synthetic and s.name not in held_out}
+
+
+def _balanced_order(options: list[tuple]) -> list[tuple]:
+    """``options`` reordered so that each next one holds out the persons held out least so far
+    (ties: in sorted order): consecutive rotations then hold out different persons."""
+    times_held_out, order, left = {}, [], sorted(options)
+    while left:
+        best = min(left, key=lambda held: sum(times_held_out.get(p, 0) for p in held))
+        left.remove(best)
+        order.append(best)
+        for person in best:
+            times_held_out[person] = times_held_out.get(person, 0) + 1
+    return order
+
+
+def held_out_people(speakers: list[Speaker], count: int, rotation: int) -> tuple:
+    """The real persons whose voices form the test split: the ``rotation``-th (modulo their
+    number) of the sets of ``count`` persons whose language training still hears, in
+    :func:`_balanced_order`; fewer persons when no set of ``count`` qualifies, none when no
+    person does (then the splits share the voices)."""
+    people = sorted({s.name for s in speakers if not s.synthetic})
+    for size in range(min(count, len(people) - 1), 0, -1):
+        options = [
+            held
+            for held in itertools.combinations(people, size)
+            if _heard_in_training(speakers, held)
+        ]
+        if options:
+            return _balanced_order(options)[rotation % len(options)]
+    return ()
+
+
+def split_speakers(speakers: list[Speaker], count: int, rotation: int) -> SpeakerSplit:
+    """The speaker-disjoint split of :func:`held_out_people`. Synthetic voices only train:
+    the test split measures real, unseen speakers. With nobody held out, the real voices
+    serve both splits."""
+    held_out = held_out_people(speakers, count, rotation)
+    if not held_out:
+        return SpeakerSplit(speakers, [s for s in speakers if not s.synthetic], [], ())
+    train = [s for s in speakers if s.name not in held_out]
+    heard = _heard_languages(speakers, held_out)
+    test = [s for s in speakers if s.name in held_out and s.language in heard]
+    unused = [s for s in speakers if s.name in held_out and s.language not in heard]
+    return SpeakerSplit(train, test, unused, held_out)
+
+
+def missing_voice_packages(root: Path) -> list[str]:
+    """The Debian packages of :data:`ASTERISK_VOICES` whose digits are not under ``root``."""
+    return sorted(
+        {
+            package
+            for folder, (_, _, _, package) in ASTERISK_VOICES.items()
+            if not all((root / folder / "digits" / f"{d}.wav").is_file() for d in DIGITS)
+        }
+    )
 
 
 def mnist_pools(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, dict]:
