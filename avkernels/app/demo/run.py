@@ -71,7 +71,7 @@ def _check_data(out: Path, av_digits: str) -> None:
                 "delete it"
             )
         return
-    if (out / "steps").is_dir():
+    if any(out.glob("seed-*/steps")):
         raise DemoError(
             f"{out} holds demo steps but no record of their AV-Digits build (made "
             "by an older avkernels); choose another --out or delete it"
