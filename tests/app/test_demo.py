@@ -22,7 +22,8 @@ if importlib.util.find_spec("spokennumbers") is None:  # found, not imported: it
 from avkernels.app.cli import main
 from tests.app.cli_helpers import last_line, run_main  # noqa: E402
 
-SECTIONS = ("environment", "data", "pretrain", "transfer", "fust", "kernels", "timings")
+SECTIONS = ("environment", "data", "claims", "measurements", "per_seed", "timings")
+STEPS = ("pretrain", "transfer", "fust", "kernels")
 
 
 @pytest.fixture(scope="module")
@@ -55,12 +56,14 @@ def test_report_json_has_every_section_with_measured_numbers(quick_run):
         if section != "environment":
             assert list(_numbers(report[section])), f"{section} holds no number"
     assert all(math.isfinite(x) for x in _numbers(report))
-    assert report["seed"] == 0 and report["mode"] == "quick"
+    assert report["seeds"] == [0, 1] and report["mode"] == "quick"
+    assert set(report["per_seed"]) == {"0", "1"}
     assert report["environment"]["torch"] and report["environment"]["cpu"]
-    accuracies = [report["pretrain"]["eval_acc_visual"]]
-    accuracies += [r["eval_acc_audio"] for r in report["transfer"]["finetune"].values()]
-    assert set(report["transfer"]["finetune"]) == {"random_init", "pretrained", "pretrained_abri"}
-    fust = report["fust"]
+    first = report["per_seed"]["0"]
+    accuracies = [first["pretrain"]["eval_acc_visual"]]
+    accuracies += [r["eval_acc_audio"] for r in first["transfer"]["finetune"].values()]
+    assert set(first["transfer"]["finetune"]) == {"random_init", "pretrained", "pretrained_abri"}
+    fust = first["fust"]
     assert set(fust["runs"]) == {"fust_stage2", "joint_naive"}
     for run in fust["runs"].values():
         accuracies += [run["eval_acc_joint"], *run["probe_acc"].values()]
@@ -69,14 +72,35 @@ def test_report_json_has_every_section_with_measured_numbers(quick_run):
     policy = fust["mask_policy"]
     assert policy["samples"] == report["data"]["clips"]["train"]
     assert 0 <= policy["audio_masked"] + policy["visual_masked"] <= policy["samples"]
-    for row in report["kernels"]["rows"]:
+    for row in first["kernels"]["rows"]:
         assert row["tracked_over_batchnorm"] > 0 and row["tracked_relu_over_batchnorm_relu"] > 0
     assert set(report["timings"]["steps"]) == {"data", "pretrain", "transfer", "fust", "kernels"}
 
 
+def test_claims_hold_per_seed_values_their_paired_interval_and_verdict(quick_run):
+    report = json.loads((quick_run / "report.json").read_text())
+    names = [claim["name"] for claim in report["claims"]]
+    assert "audio accuracy final: pre-trained vs random init" in names
+    assert "joint accuracy: FusT vs naive joint training" in names
+    for claim in report["claims"]:
+        assert {"name", "per_seed", "mean", "ci95", "verdict"} <= set(claim)
+        assert len(claim["per_seed"]) == 2 and len(claim["ci95"]) == 2
+        assert claim["ci95"][0] <= claim["mean"] <= claim["ci95"][1]
+        assert claim["verdict"] in ("better", "worse", "no difference shown")
+        pairs = zip(claim["new"], claim["baseline"], claim["per_seed"])
+        assert all(math.isclose(a - b, d) for a, b, d in pairs)
+    final = next(c for c in report["claims"] if c["name"].startswith("audio accuracy final: pre"))
+    runs = [report["per_seed"][s]["transfer"]["finetune"] for s in ("0", "1")]
+    assert final["new"] == [r["pretrained"]["eval_acc_audio"] for r in runs]
+    assert final["baseline"] == [r["random_init"]["eval_acc_audio"] for r in runs]
+    markdown = (quick_run / "report.md").read_text()
+    assert "## Claims over seeds 0, 1" in markdown and "95% interval" in markdown
+
+
 def test_html_embeds_every_figure_and_markdown_links_them(quick_run):
     report = json.loads((quick_run / "report.json").read_text())
-    figures = [*report["transfer"]["figures"].values(), *report["fust"]["figures"].values()]
+    shown = report["per_seed"]["0"]
+    figures = [*shown["transfer"]["figures"].values(), *shown["fust"]["figures"].values()]
     assert len(figures) >= 4
     page = (quick_run / "report.html").read_text()
     images = re.findall(r'<img [^>]*src="([^"]+)"', page)
@@ -84,34 +108,34 @@ def test_html_embeds_every_figure_and_markdown_links_them(quick_run):
     assert all(src.startswith("data:image/png;base64,iVBORw0KGgo") for src in images)
     markdown = (quick_run / "report.md").read_text()
     for file in figures:
-        assert f"](figures/{file})" in markdown
-        assert (quick_run / "figures" / file).stat().st_size > 1000
+        assert f"](seed-0/figures/{file})" in markdown
+        assert (quick_run / "seed-0" / "figures" / file).stat().st_size > 1000
 
 
 def test_rerun_with_the_same_out_skips_the_finished_steps(quick_run, capsys):
     before = json.loads((quick_run / "report.json").read_text())
     assert main(["demo", "--quick", "--out", str(quick_run), "--no-progress"]) == 0
-    assert capsys.readouterr().out.count("done earlier, skipped") == 4
+    assert capsys.readouterr().out.count("done earlier, skipped") == 2 * len(STEPS)
     after = json.loads((quick_run / "report.json").read_text())
-    for section in ("pretrain", "transfer", "fust", "kernels"):
-        assert after[section] == before[section]
+    assert after["per_seed"] == before["per_seed"] and after["claims"] == before["claims"]
 
 
 def test_a_lost_step_is_rebuilt_from_its_finished_runs_with_the_same_numbers(quick_run, capsys):
     before = json.loads((quick_run / "report.json").read_text())
-    (quick_run / "steps" / "fust.json").unlink()
+    (quick_run / "seed-1" / "steps" / "fust.json").unlink()
     assert main(["demo", "--quick", "--out", str(quick_run), "--no-progress"]) == 0
     assert "(trained earlier)" in capsys.readouterr().out
     after = json.loads((quick_run / "report.json").read_text())
-    for key in ("stage1", "mask_policy", "runs", "findings"):
-        assert after["fust"][key] == before["fust"][key]
+    for key in ("stage1", "mask_policy", "runs"):
+        assert after["per_seed"]["1"]["fust"][key] == before["per_seed"]["1"]["fust"][key]
+    assert after["claims"] == before["claims"]
 
 
 @pytest.mark.parametrize(
     "argv, message",
     [
         (["--quick", "--seed", "-1"], "argument --seed: must be an integer in [0, "),
-        (["--quick", "--seed", "1"], "other settings"),  # the quick run's folder, another seed
+        (["--quick", "--seeds", "1"], "at least 2 seeds"),
         ([], "other settings"),  # the quick run's folder, default sizes
     ],
 )

@@ -1,10 +1,12 @@
-"""``avkernels demo [--out DIR] [--quick]``: the paper's story end to end on AV-Digits.
+"""``avkernels demo [--out DIR] [--quick] [--seeds N] [--seed S]``: the paper's story end
+to end on AV-Digits, over several seeds.
 
 Pre-trains a visual ResNet-18, initialises the audio encoder from it and diagnoses its dead
 channels, fine-tunes audio from random init vs pre-trained vs pre-trained + ABRi, runs FusT
 (stage 1 confidences, mask ratios, stage 2 vs naive joint training, linear probes), times
 TrackedBN against nn.BatchNorm2d, and writes ``report.md``, ``report.html`` (plots inline) and
-``report.json`` into ``--out``. Every number is measured in the run; re-running with the same
+``report.json`` into ``--out``. Every number is measured in the run, for each seed, and
+stated with its mean and 95% interval over the seeds; re-running with the same
 ``--out`` resumes an interrupted run and skips finished steps (see :mod:`avkernels.app.demo`).
 """
 
@@ -36,7 +38,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="tiny data, models and epochs (about a minute; numbers are noise)",
     )
-    parser.add_argument("--seed", type=types.seed, default=0, help="seed of every run (default 0)")
+    parser.add_argument(
+        "--seeds",
+        type=types.positive_int,
+        default=None,
+        help="how many seeds run every step, the intervals are over them (at least 2; "
+        "default 3, 2 with --quick); a re-run with more seeds reuses the finished ones",
+    )
+    parser.add_argument(
+        "--seed", type=types.seed, default=0, help="the first seed (default 0): seeds SEED.."
+    )
     parser.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
@@ -56,7 +67,13 @@ def run(args: argparse.Namespace) -> int:
             "with `pip install 'avkernels[av]'`"
         ) from None
     try:
-        run_demo(args.out, quick=args.quick, seed=args.seed, progress=args.progress)
+        run_demo(
+            args.out,
+            quick=args.quick,
+            seeds=args.seeds,
+            first_seed=args.seed,
+            progress=args.progress,
+        )
     except (DemoError, DataError) as error:
         raise CommandError(str(error)) from None
     except ImportError as error:

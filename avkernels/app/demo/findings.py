@@ -1,9 +1,10 @@
-"""The report's findings, worded from the measured numbers: each comparison says better,
-worse or "within noise" (two binomial standard errors of the difference on the test set)."""
+"""The report's claims and numbers over the seeds: every comparison is a paired difference
+(same seed, new - baseline) with its 95% t-interval and verdict (:mod:`.statistics`), so a
+claim carries seed-to-seed variation rather than the noise of one test set."""
 
 from __future__ import annotations
 
-import math
+from avkernels.app.demo.statistics import measurement, paired_claim
 
 
 def percent(value) -> str:
@@ -11,95 +12,131 @@ def percent(value) -> str:
     return "" if value is None else f"{100 * value:.1f}%"
 
 
-def _noise(accuracy: float, samples: int) -> float:
-    """Two binomial standard errors of the difference of two accuracies on ``samples``."""
-    return 2 * math.sqrt(2 * max(accuracy * (1 - accuracy), 1e-4) / samples)
+def _finetune(section: dict, name: str, key: str) -> float:
+    run = section["transfer"]["finetune"][name]
+    return run["eval_acc_audio"] if key == "final" else run["curve"][0]
 
 
-def _versus(name: str, new: float, old: float, samples: int, baseline: str) -> str:
-    diff = new - old
-    margin = _noise((new + old) / 2, samples)
-    verdict = "within noise" if abs(diff) < margin else "better" if diff > 0 else "worse"
-    return (
-        f"{name}: {100 * new:.1f}% vs {100 * old:.1f}% for {baseline} "
-        f"({100 * diff:+.1f} points, {verdict}; noise margin +-{100 * margin:.1f} on "
-        f"{samples} test clips)"
-    )
+def _dead(section: dict, diagnosis: str) -> float:
+    return section["transfer"]["diagnosis"][diagnosis]["dead_relu_fed_ratio"]
 
 
-def transfer_findings(section: dict) -> list:
-    results, diagnoses, samples = section["finetune"], section["diagnosis"], section["test_samples"]
-    acc = {name: r["eval_acc_audio"] for name, r in results.items()}
-    first = {name: r["curve"][0] for name, r in results.items()}
-    init, random = diagnoses["initialised_from_visual"], diagnoses["random_init_untrained"]
-    lines = [
-        f"Initialised from the visual source, {init['dead_relu_fed_channels']} of "
-        f"{init['relu_fed_channels']} ReLU-fed BN channels of the audio encoder are dead on "
-        f"audio inputs (<= 0 on >= 99% of the test samples; "
-        f"{random['dead_relu_fed_channels']} in a randomly initialised one); "
-        f"{percent(init['nonpositive_output_fraction'])} of their outputs are <= 0 "
-        f"({percent(random['nonpositive_output_fraction'])} at random init)."
+def claims(per_seed: list) -> list:
+    """The comparisons of the story, one claim each, from the seeds' report sections."""
+
+    def over_seeds(read) -> list:
+        return [read(section) for section in per_seed]
+
+    def compare(name, new, baseline, higher_is_better=True) -> dict:
+        return paired_claim(name, over_seeds(new), over_seeds(baseline), higher_is_better)
+
+    first = per_seed[0]
+    finetune = first["transfer"]["finetune"]
+    # Every ABRi variant (e.g. layer and channel alpha) against plain pre-trained.
+    repaired = [name for name in finetune if name.startswith("pretrained_")]
+    found = [
+        compare(
+            "dead ReLU-fed channel ratio: initialised from visual vs random init",
+            lambda s: _dead(s, "initialised_from_visual"),
+            lambda s: _dead(s, "random_init_untrained"),
+            higher_is_better=False,
+        )
     ]
-    for name in ("pretrained", "pretrained_abri"):
-        key = f"finetuned_{name}"
-        if key in diagnoses:
-            lines.append(
-                f"After fine-tuning ({name}): {diagnoses[key]['dead_relu_fed_channels']} dead."
+    for key, when in (("final", "final"), ("first", "after epoch 1")):
+        found.append(
+            compare(
+                f"audio accuracy {when}: pre-trained vs random init",
+                lambda s, k=key: _finetune(s, "pretrained", k),
+                lambda s, k=key: _finetune(s, "random_init", k),
             )
-    lines.append(
-        _versus("Pre-trained", acc["pretrained"], acc["random_init"], samples, "random init")
-    )
-    lines.append(
-        _versus(
-            "Pre-trained + ABRi",
-            acc["pretrained_abri"],
-            acc["pretrained"],
-            samples,
-            "pre-trained without ABRi",
         )
-    )
-    lines.append(
-        _versus(
-            "After one epoch, pre-trained",
-            first["pretrained"],
-            first["random_init"],
-            samples,
-            "random init",
-        )
-    )
-    lines.append(
-        _versus(
-            "After one epoch, pre-trained + ABRi",
-            first["pretrained_abri"],
-            first["pretrained"],
-            samples,
-            "pre-trained without ABRi",
-        )
-    )
-    return lines
-
-
-def fust_findings(section: dict) -> list:
-    runs, samples = section["runs"], section["test_samples"]
-    fust, joint = runs["fust_stage2"], runs["joint_naive"]
-    lines = [
-        _versus(
-            "FusT joint accuracy",
-            fust["eval_acc_joint"],
-            joint["eval_acc_joint"],
-            samples,
-            "naive joint training",
-        )
-    ]
-    for modality in ("audio", "visual"):
-        if modality in fust["probe_acc"] and modality in joint["probe_acc"]:
-            lines.append(
-                _versus(
-                    f"{modality.capitalize()} encoder linear probe",
-                    fust["probe_acc"][modality],
-                    joint["probe_acc"][modality],
-                    samples,
-                    "naive joint training",
+        for name in repaired:
+            found.append(
+                compare(
+                    f"audio accuracy {when}: {name} vs pre-trained",
+                    lambda s, k=key, n=name: _finetune(s, n, k),
+                    lambda s, k=key: _finetune(s, "pretrained", k),
                 )
             )
-    return lines
+    for name in repaired:
+        if f"finetuned_{name}" in first["transfer"]["diagnosis"]:
+            found.append(
+                compare(
+                    f"dead ratio after fine-tuning: {name} vs pre-trained",
+                    lambda s, n=name: _dead(s, f"finetuned_{n}"),
+                    lambda s: _dead(s, "finetuned_pretrained"),
+                    higher_is_better=False,
+                )
+            )
+    runs = lambda s: s["fust"]["runs"]  # noqa: E731
+    found.append(
+        compare(
+            "joint accuracy: FusT vs naive joint training",
+            lambda s: runs(s)["fust_stage2"]["eval_acc_joint"],
+            lambda s: runs(s)["joint_naive"]["eval_acc_joint"],
+        )
+    )
+    for modality in ("audio", "visual"):
+        if all(modality in runs(s)[r]["probe_acc"] for s in per_seed for r in runs(s)):
+            found.append(
+                compare(
+                    f"{modality} encoder linear probe: FusT vs naive joint training",
+                    lambda s, m=modality: runs(s)["fust_stage2"]["probe_acc"][m],
+                    lambda s, m=modality: runs(s)["joint_naive"]["probe_acc"][m],
+                )
+            )
+    return found
+
+
+def measurements(per_seed: list) -> list:
+    """Every headline number of the story over the seeds (per seed, mean, 95% interval)."""
+
+    def over_seeds(name, read) -> dict:
+        return measurement(name, [read(section) for section in per_seed])
+
+    first = per_seed[0]
+    rows = [over_seeds("visual source accuracy", lambda s: s["pretrain"]["eval_acc_visual"])]
+    for diagnosis in first["transfer"]["diagnosis"]:
+        rows.append(
+            over_seeds(f"dead ReLU-fed ratio, {diagnosis}", lambda s, d=diagnosis: _dead(s, d))
+        )
+    for name in first["transfer"]["finetune"]:
+        for key, when in (("final", "final"), ("first", "after epoch 1")):
+            rows.append(
+                over_seeds(
+                    f"audio accuracy {when}, {name}",
+                    lambda s, n=name, k=key: _finetune(s, n, k),
+                )
+            )
+    stage1 = lambda s: s["fust"]["stage1"]  # noqa: E731
+    for modality in ("audio", "visual"):
+        rows.append(
+            over_seeds(
+                f"FusT stage 1 accuracy, {modality}",
+                lambda s, m=modality: stage1(s)[f"eval_acc_{m}"],
+            )
+        )
+    for run in first["fust"]["runs"]:
+        for key, label in (
+            ("eval_acc_joint", "joint accuracy"),
+            ("eval_acc_audio_half", "audio half"),
+            ("eval_acc_visual_half", "visual half"),
+        ):
+            rows.append(
+                over_seeds(f"{run} {label}", lambda s, r=run, k=key: s["fust"]["runs"][r][k])
+            )
+        for modality in first["fust"]["runs"][run]["probe_acc"]:
+            rows.append(
+                over_seeds(
+                    f"{run} {modality} probe",
+                    lambda s, r=run, m=modality: s["fust"]["runs"][r]["probe_acc"][m],
+                )
+            )
+    for index, shape in enumerate(first["kernels"]["rows"]):
+        rows.append(
+            over_seeds(
+                f"TrackedBN / BatchNorm2d step time, shape {tuple(shape['shape'])}",
+                lambda s, i=index: s["kernels"]["rows"][i]["tracked_over_batchnorm"],
+            )
+        )
+    return rows

@@ -14,7 +14,7 @@ import markdown
 from avkernels.app.demo.findings import percent
 from avkernels.files import atomic_write_text
 
-REPORT_VERSION = 1
+REPORT_VERSION = 2  # 2: several seeds, "claims" and "measurements"
 HTML_STYLE = (
     "body{font-family:sans-serif;max-width:60em;margin:auto;padding:1em}"
     "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 8px}"
@@ -28,20 +28,68 @@ def _table(headers: list, rows: list) -> list:
     ]
 
 
+STEP_NAMES = ("pretrain", "transfer", "fust", "kernels")
+
+
+def _interval(row: dict, scale: float, digits: int) -> list:
+    values = [f"{scale * v:.{digits}f}" for v in row["per_seed"]]
+    lo, hi = (f"{scale * v:.{digits}f}" for v in row["ci95"])
+    return [" / ".join(values), f"{scale * row['mean']:.{digits}f}", f"[{lo}, {hi}]"]
+
+
+def _across_seeds(report: dict) -> list:
+    """The claims (paired differences, in points) and every headline number over the seeds."""
+    seeds = ", ".join(map(str, report["seeds"]))
+    lines = [
+        f"## Claims over seeds {seeds}",
+        "",
+        "Each claim is the difference new - baseline of one seed's two runs, paired by seed; "
+        'its 95% t-interval over the seeds gives the verdict ("better" or "worse" when '
+        'the interval excludes 0, else "no difference shown"). Percentage points; for dead '
+        "channels fewer is better.",
+        "",
+    ]
+    lines += _table(
+        ["claim", "per seed", "mean", "95% interval", "verdict"],
+        [[c["name"], *_interval(c, 100, 1), f"**{c['verdict']}**"] for c in report["claims"]],
+    )
+    lines += [
+        "",
+        "## Numbers over the seeds",
+        "",
+        "Accuracies and ratios in %; time ratios as is.",
+        "",
+    ]
+    lines += _table(
+        ["number", "per seed", "mean", "95% interval"],
+        [
+            [
+                m["name"],
+                *_interval(m, 1 if "time" in m["name"] else 100, 2 if "time" in m["name"] else 1),
+            ]
+            for m in report["measurements"]
+        ],
+    )
+    return lines + [""]
+
+
 def report_markdown(report: dict, figure_source: Callable[[str], str]) -> str:
     """The report as Markdown; ``figure_source(file)`` is the address of a figure's image."""
 
+    env, data, s = report["environment"], report["data"], report["settings"]
+    seeds = report["seeds"]
+    shown = seeds[0]  # the seed whose details and figures the report shows
+    pre, tr, fu, ke = (report["per_seed"][str(shown)][k] for k in STEP_NAMES)
+
     def image(file: str, caption: str) -> str:
         # The caption under the image too (two trailing spaces: a line break in Markdown).
-        return f"![{caption}]({figure_source(file)})  \n*{caption}*"
+        return f"![{caption}]({figure_source(f'seed-{shown}/figures/{file}')})  \n*{caption}*"
 
-    env, data, s = report["environment"], report["data"], report["settings"]
-    pre, tr, fu, ke = (report[k] for k in ("pretrain", "transfer", "fust", "kernels"))
     lines = [
         "# avkernels demo: revisiting pre-training in audio-visual learning, on AV-Digits",
         "",
-        f"Mode `{report['mode']}`, seed {report['seed']}. Every number below was measured by the "
-        "run that wrote this report.",
+        f"Mode `{report['mode']}`, seeds {', '.join(map(str, seeds))}. Every number below was "
+        "measured by the run that wrote this report.",
         "",
         f"Versions: avkernels {env['avkernels']}, torch {env['torch']}, numpy {env['numpy']}, "
         f"Python {env['python']}. Hardware: {env['cpu']}, {env['cpu_cores']} cores, "
@@ -70,9 +118,7 @@ def report_markdown(report: dict, figure_source: Callable[[str], str]) -> str:
     if data["speaker_disjoint"]:
         lines += [
             f"The test audio comes from {len(data['speakers']['test'])} voice(s) never heard "
-            "in training: audio accuracies measure generalisation to those voices only, and "
-            "the noise margins below (binomial, over test clips) do not cover the variation "
-            "from one speaker to another.",
+            "in training: audio accuracies measure generalisation to those voices only.",
             "",
         ]
     if not data["speaker_disjoint"]:
@@ -84,6 +130,12 @@ def report_markdown(report: dict, figure_source: Callable[[str], str]) -> str:
             "",
         ]
     lines += [
+        *_across_seeds(report),
+        f"## Details of seed {shown}",
+        "",
+        "The sections below show one seed's runs, figures and tables; the numbers of every "
+        "seed, with means and intervals, are in the tables above.",
+        "",
         "## 1. Source model: visual pre-training",
         "",
         f"A ResNet-18 trained {pre['epochs']} epochs on the visual modality alone reaches "
@@ -138,7 +190,6 @@ def report_markdown(report: dict, figure_source: Callable[[str], str]) -> str:
         ],
     ) + [""]
     lines += [image(tr["figures"]["audio_finetuning"], "Audio test accuracy per epoch"), ""]
-    lines += [f"- {line}" for line in tr["findings"]] + [""]
     policy = fu["mask_policy"]
     lines += [
         "## 3. FusT: two-stage fusion tuning",
@@ -192,7 +243,6 @@ def report_markdown(report: dict, figure_source: Callable[[str], str]) -> str:
         f"{s['probe_epochs']} epochs on the training set, test accuracy)",
         "",
     ]
-    lines += [f"- {line}" for line in fu["findings"]] + [""]
     lines += [
         "## 4. Kernel speed",
         "",
@@ -236,13 +286,12 @@ def report_html(markdown_text: str) -> str:
 
 
 def write_report(out: Path, report: dict) -> None:
-    """report.json, report.md (figures as relative links), report.html (figures inline)."""
-    figures = out / "figures"
+    """report.json, report.md (figures as links relative to ``out``), report.html (inline)."""
     atomic_write_text(out / "report.json", json.dumps(report, indent=2, allow_nan=False) + "\n")
-    atomic_write_text(out / "report.md", report_markdown(report, lambda file: f"figures/{file}"))
+    atomic_write_text(out / "report.md", report_markdown(report, lambda file: file))
 
     def inline(file: str) -> str:
-        data = base64.b64encode((figures / file).read_bytes()).decode("ascii")
+        data = base64.b64encode((out / file).read_bytes()).decode("ascii")
         return f"data:image/png;base64,{data}"
 
     atomic_write_text(out / "report.html", report_html(report_markdown(report, inline)))

@@ -1,5 +1,6 @@
-"""``run_demo``: the demo's output folder checks, the steps in order (each cached in
-``OUT/steps/<step>.json``, so a re-run skips finished steps), and the report."""
+"""``run_demo``: the demo's output folder checks, the steps in order for each seed (each
+cached in ``OUT/seed-<seed>/steps/<step>.json``, so a re-run skips the steps a seed finished),
+the claims over the seeds, and the report."""
 
 from __future__ import annotations
 
@@ -16,9 +17,9 @@ import torch
 from avkernels import HAS_EXTENSION, __version__
 from avkernels.app.data import cache_folder
 from avkernels.app.demo.context import Demo
-from avkernels.app.demo.findings import fust_findings, transfer_findings
+from avkernels.app.demo.findings import claims, measurements
 from avkernels.app.demo.report import REPORT_VERSION, write_report
-from avkernels.app.demo.settings import DemoError, DemoSettings, settings
+from avkernels.app.demo.settings import DEFAULT_SEEDS, DemoError, DemoSettings, settings
 from avkernels.app.demo.steps import (
     step_data,
     step_fust,
@@ -70,7 +71,7 @@ def _check_data(out: Path, av_digits: str) -> None:
                 "delete it"
             )
         return
-    if (out / "steps").is_dir():
+    if any(out.glob("seed-*/steps")):
         raise DemoError(
             f"{out} holds demo steps but no record of their AV-Digits build (made "
             "by an older avkernels); choose another --out or delete it"
@@ -87,74 +88,103 @@ def _check_out(out: Path, demo_settings: DemoSettings) -> None:
             saved = json.loads(marker.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             saved = None
-        if saved != demo_settings.to_dict():
+        if saved != demo_settings.sizes():
             raise DemoError(
                 f"{out} holds a demo run with other settings (e.g. --quick vs "
-                "default, or another --seed); choose another --out or delete it"
+                "default); choose another --out or delete it"
             )
     elif out.is_dir() and any(out.iterdir()):
         raise DemoError(f"{out} is not empty and holds no demo run; choose another --out")
 
 
+STEPS = {
+    "pretrain": step_pretrain,
+    "transfer": step_transfer,
+    "fust": step_fust,
+    "kernels": step_kernels,
+}
+
+
+def _run_seed(demo: Demo, timings: dict) -> dict:
+    """Every step for one seed (finished ones read back); returns the seed's sections."""
+    for step, run_step in STEPS.items():
+        path = demo.section_path(step)
+        if path.is_file():
+            section = json.loads(path.read_text(encoding="utf-8"))
+            demo.log(f"  seed {demo.settings.seed} {step}: done earlier, skipped")
+        else:
+            demo.log(f"  seed {demo.settings.seed} {step}: running")
+            step_started = time.perf_counter()
+            section = run_step(demo)
+            section["seconds"] = time.perf_counter() - step_started
+            atomic_write_text(path, json.dumps(section, indent=2) + "\n")
+        demo.sections[step] = section
+        timings[step] = timings.get(step, 0.0) + section["seconds"]
+    return demo.sections
+
+
 def run_demo(
     out,
     quick: bool = False,
-    seed: int = 0,
+    seeds: int | None = None,
+    first_seed: int = 0,
     progress: bool | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Run (or resume) the demo into ``out``; write the report; return report.json's dict."""
+    """Run (or resume) the demo into ``out`` for ``seeds`` seeds from ``first_seed``
+    (default: ``DEFAULT_SEEDS``); write the report; return report.json's dict."""
     out = Path(out)
-    demo_settings = settings(quick, seed)
+    demo_settings = settings(quick, first_seed)
+    seeds = DEFAULT_SEEDS[demo_settings.mode] if seeds is None else seeds
+    if seeds < 2:
+        raise DemoError(
+            f"--seeds {seeds}: a claim needs an interval over at least 2 seeds; give --seeds 2 "
+            "or more"
+        )
+    seed_list = list(range(first_seed, first_seed + seeds))
     _check_out(out, demo_settings)
     out.mkdir(parents=True, exist_ok=True)
     _check_data(out, cache_folder(config=demo_settings.data).name)
-    atomic_write_text(out / "demo.json", json.dumps(demo_settings.to_dict(), indent=2) + "\n")
+    atomic_write_text(out / "demo.json", json.dumps(demo_settings.sizes(), indent=2) + "\n")
     threads = torch.get_num_threads()
     # Tiny kernels on a shared CPU: one thread is several times faster than contending for two.
     torch.set_num_threads(1)
     started = time.perf_counter()
-    demo = Demo(out, demo_settings, progress, log)
     timings = {}
+    per_seed = {}
     try:
         measured_on = environment()
-        log(f"avkernels demo ({demo_settings.mode}) -> {out}")
+        log(f"avkernels demo ({demo_settings.mode}, seeds {seed_list}) -> {out}")
+        loader = Demo(out, demo_settings, progress, log)
         step_started = time.perf_counter()
-        demo.data_info = step_data(demo)
+        data_info = step_data(loader)
         timings["data"] = time.perf_counter() - step_started
-        log(f"  data: AV-Digits {demo.data_info['clips']} ({timings['data']:.0f} s)")
-        steps = {
-            "pretrain": step_pretrain,
-            "transfer": step_transfer,
-            "fust": step_fust,
-            "kernels": step_kernels,
-        }
-        for step, run_step in steps.items():
-            path = demo.section_path(step)
-            if path.is_file():
-                section = json.loads(path.read_text(encoding="utf-8"))
-                log(f"  {step}: done earlier, skipped")
-            else:
-                log(f"  {step}: running")
-                step_started = time.perf_counter()
-                section = run_step(demo)
-                section["seconds"] = time.perf_counter() - step_started
-                atomic_write_text(path, json.dumps(section, indent=2) + "\n")
-            demo.sections[step] = section
-            timings[step] = section["seconds"]
-        # Worded from the numbers at every invocation, so a resumed run words them the same way.
-        demo.sections["transfer"]["findings"] = transfer_findings(demo.sections["transfer"])
-        demo.sections["fust"]["findings"] = fust_findings(demo.sections["fust"])
+        log(f"  data: AV-Digits {data_info['clips']} ({timings['data']:.0f} s)")
+        for seed in seed_list:
+            demo = Demo(
+                out / f"seed-{seed}",
+                settings(quick, seed),
+                progress,
+                log,
+                train=loader.train,
+                test=loader.test,
+                data_info=data_info,
+            )
+            per_seed[seed] = _run_seed(demo, timings)
     finally:
         torch.set_num_threads(threads)
+    sections = list(per_seed.values())
     report = {
         "version": REPORT_VERSION,
         "mode": demo_settings.mode,
-        "seed": seed,
-        "settings": demo_settings.to_dict(),
+        "seeds": seed_list,
+        "settings": demo_settings.sizes(),
         "environment": measured_on,
-        "data": demo.data_info,
-        **demo.sections,
+        "data": data_info,
+        # Computed at every invocation, so a resumed run states them the same way.
+        "claims": claims(sections),
+        "measurements": measurements(sections),
+        "per_seed": {str(seed): section for seed, section in per_seed.items()},
         "timings": {"steps": timings, "this_invocation_seconds": time.perf_counter() - started},
     }
     write_report(out, report)

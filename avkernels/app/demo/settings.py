@@ -35,6 +35,12 @@ class DemoSettings:
         }
     )
 
+    def sizes(self) -> dict:
+        """Everything but the seed: what the seeds of one demo folder must share."""
+        values = self.to_dict()
+        del values["seed"]
+        return values
+
     def to_dict(self) -> dict:
         values = dataclasses.asdict(self)
         values["kernel_shapes"] = [list(shape) for shape in self.kernel_shapes]
@@ -42,6 +48,9 @@ class DemoSettings:
             k: list(v) if isinstance(v, tuple) else v for k, v in values["data"].items()
         }
         return values
+
+
+DEFAULT_SEEDS = {"default": 3, "quick": 2}  # seeds run when --seeds is not given
 
 
 def settings(quick: bool = False, seed: int = 0) -> DemoSettings:
