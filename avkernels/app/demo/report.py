@@ -60,13 +60,12 @@ def _across_seeds(report: dict) -> list:
         "Accuracies and ratios in %; time ratios as is.",
         "",
     ]
+    # (scale, decimals): fractions as percentages, time ratios as they are.
+    shown_as = {True: (1, 2), False: (100, 1)}
     lines += _table(
         ["number", "per seed", "mean", "95% interval"],
         [
-            [
-                m["name"],
-                *_interval(m, 1 if "time" in m["name"] else 100, 2 if "time" in m["name"] else 1),
-            ]
+            [m["name"], *_interval(m, *shown_as["time" in m["name"]])]
             for m in report["measurements"]
         ],
     )
