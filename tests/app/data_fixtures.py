@@ -95,13 +95,14 @@ def write_clip(
         write_frames(root / frames, frame_count)
 
 
-def write_clips_manifest(root: Path, textured: bool = False) -> Path:
-    """8 clips of 2 frames under ``root`` (6 train, 2 test, 2 classes) and their manifest;
-    ``textured``: frames of random pixels (:func:`write_noise_frames`), else solid colours."""
+def write_clips_manifest(root: Path, textured: bool = False, frame_count: int = 2) -> Path:
+    """8 clips of ``frame_count`` frames under ``root`` (6 train, 2 test, 2 classes) and their
+    manifest; ``textured``: frames of random pixels (:func:`write_noise_frames`), else solid
+    colours."""
     records = []
     for index in range(8):
         audio, frames = f"audio/{index}.wav", f"frames/{index}"
-        write_clip(root, audio, frames, seed=index, frame_count=2, textured=textured)
+        write_clip(root, audio, frames, seed=index, frame_count=frame_count, textured=textured)
         split = "train" if index < 6 else "test"
         records.append(ClipRecord(f"clip{index}", split, index % 2, root / audio, root / frames))
     return write_manifest(root / "manifest.csv", records)
