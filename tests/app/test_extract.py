@@ -71,6 +71,7 @@ def test_extract_resume_and_import(videos, tmp_path, capsys):
         assert rate == 16000 and waveform.shape[0] == 1
         assert abs(waveform.shape[1] - seconds * 16000) < 0.05 * 16000  # AAC adds padding
     assert not any(p.name.startswith(".") for p in out.rglob("*"))  # no temporary left
+    assert not (out / "visual" / "broken").exists() and not (out / "audio" / "broken.wav").exists()
 
     # A re-run skips the done clips (their files are not rewritten) and retries the broken one.
     wav = out / "audio" / "short.wav"

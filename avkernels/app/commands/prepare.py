@@ -16,8 +16,18 @@ import os
 import sys
 
 from avkernels.app.commands import arguments as types
-from avkernels.app.data.extract import OUTPUT_LAYOUTS, VIDEO_EXTENSIONS
+from avkernels.app.data.extract import (
+    FAILURES_FILE,
+    OUTPUT_LAYOUTS,
+    VIDEO_EXTENSIONS,
+    ExtractSettings,
+    check_settings,
+    extract_videos,
+    find_ffmpeg,
+    find_videos,
+)
 from avkernels.app.errors import CommandError, RunError
+from avkernels.app.progress import progress_enabled
 from avkernels.files import atomic_write_text
 
 NAME = "prepare"
@@ -197,16 +207,6 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _extract(args: argparse.Namespace) -> int:
-    from avkernels.app.data.extract import (
-        FAILURES_FILE,
-        ExtractSettings,
-        check_settings,
-        extract_videos,
-        find_ffmpeg,
-        find_videos,
-    )
-    from avkernels.app.progress import progress_enabled
-
     if args.root is None:
         raise CommandError("extract needs --root, the folder holding the videos")
     try:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from avkernels.app.data.errors import DataError
+from avkernels.files import atomic_write_text
 
 VIDEO_EXTENSIONS = ("mp4", "mkv", "avi", "webm", "mov")
 # (audio folder, frame folder) under the output folder, as the importer of that layout reads them.
@@ -86,8 +87,6 @@ def find_videos(root: Path, extensions: Sequence[str]) -> dict[str, Path]:
 def check_settings(out: Path, settings: ExtractSettings) -> None:
     """Refuse to add clips to a folder extracted with other settings (re-runs skip done clips,
     which would mix frame rates or sample rates); record the settings otherwise."""
-    from avkernels.files import atomic_write_text
-
     path = out / SETTINGS_FILE
     if path.is_file():
         try:
