@@ -178,7 +178,9 @@ class AVDataset(Dataset):
         if "audio" in self.modalities:
             item["audio"] = self._audio(record)
         if "visual" in self.modalities:
-            generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))
+            generator = None
+            if self.train:
+                generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))
             item["visual"] = load_frames(record.frames, self.visual_config, self.train, generator)
         item["label"] = record.label
         item["id"] = record.id

@@ -52,9 +52,10 @@ class VisualConfig:
         if not 0 < low <= high <= 1:
             raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
 
-    def transform(self, train: bool, generator: torch.Generator):
+    def transform(self, train: bool, generator: torch.Generator | None = None):
         """One PIL frame to a normalised (3, size, size) tensor; a training crop and flip are
-        drawn from ``generator`` alone (never the global RNG, see :meth:`AVDataset.set_epoch`)."""
+        drawn from ``generator`` (None: torch's global RNG; AVDataset passes one seeded by
+        (seed, epoch, index), see :meth:`AVDataset.set_epoch`)."""
         from torchvision.transforms.v2 import functional
 
         def apply(image):
@@ -137,8 +138,8 @@ def load_frames(
     folder: Path, config: VisualConfig, train: bool, generator: torch.Generator | None = None
 ) -> Tensor:
     """The (3, frames_per_clip, size, size) input of the clip whose frames are in ``folder``;
-    in training, the frame choice, crops and flips are drawn from ``generator`` (default: a
-    fresh one seeded from the global RNG)."""
+    in training, the frame choice, crops and flips are drawn from ``generator`` (None: torch's
+    global RNG)."""
     from PIL import Image
 
     frames = list_frames(folder)
@@ -146,8 +147,6 @@ def load_frames(
         raise DataError(
             folder, f"{len(frames)} frame(s), fewer than the {config.frames_per_clip} a clip needs"
         )
-    if generator is None:
-        generator = torch.Generator().manual_seed(int(torch.randint(2**62, ()).item()))
     transform = config.transform(train, generator)
     images = []
     for index in frame_indices(len(frames), config.frames_per_clip, train, generator):

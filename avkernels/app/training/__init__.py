@@ -40,10 +40,13 @@ resumed run never duplicates a row); ``model.pt`` (the final model state dict).
 
 Reproducibility: the order of the data in epoch ``e`` is a function of ``(seed, e)`` only (no
 generator state to carry), and the DataLoader gets a generator seeded the same way, so workers
-are seeded identically. A run resumed from any checkpoint equals the uninterrupted run bit for
-bit on CPU when the dataset's randomness, if any, comes from torch's global generator with
-``num_workers=0`` (then it is in the checkpointed RNG state); with worker processes and random
-augmentation, resuming at an epoch boundary is exact and resuming mid-epoch is not.
+are seeded identically. A training dataset with ``set_epoch(seed, epoch)`` is told the epoch
+before it starts; ``AVDataset`` then draws item ``i``'s augmentation from
+``sampling.sample_seed(seed, e, i)``, the same on every rank, in every worker and after a
+resume. A run resumed from any checkpoint equals the uninterrupted run bit for bit on CPU when
+the dataset's randomness, if any, comes from that seed, or from torch's global generator with
+``num_workers=0`` (then it is in the checkpointed RNG state); with worker processes and
+global-RNG augmentation, resuming at an epoch boundary is exact and resuming mid-epoch is not.
 
 Several processes (``torchrun``, see :func:`torchrun_process_group`): a Trainer built while a
 ``torch.distributed`` process group is initialised trains with ``DistributedDataParallel``.

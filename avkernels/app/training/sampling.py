@@ -26,8 +26,9 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 def rank_seed(seed: int, rank: int) -> int:
-    """The seed of rank ``rank``'s own random stream (masks, augmentation, worker seeds): rank 0
-    keeps ``seed`` (one process is unchanged), the others get independent streams."""
+    """The seed of rank ``rank``'s own random stream (masks, worker seeds, a dataset's global-RNG
+    augmentation): rank 0 keeps ``seed`` (one process is unchanged), the others get independent
+    streams."""
     return seed if rank == 0 else _seed_of(np.random.SeedSequence(seed, spawn_key=(rank,)))
 
 
