@@ -1,0 +1,140 @@
+"""What Inductor receives for the batch-norm ops on CUDA (docs/DESIGN.md, "torch.compile"):
+AOTAutograd's functional graph of a TrackedBN forward and of ``batch_norm_bwd``, traced on fake
+CUDA tensors (no GPU needed), must hold the avkernels Triton kernels as user-defined Triton
+kernels (``triton_kernel_wrapper_functional``) and no opaque ``avkernels::`` op; on CPU the op
+stays. Tracing under ``FakeTensorMode`` without real inputs also shows that the CUDA path reads
+no data on the host (``.item()`` on a fake tensor raises) and uses no tensor kept across calls
+(mixing a real tensor in raises), which is what CUDA graph capture needs. The joint forward and
+backward through TrackedBN's autograd is traced on a real GPU only (``.ci/gpu``): the autograd
+engine asks the CUDA driver about the device.
+
+``wrap_triton`` takes compiled-mode kernels, so under ``TRITON_INTERPRET=1`` this module reruns
+itself in a process without it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from torch._functorch.aot_autograd import aot_function  # noqa: E402
+from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table  # noqa: E402
+from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
+
+from avkernels import TrackedBN  # noqa: E402
+from avkernels.ops.batch_norm import triton_launch  # noqa: E402
+from tests.helpers.batch_norm import INTERPRETER  # noqa: E402
+from tests.helpers.scripts import script_environment  # noqa: E402
+
+compiled_triton = pytest.mark.skipif(INTERPRETER, reason="run by test_without_the_interpreter")
+
+
+@pytest.mark.skipif(not INTERPRETER, reason="the tests below run in this process")
+def test_without_the_interpreter():
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+        env=script_environment(TRITON_INTERPRET=None),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stdout[-6000:]
+
+
+def _traced_graphs(fn, *inputs) -> list[torch.fx.GraphModule]:
+    """The forward graphs AOTAutograd hands its compiler for ``fn(*inputs)``."""
+    graphs = []
+
+    def keep(graph, _inputs):
+        graphs.append(graph)
+        return graph
+
+    aot_function(fn, fw_compiler=keep)(*inputs)
+    return graphs
+
+
+def _called(graphs) -> tuple[list[str], list[str]]:
+    """(Triton kernel names in launch order, avkernels ops) called by ``graphs``, the mutating
+    ops' calls included (``auto_functionalized_v2(op, ...)``)."""
+    kernels, ops = [], []
+    for graph in graphs:
+        for node in graph.graph.nodes:
+            target = node.target
+            if target is torch.ops.higher_order.auto_functionalized_v2:
+                target = node.args[0]
+            if target is torch.ops.higher_order.triton_kernel_wrapper_functional:
+                kernels.append(kernel_side_table.get_kernel(node.kwargs["kernel_idx"]).fn.__name__)
+            elif getattr(target, "namespace", None) == "avkernels":
+                ops.append(str(target))
+    return kernels, ops
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """Fake CUDA tensors; the launch plans sized for a 132-SM GPU instead of asking the driver."""
+    monkeypatch.setattr(triton_launch, "_target_programs", lambda device: 8 * 132)
+    with FakeTensorMode() as mode:
+        yield mode
+
+
+def _trace_training_forward(device, layout=torch.contiguous_format):
+    bn = TrackedBN(4, device=device)
+    x = torch.randn(2, 4, 3, 5, device=device).to(memory_format=layout)
+    state = {name: t.detach() for name, t in [*bn.named_parameters(), *bn.named_buffers()]}
+
+    def forward(x, *tensors):
+        return torch.func.functional_call(bn, dict(zip(state, tensors)), (x,))
+
+    return _traced_graphs(forward, x, *state.values())
+
+
+@compiled_triton
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_training_forward_on_cuda_is_two_user_triton_kernels(fake_gpu, layout):
+    kernels, ops = _called(_trace_training_forward("cuda", layout))
+    assert kernels == ["fwd_partial_stats_kernel", "fwd_normalize_kernel"]
+    assert ops == []
+
+
+@compiled_triton
+def test_eval_forward_on_cuda_is_one_user_triton_kernel(fake_gpu):
+    bn = TrackedBN(4, device="cuda").eval()
+    x = torch.randn(2, 4, 3, 5, device="cuda")
+    state = {name: t.detach() for name, t in [*bn.named_parameters(), *bn.named_buffers()]}
+
+    def forward(x, *tensors):
+        return torch.func.functional_call(bn, dict(zip(state, tensors)), (x,))
+
+    kernels, ops = _called(_traced_graphs(forward, x, *state.values()))
+    assert kernels == ["fwd_normalize_kernel"]
+    assert ops == []
+
+
+@compiled_triton
+@pytest.mark.parametrize(("train", "expected"), [
+    (True, ["bwd_partial_sums_kernel", "bwd_grad_x_kernel"]),
+    (False, ["bwd_partial_sums_kernel"]),
+])  # fmt: skip
+def test_backward_on_cuda_is_user_triton_kernels(fake_gpu, train, expected):
+    def backward(grad_y, x, weight, bias, mean, invstd):
+        return torch.ops.avkernels.batch_norm_bwd(
+            grad_y, x, weight, bias, None, None, None, mean, invstd, train, True
+        )
+
+    x = torch.randn(2, 4, 3, 5, device="cuda")
+    channel, stats = torch.ones(4, device="cuda"), torch.ones(1, 4, device="cuda")
+    kernels, ops = _called(_traced_graphs(backward, torch.randn_like(x), x, channel, channel,
+                                          stats, stats))  # fmt: skip
+    assert kernels == expected
+    assert ops == []
+
+
+@compiled_triton
+def test_cpu_keeps_the_opaque_op(fake_gpu):
+    kernels, ops = _called(_trace_training_forward("cpu"))
+    assert kernels == []
+    assert ops == ["avkernels.batch_norm_fwd.default"]
