@@ -138,3 +138,49 @@ def test_cpu_keeps_the_opaque_op(fake_gpu):
     kernels, ops = _called(_trace_training_forward("cpu"))
     assert kernels == []
     assert ops == ["avkernels.batch_norm_fwd.default"]
+
+
+def _small_model() -> torch.nn.Module:
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1),
+        TrackedBN(8, activation="relu"),
+        torch.nn.Conv2d(8, 8, 3, padding=1),
+        TrackedBN(8),
+    ).cuda()
+
+
+@compiled_triton
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by .ci/gpu)")
+def test_reduce_overhead_compile_matches_eager_on_gpu():
+    """Training steps of a TrackedBN model under CUDA graphs (mode="reduce-overhead"): the same
+    outputs, gradients and buffers as eager, the avkernels kernels in Inductor's code, and no
+    CUDA graph skipped."""
+    from torch._dynamo.utils import counters
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(0)
+    eager = _small_model()
+    compiled_model = _small_model()
+    compiled_model.load_state_dict(eager.state_dict())
+    compiled = torch.compile(compiled_model, mode="reduce-overhead", dynamic=False)
+    counters.clear()
+    for step in range(4):
+        x = torch.randn(4, 3, 8, 8, device="cuda")
+        expected = eager(x)
+        expected.square().mean().backward()
+        if step == 0:
+            got, codes = run_and_get_code(compiled, x)
+            code = "\n".join(codes)
+            for kernel in ("fwd_partial_stats_kernel", "fwd_normalize_kernel"):
+                assert kernel in code, f"{kernel} not in Inductor's forward code"
+            assert "avkernels.batch_norm_fwd" not in code
+        else:
+            got = compiled(x)
+        got = got.clone()  # the next replay overwrites a CUDA graph's output
+        got.square().mean().backward()
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    for (name, p), q in zip(eager.named_parameters(), compiled_model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-4, msg=name)
+    for (name, b), c in zip(eager.named_buffers(), compiled_model.buffers()):
+        torch.testing.assert_close(c, b, rtol=1e-4, atol=1e-4, msg=name)
+    assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
