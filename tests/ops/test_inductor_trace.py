@@ -184,3 +184,38 @@ def test_reduce_overhead_compile_matches_eager_on_gpu():
     for (name, b), c in zip(eager.named_buffers(), compiled_model.buffers()):
         torch.testing.assert_close(c, b, rtol=1e-4, atol=1e-4, msg=name)
     assert not counters["inductor"]["cudagraph_skips"], dict(counters["inductor"])
+
+
+@compiled_triton
+def test_dynamic_batch_stays_symbolic(monkeypatch):
+    """With a symbolic batch size (``torch.compile(dynamic=True)`` or Dynamo's automatic dynamic
+    shapes after a second batch size) the traced launchers keep it symbolic, so a new batch size
+    needs no new graph."""
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    monkeypatch.setattr(triton_launch, "_target_programs", lambda device: 8 * 132)
+    shapes = ShapeEnv()
+    batch = shapes.create_symintnode(shapes.create_symbol(6, ConstantSource("batch")), hint=6)
+    with FakeTensorMode(shape_env=shapes):
+        x = torch.randn(batch, 4, 3, 5, device="cuda")
+        channel, stats = torch.ones(4, device="cuda"), torch.ones(1, 4, device="cuda")
+
+        def training_step(x, weight, mean, invstd):
+            absent = (None,) * 11  # no bias, ABRi, running statistics or dead counters
+            y, *_ = torch.ops.avkernels.batch_norm_fwd(x, weight, *absent, True, 0.1, 1e-5, False)
+            return y, torch.ops.avkernels.batch_norm_bwd(
+                y, x, weight, None, None, None, None, mean, invstd, True, False
+            )
+
+        graphs = _traced_graphs(training_step, x, channel, stats, stats)
+    kernels, ops = _called(graphs)
+    assert kernels == [
+        "fwd_partial_stats_kernel",
+        "fwd_normalize_kernel",
+        "bwd_partial_sums_kernel",
+        "bwd_grad_x_kernel",
+    ]
+    assert ops == []
+    reads_batch = [n for n in graphs[0].graph.nodes if n.target is torch.ops.aten.sym_size.int]
+    assert reads_batch, "the batch size was baked into the graph"
