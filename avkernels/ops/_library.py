@@ -71,6 +71,12 @@ def register_python_kernels(signature: OpSignature, kernels: Mapping[str, Callab
         _LIBRARY.impl(signature.name, kernel, dispatch_key)
 
 
+def launch_directly(kernel: Callable) -> Callable:
+    """A Triton kernel as eager calls launch it; traced calls pass ``torch.library.wrap_triton``
+    in its place (see :func:`register_inductor_decomposition`)."""
+    return kernel
+
+
 def register_inductor_decomposition(signature: OpSignature, traced_cuda_kernel: Callable) -> None:
     """Let AOTAutograd trace the op's CUDA kernel instead of keeping the op opaque.
 

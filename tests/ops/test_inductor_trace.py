@@ -140,6 +140,30 @@ def test_cpu_keeps_the_opaque_op(fake_gpu):
     assert ops == ["avkernels.batch_norm_fwd.default"]
 
 
+@compiled_triton
+def test_masking_ops_on_cuda_are_user_triton_kernels(fake_gpu):
+    seeds = torch.zeros(2, 2, dtype=torch.int64, device="cuda")
+    ratio = torch.full((2,), 0.5, dtype=torch.float64, device="cuda")
+
+    def zero_patches(x, ratio, seeds):
+        torch.ops.avkernels.zero_masked_patches(x, ratio, seeds, 2, 3)
+        return x
+
+    def fusion(a, v, ratio, seeds):
+        out = torch.ops.avkernels.masked_concat(a, v, ratio, None, seeds, 2, 4)
+        return out, torch.ops.avkernels.masked_concat_backward(out, ratio, None, seeds, 6, 2, 4)
+
+    x = torch.randn(2, 3, 2, 8, 6, device="cuda")
+    a, v = torch.randn(2, 6, device="cuda"), torch.randn(2, 8, device="cuda")
+    for graphs, expected in [
+        (_traced_graphs(zero_patches, x, ratio, seeds), ["zero_masked_patches_kernel"]),
+        (_traced_graphs(fusion, a, v, ratio, seeds), ["masked_copy_pair_kernel"] * 2),
+    ]:
+        kernels, ops = _called(graphs)
+        assert kernels == expected
+        assert ops == []
+
+
 def _small_model() -> torch.nn.Module:
     return torch.nn.Sequential(
         torch.nn.Conv2d(3, 8, 3, padding=1),

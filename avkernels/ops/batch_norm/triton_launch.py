@@ -24,6 +24,7 @@ import triton.language as tl
 from torch import Tensor
 
 from avkernels.ops import checks
+from avkernels.ops._library import launch_directly
 from avkernels.ops.batch_norm.schema import (
     BackwardArgs,
     ForwardArgs,
@@ -374,7 +375,7 @@ def forward(*args) -> tuple[Tensor, Tensor, Tensor]:
     if plan is None:
         plan = _keep_plan(_FORWARD_PLANS, key, _forward_plan(a))
     with _device_guard(x.device):
-        return _launch_forward(a, plan, _scratch(x.device, plan.scratch_size), _direct)
+        return _launch_forward(a, plan, _scratch(x.device, plan.scratch_size), launch_directly)
 
 
 def backward(*args) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -401,7 +402,7 @@ def backward(*args) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     if plan is None:
         plan = _keep_plan(_BACKWARD_PLANS, key, _backward_plan(a))
     with _device_guard(x.device):
-        return _launch_backward(a, plan, _scratch(x.device, plan.scratch_size), _direct)
+        return _launch_backward(a, plan, _scratch(x.device, plan.scratch_size), launch_directly)
 
 
 def traced_forward(*args) -> tuple[Tensor, Tensor, Tensor]:
@@ -423,10 +424,6 @@ def traced_backward(*args) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tens
     plan = _backward_plan(a)
     scratch = torch.zeros(plan.scratch_size, dtype=torch.int32, device=a.x.device)
     return _launch_backward(a, plan, scratch, torch.library.wrap_triton)
-
-
-def _direct(kernel):
-    return kernel
 
 
 def _launch_forward(
