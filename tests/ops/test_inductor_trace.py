@@ -164,6 +164,30 @@ def test_masking_ops_on_cuda_are_user_triton_kernels(fake_gpu):
         assert ops == []
 
 
+# Calls that read device data on the host or wait for the GPU: each breaks CUDA graph capture.
+HOST_SYNCS = ("item", "tolist", "cpu", "numpy", "synchronize", "data_ptr", "nonzero")
+
+
+def test_eager_cuda_launchers_have_no_host_syncs():
+    """The eager launchers (and the checks they make) name none of HOST_SYNCS, so capturing their
+    calls in a CUDA graph (``torch.cuda.graph``) records launches only. The scratch counters they
+    keep per (device, stream) are reset by the kernels, so a replay finds them zeroed."""
+    import ast
+    import inspect
+
+    from avkernels.ops import checks
+    from avkernels.ops.masking import triton_launch as masking_launch
+
+    for module in (triton_launch, masking_launch, checks):
+        tree = ast.parse(inspect.getsource(module))
+        called = {
+            node.func.attr
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+        }
+        assert not called & set(HOST_SYNCS), (module.__name__, called & set(HOST_SYNCS))
+
+
 def _small_model() -> torch.nn.Module:
     return torch.nn.Sequential(
         torch.nn.Conv2d(3, 8, 3, padding=1),
