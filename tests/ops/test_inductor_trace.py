@@ -1,12 +1,12 @@
-"""What Inductor receives for the batch-norm ops on CUDA (docs/DESIGN.md, "torch.compile"):
-AOTAutograd's functional graph of a TrackedBN forward and of ``batch_norm_bwd``, traced on fake
-CUDA tensors (no GPU needed), must hold the avkernels Triton kernels as user-defined Triton
-kernels (``triton_kernel_wrapper_functional``) and no opaque ``avkernels::`` op; on CPU the op
-stays. Tracing under ``FakeTensorMode`` without real inputs also shows that the CUDA path reads
-no data on the host (``.item()`` on a fake tensor raises) and uses no tensor kept across calls
-(mixing a real tensor in raises), which is what CUDA graph capture needs. The joint forward and
-backward through TrackedBN's autograd is traced on a real GPU only (``.ci/gpu``): the autograd
-engine asks the CUDA driver about the device.
+"""What Inductor receives for the avkernels ops on CUDA (docs/DESIGN.md, "torch.compile on
+CUDA"): AOTAutograd's functional graphs of a TrackedBN forward, of ``batch_norm_bwd`` and of the
+masking ops, traced on fake CUDA tensors (no GPU needed), must hold the avkernels Triton kernels
+as user-defined Triton kernels (``triton_kernel_wrapper_functional``) and no opaque
+``avkernels::`` op; on CPU the op stays. Tracing under ``FakeTensorMode`` without real inputs
+also shows that the traced path reads no data on the host (``.item()`` on a fake tensor raises)
+and uses no tensor kept across calls (mixing a real tensor in raises), which is what CUDA graph
+capture needs. The joint forward and backward through TrackedBN's autograd is traced on a real
+GPU only (``.ci/gpu``): the autograd engine asks the CUDA driver about the device.
 
 ``wrap_triton`` takes compiled-mode kernels, so under ``TRITON_INTERPRET=1`` this module reruns
 itself in a process without it."""
