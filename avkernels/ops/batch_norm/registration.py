@@ -1,6 +1,6 @@
 """Kernels of the tracked batch-norm ops registered from Python: fake (meta) kernels for
-``torch.compile``, Triton on CUDA, and, without the compiled extension, the PyTorch reference on
-CPU with the Python autograd."""
+``torch.compile``, Triton on CUDA (traced into its kernels under ``torch.compile``), and, without
+the compiled extension, the PyTorch reference on CPU with the Python autograd."""
 
 from __future__ import annotations
 
