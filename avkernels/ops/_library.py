@@ -69,3 +69,33 @@ def register_python_kernels(signature: OpSignature, kernels: Mapping[str, Callab
     """Register Python ``kernels`` (dispatch key, e.g. ``"CPU"``, to kernel) for the op."""
     for dispatch_key, kernel in kernels.items():
         _LIBRARY.impl(signature.name, kernel, dispatch_key)
+
+
+def launch_directly(kernel: Callable) -> Callable:
+    """A Triton kernel as eager calls launch it; traced calls pass ``torch.library.wrap_triton``
+    in its place (see :func:`register_inductor_decomposition`)."""
+    return kernel
+
+
+def register_inductor_decomposition(signature: OpSignature, traced_cuda_kernel: Callable) -> None:
+    """Let AOTAutograd trace the op's CUDA kernel instead of keeping the op opaque.
+
+    ``traced_cuda_kernel`` launches its Triton kernels through ``torch.library.wrap_triton``; it
+    runs when the op is called under AOTAutograd's ``FunctionalTensorMode`` on CUDA tensors, so
+    Inductor sees the kernels as user-defined Triton kernels and schedules around them (what
+    ``torch.library.triton_op`` does, on an op that keeps its C++ CPU and autograd kernels;
+    docs/DESIGN.md, "torch.compile on CUDA"). Other devices, and ``torch.export``, keep the op.
+    """
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+    def decompose_on_cuda(mode, op, types, args, kwargs):
+        from torch.export._trace import custom_triton_ops_decomposition_disabled
+
+        if args[0].device.type != "cuda" or custom_triton_ops_decomposition_disabled():
+            return mode.__torch_dispatch__(op, types, args, kwargs)
+        with mode:
+            return traced_cuda_kernel(*args, **kwargs)
+
+    torch.library.register_torch_dispatch(
+        f"{NAMESPACE}::{signature.name}", FunctionalTensorMode, decompose_on_cuda, lib=_LIBRARY
+    )

@@ -1,6 +1,6 @@
 """Kernels of the tracked batch-norm ops registered from Python: fake (meta) kernels for
-``torch.compile``, Triton on CUDA, and, without the compiled extension, the PyTorch reference on
-CPU with the Python autograd."""
+``torch.compile``, Triton on CUDA (traced into its kernels under ``torch.compile``), and, without
+the compiled extension, the PyTorch reference on CPU with the Python autograd."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 
 from avkernels._extension import HAS_EXTENSION
 from avkernels.ops import checks
-from avkernels.ops._library import register_python_kernels
+from avkernels.ops._library import register_inductor_decomposition, register_python_kernels
 from avkernels.ops.batch_norm import reference
 from avkernels.ops.batch_norm.autograd import tracked_batch_norm_python_autograd
 from avkernels.ops.batch_norm.definition import batch_norm_fwd
@@ -107,3 +107,5 @@ except ImportError:  # no triton: CUDA tensors cannot use avkernels kernels
 if triton_launch is not None:
     torch.library.register_kernel(f"avkernels::{FORWARD.name}", "cuda", triton_launch.forward)
     torch.library.register_kernel(f"avkernels::{BACKWARD.name}", "cuda", triton_launch.backward)
+    register_inductor_decomposition(FORWARD, triton_launch.traced_forward)
+    register_inductor_decomposition(BACKWARD, triton_launch.traced_backward)

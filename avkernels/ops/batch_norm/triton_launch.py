@@ -24,6 +24,7 @@ import triton.language as tl
 from torch import Tensor
 
 from avkernels.ops import checks
+from avkernels.ops._library import launch_directly
 from avkernels.ops.batch_norm.schema import (
     BackwardArgs,
     ForwardArgs,
@@ -374,42 +375,7 @@ def forward(*args) -> tuple[Tensor, Tensor, Tensor]:
     if plan is None:
         plan = _keep_plan(_FORWARD_PLANS, key, _forward_plan(a))
     with _device_guard(x.device):
-        y = torch.empty_like(x, memory_format=plan.y_format)
-        mean = torch.empty_like(plan.stats)
-        invstd = torch.empty_like(plan.stats)
-        # Absent optional tensors are never read (their HAS_* / mode flag is off): any pointer.
-        given = [mean if t is None else t for t in args[6:13]]
-        scratch = _scratch(x.device, plan.scratch_size)
-        if a.use_batch_stats:
-            momentum, count = a.momentum, plan.count
-            fwd_partial_stats_kernel[plan.grid](
-                x,
-                torch.empty_like(plan.partial),
-                mean,
-                invstd,
-                *given[:4],
-                scratch,
-                *plan.stats_ints,
-                a.eps,
-                momentum,
-                1.0 - momentum,
-                momentum * count / (count - 1) if count > 1 else 0.0,
-                **plan.stats_options,
-            )
-        fwd_normalize_kernel[plan.grid](
-            x,
-            y,
-            mean,
-            invstd,
-            *given[:4],
-            *(mean if t is None else t.contiguous() for t in args[1:6]),
-            *given[4:],
-            scratch,
-            *plan.normalize_ints,
-            a.eps,
-            **plan.normalize_options,
-        )
-    return y, mean, invstd
+        return _launch_forward(a, plan, _scratch(x.device, plan.scratch_size), launch_directly)
 
 
 def backward(*args) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -436,49 +402,119 @@ def backward(*args) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     if plan is None:
         plan = _keep_plan(_BACKWARD_PLANS, key, _backward_plan(a))
     with _device_guard(x.device):
-        mean, invstd = a.mean.contiguous(), a.invstd.contiguous()
-        if x.numel() == 0:
-            # An empty batch sums nothing: its (NaN) batch invstd must not turn the zero sums into
-            # NaN parameter gradients (nn.BatchNorm2d gives zeros).
-            invstd = torch.zeros_like(invstd)
-        params = [mean if p is None else p.contiguous() for p in args[2:7]]
-        grad_x = torch.empty_like(x, memory_format=plan.grad_x_format)
-        grads = [
-            torch.empty_like(p) if has else torch.empty_like(plan.no_grad)
-            for p, has in zip(params, plan.has_grads)
-        ]
-        per_channel = plan.per_channel_alpha
-        grad_alpha = torch.empty_like(params[4] if per_channel else plan.alpha_per_channel)
-        # A layer-wise alpha's (1,) gradient sums the per-channel ones, in the kernel.
-        layer_wise = plan.abri and not per_channel
-        grad_alpha_total = torch.empty_like(plan.alpha_total) if layer_wise else grad_alpha
-        sums = torch.empty_like(plan.sums)
-        bwd_partial_sums_kernel[plan.grid](
+        return _launch_backward(a, plan, _scratch(x.device, plan.scratch_size), launch_directly)
+
+
+def traced_forward(*args) -> tuple[Tensor, Tensor, Tensor]:
+    """``batch_norm_fwd`` on CUDA as Inductor traces it: the kernels through ``wrap_triton``, so
+    they appear in the graph as user-defined Triton kernels; no plan or scratch buffer is kept
+    (tracing runs once per compile, on fake tensors), and the zeroed counters are allocated in
+    the graph, so a CUDA graph owns them (docs/DESIGN.md, "torch.compile on CUDA")."""
+    a = ForwardArgs(*args)
+    checks.batch_norm_forward(a)
+    plan = _forward_plan(a)
+    scratch = torch.zeros(plan.scratch_size, dtype=torch.int32, device=a.x.device)
+    return _launch_forward(a, plan, scratch, torch.library.wrap_triton)
+
+
+def traced_backward(*args) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``batch_norm_bwd`` on CUDA as Inductor traces it (see :func:`traced_forward`)."""
+    a = BackwardArgs(*args)
+    checks.batch_norm_backward(a)
+    plan = _backward_plan(a)
+    scratch = torch.zeros(plan.scratch_size, dtype=torch.int32, device=a.x.device)
+    return _launch_backward(a, plan, scratch, torch.library.wrap_triton)
+
+
+def _launch_forward(
+    a, plan: _ForwardPlan, scratch: Tensor, launch
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Allocates the forward's outputs and launches its kernels, each through ``launch`` (the
+    kernel itself eagerly, :func:`torch.library.wrap_triton` when traced for Inductor)."""
+    x, args = a.x, tuple(a)
+    y = torch.empty_like(x, memory_format=plan.y_format)
+    mean = torch.empty_like(plan.stats)
+    invstd = torch.empty_like(plan.stats)
+    # Absent optional tensors are never read (their HAS_* / mode flag is off): any pointer.
+    given = [mean if t is None else t for t in args[6:13]]
+    if a.use_batch_stats:
+        momentum, count = a.momentum, plan.count
+        launch(fwd_partial_stats_kernel)[plan.grid](
+            x,
+            torch.empty_like(plan.partial),
+            mean,
+            invstd,
+            *given[:4],
+            scratch,
+            *plan.stats_ints,
+            a.eps,
+            momentum,
+            1.0 - momentum,
+            momentum * count / (count - 1) if count > 1 else 0.0,
+            **plan.stats_options,
+        )
+    launch(fwd_normalize_kernel)[plan.grid](
+        x,
+        y,
+        mean,
+        invstd,
+        *given[:4],
+        *(mean if t is None else t.contiguous() for t in args[1:6]),
+        *given[4:],
+        scratch,
+        *plan.normalize_ints,
+        a.eps,
+        **plan.normalize_options,
+    )
+    return y, mean, invstd
+
+
+def _launch_backward(a, plan: _BackwardPlan, scratch: Tensor, launch):
+    """The backward's allocations and launches, as :func:`_launch_forward`."""
+    grad_y, x, args = a.grad_y, a.x, tuple(a)
+    mean, invstd = a.mean.contiguous(), a.invstd.contiguous()
+    if x.numel() == 0:
+        # An empty batch sums nothing: its (NaN) batch invstd must not turn the zero sums into
+        # NaN parameter gradients (nn.BatchNorm2d gives zeros).
+        invstd = torch.zeros_like(invstd)
+    params = [mean if p is None else p.contiguous() for p in args[2:7]]
+    grad_x = torch.empty_like(x, memory_format=plan.grad_x_format)
+    grads = [
+        torch.empty_like(p) if has else torch.empty_like(plan.no_grad)
+        for p, has in zip(params, plan.has_grads)
+    ]
+    per_channel = plan.per_channel_alpha
+    grad_alpha = torch.empty_like(params[4] if per_channel else plan.alpha_per_channel)
+    # A layer-wise alpha's (1,) gradient sums the per-channel ones, in the kernel.
+    layer_wise = plan.abri and not per_channel
+    grad_alpha_total = torch.empty_like(plan.alpha_total) if layer_wise else grad_alpha
+    sums = torch.empty_like(plan.sums)
+    launch(bwd_partial_sums_kernel)[plan.grid](
+        grad_y,
+        x,
+        grad_x,
+        mean,
+        invstd,
+        *params,
+        torch.empty_like(plan.partial),
+        sums,
+        *(grad if has else mean for grad, has in zip(grads, plan.has_grads)),
+        grad_alpha if plan.abri else mean,
+        grad_alpha_total,
+        scratch,
+        *plan.partial_ints,
+        **plan.partial_options,
+    )
+    if a.use_batch_stats:
+        launch(bwd_grad_x_kernel)[plan.grid](
             grad_y,
             x,
             grad_x,
             mean,
             invstd,
-            *params,
-            torch.empty_like(plan.partial),
             sums,
-            *(grad if has else mean for grad, has in zip(grads, plan.has_grads)),
-            grad_alpha if plan.abri else mean,
-            grad_alpha_total,
-            _scratch(x.device, plan.scratch_size),
-            *plan.partial_ints,
-            **plan.partial_options,
+            *params,
+            *plan.grad_x_ints,
+            **plan.grad_x_options,
         )
-        if a.use_batch_stats:
-            bwd_grad_x_kernel[plan.grid](
-                grad_y,
-                x,
-                grad_x,
-                mean,
-                invstd,
-                sums,
-                *params,
-                *plan.grad_x_ints,
-                **plan.grad_x_options,
-            )
     return grad_x, *grads, grad_alpha_total

@@ -3,11 +3,13 @@ PyTorch reference on CPU when the compiled extension is missing."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from avkernels._extension import HAS_EXTENSION
 from avkernels.ops import checks
-from avkernels.ops._library import register_python_kernels
+from avkernels.ops._library import register_inductor_decomposition, register_python_kernels
 from avkernels.ops.masking import definition, reference
 from avkernels.ops.masking.schema import MASKED_CONCAT, MASKED_CONCAT_BACKWARD, ZERO_MASKED_PATCHES
 
@@ -62,6 +64,8 @@ except ImportError:  # no triton: CUDA tensors cannot use avkernels kernels
     triton_launch = None
 if triton_launch is not None:
     for signature in REFERENCE_KERNELS:
-        torch.library.register_kernel(
-            f"avkernels::{signature.name}", "cuda", getattr(triton_launch, signature.name)
+        launcher = getattr(triton_launch, signature.name)
+        torch.library.register_kernel(f"avkernels::{signature.name}", "cuda", launcher)
+        register_inductor_decomposition(
+            signature, functools.partial(launcher, launch=torch.library.wrap_triton)
         )

@@ -1,7 +1,9 @@
 """Launchers of the Triton masking kernels: the CUDA kernels of ``zero_masked_patches``,
 ``masked_concat`` and ``masked_concat_backward`` (arguments as in
 :mod:`avkernels.ops.masking.schema`), registered by :mod:`avkernels.ops.masking.registration`.
-Each launcher first makes the checks of :mod:`avkernels.ops.checks`, as the C++ kernels do."""
+Each launcher first makes the checks of :mod:`avkernels.ops.checks`, as the C++ kernels do, and
+launches through ``launch`` (``torch.library.wrap_triton`` when traced for Inductor; docs/DESIGN.md,
+"torch.compile on CUDA")."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import triton
 from torch import Tensor
 
 from avkernels.ops import checks
+from avkernels.ops._library import launch_directly
 from avkernels.ops.masking.reference import patch_grid
 from avkernels.ops.masking.triton_kernels import masked_copy_pair_kernel, zero_masked_patches_kernel
 
@@ -18,7 +21,7 @@ _MAX_BLOCK_FEATURES = 1024  # features per step of a fusion row
 
 
 def zero_masked_patches(
-    x: Tensor, ratio: Tensor, seeds: Tensor, patch_h: int, patch_w: int
+    x: Tensor, ratio: Tensor, seeds: Tensor, patch_h: int, patch_w: int, *, launch=launch_directly
 ) -> None:
     checks.zero_masked_patches(x, ratio, seeds, patch_h, patch_w)
     batch, channels, frames, height, width = x.shape
@@ -28,7 +31,7 @@ def zero_masked_patches(
         return
     block_pixels = min(triton.next_power_of_2(pixels), _MAX_BLOCK_PIXELS)
     grid = (batch * frames, triton.cdiv(pixels, block_pixels))
-    zero_masked_patches_kernel[grid](
+    launch(zero_masked_patches_kernel)[grid](
         x,
         ratio.contiguous(),
         seeds.contiguous(),
@@ -56,6 +59,7 @@ def _masked_copy_pair(
     seeds: Tensor,
     group_a: int,
     group_v: int,
+    launch,
 ) -> None:
     """dst_m = mask_m * src_m for both modalities; every row must have unit feature stride."""
     batch, features_a = src_a.shape
@@ -64,7 +68,7 @@ def _masked_copy_pair(
         return
     seeds = seeds.contiguous()
     groups = max(features_a // group_a, features_v // group_v, 1)
-    masked_copy_pair_kernel[(batch, 2)](
+    launch(masked_copy_pair_kernel)[(batch, 2)](
         src_a,
         src_v,
         dst_a,
@@ -97,13 +101,24 @@ def masked_concat(
     seeds: Tensor,
     group_a: int,
     group_v: int,
+    *,
+    launch=launch_directly,
 ) -> Tensor:
     checks.masked_concat(a, v, ratio_a, ratio_v, seeds, group_a, group_v)
     a, v = a.contiguous(), v.contiguous()
     features_a = a.shape[1]
     out = a.new_empty((a.shape[0], features_a + v.shape[1]))
     _masked_copy_pair(
-        a, v, out[:, :features_a], out[:, features_a:], ratio_a, ratio_v, seeds, group_a, group_v
+        a,
+        v,
+        out[:, :features_a],
+        out[:, features_a:],
+        ratio_a,
+        ratio_v,
+        seeds,
+        group_a,
+        group_v,
+        launch,
     )
     return out
 
@@ -116,6 +131,8 @@ def masked_concat_backward(
     features_a: int,
     group_a: int,
     group_v: int,
+    *,
+    launch=launch_directly,
 ) -> tuple[Tensor, Tensor]:
     checks.masked_concat_backward(grad, ratio_a, ratio_v, seeds, features_a, group_a, group_v)
     grad = grad.contiguous()
@@ -131,6 +148,7 @@ def masked_concat_backward(
         seeds,
         group_a,
         group_v,
+        launch,
     )
     return grad_a, grad_v
 
