@@ -65,6 +65,8 @@ class Trainer:
         num_workers: DataLoader workers (:mod:`avkernels.app.training`, "Reproducibility").
         progress: tqdm bars (rank 0 only); default: only when stderr is a terminal.
         on_step: called as ``on_step(trainer, global_step)`` after every optimizer step.
+        on_epoch: called as ``on_epoch(trainer, rows)`` on every rank at each epoch end, with
+            the epoch's new metrics rows (train, and eval when evaluated).
 
     :meth:`fit` runs (or finishes) the training and returns the metrics history. Built while a
     ``torch.distributed`` process group is initialised, every rank builds a Trainer with the
@@ -83,6 +85,7 @@ class Trainer:
         num_workers: int = 0,
         progress: bool | None = None,
         on_step: Callable[[Trainer, int], None] | None = None,
+        on_epoch: Callable[[Trainer, list[dict]], None] | None = None,
     ) -> None:
         config.validate()
         self.config, self.train_data, self.eval_data = config, train_data, eval_data
@@ -90,6 +93,7 @@ class Trainer:
         self.ranks = Ranks.current()
         self.device = training_device(device)
         self.num_workers, self.progress, self.on_step = num_workers, progress, on_step
+        self.on_epoch = on_epoch
         self._stop = threading.Event()
         if len(train_data) == 0:
             raise ValueError("Trainer: the training set is empty")
@@ -398,6 +402,11 @@ class Trainer:
         """The inputs this run uses: stage 1's ``modalities``, both otherwise."""
         return self.config.modalities if self.config.stage == "stage1" else MODALITIES
 
+    def _slowest_rank(self, seconds: float) -> float:
+        """The longest of the ranks' wall times (a collective), so that every rank's history
+        holds the same figure."""
+        return max(self.ranks.gather(seconds))
+
     def _print_epoch_line(self) -> None:
         """One line per epoch on stderr: above the bar (tqdm.write) when bars are shown, plain
         otherwise, so that a log file shows the run's progress too."""
@@ -514,7 +523,7 @@ class Trainer:
             "loss": totals["loss"] / totals["samples"],
         }
         row.update({accuracy_key(n): totals[f"correct_{n}"] / totals["samples"] for n in names})
-        row["seconds"] = totals["seconds"]
+        row["seconds"] = self._slowest_rank(totals["seconds"])
         dead_fraction = self._epoch_dead_fractions()
         if dead_fraction:
             row["dead_fraction"] = dead_fraction
@@ -539,11 +548,13 @@ class Trainer:
                     "stage": stage,
                     "split": "eval",
                     **evaluation,
-                    "seconds": time.perf_counter() - started,
+                    "seconds": self._slowest_rank(time.perf_counter() - started),
                 }
             )
         if self.ranks.is_main:
             self._print_epoch_line()
+        if self.on_epoch is not None:
+            self.on_epoch(self, [r for r in self.history if r["epoch"] == self.epoch + 1])
         self.scheduler.step()
         self.epoch += 1
         self.step_in_epoch = 0
