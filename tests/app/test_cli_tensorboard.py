@@ -68,3 +68,14 @@ def test_without_tensorboard_the_flag_fails_before_training(
     assert "--tensorboard" in err and "pip install tensorboard" in err
     assert "Traceback" not in err and "epoch" not in err
     assert not out.exists() or not any(out.rglob("*"))
+
+
+def test_overwrite_replaces_the_old_event_files(tmp_path, clips_manifest):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "run"
+    argv = ["train", "joint", str(clips_manifest), "--out", str(out), "--tensorboard", *TINY]
+    assert main(argv + ["--epochs", "1"]) == 0
+    first = list((out / "tensorboard").iterdir())
+    assert main(argv + ["--epochs", "1", "--overwrite"]) == 0
+    second = list((out / "tensorboard").iterdir())
+    assert len(first) == len(second) == 1 and first != second
