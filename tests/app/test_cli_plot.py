@@ -41,7 +41,7 @@ def test_curves_follow_the_rows(run_dir):
     assert set(panels) == {"loss", "accuracy", "dead fraction (mean over BN layers)"}
     assert panels["loss"]["joint eval loss"] == ([1, 2], [r["loss"] for r in rows[1::2]])
     dead = rows[2]["dead_fraction"]
-    xs, ys = panels["dead fraction (mean over BN layers)"]["joint train dead"]
+    xs, ys = panels["dead fraction (mean over BN layers)"]["joint train dead fraction"]
     assert xs == [1, 2] and ys[1] == pytest.approx(sum(dead.values()) / len(dead))
 
 

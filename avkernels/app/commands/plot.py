@@ -109,7 +109,8 @@ def curves(rows: list[dict]) -> dict[str, dict[str, tuple[list, list]]]:
         values.update({("accuracy", k): v for k, v in row.items() if k.startswith("acc")})
         dead = row.get("dead_fraction")
         if dead:
-            values[("dead fraction (mean over BN layers)", "dead")] = sum(dead.values()) / len(dead)
+            mean = sum(dead.values()) / len(dead)
+            values[("dead fraction (mean over BN layers)", "dead fraction")] = mean
         for (panel, name), value in values.items():
             if isinstance(value, (int, float)):
                 label = " ".join(filter(None, (stage, row["split"], name)))
@@ -121,6 +122,8 @@ def curves(rows: list[dict]) -> dict[str, dict[str, tuple[list, list]]]:
 
 def draw(rows: list[dict]):
     """The figure of the learning curves of ``rows``: one panel per quantity."""
+    from matplotlib.ticker import MaxNLocator
+
     from avkernels.diagnosis.plots import _figure
 
     panels = curves(rows)
@@ -131,6 +134,7 @@ def draw(rows: list[dict]):
             ax.plot(xs, ys, marker="o", markersize=3, label=label)
         ax.set_ylabel(panel)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     return figure
