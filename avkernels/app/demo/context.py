@@ -132,9 +132,11 @@ def audio_accuracy_by_speaker(model, samples: TensorSamples, batch_size: int) ->
 
 
 def last_row(history: list, split: str) -> dict:
-    """The metrics of the last row of ``split`` in a run's history (without epoch and split)."""
+    """The metrics of the last row of ``split`` in a run's history: its losses and accuracies
+    (not the epoch, stage, split, wall time or dead fractions)."""
     rows = [row for row in history if row["split"] == split]
-    return {k: v for k, v in rows[-1].items() if k not in ("epoch", "split")} if rows else {}
+    left_out = ("epoch", "stage", "split", "seconds", "dead_fraction")
+    return {k: v for k, v in rows[-1].items() if k not in left_out} if rows else {}
 
 
 def curve(history: list, key: str) -> list:

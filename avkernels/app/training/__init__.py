@@ -33,10 +33,14 @@ Batches: dicts with ``"audio"`` (B, 1, frames, mel) float, ``"visual"`` (B, C, T
 Run directory: ``config.json``; ``checkpoint.pt`` (everything needed to resume: model,
 optimizer, scheduler, RNG states of torch/numpy/python (``rng``; ``rng_other_ranks``: those of
 ranks 1.. under several processes), epoch and step, confidence trackers, running epoch totals,
-metrics history; written atomically at every epoch end, every
+every rank's dead-channel counters of the epoch so far (``dead_counters``), metrics history;
+written atomically at every epoch end, every
 ``checkpoint_every`` steps and when a stop is requested, e.g. by Ctrl-C); ``metrics.jsonl`` and
 ``metrics.csv`` (one row per epoch and split, rewritten from the checkpointed history so a
-resumed run never duplicates a row); ``model.pt`` (the final model state dict).
+resumed run never duplicates a row; each row names its ``stage`` and holds the epoch's wall time
+``seconds``, the train rows also each BN layer's mean ``dead_fraction``: docs/cli.md, "Watching
+a run"); ``model.pt`` (the final model state dict). A resumed run reproduces every figure but
+the wall times.
 
 Reproducibility: the order of the data in epoch ``e`` is a function of ``(seed, e)`` only (no
 generator state to carry), and the DataLoader gets a generator seeded the same way, so workers

@@ -37,15 +37,29 @@ def write_model(run_dir: Path, weights: dict) -> Path:
 
 def write_metrics(run_dir: Path, history: list[dict]) -> None:
     """``metrics.jsonl`` and ``metrics.csv``, one row per epoch and split, rewritten whole from
-    the history (so a resumed run never duplicates a row)."""
+    the history (so a resumed run never duplicates a row). The csv flattens nested values
+    (:func:`flat_row`)."""
     lines = "".join(json.dumps(row) + "\n" for row in history)
     atomic_write_text(run_dir / METRICS_JSONL, lines)
-    columns = list(dict.fromkeys(key for row in history for key in row))
+    rows = [flat_row(row) for row in history]
+    columns = list(dict.fromkeys(key for row in rows for key in row))
     text = io.StringIO()
     writer = csv.DictWriter(text, columns, lineterminator="\n")
     writer.writeheader()
-    writer.writerows(history)
+    writer.writerows(rows)
     atomic_write_text(run_dir / METRICS_CSV, text.getvalue())
+
+
+def flat_row(row: dict) -> dict:
+    """``row`` with each nested dict spread into ``key.inner`` columns (``dead_fraction`` ->
+    ``dead_fraction.audio_net.layer1.0.bn1``...), for the csv."""
+    flat = {}
+    for key, value in row.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{inner}": v for inner, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
 
 
 def read_checkpoint(path: Path) -> dict:

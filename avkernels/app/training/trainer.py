@@ -7,6 +7,7 @@ import contextlib
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -41,8 +42,9 @@ from avkernels.app.training.sampling import (
     epoch_seed,
     rank_seed,
 )
-from avkernels.distributed import Ranks, wrap_ddp
+from avkernels.distributed import Ranks, all_reduce_dead_stats, wrap_ddp
 from avkernels.fust import ConfidenceTracker, MaskRatios
+from avkernels.nn.tracked_bn import TrackedBN
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -63,6 +65,8 @@ class Trainer:
         num_workers: DataLoader workers (:mod:`avkernels.app.training`, "Reproducibility").
         progress: tqdm bars (rank 0 only); default: only when stderr is a terminal.
         on_step: called as ``on_step(trainer, global_step)`` after every optimizer step.
+        on_epoch: called as ``on_epoch(trainer, rows)`` on every rank at each epoch end, with
+            the epoch's new metrics rows (train, and eval when evaluated).
 
     :meth:`fit` runs (or finishes) the training and returns the metrics history. Built while a
     ``torch.distributed`` process group is initialised, every rank builds a Trainer with the
@@ -81,6 +85,7 @@ class Trainer:
         num_workers: int = 0,
         progress: bool | None = None,
         on_step: Callable[[Trainer, int], None] | None = None,
+        on_epoch: Callable[[Trainer, list[dict]], None] | None = None,
     ) -> None:
         config.validate()
         self.config, self.train_data, self.eval_data = config, train_data, eval_data
@@ -88,6 +93,7 @@ class Trainer:
         self.ranks = Ranks.current()
         self.device = training_device(device)
         self.num_workers, self.progress, self.on_step = num_workers, progress, on_step
+        self.on_epoch = on_epoch
         self._stop = threading.Event()
         if len(train_data) == 0:
             raise ValueError("Trainer: the training set is empty")
@@ -146,7 +152,45 @@ class Trainer:
     # -- state ------------------------------------------------------------------------------
 
     def _zero_totals(self) -> dict:
-        return {"loss": 0.0, "samples": 0, **{f"correct_{m}": 0 for m in ("joint",) + MODALITIES}}
+        return {
+            "loss": 0.0,
+            "samples": 0,
+            "seconds": 0.0,
+            **{f"correct_{m}": 0 for m in ("joint",) + MODALITIES},
+        }
+
+    def _counting_layers(self) -> dict[str, TrackedBN]:
+        """The TrackedBN layers that count dead outputs, by module name."""
+        return {
+            name: module
+            for name, module in self.model.named_modules()
+            if isinstance(module, TrackedBN) and module.track_dead
+        }
+
+    def _dead_counters(self) -> dict[str, list[Tensor]]:
+        """This rank's dead counters of the epoch so far (CPU copies, for the checkpoint)."""
+        return {
+            name: [bn.dead_count.cpu(), bn.dead_sample_count.cpu(), bn.seen.cpu()]
+            for name, bn in self._counting_layers().items()
+        }
+
+    def _set_dead_counters(self, counters: dict[str, list[Tensor]]) -> None:
+        for name, bn in self._counting_layers().items():
+            if name in counters:
+                for buffer, value in zip(
+                    (bn.dead_count, bn.dead_sample_count, bn.seen), counters[name]
+                ):
+                    buffer.copy_(value)
+
+    def _epoch_dead_fractions(self) -> dict[str, float]:
+        """Per counting BN layer that saw data this epoch, its dead fraction averaged over
+        channels (the counters hold the epoch's training steps, summed over the ranks)."""
+        all_reduce_dead_stats(self.model)
+        return {
+            name: float(bn.dead_fraction().mean())
+            for name, bn in self._counting_layers().items()
+            if int(bn.seen[0])
+        }
 
     def state_dict(self) -> dict:
         return {
@@ -173,10 +217,11 @@ class Trainer:
 
         With several processes every rank calls it: rank 0 writes, with every rank's RNG
         state, and all return once the files are in place."""
-        rng_states = self.ranks.gather(rng_state())
+        rng_states, dead_counters = zip(*self.ranks.gather((rng_state(), self._dead_counters())))
         if self.ranks.is_main:
             state = self.state_dict()
-            state["rng_other_ranks"] = rng_states[1:]
+            state["rng_other_ranks"] = list(rng_states[1:])
+            state["dead_counters"] = list(dead_counters)
             run_files.write_checkpoint(self.run_dir, self.config.to_dict(), state, self.history)
         self.ranks.barrier()
         return self.run_dir / run_files.CHECKPOINT
@@ -207,12 +252,19 @@ class Trainer:
             self.trackers[modality].load_state_dict(tracker_state)
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.global_step, self.finished = state["global_step"], state["finished"]
-        self._totals, self.history = dict(state["totals"]), list(state["history"])
+        # Totals saved before the epoch's wall time was recorded lack "seconds".
+        self._totals = {**self._zero_totals(), **state["totals"]}
+        self.history = list(state["history"])
         # Each rank continues its own stream; ranks the saved run did not have (it ran on fewer
         # processes) keep the fresh stream of rank_seed.
         rng_states = [state["rng"], *state.get("rng_other_ranks", [])]
         if self.ranks.rank < len(rng_states):
             set_rng_state(rng_states[self.ranks.rank])
+        # The counters of the epoch so far (absent in checkpoints written before they were
+        # saved); a rank the saved run did not have starts its count at the resume point.
+        dead_counters = state.get("dead_counters", [])
+        if self.ranks.rank < len(dead_counters):
+            self._set_dead_counters(dead_counters[self.ranks.rank])
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -271,7 +323,14 @@ class Trainer:
                     device=self.device,
                     ranks=self.ranks,
                 )
-                self.history.append({"epoch": self.epoch, "split": f"probe_{modality}", **row})
+                self.history.append(
+                    {
+                        "epoch": self.epoch,
+                        "stage": config.stage,
+                        "split": f"probe_{modality}",
+                        **row,
+                    }
+                )
         except KeyboardInterrupt:
             raise TrainingInterrupted(
                 f"stopped during the linear probes; the checkpoint in {self.run_dir} holds the "
@@ -282,6 +341,9 @@ class Trainer:
         from tqdm.auto import tqdm
 
         self.model.train()
+        if self.step_in_epoch == 0:  # a resumed epoch keeps the counts of its first steps
+            for bn in self._counting_layers().values():
+                bn.reset_dead_stats()
         size, batch_size = len(self.train_data), self.config.batch_size
         bar = tqdm(
             loader,
@@ -291,11 +353,15 @@ class Trainer:
             disable=not self._show_progress,
             desc=f"{self.config.stage} epoch {self.epoch + 1}/{self.config.epochs}",
         )
+        last = time.perf_counter()
         for batch in bar:
             global_batch = min(batch_size, size - self.step_in_epoch * batch_size)
             loss = self._record(self.ranks.gather(self._train_step(batch, global_batch)))
             self.step_in_epoch += 1
             self.global_step += 1
+            now = time.perf_counter()
+            self._totals["seconds"] += now - last
+            last = now
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             if self.on_step is not None:
                 self.on_step(self, self.global_step)
@@ -337,6 +403,25 @@ class Trainer:
     def modalities(self) -> tuple:
         """The inputs this run uses: stage 1's ``modalities``, both otherwise."""
         return self.config.modalities if self.config.stage == "stage1" else MODALITIES
+
+    def _slowest_rank(self, seconds: float) -> float:
+        """The longest of the ranks' wall times (a collective), so that every rank's history
+        holds the same figure."""
+        return max(self.ranks.gather(seconds))
+
+    def _print_epoch_line(self) -> None:
+        """One line per epoch on stderr: above the bar (tqdm.write) when bars are shown, plain
+        otherwise, so that a log file shows the run's progress too."""
+        rows = [r for r in self.history if r["epoch"] == self.epoch + 1]
+        line = f"{self.config.stage} epoch {self.epoch + 1}/{self.config.epochs}: " + "; ".join(
+            f"{r['split']} " + ", ".join(epoch_figures(r)) for r in rows
+        )
+        if self._show_progress:
+            from tqdm.auto import tqdm
+
+            tqdm.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
 
     @property
     def _show_progress(self) -> bool:
@@ -434,47 +519,44 @@ class Trainer:
         names = self.config.modalities if stage == "stage1" else ("joint",) + MODALITIES
         row = {
             "epoch": self.epoch + 1,
+            "stage": stage,
             "split": "train",
             "lr": self.optimizer.param_groups[0]["lr"],
             "loss": totals["loss"] / totals["samples"],
         }
         row.update({accuracy_key(n): totals[f"correct_{n}"] / totals["samples"] for n in names})
+        row["seconds"] = self._slowest_rank(totals["seconds"])
+        dead_fraction = self._epoch_dead_fractions()
+        if dead_fraction:
+            row["dead_fraction"] = dead_fraction
         self.history.append(row)
         for tracker in self.trackers.values():
             tracker.end_epoch()
         if self.eval_data is not None:
             self.ranks.broadcast_float_buffers(self.model)  # evaluate rank 0's model everywhere
+            started = time.perf_counter()
+            evaluation = evaluate(
+                self.model,
+                self.eval_data,
+                stage,
+                self.config.batch_size,
+                self.device,
+                self.modalities,
+                ranks=self.ranks,
+            )
             self.history.append(
                 {
                     "epoch": self.epoch + 1,
+                    "stage": stage,
                     "split": "eval",
-                    **evaluate(
-                        self.model,
-                        self.eval_data,
-                        stage,
-                        self.config.batch_size,
-                        self.device,
-                        self.modalities,
-                        ranks=self.ranks,
-                    ),
+                    **evaluation,
+                    "seconds": self._slowest_rank(time.perf_counter() - started),
                 }
             )
-        if self._show_progress:
-            from tqdm.auto import tqdm
-
-            rows = [r for r in self.history if r["epoch"] == self.epoch + 1]
-            tqdm.write(
-                f"{stage} epoch {self.epoch + 1}/{self.config.epochs}: "
-                + "; ".join(
-                    r["split"]
-                    + " "
-                    + ", ".join(
-                        f"{k} {v:.4f}" for k, v in r.items() if k.startswith(("acc", "loss"))
-                    )
-                    for r in rows
-                ),
-                file=sys.stderr,
-            )
+        if self.ranks.is_main:
+            self._print_epoch_line()
+        if self.on_epoch is not None:
+            self.on_epoch(self, [r for r in self.history if r["epoch"] == self.epoch + 1])
         self.scheduler.step()
         self.epoch += 1
         self.step_in_epoch = 0
@@ -483,6 +565,17 @@ class Trainer:
             for modality, tracker in self.trackers.items():
                 tracker.save(self.run_dir / f"confidence_{modality}.pt")
         self.save_checkpoint()
+
+
+def epoch_figures(row: dict) -> list[str]:
+    """The key numbers of one metrics row, as ``name value`` texts: losses, accuracies, the
+    learning rate and the wall time."""
+    figures = [f"{k} {v:.4f}" for k, v in row.items() if k.startswith(("loss", "acc"))]
+    if "lr" in row:
+        figures.append(f"lr {row['lr']:.3g}")
+    if "seconds" in row:
+        figures.append(f"{row['seconds']:.1f}s")
+    return figures
 
 
 @contextlib.contextmanager
