@@ -71,17 +71,38 @@ def write_frames(
     return paths
 
 
-def write_clip(root: Path, audio: Path, frames: Path, seed: int = 0, frame_count: int = 3) -> None:
+def write_noise_frames(folder: Path, count: int = 3, size: int = 16, seed: int = 0) -> None:
+    """``count`` lossless frames of random pixels: every crop and flip of them differs."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(1, count + 1):
+        pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"frame_0000{i}.png")
+
+
+def write_clip(
+    root: Path,
+    audio: Path,
+    frames: Path,
+    seed: int = 0,
+    frame_count: int = 3,
+    textured: bool = False,
+) -> None:
     write_wav(root / audio, seed=seed)
-    write_frames(root / frames, frame_count)
+    if textured:
+        write_noise_frames(root / frames, frame_count, seed=seed)
+    else:
+        write_frames(root / frames, frame_count)
 
 
-def write_clips_manifest(root: Path) -> Path:
-    """8 clips of 2 frames under ``root`` (6 train, 2 test, 2 classes) and their manifest."""
+def write_clips_manifest(root: Path, textured: bool = False, frame_count: int = 2) -> Path:
+    """8 clips of ``frame_count`` frames under ``root`` (6 train, 2 test, 2 classes) and their
+    manifest; ``textured``: frames of random pixels (:func:`write_noise_frames`), else solid
+    colours."""
     records = []
     for index in range(8):
         audio, frames = f"audio/{index}.wav", f"frames/{index}"
-        write_clip(root, audio, frames, seed=index, frame_count=2)
+        write_clip(root, audio, frames, seed=index, frame_count=frame_count, textured=textured)
         split = "train" if index < 6 else "test"
         records.append(ClipRecord(f"clip{index}", split, index % 2, root / audio, root / frames))
     return write_manifest(root / "manifest.csv", records)

@@ -19,7 +19,7 @@ from avkernels.app.data import (
     read_manifest,
     write_manifest,
 )
-from avkernels.app.data.visual import IMAGENET_MEAN, IMAGENET_STD
+from avkernels.app.data.visual import CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD, crop_box
 from tests.app.data_fixtures import frame_colour, write_clip, write_frames
 
 AUDIO = AudioConfig(num_mel_bins=16, target_length=32, mean=-2.0, std=3.0)
@@ -134,6 +134,47 @@ def test_frame_sampling_follows_the_official_rule(tmp_path):
         frame_indices(2, 3, train=False)
     names = write_frames(tmp_path / "f", 12, name=lambda i: f"frame_0000{i}.jpg")
     assert list_frames(tmp_path / "f") == names  # frame_000010 after frame_00009
+
+
+@pytest.mark.parametrize(
+    "height, width, scale",
+    [(240, 320, (0.08, 1.0)), (16, 16, (0.5, 1.0)), (10, 200, (0.9, 1.0)), (200, 10, (0.9, 1.0))],
+)
+def test_crop_box_is_torchvisions_random_resized_crop(height, width, scale):
+    """The same boxes as torchvision's RandomResizedCrop.get_params drawing from the global RNG
+    with the same seed (the last two shapes exhaust the 10 tries: the centre fallback)."""
+    from PIL import Image
+    from torchvision.transforms import RandomResizedCrop
+
+    image = Image.new("RGB", (width, height))
+    for seed in range(25):
+        torch.manual_seed(seed)
+        expected = RandomResizedCrop.get_params(image, list(scale), list(CROP_RATIO))
+        generator = torch.Generator().manual_seed(seed)
+        assert crop_box(height, width, scale, CROP_RATIO, generator) == tuple(expected)
+
+
+def test_augmentation_is_a_function_of_seed_epoch_and_index(tmp_path):
+    """Training items depend on (seed, epoch, index) only, not on what else drew from the
+    global RNG (as it differs between the ranks of a DDP run); another epoch differs."""
+    records = []
+    for i in range(2):
+        write_clip(tmp_path, f"a{i}.wav", f"f{i}", seed=i, frame_count=6, textured=True)
+        records.append(ClipRecord(f"c{i}", "train", i, tmp_path / f"a{i}.wav", tmp_path / f"f{i}"))
+    visual = VisualConfig(frames_per_clip=2, size=8)
+    dataset = AVDataset(records, "train", AUDIO, visual, modalities=("visual",))
+
+    def items(seed, epoch, global_draws):
+        torch.manual_seed(global_draws)
+        torch.rand(global_draws)
+        dataset.set_epoch(seed, epoch)
+        return torch.stack([dataset[i]["visual"] for i in range(len(dataset))])
+
+    first = items(seed=3, epoch=1, global_draws=0)
+    assert torch.equal(first, items(seed=3, epoch=1, global_draws=17))
+    assert not torch.equal(first[0], first[1])
+    for other in (items(seed=3, epoch=2, global_draws=0), items(seed=4, epoch=1, global_draws=0)):
+        assert all(not torch.equal(first[i], other[i]) for i in range(len(dataset)))
 
 
 def test_modalities_and_audio_cache(tmp_path):

@@ -87,6 +87,26 @@ def test_report_json_has_every_section_with_measured_numbers(quick_run):
     assert set(report["timings"]["steps"]) == {"data", "pretrain", "transfer", "fust", "kernels"}
 
 
+def test_each_seed_holds_out_other_speakers_and_reports_accuracy_per_speaker(quick_run):
+    report = json.loads((quick_run / "report.json").read_text())
+    held_out = [set(report["per_seed"][str(seed)]["data"]["test_speakers"]) for seed in (0, 1)]
+    assert all(len(speakers) == 2 for speakers in held_out) and held_out[0] != held_out[1]
+    for seed in ("0", "1"):
+        section = report["per_seed"][seed]
+        clips = section["data"]["speaker_clips"]["test"]
+        assert set(clips) == set(section["data"]["test_speakers"])
+        for run in section["transfer"]["finetune"].values():
+            by_speaker = run["eval_acc_audio_by_speaker"]
+            assert set(by_speaker) == set(clips)
+            # Weighted by the speakers' clips, they make the run's own test accuracy.
+            pooled = sum(by_speaker[s] * n for s, n in clips.items()) / sum(clips.values())
+            assert pooled == pytest.approx(run["eval_acc_audio"], abs=1e-6)
+    table = (quick_run / "report.md").read_text().split("audio accuracy per held-out speaker")[1]
+    for seed, speakers in enumerate(held_out):
+        for speaker in speakers:
+            assert re.search(rf"\| {seed} \| {speaker} \| [\d.]+% \|", table), (seed, speaker)
+
+
 def test_claims_hold_per_seed_values_their_paired_interval_and_verdict(quick_run):
     report = json.loads((quick_run / "report.json").read_text())
     names = [claim["name"] for claim in report["claims"]]
@@ -226,7 +246,7 @@ def test_unparsable_arguments_exit_2(argv):
 def test_resuming_on_another_av_digits_build_exits_2(quick_run, capsys):
     """Installing or removing a voice makes a new AV-Digits build: a demo folder made on the
     old one is not resumed on it (its report would mix two datasets)."""
-    record = quick_run / "dataset.json"
+    record = quick_run / "seed-1" / "dataset.json"
     saved = record.read_text()
     assert json.loads(saved)["av_digits"].startswith("av-digits-")
     try:

@@ -34,7 +34,8 @@ from tests.app.training_fixtures import (
 pytest.importorskip("torchvision")
 pytest.importorskip("PIL")
 
-from tests.app.data_fixtures import TINY_TRAINING_OPTIONS  # noqa: E402
+from avkernels.app.data import AudioConfig, AVDataset, VisualConfig  # noqa: E402
+from tests.app.data_fixtures import TINY_TRAINING_OPTIONS, write_clips_manifest  # noqa: E402
 
 WORLD_SIZE = 2
 SPAWN_DEADLINE_S = 300  # the ranks are killed after this (a hung collective must not hang pytest)
@@ -56,6 +57,23 @@ def float64_defaults():
         yield
     finally:
         torch.set_default_dtype(previous)
+
+
+class Float64Clips(AVDataset):
+    """On-disk clips with training augmentation (random frames, crops, flips), in float64 like
+    the models built under float64_defaults; the inputs of SyntheticAV's shapes."""
+
+    def __init__(self, manifest: Path):
+        audio = AudioConfig(num_mel_bins=32, target_length=64)
+        super().__init__(manifest, "train", audio, VisualConfig(frames_per_clip=2, size=32))
+
+    def __getitem__(self, index: int) -> dict:
+        item = super().__getitem__(index)
+        return {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in item.items()}
+
+
+def augmented_manifest(root: Path) -> Path:
+    return root / "clips" / "manifest.csv"
 
 
 # --- what every rank runs -----------------------------------------------------------------------
@@ -88,6 +106,10 @@ def _scenarios(rank: int, root: Path) -> dict:
     with float64_defaults():
         run(tiny_config(**STAGE1), root / "straight", data=SyntheticAV())
     report["writes"]["straight"], log[:] = list(log), []
+
+    with float64_defaults():
+        run(tiny_config(**STAGE1), root / "augmented", data=Float64Clips(augmented_manifest(root)))
+    log[:] = []
 
     def stop_on_rank_1(trainer, global_step):  # the other rank must stop with it
         if trainer.ranks.rank == 1 and global_step == 2:
@@ -179,6 +201,7 @@ def spawn_ranks(root: Path) -> None:
 @pytest.fixture(scope="module")
 def ranks_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
+    write_clips_manifest(augmented_manifest(root).parent, textured=True, frame_count=4)
     spawn_ranks(root)
     reports = [json.loads((root / f"report{rank}.json").read_text()) for rank in range(WORLD_SIZE)]
     return root, reports
@@ -189,6 +212,14 @@ def one_process_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("one") / "run"
     with float64_defaults():
         run(tiny_config(**STAGE1), run_dir, data=SyntheticAV())
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def one_process_augmented_run(ranks_run, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("one-augmented") / "run"
+    with float64_defaults():
+        run(tiny_config(**STAGE1), run_dir, data=Float64Clips(augmented_manifest(ranks_run[0])))
     return run_dir
 
 
@@ -215,6 +246,16 @@ def test_two_processes_train_as_one_does(ranks_run, one_process_run):
         for key in row_one:
             assert row_two[key] == pytest.approx(row_one[key], abs=1e-10), key
     assert len(states[0]["rng_other_ranks"]) == 1 and states[1]["rng_other_ranks"] == []
+
+
+def test_two_processes_augment_as_one_does(ranks_run, one_process_augmented_run):
+    """With random frames, crops and flips on, each sample's augmentation is a function of
+    (seed, epoch, sample), not of the rank's RNG: the same confidences as one process."""
+    two, one = ranks_run[0] / "augmented", one_process_augmented_run
+    for modality in ("audio", "visual"):
+        files = [ConfidenceTracker.load(d / f"confidence_{modality}.pt") for d in (two, one)]
+        assert files[0].ids == files[1].ids and files[0].num_epochs == files[1].num_epochs == 2
+        torch.testing.assert_close(files[0].per_epoch(), files[1].per_epoch(), rtol=0, atol=1e-10)
 
 
 def test_only_rank_0_writes(ranks_run):

@@ -25,8 +25,10 @@ clip, RandomResizedCrop + flip in training, Resize in evaluation, ImageNet norma
 Manifests (:mod:`avkernels.app.data.manifest`): CSV/JSONL rows ``id, split, label, audio, frames``
 (+ free metadata); ``avkernels prepare FORMAT --root RAW --out DIR`` writes one from the
 Kinetics-Sounds, VGGSound, CREMA-D or AVE layouts (:mod:`avkernels.app.data.importers`) or builds
-AV-Digits (:mod:`avkernels.app.data.av_digits`). Missing and corrupt files raise or are skipped with
-a report (:class:`DataError` names the file and the reason), never returned as a wrong sample.
+AV-Digits (:mod:`avkernels.app.data.av_digits`); ``avkernels prepare extract`` decodes videos into
+the clip files of those layouts (:mod:`avkernels.app.data.extract`). Missing and corrupt files
+raise or are skipped with a report (:class:`DataError` names the file and the reason), never
+returned as a wrong sample.
 """
 
 from torch.utils.data import default_collate

@@ -136,8 +136,7 @@ class AVDigits:
         return read_manifest(self.manifest)
 
     def speakers(self, split: str = "test") -> dict:
-        """Clip id -> speaker (person) of the clips of ``split``: the ``speakers`` argument of
-        :func:`avkernels.app.training.evaluation.evaluate`, for accuracy per speaker."""
+        """Clip id -> speaker (person) of the clips of ``split``, for accuracy per speaker."""
         return {r.id: r.extra["speaker"] for r in self.records() if r.split == split}
 
 

@@ -14,6 +14,7 @@ from avkernels.app.data.errors import ClipError, DataError
 from avkernels.app.data.manifest import ClipRecord, read_manifest, select_split
 from avkernels.app.data.visual import VisualConfig, list_frames, load_frames
 from avkernels.app.progress import progress_enabled
+from avkernels.app.training.sampling import sample_seed
 
 ON_ERROR = ("raise", "skip")
 MODALITIES = ("audio", "visual")
@@ -55,7 +56,9 @@ class AVDataset(Dataset):
         manifest: a manifest file (CSV/JSONL) or already-read records.
         split: the split to use (None: every record).
         audio, visual: front-end settings (official ones by default).
-        train: random frame choice and crops/flips; default: ``split == "train"``.
+        train: random frame choice and crops/flips; default: ``split == "train"``. They are
+            drawn from a generator seeded by ``(seed, epoch, index)`` (:meth:`set_epoch`), never
+            the global RNG, so any number of processes see the data one process sees.
         on_error: every file is checked when the dataset is built. ``"raise"``: the first
             problem raises :class:`DataError` (file and reason); ``"skip"``: problem clips are
             left out, listed in :attr:`skipped` and reported in one warning. A file that breaks
@@ -105,6 +108,7 @@ class AVDataset(Dataset):
         self.num_classes = max(r.label for r in all_records) + 1
         self.skipped: list[DataError] = []
         self._audio_cache: dict | None = {} if cache_audio else None
+        self.seed, self.epoch = 0, 0
         if check_files:
             records = self._checked(records, on_error, progress)
         self.records = records
@@ -148,6 +152,11 @@ class AVDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def set_epoch(self, seed: int, epoch: int) -> None:
+        """Draw the augmentation of item ``i`` from ``(seed, epoch, i)`` from now on (the trainer
+        calls it at the start of every epoch)."""
+        self.seed, self.epoch = seed, epoch
+
     @property
     def ids(self) -> list[str]:
         return [r.id for r in self.records]
@@ -169,7 +178,8 @@ class AVDataset(Dataset):
         if "audio" in self.modalities:
             item["audio"] = self._audio(record)
         if "visual" in self.modalities:
-            item["visual"] = load_frames(record.frames, self.visual_config, self.train)
+            generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))
+            item["visual"] = load_frames(record.frames, self.visual_config, self.train, generator)
         item["label"] = record.label
         item["id"] = record.id
         return item

@@ -13,6 +13,7 @@ silently mixes frames with colours, so this module builds the tensor in one plac
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _NUMBER = re.compile(r"(\d+)")
+CROP_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's default aspect-ratio range
 
 
 @dataclass(frozen=True)
@@ -50,18 +52,56 @@ class VisualConfig:
         if not 0 < low <= high <= 1:
             raise ValueError(f"crop_scale must satisfy 0 < low <= high <= 1, got {self.crop_scale}")
 
-    def transform(self, train: bool):
-        """The torchvision transform of one PIL frame to a normalised (3, size, size) tensor."""
-        from torchvision import transforms
+    def transform(self, train: bool, generator: torch.Generator):
+        """One PIL frame to a normalised (3, size, size) tensor; a training crop and flip are
+        drawn from ``generator`` alone (never the global RNG, see :meth:`AVDataset.set_epoch`)."""
+        from torchvision.transforms.v2 import functional
 
-        if train:
-            steps = [transforms.RandomResizedCrop(self.size, scale=tuple(self.crop_scale))]
-            if self.flip:
-                steps.append(transforms.RandomHorizontalFlip())
-        else:
-            steps = [transforms.Resize((self.size, self.size))]
-        steps += [transforms.ToTensor(), transforms.Normalize(self.mean, self.std)]
-        return transforms.Compose(steps)
+        def apply(image):
+            if train:
+                top, left, height, width = crop_box(
+                    image.height, image.width, self.crop_scale, CROP_RATIO, generator
+                )
+                image = functional.resized_crop(
+                    image, top, left, height, width, [self.size, self.size], antialias=True
+                )
+                if self.flip and torch.rand(1, generator=generator).item() < 0.5:
+                    image = functional.horizontal_flip(image)
+            else:
+                image = functional.resize(image, [self.size, self.size], antialias=True)
+            tensor = functional.to_dtype(functional.pil_to_tensor(image), torch.float32, scale=True)
+            return functional.normalize(tensor, list(self.mean), list(self.std))
+
+        return apply
+
+
+def crop_box(
+    height: int, width: int, scale: tuple, ratio: tuple, generator: torch.Generator
+) -> tuple[int, int, int, int]:
+    """``(top, left, height, width)`` of a random crop, torchvision's RandomResizedCrop rule
+    drawn from ``generator``: area fraction uniform in ``scale``, aspect ratio log-uniform in
+    ``ratio``, 10 tries, then the centre crop of the ratio nearest the image's."""
+    area = height * width
+    log_ratio = torch.log(torch.tensor(ratio))
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
+        aspect = math.exp(
+            torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=generator).item()
+        )
+        crop_width = int(round(math.sqrt(target_area * aspect)))
+        crop_height = int(round(math.sqrt(target_area / aspect)))
+        if 0 < crop_width <= width and 0 < crop_height <= height:
+            top = torch.randint(0, height - crop_height + 1, (1,), generator=generator).item()
+            left = torch.randint(0, width - crop_width + 1, (1,), generator=generator).item()
+            return top, left, crop_height, crop_width
+    image_ratio = width / height
+    if image_ratio < min(ratio):
+        crop_width, crop_height = width, int(round(width / min(ratio)))
+    elif image_ratio > max(ratio):
+        crop_width, crop_height = int(round(height * max(ratio))), height
+    else:
+        crop_width, crop_height = width, height
+    return (height - crop_height) // 2, (width - crop_width) // 2, crop_height, crop_width
 
 
 def _frame_order(path: Path) -> tuple:
@@ -96,7 +136,9 @@ def frame_indices(
 def load_frames(
     folder: Path, config: VisualConfig, train: bool, generator: torch.Generator | None = None
 ) -> Tensor:
-    """The (3, frames_per_clip, size, size) input of the clip whose frames are in ``folder``."""
+    """The (3, frames_per_clip, size, size) input of the clip whose frames are in ``folder``;
+    in training, the frame choice, crops and flips are drawn from ``generator`` (default: a
+    fresh one seeded from the global RNG)."""
     from PIL import Image
 
     frames = list_frames(folder)
@@ -104,7 +146,9 @@ def load_frames(
         raise DataError(
             folder, f"{len(frames)} frame(s), fewer than the {config.frames_per_clip} a clip needs"
         )
-    transform = config.transform(train)
+    if generator is None:
+        generator = torch.Generator().manual_seed(int(torch.randint(2**62, ()).item()))
+    transform = config.transform(train, generator)
     images = []
     for index in frame_indices(len(frames), config.frames_per_clip, train, generator):
         try:

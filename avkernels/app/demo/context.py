@@ -40,6 +40,8 @@ class TensorSamples(Dataset):
         self.visual = torch.stack([sample["visual"] for sample in samples])
         self.labels = [sample["label"] for sample in samples]
         self.ids = [sample["id"] for sample in samples]
+        speaker_of = digits.speakers(split)
+        self.speakers = [speaker_of[clip] for clip in self.ids]
         self.num_classes = len(digits.classes)
 
     def __len__(self) -> int:
@@ -64,7 +66,6 @@ class Demo:
     log: Callable[[str], None] = print
     train: TensorSamples | None = None
     test: TensorSamples | None = None
-    data_info: dict = field(default_factory=dict)
     sections: dict = field(default_factory=dict)
 
     @property
@@ -106,6 +107,28 @@ class Demo:
         final = ", ".join(f"{k} {v:.3f}" for k, v in last_row(trainer.history, "eval").items())
         self.log(f"  {name}: test {final}" + (" (trained earlier)" if finished_earlier else ""))
         return trainer
+
+
+@torch.no_grad()
+def audio_accuracy_by_speaker(model, samples: TensorSamples, batch_size: int) -> dict:
+    """Test accuracy of ``model``'s audio head on the clips of each speaker of ``samples``."""
+    was_training = model.training
+    model.eval()
+    predicted = torch.cat(
+        [
+            model.forward_audio(samples.audio[i : i + batch_size]).argmax(1)
+            for i in range(0, len(samples), batch_size)
+        ]
+    )
+    model.train(was_training)
+    right = predicted == torch.tensor(samples.labels)
+    return {
+        speaker: right[[i for i, s in enumerate(samples.speakers) if s == speaker]]
+        .float()
+        .mean()
+        .item()
+        for speaker in sorted(set(samples.speakers))
+    }
 
 
 def last_row(history: list, split: str) -> dict:

@@ -17,6 +17,10 @@ def _finetune(section: dict, name: str, key: str) -> float:
     return run["eval_acc_audio"] if key == "final" else run["curve"][0]
 
 
+def _fust_run(section: dict, run: str) -> dict:
+    return section["fust"]["runs"][run]
+
+
 def _dead(section: dict, diagnosis: str, key: str = "dead_relu_fed_ratio") -> float:
     return section["transfer"]["diagnosis"][diagnosis][key]
 
@@ -77,21 +81,21 @@ def claims(per_seed: list) -> list:
                         higher_is_better=False,
                     )
                 )
-    runs = lambda s: s["fust"]["runs"]  # noqa: E731
     found.append(
         compare(
             "joint accuracy: FusT vs naive joint training",
-            lambda s: runs(s)["fust_stage2"]["eval_acc_joint"],
-            lambda s: runs(s)["joint_naive"]["eval_acc_joint"],
+            lambda s: _fust_run(s, "fust_stage2")["eval_acc_joint"],
+            lambda s: _fust_run(s, "joint_naive")["eval_acc_joint"],
         )
     )
     for modality in ("audio", "visual"):
-        if all(modality in runs(s)[r]["probe_acc"] for s in per_seed for r in runs(s)):
+        probed = (run["probe_acc"] for s in per_seed for run in s["fust"]["runs"].values())
+        if all(modality in probes for probes in probed):
             found.append(
                 compare(
                     f"{modality} encoder linear probe: FusT vs naive joint training",
-                    lambda s, m=modality: runs(s)["fust_stage2"]["probe_acc"][m],
-                    lambda s, m=modality: runs(s)["joint_naive"]["probe_acc"][m],
+                    lambda s, m=modality: _fust_run(s, "fust_stage2")["probe_acc"][m],
+                    lambda s, m=modality: _fust_run(s, "joint_naive")["probe_acc"][m],
                 )
             )
     return found
@@ -138,14 +142,12 @@ def measurements(per_seed: list) -> list:
             ("eval_acc_audio_half", "audio half"),
             ("eval_acc_visual_half", "visual half"),
         ):
-            rows.append(
-                over_seeds(f"{run} {label}", lambda s, r=run, k=key: s["fust"]["runs"][r][k])
-            )
+            rows.append(over_seeds(f"{run} {label}", lambda s, r=run, k=key: _fust_run(s, r)[k]))
         for modality in first["fust"]["runs"][run]["probe_acc"]:
             rows.append(
                 over_seeds(
                     f"{run} {modality} probe",
-                    lambda s, r=run, m=modality: s["fust"]["runs"][r]["probe_acc"][m],
+                    lambda s, r=run, m=modality: _fust_run(s, r)["probe_acc"][m],
                 )
             )
     for index, shape in enumerate(first["kernels"]["rows"]):

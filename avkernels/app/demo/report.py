@@ -92,17 +92,30 @@ def _across_seeds(report: dict) -> list:
         "Accuracies and ratios in %; time ratios as is.",
         "",
     ]
+    # (scale, decimals): fractions as percentages, time ratios as they are.
+    shown_as = {True: (1, 2), False: (100, 1)}
     lines += _table(
         ["number", "per seed", "mean", "95% interval"],
         [
-            [
-                m["name"],
-                *_interval(m, 1 if "time" in m["name"] else 100, 2 if "time" in m["name"] else 1),
-            ]
+            [m["name"], *_interval(m, *shown_as["time" in m["name"]])]
             for m in report["measurements"]
         ],
     )
     return lines + [""]
+
+
+def _by_speaker(report: dict) -> list:
+    """Per seed and held-out speaker, the test accuracy of each audio fine-tuning run."""
+    runs = list(report["per_seed"][str(report["seeds"][0])]["transfer"]["finetune"])
+    rows = []
+    for seed in report["seeds"]:
+        finetune = report["per_seed"][str(seed)]["transfer"]["finetune"]
+        for speaker in report["per_seed"][str(seed)]["data"]["test_speakers"]:
+            rows.append(
+                [seed, speaker]
+                + [percent(finetune[run]["eval_acc_audio_by_speaker"][speaker]) for run in runs]
+            )
+    return _table(["seed", "test speaker", *runs], rows) + [""]
 
 
 def report_markdown(report: dict, figure_source: Callable[[str], str]) -> str:
@@ -144,14 +157,16 @@ def report_markdown(report: dict, figure_source: Callable[[str], str]) -> str:
         for split, sources in data["speakers"].items()
     }
     lines += [
-        f"Voices (package:folder): training audio {voices['train']}; test audio {voices['test']}.",
+        f"Voices of seed {shown} (package:folder): training audio {voices['train']}; test audio "
+        f"{voices['test']}.",
         "",
     ]
     if data["speaker_disjoint"]:
         lines += [
-            f"The test audio comes from {len(data['speakers']['test'])} voice(s) never heard "
-            "in training: audio accuracies measure generalisation to those voices only.",
+            "Each seed holds out other test speakers, never heard in training (the intervals "
+            "below span seeds and speakers); audio accuracy per held-out speaker:",
             "",
+            *_by_speaker(report),
         ]
     if not data["speaker_disjoint"]:
         lines += [

@@ -1,6 +1,7 @@
 """``run_demo``: the demo's output folder checks, the steps in order for each seed (each
-cached in ``OUT/seed-<seed>/steps/<step>.json``, so a re-run skips the steps a seed finished),
-the claims over the seeds, and the report."""
+cached in ``OUT/seed-<seed>/steps/<step>.json``, so a re-run skips the steps a seed finished;
+each seed holds out its own test speakers, so builds its own AV-Digits), the claims over the
+seeds, and the report."""
 
 from __future__ import annotations
 
@@ -54,11 +55,11 @@ def environment() -> dict:
     }
 
 
-def _check_data(out: Path, av_digits: str) -> None:
-    """Every step of one demo folder must use one AV-Digits build: installing or removing a
-    voice package between two invocations makes a new build (another folder name), and
-    resuming on it would mix two datasets in one report."""
-    record = out / "dataset.json"
+def _check_data(seed_out: Path, av_digits: str) -> None:
+    """Every step of one seed must use one AV-Digits build: installing or removing a voice
+    package between two invocations makes a new build (another folder name), and resuming on it
+    would mix two datasets in one seed's results."""
+    record = seed_out / "dataset.json"
     if record.is_file():
         try:
             saved = json.loads(record.read_text(encoding="utf-8")).get("av_digits")
@@ -66,14 +67,14 @@ def _check_data(out: Path, av_digits: str) -> None:
             saved = None
         if saved != av_digits:
             raise DemoError(
-                f"{out} was run on another AV-Digits build ({saved}; now {av_digits}: "
+                f"{seed_out} was run on another AV-Digits build ({saved}; now {av_digits}: "
                 "voices were installed or removed since); choose another --out or "
                 "delete it"
             )
         return
-    if any(out.glob("seed-*/steps")):
+    if (seed_out / "steps").exists():
         raise DemoError(
-            f"{out} holds demo steps but no record of their AV-Digits build (made "
+            f"{seed_out} holds demo steps but no record of their AV-Digits build (made "
             "by an older avkernels); choose another --out or delete it"
         )
     atomic_write_text(record, json.dumps({"av_digits": av_digits}, indent=2) + "\n")
@@ -107,6 +108,16 @@ STEPS = {
 
 def _run_seed(demo: Demo, timings: dict) -> dict:
     """Every step for one seed (finished ones read back); returns the seed's sections."""
+    demo.out.mkdir(parents=True, exist_ok=True)
+    _check_data(demo.out, cache_folder(config=demo.settings.data).name)
+    started = time.perf_counter()
+    demo.sections["data"] = step_data(demo)  # the data in memory: loaded at every invocation
+    timings["data"] = timings.get("data", 0.0) + time.perf_counter() - started
+    data = demo.sections["data"]
+    demo.log(
+        f"  seed {demo.settings.seed} data: AV-Digits {data['clips']}, test speakers "
+        f"{', '.join(data['test_speakers'])} ({time.perf_counter() - started:.0f} s)"
+    )
     for step, run_step in STEPS.items():
         path = demo.section_path(step)
         if path.is_file():
@@ -144,7 +155,6 @@ def run_demo(
     seed_list = list(range(first_seed, first_seed + seeds))
     _check_out(out, demo_settings)
     out.mkdir(parents=True, exist_ok=True)
-    _check_data(out, cache_folder(config=demo_settings.data).name)
     atomic_write_text(out / "demo.json", json.dumps(demo_settings.sizes(), indent=2) + "\n")
     threads = torch.get_num_threads()
     # Tiny kernels on a shared CPU: one thread is several times faster than contending for two.
@@ -155,21 +165,8 @@ def run_demo(
     try:
         measured_on = environment()
         log(f"avkernels demo ({demo_settings.mode}, seeds {seed_list}) -> {out}")
-        loader = Demo(out, demo_settings, progress, log)
-        step_started = time.perf_counter()
-        data_info = step_data(loader)
-        timings["data"] = time.perf_counter() - step_started
-        log(f"  data: AV-Digits {data_info['clips']} ({timings['data']:.0f} s)")
         for seed in seed_list:
-            demo = Demo(
-                out / f"seed-{seed}",
-                settings(quick, seed),
-                progress,
-                log,
-                train=loader.train,
-                test=loader.test,
-                data_info=data_info,
-            )
+            demo = Demo(out / f"seed-{seed}", settings(quick, seed), progress, log)
             per_seed[seed] = _run_seed(demo, timings)
     finally:
         torch.set_num_threads(threads)
@@ -180,7 +177,7 @@ def run_demo(
         "seeds": seed_list,
         "settings": demo_settings.sizes(),
         "environment": measured_on,
-        "data": data_info,
+        "data": per_seed[seed_list[0]]["data"],
         # Computed at every invocation, so a resumed run states them the same way.
         "claims": claims(sections),
         "measurements": measurements(sections),

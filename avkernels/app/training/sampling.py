@@ -19,6 +19,12 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return _seed_of(np.random.SeedSequence([seed, epoch]))
 
 
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed that depends on ``(seed, epoch, index)`` only: the random augmentation of
+    sample ``index`` in epoch ``epoch``, the same on whichever rank loads it."""
+    return _seed_of(np.random.SeedSequence(epoch_seed(seed, epoch), spawn_key=(index,)))
+
+
 def rank_seed(seed: int, rank: int) -> int:
     """The seed of rank ``rank``'s own random stream (masks, augmentation, worker seeds): rank 0
     keeps ``seed`` (one process is unchanged), the others get independent streams."""

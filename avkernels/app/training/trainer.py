@@ -230,6 +230,8 @@ class Trainer:
         with _stop_on_sigint(self):
             while self.epoch < config.epochs:
                 sampler.set_epoch(self.epoch, self.step_in_epoch)
+                if hasattr(self.train_data, "set_epoch"):  # augmentation of (seed, epoch, sample)
+                    self.train_data.set_epoch(config.seed, self.epoch)
                 loader = DataLoader(
                     self.train_data,
                     batch_sampler=batches,
