@@ -81,6 +81,15 @@ class LayerDiagnosis:
         return None if count is None else count / self.channels
 
     @property
+    def abnormal_and_dead(self) -> int | None:
+        """Channels flagged by both criteria (abnormal parameters and dead on nearly every
+        sample); None without parameters or activations."""
+        if self.status is None or not self.has_activations:
+            return None
+        abnormal = np.array([status != "ok" for status in self.status])
+        return int((abnormal & (self.dead_sample_fraction >= self.activation_threshold)).sum())
+
+    @property
     def mean_dead_fraction(self) -> float | None:
         """Mean over channels of the fraction of outputs <= 0; None without activations."""
         return None if self.dead_fraction is None else float(np.mean(self.dead_fraction))

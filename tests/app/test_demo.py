@@ -19,7 +19,12 @@ if importlib.util.find_spec("spokennumbers") is None:  # found, not imported: it
         allow_module_level=True,
     )
 
+import torch
+
 from avkernels.app.cli import main
+from avkernels.app.demo.figures import THREE_WAYS
+from avkernels.app.demo.findings import DEAD_RATIOS
+from avkernels.app.demo.steps import RELATIVE_ABNORMAL, dead_three_ways
 from tests.app.cli_helpers import last_line, run_main  # noqa: E402
 
 SECTIONS = ("environment", "data", "claims", "measurements", "per_seed", "timings")
@@ -62,7 +67,12 @@ def test_report_json_has_every_section_with_measured_numbers(quick_run):
     first = report["per_seed"]["0"]
     accuracies = [first["pretrain"]["eval_acc_visual"]]
     accuracies += [r["eval_acc_audio"] for r in first["transfer"]["finetune"].values()]
-    assert set(first["transfer"]["finetune"]) == {"random_init", "pretrained", "pretrained_abri"}
+    assert set(first["transfer"]["finetune"]) == {
+        "random_init",
+        "pretrained",
+        "pretrained_abri",
+        "pretrained_abri_channel",
+    }
     fust = first["fust"]
     assert set(fust["runs"]) == {"fust_stage2", "joint_naive"}
     for run in fust["runs"].values():
@@ -115,6 +125,54 @@ def test_claims_hold_per_seed_values_their_paired_interval_and_verdict(quick_run
     assert final["baseline"] == [r["random_init"]["eval_acc_audio"] for r in runs]
     markdown = (quick_run / "report.md").read_text()
     assert "## Claims over seeds 0, 1" in markdown and "95% interval" in markdown
+
+
+def test_report_has_dead_channels_three_ways_per_layer_and_abri_claims(quick_run):
+    report = json.loads((quick_run / "report.json").read_text())
+    diagnoses = report["per_seed"]["0"]["transfer"]["diagnosis"]
+    for name in ("initialised_from_visual", "finetuned_pretrained_abri_channel"):
+        summary = diagnoses[name]
+        assert summary["relative_threshold"] == RELATIVE_ABNORMAL
+        assert len(summary["per_layer"]) == summary["layers"]
+        for row in summary["per_layer"].values():
+            assert set(row) == {"channels", *(key for key, _ in THREE_WAYS), "overlap_absolute"}
+            # a channel abnormal and dead is counted in both criteria
+            assert row["overlap_relative"] <= min(row["abnormal_relative"], row["activation_dead"])
+            assert row["abnormal_absolute"] <= row["abnormal_relative"] or row["channels"] == 0
+    names = {claim["name"] for claim in report["claims"]}
+    for variant in ("pretrained_abri", "pretrained_abri_channel"):
+        assert f"audio accuracy final: {variant} vs pre-trained" in names
+        assert f"audio accuracy after epoch 1: {variant} vs pre-trained" in names
+        for _, label in DEAD_RATIOS:
+            assert f"{label} after fine-tuning: {variant} vs pre-trained" in names
+    figures = report["per_seed"]["0"]["transfer"]["figures"]
+    assert {"dead_three_ways", "dead_maps"} <= set(figures)
+
+
+def test_dead_three_ways_on_a_hand_built_batchnorm():
+    # gamma, beta per channel: live; abnormal (absolute) and dead; abnormal only relative to
+    # the median |gamma| (~0.5, tau 5e-6) and live; normal but dead (beta far below any x).
+    gamma = [1.0, 1e-12, 1e-7, 1.0]
+    beta = [0.0, -1e-11, 1e-7, -100.0]
+    conv = torch.nn.Conv2d(1, 4, 1, bias=False)
+    bn = torch.nn.BatchNorm2d(4)
+    with torch.no_grad():
+        conv.weight.fill_(1.0)
+        bn.weight.copy_(torch.tensor(gamma))
+        bn.bias.copy_(torch.tensor(beta))
+    model = torch.nn.Sequential(conv, bn, torch.nn.ReLU()).eval()  # x-hat = x: N(0, 1)
+    batches = [torch.randn(8, 1, 6, 6, generator=torch.Generator().manual_seed(0))]
+    _, summary = dead_three_ways(model, batches)
+    assert summary["per_layer"]["1"] == {
+        "channels": 4,
+        "abnormal_absolute": 0.25,
+        "abnormal_relative": 0.5,
+        "activation_dead": 0.5,
+        "overlap_absolute": 0.25,
+        "overlap_relative": 0.25,
+    }
+    assert summary["abnormal_absolute_ratio"] == 0.25
+    assert summary["abnormal_relative_ratio"] == 0.5
 
 
 def test_html_embeds_every_figure_and_markdown_links_them(quick_run):

@@ -21,6 +21,7 @@ from avkernels.app.training import (
     linear_probe,
     patch_size,
 )
+from avkernels.app.training.model_setup import build_model, build_optimizer
 from avkernels.app.training.rng import rng_state, set_rng_state
 from avkernels.app.training.sampling import EpochSampler
 from avkernels.fust import ConfidenceTracker
@@ -322,6 +323,8 @@ def test_linear_probe_separates_separable_features_and_keeps_rng(tmp_path):
         ("mask_eta", (float("inf"), 1.0), "mask_eta must be finite"),
         ("lr_gamma", float("nan"), "lr_gamma must be finite"),
         ("seed", -1, "seed must be an int"),
+        ("bn_weight_decay", -1.0, "bn_weight_decay must be finite and >= 0"),
+        ("abri_granularity", "pixel", "abri_granularity must be one of"),
     ],
 )
 def test_config_rejects_bad_values(field, value, message):
@@ -392,3 +395,35 @@ def test_bf16_autocast_training(tmp_path, stage):
 def test_fp16_needs_a_gpu(tmp_path):
     with pytest.raises(ValueError, match="fp16.*CUDA"):
         Trainer(tiny_config(precision="fp16"), SyntheticAV(), tmp_path / "run", device="cpu")
+
+
+def test_bn_weight_decay_applies_to_batchnorm_parameters_only():
+    lr, wd, bn_wd = 0.1, 0.01, 0.5
+    config = tiny_config(
+        optimizer="sgd", momentum=0.0, lr=lr, weight_decay=wd, bn_weight_decay=bn_wd
+    )
+    model = build_model(config)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = build_optimizer(config, model)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()  # zero gradients: SGD only decays, p <- p * (1 - lr * decay)
+    bn_names = {
+        f"{module_name}.{name}"
+        for module_name, module in model.named_modules()
+        if isinstance(module, torch.nn.BatchNorm2d)
+        for name, _ in module.named_parameters(recurse=False)
+    }
+    assert bn_names and len(bn_names) < len(before)
+    for name, p in model.named_parameters():
+        decay = bn_wd if name in bn_names else wd
+        torch.testing.assert_close(p.detach(), before[name] * (1 - lr * decay))
+
+
+@pytest.mark.parametrize("granularity, alpha_size", [("layer", 1), ("channel", None)])
+def test_abri_granularity_sets_the_blend_weight_shape(granularity, alpha_size):
+    model = build_model(tiny_config(abri=("audio",), abri_granularity=granularity))
+    layers = [m for m in model.audio_net.modules() if getattr(m, "abri_enabled", False)]
+    assert layers
+    for layer in layers:
+        assert layer.abri_alpha.numel() == (alpha_size or layer.num_features)

@@ -36,6 +36,7 @@ FIELD_HELP = {
     "lr": "learning rate",
     "momentum": "SGD momentum",
     "weight_decay": "weight decay",
+    "bn_weight_decay": "weight decay of the BatchNorm parameters (default: --weight-decay)",
     "schedule": "learning-rate schedule, stepped every epoch",
     "lr_step": "epochs between learning-rate drops (--schedule step)",
     "lr_gamma": "factor of each drop (--schedule step)",
@@ -49,6 +50,7 @@ FIELD_HELP = {
     "init_from": "run directory (or checkpoint) whose audio_net/visual_net start this run "
     "(stage 2: the stage-1 run)",
     "abri": "modalities whose encoder gets ABRi",
+    "abri_granularity": "ABRi blend weight alpha: one per layer or one per channel",
     "modalities": "stage 1: modalities to fine-tune",
     "audio_confidence": "stage 2: audio confidence file (default: from --init-from)",
     "visual_confidence": "stage 2: visual confidence file (default: from --init-from)",
@@ -80,6 +82,7 @@ FIELD_TYPES = {
     "lr": types.positive_float,
     "momentum": types.probability,
     "weight_decay": types.non_negative_float,
+    "bn_weight_decay": types.non_negative_float,
     "lr_step": types.positive_int,
     "lr_gamma": types.positive_float,
     "width": types.positive_int,

@@ -52,6 +52,49 @@ def plot_nonpositive(diagnoses: dict, path: Path) -> Path:
     return _save(figure, path)
 
 
+THREE_WAYS = (
+    ("abnormal_absolute", "abnormal, |gamma|,|beta| < 1e-10"),
+    ("abnormal_relative", "abnormal, relative"),
+    ("activation_dead", "dead on audio"),
+    ("overlap_relative", "relative abnormal and dead"),
+)
+
+
+def plot_dead_three_ways(diagnoses: dict, path: Path) -> Path:
+    """Per-layer bars of the dead-channel criteria, one panel per diagnosed model (Fig. 2a)."""
+    shown = {name: d["per_layer"] for name, d in diagnoses.items() if "per_layer" in d}
+    figure = _figure(10.0, 2.6 * len(shown))
+    for axes, (name, per_layer) in zip(
+        figure.subplots(len(shown), 1, squeeze=False)[:, 0], shown.items()
+    ):
+        layers = list(per_layer)
+        width = 0.8 / len(THREE_WAYS)
+        for index, (key, label) in enumerate(THREE_WAYS):
+            values = [100 * (per_layer[layer][key] or 0.0) for layer in layers]
+            positions = [i + (index - 1.5) * width for i in range(len(layers))]
+            axes.bar(positions, values, width, label=label)
+        axes.set_xticks(range(len(layers)), layers, rotation=60, ha="right", fontsize=7)
+        axes.set(ylabel="channels (%)", ylim=(0, 100), title=name)
+        axes.grid(alpha=0.3, axis="y")
+    figure.axes[0].legend(fontsize=7, ncol=len(THREE_WAYS))
+    return _save(figure, path)
+
+
+def plot_dead_maps(layer: str, maps: torch.Tensor, dead, path: Path, shown: int = 8) -> Path:
+    """One clip's feature maps after ReLU in ``layer``: dead channels first, then live ones
+    for contrast (Fig. 2b)."""
+    order = sorted(range(len(maps)), key=lambda c: not dead[c])[:shown]
+    figure = _figure(2.0 * len(order), 2.6)
+    top = float(maps[order].max()) or 1.0
+    for axes, channel in zip(figure.subplots(1, len(order), squeeze=False)[0], order):
+        axes.imshow(maps[channel].T.numpy(), origin="lower", aspect="auto", vmin=0, vmax=top)
+        axes.set_title(f"ch {channel} ({'dead' if dead[channel] else 'live'})", fontsize=8)
+        axes.set_xticks([])
+        axes.set_yticks([])
+    figure.suptitle(f"one audio clip, {layer} after ReLU (shared colour scale)", fontsize=9)
+    return _save(figure, path)
+
+
 def plot_confidences(conf_a: torch.Tensor, conf_v: torch.Tensor, path: Path) -> Path:
     figure = _figure(9.0, 3.6)
     scatter, histogram = figure.subplots(1, 2)

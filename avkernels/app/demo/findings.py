@@ -21,8 +21,16 @@ def _fust_run(section: dict, run: str) -> dict:
     return section["fust"]["runs"][run]
 
 
-def _dead(section: dict, diagnosis: str) -> float:
-    return section["transfer"]["diagnosis"][diagnosis]["dead_relu_fed_ratio"]
+def _dead(section: dict, diagnosis: str, key: str = "dead_relu_fed_ratio") -> float:
+    return section["transfer"]["diagnosis"][diagnosis][key]
+
+
+# The whole-model dead-channel ratios compared after fine-tuning, with their labels.
+DEAD_RATIOS = (
+    ("dead_relu_fed_ratio", "dead ratio"),
+    ("abnormal_absolute_ratio", "abnormal ratio (absolute)"),
+    ("abnormal_relative_ratio", "abnormal ratio (relative)"),
+)
 
 
 def claims(per_seed: list) -> list:
@@ -63,15 +71,16 @@ def claims(per_seed: list) -> list:
                 )
             )
     for name in repaired:
-        if f"finetuned_{name}" in first["transfer"]["diagnosis"]:
-            found.append(
-                compare(
-                    f"dead ratio after fine-tuning: {name} vs pre-trained",
-                    lambda s, n=name: _dead(s, f"finetuned_{n}"),
-                    lambda s: _dead(s, "finetuned_pretrained"),
-                    higher_is_better=False,
+        for key, label in DEAD_RATIOS:
+            if key in first["transfer"]["diagnosis"].get(f"finetuned_{name}", {}):
+                found.append(
+                    compare(
+                        f"{label} after fine-tuning: {name} vs pre-trained",
+                        lambda s, n=name, k=key: _dead(s, f"finetuned_{n}", k),
+                        lambda s, k=key: _dead(s, "finetuned_pretrained", k),
+                        higher_is_better=False,
+                    )
                 )
-            )
     found.append(
         compare(
             "joint accuracy: FusT vs naive joint training",
@@ -100,10 +109,17 @@ def measurements(per_seed: list) -> list:
 
     first = per_seed[0]
     rows = [over_seeds("visual source accuracy", lambda s: s["pretrain"]["eval_acc_visual"])]
-    for diagnosis in first["transfer"]["diagnosis"]:
+    for diagnosis, summary in first["transfer"]["diagnosis"].items():
         rows.append(
             over_seeds(f"dead ReLU-fed ratio, {diagnosis}", lambda s, d=diagnosis: _dead(s, d))
         )
+        for key, label in DEAD_RATIOS[1:]:
+            if key in summary:
+                rows.append(
+                    over_seeds(
+                        f"{label}, {diagnosis}", lambda s, d=diagnosis, k=key: _dead(s, d, k)
+                    )
+                )
     for name in first["transfer"]["finetune"]:
         for key, when in (("final", "final"), ("first", "after epoch 1")):
             rows.append(

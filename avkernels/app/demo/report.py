@@ -22,6 +22,38 @@ HTML_STYLE = (
 )
 
 
+def _three_ways(tr: dict) -> list:
+    """Per-layer dead channels three ways, before and after fine-tuning (Fig. 2a and 2b)."""
+    diagnoses = {name: d for name, d in tr["diagnosis"].items() if "per_layer" in d}
+    first = next(iter(diagnoses.values()))
+    lines = [
+        "Dead channels three ways, per layer: abnormal parameters (|gamma|, |beta| below "
+        f"1e-10, or below {first['relative_threshold']:g} x the layer's median |gamma|), "
+        "dead on the audio inputs, and the overlap of the relative criterion with the "
+        "activation one (share of the layer's channels; columns are abnormal absolute / "
+        "abnormal relative / dead / overlap):",
+        "",
+    ]
+    rows = [
+        [layer]
+        + [
+            " / ".join(
+                percent(d["per_layer"][layer][key])
+                for key in (
+                    "abnormal_absolute",
+                    "abnormal_relative",
+                    "activation_dead",
+                    "overlap_relative",
+                )
+            )
+            for d in diagnoses.values()
+        ]
+        for layer in first["per_layer"]
+    ]
+    lines += _table(["layer", *diagnoses], rows) + [""]
+    return lines
+
+
 def _table(headers: list, rows: list) -> list:
     return ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)] + [
         "| " + " | ".join(str(cell) for cell in row) + " |" for row in rows
@@ -154,7 +186,9 @@ def report_markdown(report: dict, figure_source: Callable[[str], str]) -> str:
         "## 1. Source model: visual pre-training",
         "",
         f"A ResNet-18 trained {pre['epochs']} epochs on the visual modality alone reaches "
-        f"**{percent(pre['eval_acc_visual'])}** test accuracy.",
+        f"**{percent(pre['eval_acc_visual'])}** test accuracy. Its BatchNorm parameters decay "
+        f"by {pre['bn_weight_decay']:g} per unit of learning rate, the total shrinkage a long "
+        "training run applies to channels whose ReLU never fires (docs/DESIGN.md).",
         "",
         "## 2. Cross-modal initialisation of the audio encoder",
         "",
@@ -187,10 +221,17 @@ def report_markdown(report: dict, figure_source: Callable[[str], str]) -> str:
         ],
         rows,
     ) + [""]
+    lines += _three_ways(tr)
     for name, file in tr["figures"].items():
         if name.startswith("dead_channels"):
             lines += [image(file, f"Dead channels per layer, {name[len('dead_channels_') :]}"), ""]
     lines += [image(tr["figures"]["outputs_nonpositive"], "BN outputs <= 0 per layer"), ""]
+    lines += [
+        image(tr["figures"]["dead_three_ways"], "Dead channels three ways per layer (Fig. 2a)"),
+        "",
+        image(tr["figures"]["dead_maps"], "Dead feature maps of one audio clip (Fig. 2b)"),
+        "",
+    ]
     lines += [f"Audio fine-tuning, {tr['epochs']} epochs, {tr['test_samples']} test clips:", ""]
     lines += _table(
         ["initialisation", "test accuracy", "after epoch 1", "train accuracy"],

@@ -24,6 +24,9 @@ class DemoSettings:
     diagnosis_batches: int
     kernel_shapes: tuple
     kernel_time: float  # seconds of timing per measurement
+    # The source's BatchNorm weight decay: the decay a long training run applies to channels
+    # whose ReLU never fires, given in this short one (docs/DESIGN.md, the demo's source).
+    source_bn_weight_decay: float = 0.1
     seed: int = 0
     optimizer: dict = field(
         default_factory=lambda: {

@@ -16,7 +16,14 @@ from avkernels.app.demo.context import (
     last_row,
     probe_accuracies,
 )
-from avkernels.app.demo.figures import plot_confidences, plot_curves, plot_nonpositive, plot_ratios
+from avkernels.app.demo.figures import (
+    plot_confidences,
+    plot_curves,
+    plot_dead_maps,
+    plot_dead_three_ways,
+    plot_nonpositive,
+    plot_ratios,
+)
 from avkernels.app.models import ResNetEncoder, load_encoder
 from avkernels.diagnosis import compare
 from avkernels.files import atomic_write
@@ -51,7 +58,10 @@ def step_pretrain(demo: Demo) -> dict:
     trainer = demo.train_run(
         "pretrain_visual",
         demo.base_config(
-            stage="stage1", modalities=("visual",), epochs=demo.settings.pretrain_epochs
+            stage="stage1",
+            modalities=("visual",),
+            epochs=demo.settings.pretrain_epochs,
+            bn_weight_decay=demo.settings.source_bn_weight_decay,
         ),
     )
     source = demo.out / "source" / "visual_encoder.pt"
@@ -60,6 +70,7 @@ def step_pretrain(demo: Demo) -> dict:
     return {
         "encoder": str(source),
         "epochs": demo.settings.pretrain_epochs,
+        "bn_weight_decay": demo.settings.source_bn_weight_decay,
         "eval_acc_visual": last_row(trainer.history, "eval")["acc_visual"],
         "curve": curve(trainer.history, "acc_visual"),
     }
@@ -71,6 +82,60 @@ def _audio_batches(demo: Demo) -> list:
         demo.test.audio[i : i + size]
         for i in range(0, min(len(demo.test), size * demo.settings.diagnosis_batches), size)
     ]
+
+
+# The relative parameter criterion: tau = this x the layer's median |gamma| (the absolute
+# one is the paper's 1e-10, the library default).
+RELATIVE_ABNORMAL = 1e-5
+
+
+def dead_three_ways(model: nn.Module, batches: list, title: str = "") -> tuple:
+    """Dead channels of ``model`` per layer three ways: abnormal parameters (absolute
+    ``|gamma|, |beta| < 1e-10`` and relative to the layer's median ``|gamma|``), dead on the
+    audio batches (never firing on >= 99% of the samples) and the overlap of each parameter
+    criterion with the activation one. Returns the absolute diagnosis and the summary."""
+    absolute = diagnose(model, batches, title=title)
+    relative = diagnose(model, batches, relative=True, threshold=RELATIVE_ABNORMAL)
+    summary = _diagnosis_summary(absolute)
+    per_layer = {}
+    for by_abs, by_rel in zip(absolute.layers, relative.layers, strict=True):
+        ratio = lambda count, n=by_abs.channels: None if count is None else count / n  # noqa: E731
+        per_layer[by_abs.name] = {
+            "channels": by_abs.channels,
+            "abnormal_absolute": by_abs.abnormal_ratio,
+            "abnormal_relative": by_rel.abnormal_ratio,
+            "activation_dead": by_abs.dead_channel_ratio,
+            "overlap_absolute": ratio(by_abs.abnormal_and_dead),
+            "overlap_relative": ratio(by_rel.abnormal_and_dead),
+        }
+    channels = max(absolute.channels, 1)
+    summary["abnormal_absolute_ratio"] = absolute.abnormal / channels
+    summary["abnormal_relative_ratio"] = relative.abnormal / channels
+    summary["relative_threshold"] = RELATIVE_ABNORMAL
+    summary["per_layer"] = per_layer
+    return absolute, summary
+
+
+@torch.no_grad()
+def _feature_maps(model: nn.Module, clip: torch.Tensor, report) -> tuple:
+    """The ReLU'd BN outputs of one clip in the layer with the most activation-dead channels
+    (the paper's Fig. 2b): the layer's name, its maps (C, H, W) and which channels are dead."""
+    layer = max(
+        (layer for layer in report.layers if layer.feeds_relu and layer.has_activations),
+        key=lambda layer: layer.dead_on_all_samples,
+    )
+    captured = []
+    hook = model.get_submodule(layer.name).register_forward_hook(
+        lambda module, inputs, output: captured.append(output.clamp(min=0)[0])
+    )
+    training = model.training
+    try:
+        model.eval()(clip)
+    finally:
+        hook.remove()
+        model.train(training)
+    dead = layer.dead_sample_fraction >= layer.activation_threshold
+    return layer.name, captured[0], dead
 
 
 def _diagnosis_summary(report) -> dict:
@@ -101,7 +166,12 @@ def step_transfer(demo: Demo) -> dict:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(s.seed)  # the seed the random-init audio run starts from
         untrained = diagnose(ResNetEncoder("resnet18", 1, width=s.width), batches)
-    before = diagnose(initialised, batches, title="audio encoder initialised from visual")
+    before, initialised_summary = dead_three_ways(
+        initialised, batches, title="audio encoder initialised from visual"
+    )
+    dead_maps = plot_dead_maps(
+        *_feature_maps(initialised, batches[0][:1], before), demo.figures / "dead_maps.png"
+    )
     runs = {
         "random_init": demo.base_config(
             stage="stage1", modalities=("audio",), epochs=s.finetune_epochs
@@ -116,14 +186,21 @@ def step_transfer(demo: Demo) -> dict:
             audio_init=source,
             abri=("audio",),
         ),
+        "pretrained_abri_channel": demo.base_config(
+            stage="stage1",
+            modalities=("audio",),
+            epochs=s.finetune_epochs,
+            audio_init=source,
+            abri=("audio",),
+            abri_granularity="channel",
+        ),
     }
     results = {}
     diagnoses = {
         "random_init_untrained": _diagnosis_summary(untrained),
-        "initialised_from_visual": _diagnosis_summary(before),
+        "initialised_from_visual": initialised_summary,
     }
-    demo.figures.mkdir(parents=True, exist_ok=True)
-    figures = {}
+    figures = {"dead_maps": dead_maps.name}
     for name, config in runs.items():
         trainer = demo.train_run(f"audio_{name}", config)
         results[name] = {
@@ -136,11 +213,15 @@ def step_transfer(demo: Demo) -> dict:
         }
         if name == "random_init":
             continue
-        after = diagnose(trainer.model.audio_net, batches, title=f"audio encoder, {name}")
-        diagnoses[f"finetuned_{name}"] = _diagnosis_summary(after)
+        after, diagnoses[f"finetuned_{name}"] = dead_three_ways(
+            trainer.model.audio_net, batches, title=f"audio encoder, {name}"
+        )
         path = demo.figures / f"dead_channels_{name}.png"
         compare(before, after, ("initialised from visual", f"fine-tuned ({name})")).plot(path)
         figures[f"dead_channels_{name}"] = path.name
+    figures["dead_three_ways"] = plot_dead_three_ways(
+        diagnoses, demo.figures / "dead_three_ways.png"
+    ).name
     figures["outputs_nonpositive"] = plot_nonpositive(
         diagnoses, demo.figures / "outputs_nonpositive.png"
     ).name

@@ -27,6 +27,7 @@ CHOICES = {
     "audio_arch": ("resnet18", "resnet34"),
     "visual_arch": ("resnet18", "resnet34"),
     "precision": ("fp32", "bf16", "fp16"),
+    "abri_granularity": ("layer", "channel"),
 }
 # torch.autocast dtype of each TrainConfig.precision (fp32: autocast off).
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -40,17 +41,19 @@ class TrainConfig:
     ``batch_size``, ``seed`` (initialisation, data order, masks).
 
     Optimisation: ``optimizer`` (``"sgd"`` with ``momentum``, ``"adam"``, ``"adamw"``),
-    ``lr``, ``weight_decay``; ``schedule`` per epoch: ``"constant"``, ``"step"`` (times
-    ``lr_gamma`` every ``lr_step`` epochs, the official OGM-GE setting) or ``"cosine"`` (to 0
-    over ``epochs``). Defaults follow the official code (SGD 1e-3, momentum 0.9, wd 1e-4,
-    StepLR 70/0.1).
+    ``lr``, ``weight_decay`` (``bn_weight_decay``: the BatchNorm layers' own, ``None`` = the
+    same; the demo's source model uses a large one, see docs/DESIGN.md); ``schedule`` per
+    epoch: ``"constant"``, ``"step"`` (times ``lr_gamma`` every ``lr_step`` epochs, the
+    official OGM-GE setting) or ``"cosine"`` (to 0 over ``epochs``). Defaults follow the
+    official code (SGD 1e-3, momentum 0.9, wd 1e-4, StepLR 70/0.1).
 
     Model: ``audio_arch``/``visual_arch`` (``resnet18``/``resnet34``), ``width`` (64 =
     ResNet), ``visual_channels``; initial encoder weights ``audio_init``/``visual_init`` (any
     checkpoint :func:`~avkernels.app.models.load_encoder` reads; RGB stems moved to the audio
     encoder's one channel by ``adapt_first_conv``, ``"sum"`` or ``"mean"``); ``init_from``: a
     run directory or checkpoint whose ``audio_net``/``visual_net`` replace those (stage 2 from
-    stage 1); ``abri``: modalities whose encoder gets ABRi (after loading).
+    stage 1); ``abri``: modalities whose encoder gets ABRi (after loading), with one blend
+    weight alpha per layer or per channel (``abri_granularity``, ``"layer"`` or ``"channel"``).
 
     Stage 1: ``modalities`` trained (both by default).
 
@@ -86,6 +89,7 @@ class TrainConfig:
     lr: float = 1e-3
     momentum: float = 0.9
     weight_decay: float = 1e-4
+    bn_weight_decay: float | None = None
     schedule: str = "step"
     lr_step: int = 70
     lr_gamma: float = 0.1
@@ -98,6 +102,7 @@ class TrainConfig:
     adapt_first_conv: str = "sum"
     init_from: str | None = None
     abri: tuple = ()
+    abri_granularity: str = "layer"
     modalities: tuple = MODALITIES
     audio_confidence: str | None = None
     visual_confidence: str | None = None
@@ -180,6 +185,10 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must lie in [0, 1], got {values}")
         if not all(math.isfinite(v) and v >= 0 for v in self.mask_eta):
             raise ValueError(f"TrainConfig.mask_eta must be finite and >= 0, got {self.mask_eta}")
+        for name in ("weight_decay", "bn_weight_decay"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"TrainConfig.{name} must be finite and >= 0, got {value}")
         if not (math.isfinite(self.lr_gamma) and self.lr_gamma > 0):
             raise ValueError(f"TrainConfig.lr_gamma must be finite and > 0, got {self.lr_gamma}")
         if not (isinstance(self.seed, int) and 0 <= self.seed < 2**32):

@@ -40,14 +40,30 @@ def build_model(config: TrainConfig) -> AVClassifier:
     for modality in config.abri:
         encoder = getattr(model, f"{modality}_net")
         if not any(True for _ in abri.abri_layers(encoder)):
-            abri.apply(encoder)
+            abri.apply(encoder, granularity=config.abri_granularity)
     if config.sync_bn:
         convert(model, sync=True)
     return model
 
 
-def build_optimizer(config: TrainConfig, parameters) -> torch.optim.Optimizer:
-    parameters = [p for p in parameters if p.requires_grad]
+def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """The optimizer of ``model``'s trainable parameters; BatchNorm layers' parameters (ABRi's
+    included) decay by ``config.bn_weight_decay`` when it is set."""
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    if config.bn_weight_decay is not None:
+        in_bn = {
+            id(p)
+            for module in model.modules()
+            if isinstance(module, nn.modules.batchnorm._BatchNorm)
+            for p in module.parameters(recurse=False)
+        }
+        parameters = [
+            {"params": [p for p in parameters if id(p) not in in_bn]},
+            {
+                "params": [p for p in parameters if id(p) in in_bn],
+                "weight_decay": config.bn_weight_decay,
+            },
+        ]
     if config.optimizer == "sgd":
         return torch.optim.SGD(
             parameters, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay

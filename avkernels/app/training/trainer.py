@@ -129,7 +129,7 @@ class Trainer:
         self._own_seed = rank_seed(config.seed, self.ranks.rank)
         if self.ranks.rank:
             seed_everything(self._own_seed)
-        self.optimizer = build_optimizer(config, self.model.parameters())
+        self.optimizer = build_optimizer(config, self.model)
         self.scheduler = build_scheduler(config, self.optimizer)
         self.trackers: dict[str, ConfidenceTracker] = {}
         if config.stage == "stage1":
