@@ -19,7 +19,9 @@ LOG_FLOOR = 1e-45
 STATUS_COLOURS = {"ok": "tab:blue", "closed": "tab:red", "constant": "tab:orange"}
 
 
-def _figure(width: float, height: float):
+def new_figure(width: float, height: float):
+    """A matplotlib figure of ``width`` x ``height`` inches on the Agg canvas: no pyplot state,
+    no display; the application's plots use it too."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -32,10 +34,11 @@ def _figure(width: float, height: float):
     return figure
 
 
-def _save(figure, path: Path) -> Path:
+def save_figure(figure, path: Path, dpi: int = 120) -> Path:
+    """``figure`` as an image file at ``path`` (its folder made when missing)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=dpi)
     return path
 
 
@@ -49,7 +52,7 @@ def plot_layer_ratios(report: DiagnosisReport, path: Path) -> Path:
     them, with data, the ratio of channels dead on (almost) every sample."""
     layers = report.layers
     positions = np.arange(len(layers))
-    figure = _figure(max(6.0, 0.45 * len(layers) + 2), 4.5)
+    figure = new_figure(max(6.0, 0.45 * len(layers) + 2), 4.5)
     axes = figure.add_subplot()
     width = 0.4 if report.has_activations else 0.8
     offset = -width / 2 if report.has_activations else 0.0
@@ -89,12 +92,12 @@ def plot_layer_ratios(report: DiagnosisReport, path: Path) -> Path:
         fontsize=10,
     )
     axes.legend(fontsize=8, loc="upper left")
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_gamma_beta(report: DiagnosisReport, path: Path) -> Path:
     """|gamma| against |beta| of every channel on log axes, coloured by status."""
-    figure = _figure(6.0, 5.0)
+    figure = new_figure(6.0, 5.0)
     axes = figure.add_subplot()
     gammas, betas, statuses = [], [], []
     for layer in report.layers:
@@ -133,13 +136,13 @@ def plot_gamma_beta(report: DiagnosisReport, path: Path) -> Path:
     axes.set_xlabel(f"|gamma| (zeros drawn at {LOG_FLOOR:g})")
     axes.set_ylabel("|beta|")
     axes.set_title("BN parameters per channel", fontsize=10)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_dead_sample_histogram(report: DiagnosisReport, path: Path) -> Path:
     """Histogram over all channels of the fraction of samples whose map is entirely <= 0."""
     values = [layer.dead_sample_fraction for layer in report.layers if layer.has_activations]
-    figure = _figure(6.0, 4.0)
+    figure = new_figure(6.0, 4.0)
     axes = figure.add_subplot()
     if values:
         axes.hist(np.concatenate(values), bins=np.linspace(0, 1, 21), color="tab:gray")
@@ -147,7 +150,7 @@ def plot_dead_sample_histogram(report: DiagnosisReport, path: Path) -> Path:
     axes.set_xlabel("fraction of samples with the whole map <= 0")
     axes.set_ylabel("channels")
     axes.set_title(f"Dead feature maps per channel ({report.activations_origin})", fontsize=10)
-    return _save(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_comparison(comparison: ReportComparison, path: Path) -> Path:
@@ -155,7 +158,7 @@ def plot_comparison(comparison: ReportComparison, path: Path) -> Path:
     before, after = comparison.before, comparison.after
     with_activations = before.has_activations and after.has_activations
     positions = np.arange(len(before.layers))
-    figure = _figure(max(6.0, 0.45 * len(positions) + 2), 4.5 * (2 if with_activations else 1))
+    figure = new_figure(max(6.0, 0.45 * len(positions) + 2), 4.5 * (2 if with_activations else 1))
     panels = [("abnormal |gamma|, |beta| ratio", lambda layer: layer.abnormal_ratio or 0.0)]
     if with_activations:
         panels.append(
@@ -179,4 +182,4 @@ def plot_comparison(comparison: ReportComparison, path: Path) -> Path:
         axes.set_ylabel("fraction of channels")
         axes.set_title(title, fontsize=10)
         axes.legend(fontsize=8)
-    return _save(figure, path)
+    return save_figure(figure, path)

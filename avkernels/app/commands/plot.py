@@ -15,6 +15,7 @@ from pathlib import Path
 
 from avkernels.app.commands import arguments as types
 from avkernels.app.errors import CommandError, RunError
+from avkernels.diagnosis.plots import new_figure
 from avkernels.files import atomic_write
 
 NAME = "plot"
@@ -124,10 +125,8 @@ def draw(rows: list[dict]):
     """The figure of the learning curves of ``rows``: one panel per quantity."""
     from matplotlib.ticker import MaxNLocator
 
-    from avkernels.diagnosis.plots import _figure
-
     panels = curves(rows)
-    figure = _figure(6.5, 3.0 * len(panels))
+    figure = new_figure(6.5, 3.0 * len(panels))
     axes = figure.subplots(len(panels), 1, squeeze=False)[:, 0]
     for ax, (panel, lines) in zip(axes, panels.items()):
         for label, (xs, ys) in lines.items():

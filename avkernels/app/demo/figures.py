@@ -7,20 +7,17 @@ from pathlib import Path
 
 import torch
 
+from avkernels.diagnosis.plots import new_figure, save_figure
+
+DPI = 100
+
 
 def _figure(width: float = 6.0, height: float = 3.6):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(figure)
-    return figure
+    return new_figure(width, height)
 
 
 def _save(figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    return path
+    return save_figure(figure, path, DPI)
 
 
 def plot_curves(curves: dict, title: str, path: Path) -> Path:
