@@ -84,7 +84,7 @@ def register_inductor_decomposition(signature: OpSignature, traced_cuda_kernel: 
     runs when the op is called under AOTAutograd's ``FunctionalTensorMode`` on CUDA tensors, so
     Inductor sees the kernels as user-defined Triton kernels and schedules around them (what
     ``torch.library.triton_op`` does, on an op that keeps its C++ CPU and autograd kernels;
-    docs/DESIGN.md, "torch.compile on CUDA"). Other devices, and ``torch.export``, keep the op.
+    docs/DESIGN.md, "PyTorch conventions"). Other devices, and ``torch.export``, keep the op.
     """
     from torch._subclasses.functional_tensor import FunctionalTensorMode
 

@@ -1,7 +1,7 @@
-"""What Inductor receives for the avkernels ops on CUDA (docs/DESIGN.md, "torch.compile on
-CUDA"): AOTAutograd's functional graphs of a TrackedBN forward, of ``batch_norm_bwd`` and of the
-masking ops, traced on fake CUDA tensors (no GPU needed), must hold the avkernels Triton kernels
-as user-defined Triton kernels (``triton_kernel_wrapper_functional``) and no opaque
+"""What Inductor receives for the avkernels ops on CUDA (docs/DESIGN.md, "PyTorch
+conventions"): AOTAutograd's functional graphs of a TrackedBN forward, of ``batch_norm_bwd``
+and of the masking ops, traced on fake CUDA tensors (no GPU needed), must hold the avkernels
+Triton kernels as user-defined Triton kernels (``triton_kernel_wrapper_functional``) and no opaque
 ``avkernels::`` op; on CPU the op stays. Tracing under ``FakeTensorMode`` without real inputs
 also shows that the traced path reads no data on the host (``.item()`` on a fake tensor raises)
 and uses no tensor kept across calls (mixing a real tensor in raises), which is what CUDA graph

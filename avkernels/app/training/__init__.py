@@ -75,7 +75,8 @@ from avkernels.app.training.config import CHOICES, MODALITIES, STAGES, TrainConf
 from avkernels.app.training.evaluation import evaluate, linear_probe
 from avkernels.app.training.processes import torchrun_process_group, training_device
 from avkernels.app.training.run_files import CHECKPOINT, CONFIG, MODEL
-from avkernels.app.training.trainer import Trainer, TrainingInterrupted
+from avkernels.app.training.stopping import TrainingInterrupted
+from avkernels.app.training.trainer import Trainer
 
 __all__ = [
     "CHECKPOINT",

@@ -3,9 +3,6 @@ evaluation, probes, checkpoints and resume, stops on request or Ctrl-C, several 
 
 from __future__ import annotations
 
-import contextlib
-import signal
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -25,6 +22,13 @@ from avkernels.app.training.config import (
     TrainConfig,
     patch_size,
 )
+from avkernels.app.training.dead_counters import (
+    counter_state,
+    epoch_dead_fractions,
+    load_counter_state,
+    reset_counters,
+)
+from avkernels.app.training.epoch_line import epoch_line, print_epoch_line
 from avkernels.app.training.evaluation import accuracy_key, evaluate, linear_probe
 from avkernels.app.training.model_setup import (
     StageNet,
@@ -42,14 +46,9 @@ from avkernels.app.training.sampling import (
     epoch_seed,
     rank_seed,
 )
-from avkernels.distributed import Ranks, all_reduce_dead_stats, wrap_ddp
+from avkernels.app.training.stopping import TrainingInterrupted, stop_on_sigint
+from avkernels.distributed import Ranks, wrap_ddp
 from avkernels.fust import ConfidenceTracker, MaskRatios
-from avkernels.nn.tracked_bn import TrackedBN
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """A stop was requested (Ctrl-C or :meth:`Trainer.request_stop`); the checkpoint holds
-    everything done so far: resume with ``Trainer(..., resume=True)`` / ``--resume``."""
 
 
 class Trainer:
@@ -159,39 +158,6 @@ class Trainer:
             **{f"correct_{m}": 0 for m in ("joint",) + MODALITIES},
         }
 
-    def _counting_layers(self) -> dict[str, TrackedBN]:
-        """The TrackedBN layers that count dead outputs, by module name."""
-        return {
-            name: module
-            for name, module in self.model.named_modules()
-            if isinstance(module, TrackedBN) and module.track_dead
-        }
-
-    def _dead_counters(self) -> dict[str, list[Tensor]]:
-        """This rank's dead counters of the epoch so far (CPU copies, for the checkpoint)."""
-        return {
-            name: [bn.dead_count.cpu(), bn.dead_sample_count.cpu(), bn.seen.cpu()]
-            for name, bn in self._counting_layers().items()
-        }
-
-    def _set_dead_counters(self, counters: dict[str, list[Tensor]]) -> None:
-        for name, bn in self._counting_layers().items():
-            if name in counters:
-                for buffer, value in zip(
-                    (bn.dead_count, bn.dead_sample_count, bn.seen), counters[name]
-                ):
-                    buffer.copy_(value)
-
-    def _epoch_dead_fractions(self) -> dict[str, float]:
-        """Per counting BN layer that saw data this epoch, its dead fraction averaged over
-        channels (the counters hold the epoch's training steps, summed over the ranks)."""
-        all_reduce_dead_stats(self.model)
-        return {
-            name: float(bn.dead_fraction().mean())
-            for name, bn in self._counting_layers().items()
-            if int(bn.seen[0])
-        }
-
     def state_dict(self) -> dict:
         return {
             "format": run_files.CHECKPOINT_FORMAT,
@@ -217,7 +183,9 @@ class Trainer:
 
         With several processes every rank calls it: rank 0 writes, with every rank's RNG
         state, and all return once the files are in place."""
-        rng_states, dead_counters = zip(*self.ranks.gather((rng_state(), self._dead_counters())))
+        rng_states, dead_counters = zip(
+            *self.ranks.gather((rng_state(), counter_state(self.model)))
+        )
         if self.ranks.is_main:
             state = self.state_dict()
             state["rng_other_ranks"] = list(rng_states[1:])
@@ -264,7 +232,7 @@ class Trainer:
         # saved); a rank the saved run did not have starts its count at the resume point.
         dead_counters = state.get("dead_counters", [])
         if self.ranks.rank < len(dead_counters):
-            self._set_dead_counters(dead_counters[self.ranks.rank])
+            load_counter_state(self.model, dead_counters[self.ranks.rank])
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -279,7 +247,7 @@ class Trainer:
             return self.history
         sampler = EpochSampler(len(self.train_data), config.batch_size, config.seed)
         batches = RankBatchSampler(sampler, self.ranks)
-        with _stop_on_sigint(self):
+        with stop_on_sigint(self):
             while self.epoch < config.epochs:
                 sampler.set_epoch(self.epoch, self.step_in_epoch)
                 if hasattr(self.train_data, "set_epoch"):  # augmentation of (seed, epoch, sample)
@@ -342,8 +310,7 @@ class Trainer:
 
         self.model.train()
         if self.step_in_epoch == 0:  # a resumed epoch keeps the counts of its first steps
-            for bn in self._counting_layers().values():
-                bn.reset_dead_stats()
+            reset_counters(self.model)
         size, batch_size = len(self.train_data), self.config.batch_size
         bar = tqdm(
             loader,
@@ -403,25 +370,6 @@ class Trainer:
     def modalities(self) -> tuple:
         """The inputs this run uses: stage 1's ``modalities``, both otherwise."""
         return self.config.modalities if self.config.stage == "stage1" else MODALITIES
-
-    def _slowest_rank(self, seconds: float) -> float:
-        """The longest of the ranks' wall times (a collective), so that every rank's history
-        holds the same figure."""
-        return max(self.ranks.gather(seconds))
-
-    def _print_epoch_line(self) -> None:
-        """One line per epoch on stderr: above the bar (tqdm.write) when bars are shown, plain
-        otherwise, so that a log file shows the run's progress too."""
-        rows = [r for r in self.history if r["epoch"] == self.epoch + 1]
-        line = f"{self.config.stage} epoch {self.epoch + 1}/{self.config.epochs}: " + "; ".join(
-            f"{r['split']} " + ", ".join(epoch_figures(r)) for r in rows
-        )
-        if self._show_progress:
-            from tqdm.auto import tqdm
-
-            tqdm.write(line, file=sys.stderr)
-        else:
-            print(line, file=sys.stderr, flush=True)
 
     @property
     def _show_progress(self) -> bool:
@@ -525,8 +473,9 @@ class Trainer:
             "loss": totals["loss"] / totals["samples"],
         }
         row.update({accuracy_key(n): totals[f"correct_{n}"] / totals["samples"] for n in names})
-        row["seconds"] = self._slowest_rank(totals["seconds"])
-        dead_fraction = self._epoch_dead_fractions()
+        # The slowest rank's time (a collective), so that every rank holds the same history.
+        row["seconds"] = max(self.ranks.gather(totals["seconds"]))
+        dead_fraction = epoch_dead_fractions(self.model)
         if dead_fraction:
             row["dead_fraction"] = dead_fraction
         self.history.append(row)
@@ -550,13 +499,15 @@ class Trainer:
                     "stage": stage,
                     "split": "eval",
                     **evaluation,
-                    "seconds": self._slowest_rank(time.perf_counter() - started),
+                    "seconds": max(self.ranks.gather(time.perf_counter() - started)),
                 }
             )
+        rows = [r for r in self.history if r["epoch"] == self.epoch + 1]
         if self.ranks.is_main:
-            self._print_epoch_line()
+            line = epoch_line(stage, self.epoch + 1, self.config.epochs, rows)
+            print_epoch_line(line, above_bar=self._show_progress)
         if self.on_epoch is not None:
-            self.on_epoch(self, [r for r in self.history if r["epoch"] == self.epoch + 1])
+            self.on_epoch(self, rows)
         self.scheduler.step()
         self.epoch += 1
         self.step_in_epoch = 0
@@ -565,38 +516,3 @@ class Trainer:
             for modality, tracker in self.trackers.items():
                 tracker.save(self.run_dir / f"confidence_{modality}.pt")
         self.save_checkpoint()
-
-
-def epoch_figures(row: dict) -> list[str]:
-    """The key numbers of one metrics row, as ``name value`` texts: losses, accuracies, the
-    learning rate and the wall time."""
-    figures = [f"{k} {v:.4f}" for k, v in row.items() if k.startswith(("loss", "acc"))]
-    if "lr" in row:
-        figures.append(f"lr {row['lr']:.3g}")
-    if "seconds" in row:
-        figures.append(f"{row['seconds']:.1f}s")
-    return figures
-
-
-@contextlib.contextmanager
-def _stop_on_sigint(trainer: Trainer):
-    """First Ctrl-C: finish the step, checkpoint, stop. A second one interrupts at once."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.getsignal(signal.SIGINT)
-
-    def handler(signum, frame):
-        trainer.request_stop()
-        signal.signal(signal.SIGINT, previous)
-        if trainer.ranks.is_main:
-            print(
-                "\navkernels: stopping after this step (Ctrl-C again to abort at once)",
-                file=sys.stderr,
-            )
-
-    signal.signal(signal.SIGINT, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)

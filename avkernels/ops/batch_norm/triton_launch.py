@@ -409,7 +409,7 @@ def traced_forward(*args) -> tuple[Tensor, Tensor, Tensor]:
     """``batch_norm_fwd`` on CUDA as Inductor traces it: the kernels through ``wrap_triton``, so
     they appear in the graph as user-defined Triton kernels; no plan or scratch buffer is kept
     (tracing runs once per compile, on fake tensors), and the zeroed counters are allocated in
-    the graph, so a CUDA graph owns them (docs/DESIGN.md, "torch.compile on CUDA")."""
+    the graph, so a CUDA graph owns them (docs/DESIGN.md, "PyTorch conventions")."""
     a = ForwardArgs(*args)
     checks.batch_norm_forward(a)
     plan = _forward_plan(a)

@@ -3,7 +3,7 @@
 :mod:`avkernels.ops.masking.schema`), registered by :mod:`avkernels.ops.masking.registration`.
 Each launcher first makes the checks of :mod:`avkernels.ops.checks`, as the C++ kernels do, and
 launches through ``launch`` (``torch.library.wrap_triton`` when traced for Inductor; docs/DESIGN.md,
-"torch.compile on CUDA")."""
+"PyTorch conventions")."""
 
 from __future__ import annotations
 
