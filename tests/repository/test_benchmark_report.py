@@ -79,7 +79,7 @@ def saved_run() -> dict:
     """What pytest-benchmark saves for the three implementations, ratios filled in by the hook."""
     session = bench_conftest._BenchSession()
     case = make_case()
-    for (case_id, implementation), value in TIMINGS.items():
+    for (_, implementation), value in TIMINGS.items():
         session.record("batch_norm", case, implementation, value)
     for (_, candidate, baseline), ratio in INTERLEAVED.items():
         comparison = Comparison(candidate, baseline, target=0.85)

@@ -76,8 +76,11 @@ def in_app(name: str) -> bool:
 
 
 def test_the_library_never_imports_the_application():
-    offenders = {name: sorted(filter(in_app, imports)) for name, imports in GRAPH.items()
-                 if not in_app(name) and any(map(in_app, imports))}
+    offenders = {
+        name: sorted(filter(in_app, imports))
+        for name, imports in GRAPH.items()
+        if not in_app(name) and any(map(in_app, imports))
+    }
     assert not offenders, f"library modules importing the application: {offenders}"
 
 
@@ -88,12 +91,18 @@ def test_the_application_uses_only_the_public_api():
         if not in_app(name):
             continue
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module and not node.level and \
-                    node.module.startswith("avkernels") and not in_app(node.module):
+            if (
+                isinstance(node, ast.ImportFrom)
+                and node.module
+                and not node.level
+                and node.module.startswith("avkernels")
+                and not in_app(node.module)
+            ):
                 parts = node.module.split(".") + [alias.name for alias in node.names]
                 if any(part.startswith("_") and part != "__version__" for part in parts):
-                    offenders.append(f"{name}: from {node.module} import "
-                                     f"{', '.join(a.name for a in node.names)}")
+                    offenders.append(
+                        f"{name}: from {node.module} import {', '.join(a.name for a in node.names)}"
+                    )
     assert not offenders, "\n".join(offenders)
 
 
@@ -139,11 +148,18 @@ def test_the_cycle_check_sees_imports_inside_functions(tmp_path, monkeypatch):
 
 
 def test_import_avkernels_loads_no_application_or_plotting_module():
-    code = ("import sys, avkernels; print(sorted(m for m in sys.modules if m.startswith("
-            f"{APP!r}) or m.split('.')[0] in ('matplotlib', 'torchvision', 'torchaudio', "
-            "'soundfile', 'PIL')))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            env=script_environment(), check=True)
+    code = (
+        "import sys, avkernels; print(sorted(m for m in sys.modules if m.startswith("
+        f"{APP!r}) or m.split('.')[0] in ('matplotlib', 'torchvision', 'torchaudio', "
+        "'soundfile', 'PIL')))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=script_environment(),
+        check=True,
+    )
     assert result.stdout.strip() == "[]", result.stdout
 
 
