@@ -172,27 +172,18 @@ def step_transfer(demo: Demo) -> dict:
     dead_maps = plot_dead_maps(
         *_feature_maps(initialised, batches[0][:1], before), demo.figures / "dead_maps.png"
     )
+
+    def audio_run(**fields):
+        return demo.base_config(
+            stage="stage1", modalities=("audio",), epochs=s.finetune_epochs, **fields
+        )
+
     runs = {
-        "random_init": demo.base_config(
-            stage="stage1", modalities=("audio",), epochs=s.finetune_epochs
-        ),
-        "pretrained": demo.base_config(
-            stage="stage1", modalities=("audio",), epochs=s.finetune_epochs, audio_init=source
-        ),
-        "pretrained_abri": demo.base_config(
-            stage="stage1",
-            modalities=("audio",),
-            epochs=s.finetune_epochs,
-            audio_init=source,
-            abri=("audio",),
-        ),
-        "pretrained_abri_channel": demo.base_config(
-            stage="stage1",
-            modalities=("audio",),
-            epochs=s.finetune_epochs,
-            audio_init=source,
-            abri=("audio",),
-            abri_granularity="channel",
+        "random_init": audio_run(),
+        "pretrained": audio_run(audio_init=source),
+        "pretrained_abri": audio_run(audio_init=source, abri=("audio",)),
+        "pretrained_abri_channel": audio_run(
+            audio_init=source, abri=("audio",), abri_granularity="channel"
         ),
     }
     results = {}
