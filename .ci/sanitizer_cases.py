@@ -1,6 +1,7 @@
 """A few calls of every avkernels CUDA kernel, small enough for compute-sanitizer (.ci/gpu runs
-it under memcheck and initcheck): the batch-norm op pair in each mode, in NCHW, channels_last
-and a strided view, with maps split across programs and not, and the masking ops."""
+it under memcheck and initcheck): the batch-norm op pair and its synchronised parts in each mode,
+in NCHW, channels_last and a strided view, with maps split across programs and not, and the
+masking ops."""
 
 import functools
 
@@ -51,7 +52,14 @@ def _batch_norm_cases(device: str) -> None:
                 y, mean, invstd = batch_norm.forward(
                     x, *params, *running, *dead, train, 0.1, 1e-5, relu
                 )
-                batch_norm.backward(torch.randn_like(y), x, *params, mean, invstd, train, relu)
+                grad_y = torch.randn_like(y)
+                batch_norm.backward(grad_y, x, *params, mean, invstd, train, relu)
+                if train:  # the synchronised parts
+                    batch_mean, var = batch_norm.stats(x)
+                    saved = (batch_mean[None], torch.rsqrt(var + 1e-5)[None])
+                    sums, *_ = batch_norm.backward_reduce(grad_y, x, *params, *saved, relu)
+                    count = x.numel() // x.shape[1]
+                    batch_norm.backward_elemt(grad_y, x, *params, *saved, sums / count, relu)
 
 
 def _masking_cases(device: str) -> None:

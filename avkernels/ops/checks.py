@@ -154,10 +154,11 @@ def batch_norm_forward(a, input_checked: bool = False) -> None:
         )
 
 
-def batch_norm_backward(a, inputs_checked: bool = False) -> None:
-    """The checks of ``batch_norm_bwd`` on a :class:`~avkernels.ops.batch_norm.BackwardArgs`;
-    ``inputs_checked``: as ``input_checked`` of :func:`batch_norm_forward`, for x and grad_y."""
-    op = "batch_norm_bwd"
+def batch_norm_backward(a, inputs_checked: bool = False, op: str = "batch_norm_bwd") -> None:
+    """The checks of ``batch_norm_bwd`` (or of its part ``op``, ``batch_norm_bwd_reduce`` /
+    ``batch_norm_bwd_elemt``, which take batch statistics: K = 1) on a
+    :class:`~avkernels.ops.batch_norm.BackwardArgs`; ``inputs_checked``: as ``input_checked``
+    of :func:`batch_norm_forward`, for x and grad_y."""
     if not inputs_checked:
         batch_norm_input(f"{op}: x", a.x)
     channels, device = a.x.shape[1], a.x.device
@@ -171,7 +172,7 @@ def batch_norm_backward(a, inputs_checked: bool = False) -> None:
     mean, invstd = a.mean, a.invstd
     if (
         mean.dim() != 2
-        or mean.shape[0] not in (1, 2)
+        or mean.shape[0] not in ((1,) if op != "batch_norm_bwd" else (1, 2))
         or mean.shape[1] != channels
         or invstd.shape != mean.shape
         or mean.dtype not in (torch.float32, torch.float64)
@@ -184,6 +185,22 @@ def batch_norm_backward(a, inputs_checked: bool = False) -> None:
     for name, t in (("grad_y", a.grad_y), ("mean", mean), ("invstd", invstd)):
         if t.device != device:
             _reject(f"{op}: {name} is on {t.device} but x is on {device}")
+
+
+def batch_norm_grad_means(a, grad_means: Tensor) -> None:
+    """The check of ``batch_norm_bwd_elemt``'s ``grad_means`` (its other arguments: as
+    :func:`batch_norm_backward`)."""
+    expected = (2, a.x.shape[1])
+    if (
+        tuple(grad_means.shape) != expected
+        or grad_means.dtype != a.mean.dtype
+        or grad_means.device != a.x.device
+    ):
+        _reject(
+            f"batch_norm_bwd_elemt: grad_means must be {expected} {a.mean.dtype} on "
+            f"{a.x.device} ([S1 / M, S2 / M] per channel), got {tuple(grad_means.shape)} "
+            f"{grad_means.dtype} on {grad_means.device}"
+        )
 
 
 # --- masking ----------------------------------------------------------------------------------

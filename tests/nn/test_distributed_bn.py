@@ -9,6 +9,8 @@ statistics and dead counts.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import copy
 import dataclasses
 import datetime
@@ -244,6 +246,72 @@ def _check_tiny_batches(rank: int) -> dict:
     return results
 
 
+HOST_SYNCS = ("item", "tolist", "__bool__", "__int__", "__float__")
+
+
+@contextlib.contextmanager
+def _watched_communication(calls: collections.Counter):
+    """Counts the collectives by name and makes every host read of a tensor value fail."""
+    patched = {name: getattr(dist, name) for name in ("all_gather", "all_reduce")}
+    host_reads = {name: getattr(torch.Tensor, name) for name in HOST_SYNCS}
+
+    def counted(name):
+        def collective(*args, **kwargs):
+            calls[name] += 1
+            return patched[name](*args, **kwargs)
+
+        return collective
+
+    def refused(self, *args, **kwargs):
+        raise AssertionError("a synced layer read a tensor value on the host")
+
+    try:
+        for name in patched:
+            setattr(dist, name, counted(name))
+        for name in HOST_SYNCS:
+            setattr(torch.Tensor, name, refused)
+        yield
+    finally:
+        for name, original in patched.items():
+            setattr(dist, name, original)
+        for name, original in host_reads.items():
+            setattr(torch.Tensor, name, original)
+
+
+def _check_communication(rank: int) -> dict:
+    """Collectives per synced layer and direction, with no host read of a tensor value; a
+    forward without autograd all-reduces its dead counts itself."""
+    layers = 3
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        *(TrackedBN(CHANNELS, activation="relu", sync=True) for _ in range(layers))
+    )
+    x = _rank_batch(rank, 0)[:, :1].expand(-1, CHANNELS, -1, -1).contiguous()
+    x.requires_grad_()
+    forward, backward, no_grad = collections.Counter(), collections.Counter(), collections.Counter()
+    with _watched_communication(forward):
+        y = model(x)
+    with _watched_communication(backward):
+        y.square().mean().backward()
+    after_backward = _counters(model[0])
+    with torch.no_grad(), _watched_communication(no_grad):
+        model(x.detach())
+    reference = nn.Sequential(*(TrackedBN(CHANNELS, activation="relu") for _ in range(layers)))
+    batch = torch.cat([_rank_batch(r, 0)[:, :1].expand(-1, CHANNELS, -1, -1) for r in range(2)])
+    reference(batch)
+    reference_once = _counters(reference[0])
+    reference(batch)
+    return {
+        "per layer": {
+            "forward": {name: n / layers for name, n in forward.items()},
+            "backward": {name: n / layers for name, n in backward.items()},
+            "no_grad forward": {name: n / layers for name, n in no_grad.items()},
+        },
+        "counts after backward": (after_backward, reference_once),
+        "counts after no_grad forward": (_counters(model[0]), _counters(reference[0])),
+    }
+
+
 def _run_group(rank: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -258,6 +326,7 @@ def _run_group(rank: int, init_file: str, out_dir: str) -> None:
             "cases": {name: _check_case(case, rank) for name, case in CASES.items()},
             "ddp": _check_ddp(rank),
             "tiny": _check_tiny_batches(rank),
+            "communication": _check_communication(rank),
         }
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
@@ -344,6 +413,19 @@ def test_synced_batch_size_check_is_global(group_results):
         torch.testing.assert_close(actual.detach(), expected.detach())
         message = results["tiny"]["one value in all"]
         assert message and "Expected more than 1 value per channel when training" in message
+
+
+def test_one_collective_per_layer_and_direction_without_host_sync(group_results):
+    for results in group_results:
+        communication = results["communication"]
+        assert communication["per layer"] == {
+            "forward": {"all_gather": 1},
+            "backward": {"all_reduce": 1},
+            "no_grad forward": {"all_gather": 1, "all_reduce": 1},
+        }
+        for key in ("counts after backward", "counts after no_grad forward"):
+            for actual, expected in zip(*communication[key]):
+                assert torch.equal(actual, expected), key
 
 
 # --- single process ------------------------------------------------------------------------------

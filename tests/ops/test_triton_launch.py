@@ -51,7 +51,9 @@ def test_launch_plans_are_made_once_per_geometry(launches, monkeypatch):
     for name in ("_forward_plan", "_backward_plan"):
         build = getattr(triton_launch, name)
         monkeypatch.setattr(
-            triton_launch, name, lambda a, build=build, name=name: made.append(name) or build(a)
+            triton_launch,
+            name,
+            lambda *args, build=build, name=name: made.append(name) or build(*args),
         )
     x = torch.randn(SHAPE)
     for _ in range(3):
@@ -61,6 +63,14 @@ def test_launch_plans_are_made_once_per_geometry(launches, monkeypatch):
     triton_launch.forward(*_forward_args(x.contiguous(memory_format=torch.channels_last)))
     triton_launch.forward(*_forward_args(x, relu=True))
     assert made.count("_forward_plan") == 3
+    # The synchronised parts: the statistics get a plan of their own, once; the backward's
+    # parts share the whole backward's plan for the same geometry.
+    for _ in range(2):
+        triton_launch.stats(x)
+        grad_y, x_, *params, _, _, _, relu = _backward_args(x, mean, invstd)
+        sums, *_ = triton_launch.backward_reduce(grad_y, x_, *params, mean, invstd, relu)
+        triton_launch.backward_elemt(grad_y, x_, *params, mean, invstd, sums, relu)
+    assert made.count("_forward_plan") == 4 and made.count("_backward_plan") == 1
 
 
 def test_checks_run_with_a_cached_plan(launches):

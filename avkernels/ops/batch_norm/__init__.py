@@ -1,6 +1,8 @@
 """The tracked batch-norm op family: ``batch_norm_fwd``, ``batch_norm_bwd`` (and their
 differentiable forms ``batch_norm_fwd_differentiable``, ``batch_norm_bwd_differentiable``) and
-the differentiable ``tracked_batch_norm`` (one op for plain, ReLU-fused and ABRi BatchNorm).
+the differentiable ``tracked_batch_norm`` (one op for plain, ReLU-fused and ABRi BatchNorm), and
+the parts synchronised BN runs around its collectives (``batch_norm_stats``,
+``batch_norm_bwd_reduce``, ``batch_norm_bwd_elemt``).
 
 Files: :mod:`.schema` (the contract: argument tables, conventions), :mod:`.definition` (the op
 handles), :mod:`.reference` (plain PyTorch, the oracle), :mod:`.triton_kernels` and
@@ -13,8 +15,11 @@ from avkernels.ops.batch_norm import registration  # noqa: F401  (registers the 
 from avkernels.ops.batch_norm.definition import (
     batch_norm_bwd,
     batch_norm_bwd_differentiable,
+    batch_norm_bwd_elemt,
+    batch_norm_bwd_reduce,
     batch_norm_fwd,
     batch_norm_fwd_differentiable,
+    batch_norm_stats,
     tracked_batch_norm,
 )
 from avkernels.ops.batch_norm.schema import (
@@ -30,8 +35,11 @@ __all__ = [
     "accumulation_dtype",
     "batch_norm_bwd",
     "batch_norm_bwd_differentiable",
+    "batch_norm_bwd_elemt",
+    "batch_norm_bwd_reduce",
     "batch_norm_fwd",
     "batch_norm_fwd_differentiable",
+    "batch_norm_stats",
     "output_memory_format",
     "tracked_batch_norm",
 ]

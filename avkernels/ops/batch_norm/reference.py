@@ -2,10 +2,11 @@
 kernels when the compiled extension is missing.
 
 :func:`forward` and :func:`backward` implement ``batch_norm_fwd`` and ``batch_norm_bwd`` exactly as
-the contract in :mod:`avkernels.ops.batch_norm.schema` states; the helpers below them
-(:func:`effective_affine`, :func:`grad_sums`, :func:`batch_stats_grad_input`,
-:func:`parameter_grads`, :func:`update_running_stats`) are the pieces the synchronised variant
-reuses (docs/DESIGN.md, "ABRi as one BatchNorm" gives the formulas).
+the contract in :mod:`avkernels.ops.batch_norm.schema` states, :func:`stats`,
+:func:`backward_reduce` and :func:`backward_elemt` the parts synchronised BN runs around its
+collectives; they share the helpers (:func:`effective_affine`, :func:`grad_sums`,
+:func:`batch_stats_grad_input`, :func:`parameter_grads`, :func:`update_running_stats`;
+docs/DESIGN.md, "ABRi as one BatchNorm" gives the formulas).
 """
 
 from __future__ import annotations
@@ -61,15 +62,11 @@ def _per_channel(v: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def update_running_stats(
-    running_sets, mean: Tensor, var: Tensor, count: int, momentum: float
-) -> None:
+def update_running_stats(running_sets, mean: Tensor, var: Tensor, count, momentum: float) -> None:
     """``r = (1 - momentum) * r + momentum * batch_stat`` for every ``(running_mean,
     running_var)`` pair that is not None, with the unbiased variance of ``count`` values
-    (``var`` is the biased one). An empty batch (``count == 0``) leaves them as they are, as
-    nn.BatchNorm2d does."""
-    if count == 0:
-        return
+    (``var`` is the biased one; ``count``, an int or a 0-d tensor, is more than 1). An empty
+    batch must not come here: it leaves them as they are, as nn.BatchNorm2d does."""
     # no_grad does not stop forward-mode AD: detached, the buffers take no tangent.
     mean, var = mean.detach(), var.detach()
     for r_mean, r_var in running_sets:
@@ -80,6 +77,13 @@ def update_running_stats(
             )
 
 
+def stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``batch_norm_stats``: per-channel ``(mean, biased var)`` of the batch, in the accumulation
+    dtype (NaN for an empty batch)."""
+    var, mean = torch.var_mean(x.to(accumulation_dtype(x)), dim=(0, 2, 3), correction=0)
+    return mean, var
+
+
 def forward(a: ForwardArgs) -> tuple[Tensor, Tensor, Tensor]:
     """``batch_norm_fwd`` in plain PyTorch: ``(y, mean, invstd)``."""
     x = a.x
@@ -87,14 +91,15 @@ def forward(a: ForwardArgs) -> tuple[Tensor, Tensor, Tensor]:
     n, _, h, w = x.shape
     xf = x.to(acc)
     if a.use_batch_stats:
-        var, mean = torch.var_mean(xf, dim=(0, 2, 3), correction=0)
-        update_running_stats(
-            ((a.running_mean, a.running_var), (a.abri_running_mean, a.abri_running_var)),
-            mean,
-            var,
-            n * h * w,
-            a.momentum,
-        )
+        mean, var = stats(xf)
+        if n * h * w:
+            update_running_stats(
+                ((a.running_mean, a.running_var), (a.abri_running_mean, a.abri_running_var)),
+                mean,
+                var,
+                n * h * w,
+                a.momentum,
+            )
         mean, invstd = mean[None], torch.rsqrt(var + a.eps)[None]
     else:
         sets = [(a.running_mean, a.running_var)]
@@ -128,6 +133,24 @@ def backward(a: BackwardArgs) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, T
     grad_x = grad_x.to(x.dtype).contiguous(memory_format=output_memory_format(x))
     grads = parameter_grads(*params, sum_dy, sum_dy_xhat[0], sum_dy_xhat[-1])
     return (grad_x, *grads)
+
+
+def backward_reduce(a: BackwardArgs) -> tuple[Tensor, ...]:
+    """``batch_norm_bwd_reduce`` (``a.use_batch_stats`` is True): ``(sums, *parameter
+    gradients)`` with ``sums = [S1, S2]``."""
+    params = parameters(a)
+    _, _, _, sum_dy, sum_dy_xhat = grad_sums(a.grad_y, a.x, *params, a.mean, a.invstd, a.relu)
+    grads = parameter_grads(*params, sum_dy, sum_dy_xhat[0], sum_dy_xhat[0])
+    return (torch.stack([sum_dy, sum_dy_xhat[0]]), *grads)
+
+
+def backward_elemt(a: BackwardArgs, grad_means: Tensor) -> Tensor:
+    """``batch_norm_bwd_elemt``: the batch-statistics ``grad_x`` from ``grad_means = [S1 / M,
+    S2 / M]`` of the whole (global) batch."""
+    x, mean, invstd = a.x, a.mean, a.invstd
+    xf, dy, scale, _, _ = grad_sums(a.grad_y, x, *parameters(a), mean, invstd, a.relu)
+    grad_x = batch_stats_grad_input(xf, dy, scale, mean[0], invstd[0], *grad_means, 1)
+    return grad_x.to(x.dtype).contiguous(memory_format=output_memory_format(x))
 
 
 def differentiable_backward(a: BackwardArgs) -> tuple[Tensor, ...]:

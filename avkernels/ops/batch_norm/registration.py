@@ -14,14 +14,19 @@ from avkernels.ops.batch_norm.autograd import tracked_batch_norm_python_autograd
 from avkernels.ops.batch_norm.definition import batch_norm_fwd
 from avkernels.ops.batch_norm.schema import (
     BACKWARD,
+    BACKWARD_ELEMT,
+    BACKWARD_REDUCE,
     DIFFERENTIABLE_BACKWARD,
     DIFFERENTIABLE_FORWARD,
     FORWARD,
     PARAMETERS,
+    STATS,
     TRACKED,
     BackwardArgs,
+    BackwardElemtArgs,
     ForwardArgs,
     accumulation_dtype,
+    batch_stats_backward,
     output_memory_format,
 )
 
@@ -36,6 +41,25 @@ def reference_backward(*args):
     a = BackwardArgs(*args)
     checks.batch_norm_backward(a)
     return reference.backward(a)
+
+
+def reference_stats(x):
+    checks.batch_norm_input("batch_norm_stats: x", x)
+    return reference.stats(x)
+
+
+def reference_backward_reduce(*args):
+    a = batch_stats_backward(*args)
+    checks.batch_norm_backward(a, op=BACKWARD_REDUCE.name)
+    return reference.backward_reduce(a)
+
+
+def reference_backward_elemt(*args):
+    e = BackwardElemtArgs(*args)
+    a = batch_stats_backward(*args[:-2], e.relu)
+    checks.batch_norm_backward(a, op=BACKWARD_ELEMT.name)
+    checks.batch_norm_grad_means(a, e.grad_means)
+    return reference.backward_elemt(a, e.grad_means)
 
 
 def _differentiable_forward(*args):
@@ -76,6 +100,25 @@ def _backward_fake(*args):
     return (grad_x, *(a.mean.new_empty(0) if p is None else torch.empty_like(p) for p in params))
 
 
+@torch.library.register_fake(f"avkernels::{STATS.name}")
+def _stats_fake(x):
+    mean = x.new_empty(x.shape[1], dtype=accumulation_dtype(x))
+    return mean, torch.empty_like(mean)
+
+
+@torch.library.register_fake(f"avkernels::{BACKWARD_REDUCE.name}")
+def _backward_reduce_fake(*args):
+    a = batch_stats_backward(*args)
+    sums = a.mean.new_empty((2, a.x.shape[1]))
+    return (sums, *_backward_fake(*a)[1:])
+
+
+@torch.library.register_fake(f"avkernels::{BACKWARD_ELEMT.name}")
+def _backward_elemt_fake(*args):
+    x = BackwardElemtArgs(*args).x
+    return torch.empty_like(x, memory_format=output_memory_format(x))
+
+
 @torch.library.register_fake(f"avkernels::{TRACKED.name}")
 def _tracked_fake(x, *args):
     return torch.empty_like(x, memory_format=output_memory_format(x))
@@ -92,6 +135,9 @@ register_python_kernels(
 if not HAS_EXTENSION:
     register_python_kernels(FORWARD, {"CPU": reference_forward})
     register_python_kernels(BACKWARD, {"CPU": reference_backward})
+    register_python_kernels(STATS, {"CPU": reference_stats})
+    register_python_kernels(BACKWARD_REDUCE, {"CPU": reference_backward_reduce})
+    register_python_kernels(BACKWARD_ELEMT, {"CPU": reference_backward_elemt})
     register_python_kernels(
         TRACKED,
         {
@@ -107,5 +153,11 @@ except ImportError:  # no triton: CUDA tensors cannot use avkernels kernels
 if triton_launch is not None:
     torch.library.register_kernel(f"avkernels::{FORWARD.name}", "cuda", triton_launch.forward)
     torch.library.register_kernel(f"avkernels::{BACKWARD.name}", "cuda", triton_launch.backward)
+    for signature, kernel in (
+        (STATS, triton_launch.stats),
+        (BACKWARD_REDUCE, triton_launch.backward_reduce),
+        (BACKWARD_ELEMT, triton_launch.backward_elemt),
+    ):
+        torch.library.register_kernel(f"avkernels::{signature.name}", "cuda", kernel)
     register_inductor_decomposition(FORWARD, triton_launch.traced_forward)
     register_inductor_decomposition(BACKWARD, triton_launch.traced_backward)

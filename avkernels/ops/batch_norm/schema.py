@@ -21,6 +21,20 @@
     statistics' dependence on ``x`` restored: what the backward of ``tracked_batch_norm`` runs
     under ``create_graph=True``, so that its gradients can be differentiated again.
 
+The parts of the batch-statistics ops, for synchronised BN, whose statistics and gradient sums
+are those of the batch over all ranks (docs/DESIGN.md, "PyTorch conventions"); the same kernels
+serve them as the whole ops:
+
+``batch_norm_stats``
+    ``(mean, var)`` (C,) of ``x``'s batch, ``var`` biased: the local statistics the ranks merge.
+    The normalisation is ``batch_norm_fwd`` with the merged statistics as its running set.
+``batch_norm_bwd_reduce``
+    The batch-statistics backward's reductions: ``sums`` (2, C) = ``[S1, S2]`` and the parameter
+    gradients (from these local sums), as ``batch_norm_bwd`` returns them.
+``batch_norm_bwd_elemt``
+    The batch-statistics ``grad_x`` from ``grad_means`` (2, C) = ``[S1 / M, S2 / M]``, the sums of
+    the whole batch over its ``M`` elements per channel.
+
 Conventions shared by all implementations (C++ on CPU, Triton on CUDA, the PyTorch reference):
 
 * Accumulation in float64 for float64 input, else float32. ``mean``/``invstd`` have that dtype
@@ -99,8 +113,25 @@ DIFFERENTIABLE_BACKWARD = BACKWARD.renamed("batch_norm_bwd_differentiable", BACK
 # batch_norm_fwd written with differentiable PyTorch ops: the forward under forward-mode AD.
 DIFFERENTIABLE_FORWARD = FORWARD.renamed("batch_norm_fwd_differentiable", FORWARD.returns)
 
+STATS = OpSignature("batch_norm_stats", (("x", "Tensor"),), "(Tensor, Tensor)")
+# batch_norm_bwd with batch statistics (K = 1), without the flag.
+_BATCH_STATS_BACKWARD = tuple(arg for arg in BACKWARD.arguments if arg[0] != "use_batch_stats")
+BACKWARD_REDUCE = OpSignature("batch_norm_bwd_reduce", _BATCH_STATS_BACKWARD, BACKWARD.returns)
+BACKWARD_ELEMT = OpSignature(
+    "batch_norm_bwd_elemt",
+    (*_BATCH_STATS_BACKWARD[:-1], ("grad_means", "Tensor"), _BATCH_STATS_BACKWARD[-1]),
+    "Tensor",
+)
+
 ForwardArgs = FORWARD.record
 BackwardArgs = BACKWARD.record
+BackwardElemtArgs = BACKWARD_ELEMT.record
+
+
+def batch_stats_backward(*args) -> BackwardArgs:
+    """The :class:`BackwardArgs` of a ``batch_norm_bwd_reduce`` call (``use_batch_stats=True``)."""
+    *tensors, relu = args
+    return BackwardArgs(*tensors, True, relu)
 
 
 def accumulation_dtype(x: Tensor) -> torch.dtype:

@@ -6,30 +6,36 @@ the protocol of ``nn.SyncBatchNorm``: in a training forward every rank computes 
 ``(count, mean, M2)`` of its own batch, the ranks all-gather them, and each merges them into the
 statistics of the global batch; in backward the two per-channel sums ``S1 = sum(dy)`` and
 ``S2 = sum(dy * xhat)`` are all-reduced so that ``dx`` is the gradient of the global-batch BN.
-Design choices:
+Design choices (docs/DESIGN.md, "PyTorch conventions"):
 
-* The gathered statistics are one float64 vector ``[count, mean (C), M2 (C)]`` per rank: counts
-  stay exact past 2**24 elements and the merge adds no rounding worth a thought, whatever the
-  input dtype. It is the parallel-variance (Chan) decomposition evaluated with the global mean,
-  ``mean = sum(n_r mean_r) / n``, ``M2 = sum(M2_r + n_r (mean_r - mean)**2)``, summed over ranks
-  in rank order, so every rank gets bitwise the same result. Ranks may hold different batch
-  sizes, zero included.
-* Normalisation, fused ReLU and dead counting reuse the forward op ``batch_norm_fwd`` (C++ on
-  CPU, Triton on CUDA) in its running-statistics mode, fed the global ``(mean, biased var)`` as
-  the running set (both sets for ABRi, whose two BNs share the batch statistics). The running
-  statistics are updated here with the global unbiased variance, exactly as the op would
-  (``momentum=None`` works through TrackedBN's cumulative average, as in the local path).
-* Dead counts of the batch go to zeroed temporaries and are all-reduced (one int64 collective)
-  before being added to the buffers: after a synced training forward every rank holds the same,
-  global counts, so ``dead_fraction()`` needs no communication.
-* Backward reuses the reference's reductions
-  (:func:`avkernels.ops.batch_norm.reference.grad_sums`), all-reduces ``(S1, S2)`` in one
-  collective and applies the batch-statistics ``dx`` formula with the global element count.
-  Parameter gradients come from the local sums: DDP averages parameter gradients over ranks
-  itself, as with ``nn.SyncBatchNorm``.
-* Three collectives per layer and training step (stats, counts, gradient sums), two without
-  dead counting. Eval forwards never communicate. The sync path is not written for
-  ``torch.compile``.
+* The op is split the way ATen splits ``nn.SyncBatchNorm`` (``batch_norm_stats``,
+  ``..._gather_stats_with_counts``, ``..._elemt``, ``..._backward_reduce``,
+  ``..._backward_elemt``), and every part runs the kernels of the local op (C++ on CPU, Triton on
+  CUDA): ``batch_norm_stats`` (the training forward's statistics pass), the merge (a few
+  C-sized PyTorch ops), ``batch_norm_fwd`` in its running-statistics mode fed the global
+  ``(mean, biased var)`` as the running set (both sets for ABRi, whose two BNs share the batch
+  statistics), ``batch_norm_bwd_reduce`` (the backward's sums pass) and ``batch_norm_bwd_elemt``
+  (its grad_x pass, fed the global sums over the global count).
+* One collective per layer and direction. Forward: an all-gather of one float64 vector
+  ``[count, mean (C), M2 (C)]`` per rank; counts stay exact (float64 holds integers below
+  2**53) and the merge is the parallel-variance (Chan) decomposition evaluated with the global
+  mean, ``mean = sum(n_r mean_r) / n``, ``M2 = sum(M2_r + n_r (mean_r - mean)**2)``, summed
+  over ranks in rank order, so every rank gets bitwise the same result. Ranks may hold
+  different batch sizes, zero included. Backward: an all-reduce of one float64 vector
+  ``[S1 (C), S2 (C), dead counts (2C + 2)]``: the dead counts of a training forward depend on
+  the global statistics, so they are known only after the forward's collective, and travel with
+  the backward's. After ``backward()`` every rank holds the same, global counts, so
+  ``dead_fraction()`` needs no communication. A synced training forward that autograd does not
+  record (``torch.no_grad()``, frozen layer and input) has no backward: it all-reduces its dead
+  counts at once (a second collective). A recorded forward whose backward never runs (a graph
+  discarded without ``backward()``) does not count its batch.
+* No host synchronisation: the global count stays on the device (the running variance's
+  ``n / (n - 1)`` and the gradient means use it there). Only a rank whose own batch has at most
+  one value per channel reads the global total, to raise as ``nn.BatchNorm2d`` does when the
+  global batch has one.
+* Parameter gradients come from the local sums: DDP averages parameter gradients over ranks
+  itself, as with ``nn.SyncBatchNorm``. Eval forwards never communicate. The sync path is not
+  written for ``torch.compile``.
 """
 
 from __future__ import annotations
@@ -38,15 +44,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from avkernels.ops.batch_norm.definition import batch_norm_fwd
-from avkernels.ops.batch_norm.reference import (
-    batch_stats_grad_input,
-    grad_sums,
-    parameter_grads,
-    parameters,
-    update_running_stats,
+from avkernels.ops.batch_norm.definition import (
+    batch_norm_bwd_elemt,
+    batch_norm_bwd_reduce,
+    batch_norm_fwd,
+    batch_norm_stats,
 )
-from avkernels.ops.batch_norm.schema import ForwardArgs, accumulation_dtype, output_memory_format
+from avkernels.ops.batch_norm.reference import parameters, update_running_stats
+from avkernels.ops.batch_norm.schema import ForwardArgs, accumulation_dtype
 
 
 def check_process_group(process_group, owner: str) -> None:
@@ -68,31 +73,41 @@ def sync_enabled(process_group: dist.ProcessGroup | None) -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1
 
 
-def _global_batch_stats(x: Tensor, process_group) -> tuple[Tensor, Tensor, int]:
-    """Per-channel ``(mean, biased var)`` of the batch of every rank, in ``x``'s accumulation
-    dtype, and the global number of elements per channel."""
+def _merge_rank_stats(x: Tensor, process_group) -> tuple[Tensor, Tensor, Tensor]:
+    """``(mean, biased var)`` per channel of the batch of every rank, in ``x``'s accumulation
+    dtype, and the global number of elements per channel (a float64 0-d tensor, exact below
+    2**53): one all-gather of each rank's ``[count, mean, M2]``, merged on the device."""
     n, channels, h, w = x.shape
     count = n * h * w
     if count:
-        var, mean = torch.var_mean(x.to(accumulation_dtype(x)), dim=(0, 2, 3), correction=0)
+        mean, var = batch_norm_stats(x)
         local = torch.cat([mean.new_full((1,), count), mean, var]).double()
         local[1 + channels :] *= count  # M2 = n * biased var
-    else:  # an empty local batch contributes nothing (var_mean would give NaN)
+    else:  # an empty local batch contributes nothing (its statistics are NaN)
         local = torch.zeros(1 + 2 * channels, dtype=torch.float64, device=x.device)
     gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(process_group))]
     dist.all_gather(gathered, local, group=process_group)
     stats = torch.stack(gathered)  # (ranks, 1 + 2C) in rank order
     counts, means, m2s = stats[:, :1], stats[:, 1 : 1 + channels], stats[:, 1 + channels :]
-    total = int(counts.sum().item())
-    if total <= 1:
+    total = counts.sum()
+    # More than one local value makes the global batch valid: only a rank with at most one
+    # value asks for the total, the one host synchronisation, and only in that rare case.
+    if count <= 1 and int(total.item()) <= 1:
         raise ValueError(
             "Expected more than 1 value per channel when training, got "
-            f"{total} over all ranks (local input size {tuple(x.shape)})"
+            f"{int(total.item())} over all ranks (local input size {tuple(x.shape)})"
         )
     mean = (counts * means).sum(dim=0) / total
     m2 = (m2s + counts * (means - mean).square()).sum(dim=0)
     acc = accumulation_dtype(x)
     return mean.to(acc), (m2 / total).to(acc), total
+
+
+def will_backward(args: ForwardArgs) -> bool:
+    """Whether autograd records this call, so that a backward (and its collective) may follow."""
+    return torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (args.x, *parameters(args))
+    )
 
 
 class SyncTrackedBNFunction(torch.autograd.Function):
@@ -103,27 +118,23 @@ class SyncTrackedBNFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *args_and_group):
-        *args, process_group = args_and_group
+        *args, backward_follows, process_group = args_and_group
         a = ForwardArgs(*args)
         x, weight, bias, abri_weight, abri_bias, abri_alpha = (a.x, *parameters(a))
-        momentum, eps, relu = a.momentum, a.eps, a.relu
-        running_mean, running_var = a.running_mean, a.running_var
-        abri_running_mean, abri_running_var = a.abri_running_mean, a.abri_running_var
-        dead_count, dead_sample_count, seen = a.dead_count, a.dead_sample_count, a.seen
-        mean, var, count = _global_batch_stats(x, process_group)
+        mean, var, count = _merge_rank_stats(x, process_group)
         update_running_stats(
-            ((running_mean, running_var), (abri_running_mean, abri_running_var)),
+            ((a.running_mean, a.running_var), (a.abri_running_mean, a.abri_running_var)),
             mean,
             var,
             count,
-            momentum,
+            a.momentum,
         )
         abri_stats = (mean.clone(), var.clone()) if abri_alpha is not None else (None, None)
-        counting = dead_count is not None
+        counters = (a.dead_count, a.dead_sample_count, a.seen)
         channels = x.shape[1]
         # This batch's counts, in one flat tensor so that a single collective sums them.
         batch_counts, batch_dead = None, (None,) * 3
-        if counting:
+        if a.dead_count is not None:
             batch_counts = torch.zeros(2 * channels + 2, dtype=torch.long, device=x.device)
             batch_dead = batch_counts.split([channels, channels, 2])
         y, mean_rows, invstd_rows = batch_norm_fwd(
@@ -139,17 +150,28 @@ class SyncTrackedBNFunction(torch.autograd.Function):
             *batch_dead,
             False,
             0.0,
-            eps,
-            relu,
+            a.eps,
+            a.relu,
         )
-        if counting:
-            dist.all_reduce(batch_counts, group=process_group)
-            for buffer, total in zip((dead_count, dead_sample_count, seen), batch_dead):
-                buffer += total
+        ctx.pending_counts = None
+        if batch_counts is not None:
+            if backward_follows:  # the backward's collective carries them
+                ctx.pending_counts, ctx.counters = batch_counts, counters
+            else:
+                dist.all_reduce(batch_counts, group=process_group)
+                _add_counts(counters, batch_counts, channels)
         ctx.save_for_backward(
-            x, weight, bias, abri_weight, abri_bias, abri_alpha, mean_rows[:1], invstd_rows[:1]
+            x,
+            weight,
+            bias,
+            abri_weight,
+            abri_bias,
+            abri_alpha,
+            mean_rows[:1],
+            invstd_rows[:1],
+            count,
         )
-        ctx.count, ctx.relu, ctx.process_group = count, relu, process_group
+        ctx.relu, ctx.process_group = a.relu, process_group
         return y
 
     @staticmethod
@@ -161,19 +183,30 @@ class SyncTrackedBNFunction(torch.autograd.Function):
                 "Hessian-vector products use TrackedBN(sync=False) (nn.SyncBatchNorm has the "
                 "same limit)"
             )
-        x, *params, mean, invstd = ctx.saved_tensors
-        xf, dy, scale, sum_dy, sum_dy_xhat = grad_sums(grad_y, x, *params, mean, invstd, ctx.relu)
-        global_sums = torch.cat([sum_dy, sum_dy_xhat[0]])
-        dist.all_reduce(global_sums, group=ctx.process_group)
-        global_sum_dy, global_sum_dy_xhat = global_sums.chunk(2)
-        grad_x = batch_stats_grad_input(
-            xf, dy, scale, mean[0], invstd[0], global_sum_dy, global_sum_dy_xhat, ctx.count
-        )
-        grad_x = grad_x.to(x.dtype).contiguous(memory_format=output_memory_format(x))
-        grads = parameter_grads(*params, sum_dy, sum_dy_xhat[0], sum_dy_xhat[0])
+        x, *params, mean, invstd, count = ctx.saved_tensors
+        sums, *grads = batch_norm_bwd_reduce(grad_y, x, *params, mean, invstd, ctx.relu)
+        # One collective: the gradient sums and this step's dead counts (exact in float64).
+        carried = [sums.flatten().double()]
+        if ctx.pending_counts is not None:
+            carried.append(ctx.pending_counts.double())
+        buffer = torch.cat(carried)
+        dist.all_reduce(buffer, group=ctx.process_group)
+        channels = x.shape[1]
+        if ctx.pending_counts is not None:
+            _add_counts(ctx.counters, buffer[2 * channels :].round().long(), channels)
+            ctx.pending_counts = None
+        grad_means = (buffer[: 2 * channels].view(2, channels) / count).to(sums.dtype)
+        grad_x = batch_norm_bwd_elemt(grad_y, x, *params, mean, invstd, grad_means, ctx.relu)
+        # Parameter gradients come from the local sums (DDP averages them over the ranks).
         grads = [None if p is None else g for p, g in zip(params, grads)]
-        # No gradient for the buffers, flags and the process group.
-        return (grad_x, *grads) + (None,) * (len(ForwardArgs._fields) - len(params))
+        # No gradient for the buffers, flags, the backward flag and the process group.
+        return (grad_x, *grads) + (None,) * (len(ForwardArgs._fields) - len(params) + 1)
+
+
+def _add_counts(counters: tuple, totals: Tensor, channels: int) -> None:
+    """Adds ``totals`` (``[dead (C), dead samples (C), seen (2)]``) to the dead counters."""
+    for buffer, total in zip(counters, totals.split([channels, channels, 2])):
+        buffer += total
 
 
 def sync_tracked_batch_norm(args: ForwardArgs, process_group=None) -> Tensor:
@@ -186,4 +219,4 @@ def sync_tracked_batch_norm(args: ForwardArgs, process_group=None) -> Tensor:
         raise ValueError(
             "sync_tracked_batch_norm: synchronisation only applies to batch statistics"
         )
-    return SyncTrackedBNFunction.apply(*args, process_group)
+    return SyncTrackedBNFunction.apply(*args, will_backward(args), process_group)

@@ -58,7 +58,7 @@ from avkernels.ops.batch_norm.triton_device import (
 # eval batch); as runtime values they keep one variant per geometry (docs/DESIGN.md, "Kernel
 # designs and launch plans"). hw_chunk stays specialised: it is a whole number of tiles, and its
 # alignment lets the loads of a chunk vectorise.
-_BATCH_DEPENDENT = ("N", "samples_per_program", "hw_splits", "row_programs")
+_BATCH_DEPENDENT = ("N", "samples_per_program", "hw_splits", "row_programs", "count")
 
 # --- forward kernels -----------------------------------------------------------------------------
 
@@ -72,7 +72,7 @@ def fwd_partial_stats_kernel(
     x_stride_n, x_stride_c, x_stride_h, x_stride_w,
     samples_per_program, hw_splits, hw_chunk, row_programs,
     eps: tl.float64, momentum: tl.float64, keep: tl.float64, unbiased_momentum: tl.float64,
-    UPDATE_RUNNING: tl.constexpr, UPDATE_ABRI_RUNNING: tl.constexpr,
+    UPDATE_RUNNING: tl.constexpr, UPDATE_ABRI_RUNNING: tl.constexpr, STORE_VAR: tl.constexpr,
     SPLIT_HW: tl.constexpr, ACC: tl.constexpr, BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
@@ -86,7 +86,8 @@ def fwd_partial_stats_kernel(
         partial_pointer: Pointer to the partials, contiguous [3, row_programs, C] in the
             accumulation dtype: rows mean, M2 (sum of squared deviations) and element count.
         mean_pointer, invstd_pointer: Pointers to the outputs, contiguous [1, C], accumulation
-            dtype: batch mean and 1/sqrt(biased variance + eps).
+            dtype: batch mean and 1/sqrt(biased variance + eps) (the biased variance itself with
+            STORE_VAR).
         running_mean_pointer, running_var_pointer: Pointers to the original BN's running
             statistics, [C], updated in place in their own dtype.
         abri_running_mean_pointer, abri_running_var_pointer: The same for ABRi's added BN.
@@ -100,6 +101,7 @@ def fwd_partial_stats_kernel(
         momentum, keep: Weight of the batch statistic and of the old value (1 - momentum).
         unbiased_momentum: momentum * count / (count - 1), weight of the biased batch variance.
         UPDATE_RUNNING, UPDATE_ABRI_RUNNING: Which running sets exist.
+        STORE_VAR: Store the biased variance instead of invstd (``batch_norm_stats``).
         SPLIT_HW: Address (h, w) separately because H and W do not merge into one stride.
         ACC: Accumulation dtype (float32, or float64 for float64 input).
         BLOCK_HW, BLOCK_C: Tile extents; BLOCK_R: partial rows merged per step.
@@ -146,7 +148,7 @@ def fwd_partial_stats_kernel(
             partial_pointer, mean_pointer, invstd_pointer, running_mean_pointer,
             running_var_pointer, abri_running_mean_pointer, abri_running_var_pointer, c_offsets,
             c_mask, C, row_programs, eps, momentum, keep, unbiased_momentum, UPDATE_RUNNING,
-            UPDATE_ABRI_RUNNING, ACC, BLOCK_R, BLOCK_C)
+            UPDATE_ABRI_RUNNING, STORE_VAR, ACC, BLOCK_R, BLOCK_C)
         tl.store(counter_pointer + pid_c, 0)
 
 
@@ -157,7 +159,7 @@ def _finalize_statistics(
     abri_running_var_pointer, c_offsets, c_mask,
     C, row_programs,
     eps, momentum, keep, unbiased_momentum,
-    UPDATE_RUNNING: tl.constexpr, UPDATE_ABRI_RUNNING: tl.constexpr,
+    UPDATE_RUNNING: tl.constexpr, UPDATE_ABRI_RUNNING: tl.constexpr, STORE_VAR: tl.constexpr,
     ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Merges the partial summaries of channels ``c_offsets`` in a fixed order into the batch
@@ -183,7 +185,11 @@ def _finalize_statistics(
 
     var = m2 / tl.where(c_mask, count, 1)  # masked lanes: no 0/0
     tl.store(mean_pointer + c_offsets, mean, mask=c_mask)
-    tl.store(invstd_pointer + c_offsets, rsqrt(var + tl.full((), eps, ACC), ACC), mask=c_mask)
+    if STORE_VAR:
+        tl.store(invstd_pointer + c_offsets, var, mask=c_mask)
+    else:
+        tl.store(invstd_pointer + c_offsets, rsqrt(var + tl.full((), eps, ACC), ACC),
+                 mask=c_mask)
 
     batch_mean_term = mean * tl.full((), momentum, ACC)
     batch_var_term = var * tl.full((), unbiased_momentum, ACC)
@@ -588,13 +594,13 @@ def bwd_grad_x_kernel(
     grad_y_stride_n, grad_y_stride_c, grad_y_stride_h, grad_y_stride_w,
     x_stride_n, x_stride_c, x_stride_h, x_stride_w,
     grad_x_stride_n, grad_x_stride_c, grad_x_stride_h, grad_x_stride_w,
-    samples_per_program, hw_splits, hw_chunk, abri_row_offset,
+    samples_per_program, hw_splits, hw_chunk, abri_row_offset, count,
     RELU: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_ABRI_WEIGHT: tl.constexpr, HAS_ABRI_BIAS: tl.constexpr, ABRI: tl.constexpr,
     ALPHA_PER_CHANNEL: tl.constexpr, SPLIT_HW: tl.constexpr, ACC: tl.constexpr,
     BLOCK_HW: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Batch-statistics grad_x = scale * (dy - S1 / M - xhat * S2 / M), M = N*H*W.
+    """Batch-statistics grad_x = scale * (dy - S1 / M - xhat * S2 / M), M = ``count``.
 
     Grid: (cdiv(C, BLOCK_C), row_programs).
 
@@ -602,10 +608,13 @@ def bwd_grad_x_kernel(
         grad_y_pointer, x_pointer, grad_x_pointer: As in bwd_partial_sums_kernel (grad_x is
             always written here).
         mean_pointer, invstd_pointer: Pointers to the forward's [K, C] statistics.
-        sums_pointer: Pointer to [2, C]: S1 and S2 of statistics row 0 (_finalize_sums).
+        sums_pointer: Pointer to [2, C]: S1 and S2 of statistics row 0 (_finalize_sums), or
+            S1 / M and S2 / M of the global batch with count = 1 (``batch_norm_bwd_elemt``).
         weight_pointer ... alpha_pointer: As in fwd_normalize_kernel.
         N, C, HW, W, *_stride_*, samples_per_program, hw_splits, hw_chunk, abri_row_offset:
             As in bwd_partial_sums_kernel.
+        count: M, the elements per channel that the sums divide by (N*H*W, or 1 when the
+            sums are already means).
         RELU, HAS_*, ABRI, ALPHA_PER_CHANNEL, SPLIT_HW, ACC, BLOCK_HW, BLOCK_C: As in
             bwd_partial_sums_kernel.
     """
@@ -616,10 +625,10 @@ def bwd_grad_x_kernel(
         mean_pointer, invstd_pointer, abri_row_offset, c_offsets, c_mask, weight_pointer,
         bias_pointer, abri_weight_pointer, abri_bias_pointer, alpha_pointer, HAS_WEIGHT, HAS_BIAS,
         HAS_ABRI_WEIGHT, HAS_ABRI_BIAS, ABRI, ALPHA_PER_CHANNEL, ACC)
-    count = (tl.cast(N, tl.int64) * HW).to(ACC)
-    mean_dy = tl.load(sums_pointer + c_offsets, mask=c_mask, other=0) / count
+    elements = tl.cast(count, tl.int64).to(ACC)
+    mean_dy = tl.load(sums_pointer + c_offsets, mask=c_mask, other=0) / elements
     # xhat * S2 / M = (x - mean) * projection
-    projection = tl.load(sums_pointer + C + c_offsets, mask=c_mask, other=0) / count * invstd
+    projection = tl.load(sums_pointer + C + c_offsets, mask=c_mask, other=0) / elements * invstd
 
     n_start, n_end, hw_start, hw_end = row_program_range(
         pid_rows, N, HW, samples_per_program, hw_splits, hw_chunk)

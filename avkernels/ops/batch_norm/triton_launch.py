@@ -27,8 +27,10 @@ from avkernels.ops import checks
 from avkernels.ops._library import launch_directly
 from avkernels.ops.batch_norm.schema import (
     BackwardArgs,
+    BackwardElemtArgs,
     ForwardArgs,
     accumulation_dtype,
+    batch_stats_backward,
     output_memory_format,
 )
 from avkernels.ops.batch_norm.triton_kernels import (
@@ -242,7 +244,7 @@ class _ForwardPlan(NamedTuple):
     normalize_options: dict
 
 
-def _forward_plan(a) -> _ForwardPlan:
+def _forward_plan(a, store_var: bool = False) -> _ForwardPlan:
     x = a.x
     batch, channels, height, width = x.shape
     spatial = height * width
@@ -272,6 +274,7 @@ def _forward_plan(a) -> _ForwardPlan:
             # An empty batch leaves the running statistics as they are, as nn.BatchNorm2d does.
             UPDATE_RUNNING=a.running_mean is not None and batch * spatial > 0,
             UPDATE_ABRI_RUNNING=a.abri_running_mean is not None and batch * spatial > 0,
+            STORE_VAR=store_var,
             BLOCK_R=_TILE_ELEMENTS // plan.block_c,
             **tile,
         ),
@@ -304,6 +307,7 @@ class _BackwardPlan(NamedTuple):
     partial_ints: tuple[int, ...]
     partial_options: dict
     grad_x_ints: tuple[int, ...]
+    count: int  # values per channel (N*H*W)
     grad_x_options: dict
 
 
@@ -349,11 +353,21 @@ def _backward_plan(a) -> _BackwardPlan:
             BLOCK_TOTAL=min(triton.next_power_of_2(channels), _TILE_ELEMENTS),
         ),
         grad_x_ints=(*geometry, *strides, *work_split, abri_row_offset),
+        count=batch * x.shape[2] * width,
         grad_x_options=dict(RELU=a.relu, **flags, **tile),
     )
 
 
 # --- launchers -----------------------------------------------------------------------------------
+
+
+def _forward_plan_for(a, key: tuple, store_var: bool = False) -> _ForwardPlan:
+    """The cached forward plan of ``key``, after the forward's argument checks."""
+    plan = _FORWARD_PLANS.get(key)
+    checks.batch_norm_forward(a, input_checked=plan is not None)
+    if plan is None:
+        plan = _keep_plan(_FORWARD_PLANS, key, _forward_plan(a, store_var))
+    return plan
 
 
 def forward(*args) -> tuple[Tensor, Tensor, Tensor]:
@@ -370,18 +384,28 @@ def forward(*args) -> tuple[Tensor, Tensor, Tensor]:
         tuple(map(_IS_NONE, args[1:13])),
         alpha is not None and alpha.numel() > 1,
     )
-    plan = _FORWARD_PLANS.get(key)
-    checks.batch_norm_forward(a, input_checked=plan is not None)
-    if plan is None:
-        plan = _keep_plan(_FORWARD_PLANS, key, _forward_plan(a))
+    plan = _forward_plan_for(a, key)
     with _device_guard(x.device):
         return _launch_forward(a, plan, _scratch(x.device, plan.scratch_size), launch_directly)
 
 
-def backward(*args) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``avkernels::batch_norm_bwd`` on CUDA: ``(grad_x, grad_weight, grad_bias,
-    grad_abri_weight, grad_abri_bias, grad_abri_alpha)``."""
-    a = BackwardArgs(*args)
+def stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``avkernels::batch_norm_stats`` on CUDA: the training forward's statistics kernel, storing
+    ``(mean, biased var)`` of shape (C,)."""
+    a = ForwardArgs(x, *(None,) * 12, True, 0.0, 0.0, False)
+    plan = _forward_plan_for(a, (x.shape, x.stride(), x.dtype, x.device, "stats"), store_var=True)
+    if x.numel() == 0:  # no values: NaN statistics, as the other kernels give
+        nan = torch.full_like(plan.stats[0], float("nan"))
+        return nan, nan.clone()
+    with _device_guard(x.device):
+        mean, var = _launch_statistics(
+            a, plan, _scratch(x.device, plan.scratch_size), launch_directly
+        )
+    return mean.view(-1), var.view(-1)
+
+
+def _backward_plan_for(a, op: str = "batch_norm_bwd") -> _BackwardPlan:
+    """The cached backward plan of ``a`` after the argument checks of ``op``."""
     grad_y, x, alpha = a.grad_y, a.x, a.abri_alpha
     key = (
         x.shape,
@@ -394,15 +418,48 @@ def backward(*args) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         a.mean.dtype,
         a.use_batch_stats,
         a.relu,
-        tuple(map(_IS_NONE, args[2:7])),
+        tuple(map(_IS_NONE, a[2:7])),
         alpha is not None and alpha.numel() > 1,
     )
     plan = _BACKWARD_PLANS.get(key)
-    checks.batch_norm_backward(a, inputs_checked=plan is not None)
+    checks.batch_norm_backward(a, inputs_checked=plan is not None, op=op)
     if plan is None:
         plan = _keep_plan(_BACKWARD_PLANS, key, _backward_plan(a))
-    with _device_guard(x.device):
-        return _launch_backward(a, plan, _scratch(x.device, plan.scratch_size), launch_directly)
+    return plan
+
+
+def backward(*args) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``avkernels::batch_norm_bwd`` on CUDA: ``(grad_x, grad_weight, grad_bias,
+    grad_abri_weight, grad_abri_bias, grad_abri_alpha)``."""
+    a = BackwardArgs(*args)
+    plan = _backward_plan_for(a)
+    with _device_guard(a.x.device):
+        return _launch_backward(a, plan, _scratch(a.x.device, plan.scratch_size), launch_directly)
+
+
+def backward_reduce(*args) -> tuple[Tensor, ...]:
+    """``avkernels::batch_norm_bwd_reduce`` on CUDA: the batch-statistics backward's sums kernel,
+    returning ``(sums, *parameter gradients)``."""
+    a = batch_stats_backward(*args)
+    plan = _backward_plan_for(a, "batch_norm_bwd_reduce")
+    with _device_guard(a.x.device):
+        scratch = _scratch(a.x.device, plan.scratch_size)
+        _, sums, grads = _launch_sums(a, plan, _affine_arguments(a), scratch, launch_directly)
+    return sums, *grads
+
+
+def backward_elemt(*args) -> Tensor:
+    """``avkernels::batch_norm_bwd_elemt`` on CUDA: the batch-statistics backward's grad_x
+    kernel, fed ``grad_means`` (already divided by the global element count)."""
+    e = BackwardElemtArgs(*args)
+    a = batch_stats_backward(*args[:-2], e.relu)
+    plan = _backward_plan_for(a, "batch_norm_bwd_elemt")
+    checks.batch_norm_grad_means(a, e.grad_means)
+    grad_x = torch.empty_like(a.x, memory_format=plan.grad_x_format)
+    with _device_guard(a.x.device):
+        affine = _affine_arguments(a)
+        _launch_grad_x(a, plan, affine, grad_x, e.grad_means.contiguous(), 1, launch_directly)
+    return grad_x
 
 
 def traced_forward(*args) -> tuple[Tensor, Tensor, Tensor]:
@@ -433,26 +490,12 @@ def _launch_forward(
     kernel itself eagerly, :func:`torch.library.wrap_triton` when traced for Inductor)."""
     x, args = a.x, tuple(a)
     y = torch.empty_like(x, memory_format=plan.y_format)
-    mean = torch.empty_like(plan.stats)
-    invstd = torch.empty_like(plan.stats)
+    if a.use_batch_stats:
+        mean, invstd = _launch_statistics(a, plan, scratch, launch)
+    else:
+        mean, invstd = torch.empty_like(plan.stats), torch.empty_like(plan.stats)
     # Absent optional tensors are never read (their HAS_* / mode flag is off): any pointer.
     given = [mean if t is None else t for t in args[6:13]]
-    if a.use_batch_stats:
-        momentum, count = a.momentum, plan.count
-        launch(fwd_partial_stats_kernel)[plan.grid](
-            x,
-            torch.empty_like(plan.partial),
-            mean,
-            invstd,
-            *given[:4],
-            scratch,
-            *plan.stats_ints,
-            a.eps,
-            momentum,
-            1.0 - momentum,
-            momentum * count / (count - 1) if count > 1 else 0.0,
-            **plan.stats_options,
-        )
     launch(fwd_normalize_kernel)[plan.grid](
         x,
         y,
@@ -469,16 +512,55 @@ def _launch_forward(
     return y, mean, invstd
 
 
+def _launch_statistics(a, plan: _ForwardPlan, scratch: Tensor, launch) -> tuple[Tensor, Tensor]:
+    """The statistics kernel: ``(mean, invstd)`` as (1, C), or ``(mean, var)`` for a plan made
+    with ``store_var``; updates the running statistics given in ``a``."""
+    mean = torch.empty_like(plan.stats)
+    second = torch.empty_like(plan.stats)
+    momentum, count = a.momentum, plan.count
+    launch(fwd_partial_stats_kernel)[plan.grid](
+        a.x,
+        torch.empty_like(plan.partial),
+        mean,
+        second,
+        *(mean if t is None else t for t in tuple(a)[6:10]),
+        scratch,
+        *plan.stats_ints,
+        a.eps,
+        momentum,
+        1.0 - momentum,
+        momentum * count / (count - 1) if count > 1 else 0.0,
+        **plan.stats_options,
+    )
+    return mean, second
+
+
 def _launch_backward(a, plan: _BackwardPlan, scratch: Tensor, launch):
     """The backward's allocations and launches, as :func:`_launch_forward`."""
-    grad_y, x, args = a.grad_y, a.x, tuple(a)
+    affine = _affine_arguments(a)
+    grad_x, sums, grads = _launch_sums(a, plan, affine, scratch, launch)
+    if a.use_batch_stats:
+        _launch_grad_x(a, plan, affine, grad_x, sums, plan.count, launch)
+    return grad_x, *grads
+
+
+def _affine_arguments(a) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """``(mean, invstd, [weight, bias, abri_weight, abri_bias, abri_alpha])`` as the backward
+    kernels read them; an absent parameter is any pointer (never read)."""
     mean, invstd = a.mean.contiguous(), a.invstd.contiguous()
-    if x.numel() == 0:
+    if a.x.numel() == 0:
         # An empty batch sums nothing: its (NaN) batch invstd must not turn the zero sums into
         # NaN parameter gradients (nn.BatchNorm2d gives zeros).
         invstd = torch.zeros_like(invstd)
-    params = [mean if p is None else p.contiguous() for p in args[2:7]]
-    grad_x = torch.empty_like(x, memory_format=plan.grad_x_format)
+    return mean, invstd, [mean if p is None else p.contiguous() for p in tuple(a)[2:7]]
+
+
+def _launch_sums(a, plan: _BackwardPlan, affine: tuple, scratch: Tensor, launch):
+    """The sums kernel: ``(grad_x, sums, parameter gradients)``; grad_x is written here only
+    with running statistics (else it is allocated for :func:`_launch_grad_x`). ``affine``:
+    :func:`_affine_arguments`."""
+    mean, invstd, params = affine
+    grad_x = torch.empty_like(a.x, memory_format=plan.grad_x_format)
     grads = [
         torch.empty_like(p) if has else torch.empty_like(plan.no_grad)
         for p, has in zip(params, plan.has_grads)
@@ -490,8 +572,8 @@ def _launch_backward(a, plan: _BackwardPlan, scratch: Tensor, launch):
     grad_alpha_total = torch.empty_like(plan.alpha_total) if layer_wise else grad_alpha
     sums = torch.empty_like(plan.sums)
     launch(bwd_partial_sums_kernel)[plan.grid](
-        grad_y,
-        x,
+        a.grad_y,
+        a.x,
         grad_x,
         mean,
         invstd,
@@ -505,16 +587,23 @@ def _launch_backward(a, plan: _BackwardPlan, scratch: Tensor, launch):
         *plan.partial_ints,
         **plan.partial_options,
     )
-    if a.use_batch_stats:
-        launch(bwd_grad_x_kernel)[plan.grid](
-            grad_y,
-            x,
-            grad_x,
-            mean,
-            invstd,
-            sums,
-            *params,
-            *plan.grad_x_ints,
-            **plan.grad_x_options,
-        )
-    return grad_x, *grads, grad_alpha_total
+    return grad_x, sums, (*grads, grad_alpha_total)
+
+
+def _launch_grad_x(
+    a, plan: _BackwardPlan, affine: tuple, grad_x: Tensor, sums: Tensor, count: int, launch
+):
+    """The batch-statistics grad_x kernel, from ``sums`` (2, C) divided by ``count``."""
+    mean, invstd, params = affine
+    launch(bwd_grad_x_kernel)[plan.grid](
+        a.grad_y,
+        a.x,
+        grad_x,
+        mean,
+        invstd,
+        sums,
+        *params,
+        *plan.grad_x_ints,
+        count,
+        **plan.grad_x_options,
+    )

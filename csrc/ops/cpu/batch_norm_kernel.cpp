@@ -1,5 +1,7 @@
 // CPU kernels of avkernels::batch_norm_fwd / batch_norm_bwd (arguments in ../batch_norm.h; the
-// contract and the PyTorch reference in avkernels/ops/batch_norm/).
+// contract and the PyTorch reference in avkernels/ops/batch_norm/), and of the parts synchronised
+// BN runs around its collectives: batch_norm_stats (the forward's statistics pass),
+// batch_norm_bwd_reduce (the backward's sums) and batch_norm_bwd_elemt (its grad_x pass).
 //
 // Passes over memory: training forward = one statistics read + one normalise read/write (the
 // dead counts are taken in the normalise loop); eval forward = the normalise pass alone;
@@ -67,6 +69,9 @@ namespace avx512 {
 
 constexpr const char* kForward = "batch_norm_fwd";
 constexpr const char* kBackward = "batch_norm_bwd";
+constexpr const char* kStats = "batch_norm_stats";
+constexpr const char* kBackwardReduce = "batch_norm_bwd_reduce";
+constexpr const char* kBackwardElemt = "batch_norm_bwd_elemt";
 
 // --- kernel selection ---------------------------------------------------------------------------
 
@@ -410,6 +415,45 @@ void add_dead_counts(const Geometry& g, const RunCount* counts, const Tensor& de
 
 // --- forward -------------------------------------------------------------------------------------
 
+// Per-channel mean and biased variance of the batch in x (NaN for an empty batch).
+template <typename scalar_t>
+void batch_statistics(const Tensor& x, bool channels_last, std::vector<double>& mean,
+                      std::vector<double>& var) {
+  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+  mean.assign(C, std::numeric_limits<double>::quiet_NaN());
+  var.assign(C, std::numeric_limits<double>::quiet_NaN());
+  if (x.numel() == 0) return;
+  const Geometry g = Geometry::spanning_samples(N, C, HW, channels_last);
+  auto run_mean = per_run<double>(g), run_m2 = per_run<double>(g);
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  for_runs(g, [&](int64_t begin, int64_t end) {
+    kernels<scalar_t>().batch_stats(g, xp, begin, end, run_mean.get(), run_m2.get());
+  });
+  merge_stats(g, run_mean.get(), run_m2.get(), mean, var);
+}
+
+// batch_norm_stats: (mean, biased var) per channel, in the accumulation dtype.
+std::tuple<Tensor, Tensor> batch_norm_stats_cpu(const Tensor& input) {
+  check_input(kStats, "input", input);
+  const bool channels_last = output_format(input) == at::MemoryFormat::ChannelsLast;
+  const Tensor x = input.contiguous(output_format(input));
+  const int64_t C = x.size(1);
+  Tensor mean = at::empty({C}, x.options().dtype(accumulation_dtype(x)));
+  Tensor var = at::empty({C}, mean.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), kStats, [&] {
+    using acc_t = acc_type_t<scalar_t>;
+    std::vector<double> batch_mean, batch_var;
+    batch_statistics<scalar_t>(x, channels_last, batch_mean, batch_var);
+    acc_t* mean_p = mean.mutable_data_ptr<acc_t>();
+    acc_t* var_p = var.mutable_data_ptr<acc_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      mean_p[c] = static_cast<acc_t>(batch_mean[c]);
+      var_p[c] = static_cast<acc_t>(batch_var[c]);
+    }
+  });
+  return {mean, var};
+}
+
 template <typename scalar_t>
 std::tuple<Tensor, Tensor, Tensor> forward_impl(
     const Tensor& x, const Affine<acc_type_t<scalar_t>>& affine, const ForwardArgs& a) {
@@ -427,17 +471,8 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(
   acc_t* invstd_p = invstd.mutable_data_ptr<acc_t>();
 
   if (a.use_batch_stats) {
-    std::vector<double> batch_mean(C, std::numeric_limits<double>::quiet_NaN());
-    std::vector<double> batch_var(C, std::numeric_limits<double>::quiet_NaN());
-    if (!empty) {
-      const Geometry g = Geometry::spanning_samples(N, C, HW, channels_last);
-      auto run_mean = per_run<double>(g), run_m2 = per_run<double>(g);
-      const scalar_t* xp = x.const_data_ptr<scalar_t>();
-      for_runs(g, [&](int64_t begin, int64_t end) {
-        kernels<scalar_t>().batch_stats(g, xp, begin, end, run_mean.get(), run_m2.get());
-      });
-      merge_stats(g, run_mean.get(), run_m2.get(), batch_mean, batch_var);
-    }
+    std::vector<double> batch_mean, batch_var;
+    batch_statistics<scalar_t>(x, channels_last, batch_mean, batch_var);
     std::vector<acc_t> var(C);
     for (int64_t c = 0; c < C; ++c) {
       mean_p[c] = static_cast<acc_t>(batch_mean[c]);
@@ -567,69 +602,124 @@ Tensor parameter_grad(const OptionalTensor& param, const std::vector<double>& gr
   return out;
 }
 
+// The forward as its backward sees it: the (K, C) statistics and the folded affine.
+template <typename acc_t>
+struct SavedForward {
+  std::vector<acc_t> mean, invstd, scale, shift;
+  int64_t sets, channels;
+
+  SavedForward(const Tensor& mean_t, const Tensor& invstd_t, const Affine<acc_t>& affine,
+               bool empty_batch)
+      : sets(mean_t.size(0)), channels(mean_t.size(1)) {
+    read_values(mean_t, mean);
+    read_values(invstd_t, invstd);
+    // An empty batch sums nothing: its (NaN) batch statistics must not turn the zero sums into
+    // NaN parameter gradients (nn.BatchNorm2d gives zeros).
+    if (empty_batch) {
+      std::fill(mean.begin(), mean.end(), acc_t(0));
+      std::fill(invstd.begin(), invstd.end(), acc_t(0));
+    }
+    scale.resize(channels);
+    shift.resize(channels);
+    affine.fold(mean.data(), invstd.data(), sets, channels, scale.data(), shift.data());
+  }
+
+  GradCoefficients<acc_t> coefficients() const {
+    return {scale.data(), shift.data(), mean.data(), scale.data(), nullptr, nullptr};
+  }
+};
+
+// Batch statistics: sum_dy = sum(dy'), sum_dy_xc = sum(dy' * (x - mean[0])) over the batch, dy'
+// the ReLU-masked dy.
 template <typename scalar_t>
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
-    const Tensor& dy, const Tensor& x, const Affine<acc_type_t<scalar_t>>& affine,
-    const BackwardArgs& a)  {
+void batch_grad_sums(const Tensor& dy, const Tensor& x, const SavedForward<acc_type_t<scalar_t>>& saved,
+                     bool relu, std::vector<double>& sum_dy, std::vector<double>& sum_dy_xc) {
+  sum_dy.assign(saved.channels, 0.0);
+  sum_dy_xc.assign(saved.channels, 0.0);
+  if (x.numel() == 0) return;
+  const Geometry g = Geometry::spanning_samples(x.size(0), x.size(1), x.size(2) * x.size(3),
+                                                output_format(x) == at::MemoryFormat::ChannelsLast);
+  auto run_dy = per_run<double>(g), run_dy_xc = per_run<double>(g);
+  const auto coef = saved.coefficients();
+  const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  for_runs(g, [&](int64_t begin, int64_t end) {
+    kernels<scalar_t>().grad_sums(g, dyp, xp, coef, relu, begin, end, run_dy.get(),
+                                  run_dy_xc.get());
+  });
+  merge_sums(g, run_dy.get(), sum_dy);
+  merge_sums(g, run_dy_xc.get(), sum_dy_xc);
+}
+
+// Batch statistics: grad_x = scale * (dy' - mean_dy - xhat * mean_dy_xhat), from the per-channel
+// means of dy' and dy' * xhat over the batch (the global batch for synchronised BN).
+template <typename scalar_t>
+Tensor batch_stats_grad_input(const Tensor& dy, const Tensor& x,
+                              const SavedForward<acc_type_t<scalar_t>>& saved, bool relu,
+                              const std::vector<double>& mean_dy,
+                              const std::vector<double>& mean_dy_xhat) {
   using acc_t = acc_type_t<scalar_t>;
-  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
-  const int64_t sets = a.mean.size(0), last = (sets - 1) * C;
-  const bool channels_last = output_format(x) == at::MemoryFormat::ChannelsLast;
-
-  std::vector<acc_t> mean, invstd;
-  read_values(a.mean, mean);
-  read_values(a.invstd, invstd);
-  // An empty batch sums nothing: its (NaN) batch statistics must not turn the zero sums into
-  // NaN parameter gradients (nn.BatchNorm2d gives zeros).
-  if (x.numel() == 0) {
-    std::fill(mean.begin(), mean.end(), acc_t(0));
-    std::fill(invstd.begin(), invstd.end(), acc_t(0));
-  }
-  std::vector<acc_t> scale(C), shift(C);
-  affine.fold(mean.data(), invstd.data(), sets, C, scale.data(), shift.data());
-
-  // sum_dy = sum(dy'), sum_dy_xc = sum(dy' * (x - mean[0])), dy' the ReLU-masked dy.
-  std::vector<double> sum_dy(C, 0.0), sum_dy_xc(C, 0.0);
   Tensor dx = at::empty_like(x);
-  if (x.numel() != 0) {
-    const Geometry g = Geometry::spanning_samples(N, C, HW, channels_last);
-    const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
-    auto run_dy = per_run<double>(g), run_dy_xc = per_run<double>(g);
-    GradCoefficients<acc_t> coef{scale.data(), shift.data(), mean.data(), scale.data(), nullptr,
-                                 nullptr};
-    std::vector<acc_t> coef_xc, coef_const;
-    if (a.use_batch_stats) {
-      for_runs(g, [&](int64_t begin, int64_t end) {
-        kernels<scalar_t>().grad_sums(g, dyp, xp, coef, a.relu, begin, end, run_dy.get(),
-                                      run_dy_xc.get());
-      });
-      merge_sums(g, run_dy.get(), sum_dy);
-      merge_sums(g, run_dy_xc.get(), sum_dy_xc);
-      // grad_x = scale * (dy' - sum_dy / M - xhat * sum_dy_xhat / M), xhat = (x - mean) * invstd
-      coef_xc.resize(C);
-      coef_const.resize(C);
-      const double count = static_cast<double>(N * HW);
-      for (int64_t c = 0; c < C; ++c) {
-        const double sum_dy_xhat = sum_dy_xc[c] * invstd[c];
-        coef_xc[c] = static_cast<acc_t>(-double(scale[c]) * invstd[c] * sum_dy_xhat / count);
-        coef_const[c] = static_cast<acc_t>(-double(scale[c]) * sum_dy[c] / count);
-      }
-      coef.coef_xc = coef_xc.data();
-      coef.coef_const = coef_const.data();
-    }
-    const bool stream = stream_output(g, dx, 3 * dx.nbytes());
-    for_runs(g, [&](int64_t begin, int64_t end) {
-      kernels<scalar_t>().grad_input(g, dyp, xp, dxp, coef, a.relu, a.use_batch_stats, stream, begin,
-                                     end, run_dy.get(), run_dy_xc.get());
-    });
-    if (!a.use_batch_stats) {
-      merge_sums(g, run_dy.get(), sum_dy);
-      merge_sums(g, run_dy_xc.get(), sum_dy_xc);
-    }
+  if (x.numel() == 0) return dx;
+  const int64_t C = saved.channels;
+  std::vector<acc_t> coef_xc(C), coef_const(C);
+  for (int64_t c = 0; c < C; ++c) {
+    coef_xc[c] = static_cast<acc_t>(-double(saved.scale[c]) * saved.invstd[c] * mean_dy_xhat[c]);
+    coef_const[c] = static_cast<acc_t>(-double(saved.scale[c]) * mean_dy[c]);
   }
+  GradCoefficients<acc_t> coef = saved.coefficients();
+  coef.coef_xc = coef_xc.data();
+  coef.coef_const = coef_const.data();
+  const Geometry g(x.size(0), C, x.size(2) * x.size(3),
+                   output_format(x) == at::MemoryFormat::ChannelsLast);
+  const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
+  const bool stream = stream_output(g, dx, 3 * dx.nbytes());
+  for_runs(g, [&](int64_t begin, int64_t end) {
+    kernels<scalar_t>().grad_input(g, dyp, xp, dxp, coef, relu, /*batch_stats=*/true, stream,
+                                   begin, end, nullptr, nullptr);
+  });
+  return dx;
+}
 
+// Running statistics: grad_x = dy' * scale and the two sums, in one pass.
+template <typename scalar_t>
+Tensor running_stats_grad_input(const Tensor& dy, const Tensor& x,
+                                const SavedForward<acc_type_t<scalar_t>>& saved, bool relu,
+                                std::vector<double>& sum_dy, std::vector<double>& sum_dy_xc) {
+  Tensor dx = at::empty_like(x);
+  sum_dy.assign(saved.channels, 0.0);
+  sum_dy_xc.assign(saved.channels, 0.0);
+  if (x.numel() == 0) return dx;
+  const Geometry g = Geometry::spanning_samples(x.size(0), x.size(1), x.size(2) * x.size(3),
+                                                output_format(x) == at::MemoryFormat::ChannelsLast);
+  auto run_dy = per_run<double>(g), run_dy_xc = per_run<double>(g);
+  const auto coef = saved.coefficients();
+  const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
+  const bool stream = stream_output(g, dx, 3 * dx.nbytes());
+  for_runs(g, [&](int64_t begin, int64_t end) {
+    kernels<scalar_t>().grad_input(g, dyp, xp, dxp, coef, relu, /*batch_stats=*/false, stream,
+                                   begin, end, run_dy.get(), run_dy_xc.get());
+  });
+  merge_sums(g, run_dy.get(), sum_dy);
+  merge_sums(g, run_dy_xc.get(), sum_dy_xc);
+  return dx;
+}
+
+using ParameterGrads = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+// The affine parameters' gradients from sum_dy and sum_dy_xc (see batch_grad_sums).
+template <typename acc_t>
+ParameterGrads parameter_grads(const Affine<acc_t>& affine, const BackwardArgs& a,
+                               const SavedForward<acc_t>& saved,
+                               const std::vector<double>& sum_dy,
+                               const std::vector<double>& sum_dy_xc) {
+  const int64_t C = saved.channels, last = (saved.sets - 1) * C;
+  const auto& mean = saved.mean;
+  const auto& invstd = saved.invstd;
   // sum(dy' * xhat_k) for the first and the last normalisation row:
   // sum(dy' * (x - mean_k)) = sum_dy_xc + (mean_0 - mean_k) * sum_dy.
   std::vector<double> s2(C), abri_s2(C);
@@ -637,11 +727,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
     s2[c] = sum_dy_xc[c] * invstd[c];
     abri_s2[c] = (sum_dy_xc[c] + (double(mean[c]) - mean[last + c]) * sum_dy[c]) * invstd[last + c];
   }
-
-  const at::TensorOptions absent = x.options().dtype(accumulation_dtype(x));
+  const at::TensorOptions absent = a.x.options().dtype(accumulation_dtype(a.x));
   if (!affine.abri()) {
-    return {dx,
-            parameter_grad<acc_t>(a.weight, s2, absent),
+    return {parameter_grad<acc_t>(a.weight, s2, absent),
             parameter_grad<acc_t>(a.bias, sum_dy, absent),
             at::empty({0}, absent),
             at::empty({0}, absent),
@@ -657,11 +745,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
     return v.empty() ? 0.0 : double(v[c]);
   };
   for (int64_t c = 0; c < C; ++c) {
-    const double a = affine.alpha_at(c);
-    g_w[c] = a * s2[c];
-    g_b[c] = a * sum_dy[c];
-    g_aw[c] = (1 - a) * abri_s2[c];
-    g_ab[c] = (1 - a) * sum_dy[c];
+    const double alpha = affine.alpha_at(c);
+    g_w[c] = alpha * s2[c];
+    g_b[c] = alpha * sum_dy[c];
+    g_aw[c] = (1 - alpha) * abri_s2[c];
+    g_ab[c] = (1 - alpha) * sum_dy[c];
     g_alpha[c] =
         (s2[c] * value_or_one(affine.weight, c) + sum_dy[c] * value_or_zero(affine.bias, c)) -
                  (abri_s2[c] * value_or_one(affine.abri_weight, c) +
@@ -672,50 +760,144 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> backward_impl(
     for (int64_t c = 0; c < C; ++c) total += g_alpha[c];
     g_alpha.assign(1, total);
   }
-  return {dx,
-          parameter_grad<acc_t>(a.weight, g_w, absent),
+  return {parameter_grad<acc_t>(a.weight, g_w, absent),
           parameter_grad<acc_t>(a.bias, g_b, absent),
           parameter_grad<acc_t>(a.abri_weight, g_aw, absent),
           parameter_grad<acc_t>(a.abri_bias, g_ab, absent),
           parameter_grad<acc_t>(a.abri_alpha, g_alpha, absent)};
 }
 
-BackwardResult batch_norm_bwd_cpu(const BackwardArgs& a) {
-  check_input(kBackward, "input", a.x);
-  check_input(kBackward, "grad_y", a.grad_y);
-  TORCH_CHECK(a.grad_y.sizes() == a.x.sizes(), kBackward, ": grad_y must have the input's shape ",
+template <typename scalar_t>
+BackwardResult backward_impl(const Tensor& dy, const Tensor& x,
+                             const Affine<acc_type_t<scalar_t>>& affine, const BackwardArgs& a) {
+  const SavedForward<acc_type_t<scalar_t>> saved(a.mean, a.invstd, affine, x.numel() == 0);
+  std::vector<double> sum_dy, sum_dy_xc;
+  Tensor dx;
+  if (a.use_batch_stats) {
+    batch_grad_sums<scalar_t>(dy, x, saved, a.relu, sum_dy, sum_dy_xc);
+    const double count = static_cast<double>(x.numel() / x.size(1));
+    std::vector<double> mean_dy(saved.channels), mean_dy_xhat(saved.channels);
+    for (int64_t c = 0; c < saved.channels; ++c) {
+      mean_dy[c] = sum_dy[c] / count;
+      mean_dy_xhat[c] = sum_dy_xc[c] * saved.invstd[c] / count;
+    }
+    dx = batch_stats_grad_input<scalar_t>(dy, x, saved, a.relu, mean_dy, mean_dy_xhat);
+  } else {
+    dx = running_stats_grad_input<scalar_t>(dy, x, saved, a.relu, sum_dy, sum_dy_xc);
+  }
+  return std::tuple_cat(std::make_tuple(dx),
+                        parameter_grads(affine, a, saved, sum_dy, sum_dy_xc));
+}
+
+// The checks of batch_norm_bwd (and of its reduce and elementwise parts, `op`).
+void check_backward(const char* op, const BackwardArgs& a) {
+  check_input(op, "input", a.x);
+  check_input(op, "grad_y", a.grad_y);
+  TORCH_CHECK(a.grad_y.sizes() == a.x.sizes(), op, ": grad_y must have the input's shape ",
               a.x.sizes(), ", got ", a.grad_y.sizes());
   const int64_t C = a.x.size(1);
-  check_vector(kBackward, "weight", a.weight, C);
-  check_vector(kBackward, "bias", a.bias, C);
-  check_vector(kBackward, "abri_weight", a.abri_weight, C);
-  check_vector(kBackward, "abri_bias", a.abri_bias, C);
-  check_vector(kBackward, "abri_alpha", a.abri_alpha, C, /*allow_single=*/true);
+  check_vector(op, "weight", a.weight, C);
+  check_vector(op, "bias", a.bias, C);
+  check_vector(op, "abri_weight", a.abri_weight, C);
+  check_vector(op, "abri_bias", a.abri_bias, C);
+  check_vector(op, "abri_alpha", a.abri_alpha, C, /*allow_single=*/true);
   const at::ScalarType acc = accumulation_dtype(a.x);
+  // Batch statistics (the reduce and elementwise parts) have one row; running ones K = 1 or 2.
+  const int64_t max_rows = a.use_batch_stats ? 1 : 2;
   for (const auto& [t, name] : {std::pair(&a.mean, "mean"), std::pair(&a.invstd, "invstd")}) {
-    TORCH_CHECK(t->device().is_cpu(), kBackward, ": ", name, " must be a CPU tensor, got ",
+    TORCH_CHECK(t->device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ",
                 t->device());
-    TORCH_CHECK(t->dim() == 2 && (t->size(0) == 1 || t->size(0) == 2) && t->size(1) == C,
-                kBackward, ": ", name, " must have shape (K, C) with K = 1 or 2 and C = ", C,
-                ", got ", t->sizes());
-    TORCH_CHECK(t->scalar_type() == acc, kBackward, ": ", name,
-                " must have the accumulation dtype ",
+    TORCH_CHECK(t->dim() == 2 && t->size(0) >= 1 && t->size(0) <= max_rows && t->size(1) == C,
+                op, ": ", name, " must have shape (K, C) with K = 1", (max_rows == 2 ? " or 2" : ""),
+                " and C = ", C, ", got ", t->sizes());
+    TORCH_CHECK(t->scalar_type() == acc, op, ": ", name, " must have the accumulation dtype ",
                 acc, " of a ", a.x.scalar_type(), " input, got ", t->scalar_type());
   }
-  TORCH_CHECK(a.mean.sizes() == a.invstd.sizes(), kBackward,
+  TORCH_CHECK(a.mean.sizes() == a.invstd.sizes(), op,
               ": mean and invstd must have the same shape, got ",
               a.mean.sizes(), " and ", a.invstd.sizes());
+}
 
+// Runs body(scalar_t(), dy, x, affine) on x and grad_y in x's layout (dtypes already checked).
+template <typename Body>
+auto dispatch_backward(const BackwardArgs& a, const Body& body) {
   const at::MemoryFormat format = output_format(a.x);
   const Tensor x = a.x.contiguous(format);
   // An expanded (stride-0) or differently laid out gradient is materialised in x's layout.
   const Tensor dy = a.grad_y.to(x.scalar_type()).contiguous(format);
-  std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> result;
+  decltype(body(at::Half(), dy, x, Affine<float>(a.weight, a.bias, a.abri_weight, a.abri_bias,
+                                                 a.abri_alpha))) result;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), kBackward, [&] {
-    const Affine<acc_type_t<scalar_t>> affine(a.weight, a.bias, a.abri_weight, a.abri_bias, a.abri_alpha);
-    result = backward_impl<scalar_t>(dy, x, affine, a);
+    const Affine<acc_type_t<scalar_t>> affine(a.weight, a.bias, a.abri_weight, a.abri_bias,
+                                              a.abri_alpha);
+    result = body(scalar_t(), dy, x, affine);
   });
   return result;
+}
+
+BackwardResult batch_norm_bwd_cpu(const BackwardArgs& a) {
+  check_backward(kBackward, a);
+  return dispatch_backward(a, [&](auto tag, const Tensor& dy, const Tensor& x,
+                                             const auto& affine) {
+    return backward_impl<decltype(tag)>(dy, x, affine, a);
+  });
+}
+
+// batch_norm_bwd_reduce: (sums, parameter gradients) of the batch-statistics backward, sums =
+// [S1 = sum(dy'), S2 = sum(dy' * xhat)] as (2, C) in the accumulation dtype.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm_bwd_reduce_cpu(
+    const Tensor& grad_y, const Tensor& input, const OptionalTensor& weight,
+    const OptionalTensor& bias, const OptionalTensor& abri_weight, const OptionalTensor& abri_bias,
+    const OptionalTensor& abri_alpha, const Tensor& mean, const Tensor& invstd, bool relu) {
+  const BackwardArgs a{grad_y, input, weight, bias, abri_weight, abri_bias, abri_alpha,
+                       mean, invstd, /*use_batch_stats=*/true, relu};
+  check_backward(kBackwardReduce, a);
+  return dispatch_backward(a, [&](auto tag, const Tensor& dy, const Tensor& x,
+                                                   const auto& affine) {
+    using scalar_t = decltype(tag);
+    using acc_t = acc_type_t<scalar_t>;
+    const SavedForward<acc_t> saved(a.mean, a.invstd, affine, x.numel() == 0);
+    std::vector<double> sum_dy, sum_dy_xc;
+    batch_grad_sums<scalar_t>(dy, x, saved, relu, sum_dy, sum_dy_xc);
+    const int64_t C = saved.channels;
+    Tensor sums = at::empty({2, C}, x.options().dtype(accumulation_dtype(x)));
+    acc_t* sums_p = sums.mutable_data_ptr<acc_t>();
+    for (int64_t c = 0; c < C; ++c) {
+      sums_p[c] = static_cast<acc_t>(sum_dy[c]);
+      sums_p[C + c] = static_cast<acc_t>(sum_dy_xc[c] * saved.invstd[c]);
+    }
+    return std::tuple_cat(std::make_tuple(sums),
+                          parameter_grads(affine, a, saved, sum_dy, sum_dy_xc));
+  });
+}
+
+// batch_norm_bwd_elemt: the batch-statistics grad_x from grad_means = [S1 / M, S2 / M], (2, C)
+// per-channel means over the (global) batch of M elements per channel.
+Tensor batch_norm_bwd_elemt_cpu(const Tensor& grad_y, const Tensor& input,
+                                const OptionalTensor& weight, const OptionalTensor& bias,
+                                const OptionalTensor& abri_weight, const OptionalTensor& abri_bias,
+                                const OptionalTensor& abri_alpha, const Tensor& mean,
+                                const Tensor& invstd, const Tensor& grad_means, bool relu) {
+  const BackwardArgs a{grad_y, input, weight, bias, abri_weight, abri_bias, abri_alpha,
+                       mean, invstd, /*use_batch_stats=*/true, relu};
+  check_backward(kBackwardElemt, a);
+  const int64_t C = input.size(1);
+  TORCH_CHECK(grad_means.device().is_cpu() && grad_means.dim() == 2 && grad_means.size(0) == 2 &&
+                  grad_means.size(1) == C && grad_means.scalar_type() == mean.scalar_type(),
+              kBackwardElemt, ": grad_means must be a (2, C) CPU tensor of mean's dtype ",
+              mean.scalar_type(), " with C = ", C, ", got ", grad_means.sizes(), " ",
+              grad_means.scalar_type(), " on ", grad_means.device());
+  return dispatch_backward(a, [&](auto tag, const Tensor& dy, const Tensor& x,
+                                                  const auto& affine) {
+    using scalar_t = decltype(tag);
+    using acc_t = acc_type_t<scalar_t>;
+    const SavedForward<acc_t> saved(a.mean, a.invstd, affine, x.numel() == 0);
+    std::vector<acc_t> means;
+    read_values(grad_means, means);
+    const std::vector<double> mean_dy(means.begin(), means.begin() + C);
+    const std::vector<double> mean_dy_xhat(means.begin() + C, means.end());
+    return batch_stats_grad_input<scalar_t>(dy, x, saved, relu, mean_dy, mean_dy_xhat);
+  });
 }
 
 }  // namespace
@@ -726,4 +908,7 @@ TORCH_LIBRARY_IMPL(avkernels, CPU, m) {
   m.impl("batch_norm_fwd", &Positional<ForwardSignature, ForwardArgs, batch_norm_fwd_cpu>::call);
   m.impl("batch_norm_bwd",
          &Positional<BackwardSignature, BackwardArgs, batch_norm_bwd_cpu>::call);
+  m.impl("batch_norm_stats", &batch_norm_stats_cpu);
+  m.impl("batch_norm_bwd_reduce", &batch_norm_bwd_reduce_cpu);
+  m.impl("batch_norm_bwd_elemt", &batch_norm_bwd_elemt_cpu);
 }
