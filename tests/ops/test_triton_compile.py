@@ -185,7 +185,8 @@ def _run(command: list) -> str:
 # Batch-norm modes: which optional tensors are given, and the flags. Each is launched forward and
 # backward (the backward with the forward's statistics and flags).
 BN_MODES = {
-    "train": dict(params=("weight", "bias"), running=True, dead=True),
+    # parts: also the synchronised parts (batch_norm_stats, _bwd_reduce, _bwd_elemt).
+    "train": dict(params=("weight", "bias"), running=True, dead=True, parts=True),
     "train-relu-no-running": dict(params=("weight", "bias"), relu=True, dead=True),
     "train-no-affine": dict(params=(), running=True),
     "train-weight-only-relu": dict(params=("weight",), running=True, relu=True, dead=True),
@@ -283,6 +284,7 @@ def _launch_pair(
     relu=False,
     dead=False,
     abri=None,
+    parts=False,
 ) -> None:
     x = _activation(torch, shape, layout, dtype)
     channels = x.shape[1]
@@ -327,6 +329,10 @@ def _launch_pair(
         relu,
     )
     kernels.backward(torch.empty_like(y), x, *affine, mean, invstd, not eval, relu)
+    if parts:
+        kernels.stats(x)
+        sums, *_ = kernels.backward_reduce(torch.empty_like(y), x, *affine, mean, invstd, relu)
+        kernels.backward_elemt(torch.empty_like(y), x, *affine, mean, invstd, sums, relu)
 
 
 def _masking_launches(torch, kernels, dtype) -> None:
