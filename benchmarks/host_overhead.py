@@ -30,7 +30,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: import this checkout's avkernels
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from avkernels.ops.batch_norm import triton_launch  # noqa: E402
+from avkernels.ops.batch_norm import triton_launch, triton_plans  # noqa: E402
 
 TARGET_US = 20.0
 H100_SMS = 132
@@ -58,21 +58,18 @@ def stubbed_launches() -> Iterator[list[str]]:
     query by an H100's figure; yields the list of kernel names launched meanwhile. The launch
     plans made meanwhile (H100 grids) are dropped on exit."""
     launches: list[str] = []
-    saved = {
-        name: value
-        for name, value in vars(triton_launch).items()
-        if name.endswith("_kernel") or name == "_target_programs"
-    }
+    saved = {name: value for name, value in vars(triton_launch).items() if name.endswith("_kernel")}
+    target_programs = triton_plans.target_programs
     try:
         for name in saved:
-            if name.endswith("_kernel"):
-                setattr(triton_launch, name, _NoOpKernel(name, launches))
-        triton_launch._target_programs = lambda device: triton_launch._PROGRAMS_PER_SM * H100_SMS
+            setattr(triton_launch, name, _NoOpKernel(name, launches))
+        triton_plans.target_programs = lambda device: triton_plans.PROGRAMS_PER_SM * H100_SMS
         triton_launch.clear_plans()
         yield launches
     finally:
         for name, value in saved.items():
             setattr(triton_launch, name, value)
+        triton_plans.target_programs = target_programs
         triton_launch.clear_plans()
 
 

@@ -26,7 +26,7 @@ from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table  # noqa
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 
 from avkernels import TrackedBN  # noqa: E402
-from avkernels.ops.batch_norm import triton_launch  # noqa: E402
+from avkernels.ops.batch_norm import triton_launch, triton_plans  # noqa: E402
 from tests.helpers.batch_norm import INTERPRETER  # noqa: E402
 from tests.helpers.scripts import script_environment  # noqa: E402
 
@@ -76,7 +76,7 @@ def _called(graphs) -> tuple[list[str], list[str]]:
 @pytest.fixture
 def fake_gpu(monkeypatch):
     """Fake CUDA tensors; the launch plans sized for a 132-SM GPU instead of asking the driver."""
-    monkeypatch.setattr(triton_launch, "_target_programs", lambda device: 8 * 132)
+    monkeypatch.setattr(triton_plans, "target_programs", lambda device: 8 * 132)
     with FakeTensorMode() as mode:
         yield mode
 
@@ -242,7 +242,7 @@ def test_dynamic_batch_stays_symbolic(monkeypatch):
     from torch._dynamo.source import ConstantSource
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-    monkeypatch.setattr(triton_launch, "_target_programs", lambda device: 8 * 132)
+    monkeypatch.setattr(triton_plans, "target_programs", lambda device: 8 * 132)
     shapes = ShapeEnv()
     batch = shapes.create_symintnode(shapes.create_symbol(6, ConstantSource("batch")), hint=6)
     with FakeTensorMode(shape_env=shapes):

@@ -14,7 +14,7 @@ instead of launching it, and compiles it for ``sm_90`` (H100/H200; with ``-m slo
 * every specialization compiles;
 * every kernel the launchers can launch was compiled at least once;
 * the compiled kernels use no local memory (register spills), at most the registers per thread
-  the tile heuristics aim for (``avkernels.ops.batch_norm.triton_launch``: <= 128 on 4 warps)
+  the tile heuristics aim for (``avkernels.ops.batch_norm.triton_plans``: <= 128 on 4 warps)
   and at most an SM's
   shared memory per block;
 * the element-wise batch-norm kernels move float32 data with 128-bit loads and stores where
@@ -59,7 +59,7 @@ def _pretend_gpu(arch: int, hook):
     from triton.backends.compiler import GPUTarget
     from triton.runtime.driver import driver
 
-    from avkernels.ops.batch_norm import triton_launch as batch_norm_launch
+    from avkernels.ops.batch_norm import triton_plans as batch_norm_plans
 
     target = GPUTarget("cuda", arch, 32)
 
@@ -75,8 +75,8 @@ def _pretend_gpu(arch: int, hook):
 
     driver.set_active(CompileOnlyDriver())
     knobs.runtime.jit_cache_hook = hook
-    batch_norm_launch._target_programs = lambda device: (
-        batch_norm_launch._PROGRAMS_PER_SM * TARGETS[arch][0]
+    batch_norm_plans.target_programs = lambda device: (
+        batch_norm_plans.PROGRAMS_PER_SM * TARGETS[arch][0]
     )
     return target
 

@@ -12,7 +12,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from avkernels.ops.batch_norm import triton_launch  # noqa: E402
+from avkernels.ops.batch_norm import triton_launch, triton_plans  # noqa: E402
 from benchmarks import host_overhead  # noqa: E402
 from tests.helpers.batch_norm import HAS_CUDA, INTERPRETER  # noqa: E402
 
@@ -48,7 +48,7 @@ def launches():
 
 def test_launch_plans_are_made_once_per_geometry(launches, monkeypatch):
     made = []
-    for name in ("_forward_plan", "_backward_plan"):
+    for name in ("forward_plan", "backward_plan"):
         build = getattr(triton_launch, name)
         monkeypatch.setattr(
             triton_launch,
@@ -59,10 +59,10 @@ def test_launch_plans_are_made_once_per_geometry(launches, monkeypatch):
     for _ in range(3):
         _, mean, invstd = triton_launch.forward(*_forward_args(x))
         triton_launch.backward(*_backward_args(x, mean, invstd))
-    assert made == ["_forward_plan", "_backward_plan"]
+    assert made == ["forward_plan", "backward_plan"]
     triton_launch.forward(*_forward_args(x.contiguous(memory_format=torch.channels_last)))
     triton_launch.forward(*_forward_args(x, relu=True))
-    assert made.count("_forward_plan") == 3
+    assert made.count("forward_plan") == 3
     # The synchronised parts: the statistics get a plan of their own, once; the backward's
     # parts share the whole backward's plan for the same geometry.
     for _ in range(2):
@@ -70,7 +70,7 @@ def test_launch_plans_are_made_once_per_geometry(launches, monkeypatch):
         grad_y, x_, *params, _, _, _, relu = _backward_args(x, mean, invstd)
         sums, *_ = triton_launch.backward_reduce(grad_y, x_, *params, mean, invstd, relu)
         triton_launch.backward_elemt(grad_y, x_, *params, mean, invstd, sums, relu)
-    assert made.count("_forward_plan") == 4 and made.count("_backward_plan") == 1
+    assert made.count("forward_plan") == 4 and made.count("backward_plan") == 1
 
 
 def test_checks_run_with_a_cached_plan(launches):
@@ -187,7 +187,7 @@ def test_channel_blocks_go_on_the_unbounded_grid_axis():
     # NCHW with 16x16 maps tiles 4 channels per program: 300,000 channels are 75,000 channel
     # blocks, more than grid axes 1 and 2 allow (65,535). An expanded x needs no memory.
     x = torch.randn(1, 1, 16, 16).expand(2, 300_000, 16, 16)
-    plan = triton_launch._plan(x, split_hw=False)
+    plan = triton_plans.split_work(x, split_hw=False)
     channel_blocks, rows = plan.grid
     assert channel_blocks * plan.block_c >= x.shape[1] > 65_535 * plan.block_c
     assert rows <= 65_535
@@ -244,7 +244,7 @@ def test_maps_split_across_programs_are_counted_once(train):
     # program. One map is alive only in its first chunk, one only in its last, the rest dead.
     x = torch.full((2, 2, 32, 32), -1.0)
     x[0, 0, 0, 0] = x[1, 1, -1, -1] = 1000.0
-    plan = triton_launch._plan(x, split_hw=False)
+    plan = triton_plans.split_work(x, split_hw=False)
     assert plan.hw_splits == 2
     args = _forward_args(x, train=train, dead=True, relu=True)
     args[1].fill_(1.0)  # weight

@@ -10,11 +10,11 @@ Addressing. ``x`` (N, C, H, W) is read through its strides as (N, C, HW): NCHW, 
 other strided views and stride-0 (expanded) gradients work without copies. When every tensor of a
 launch can merge H and W into one stride the kernels use ``hw * stride``; otherwise
 ``SPLIT_HW`` recovers (h, w) with one division. A tile is ``BLOCK_HW`` spatial positions of one
-sample by ``BLOCK_C`` channels; the heuristic of :func:`_plan` lays it along the contiguous axis
-(HW for NCHW, C for channels_last) so loads coalesce.
+sample by ``BLOCK_C`` channels; the heuristic of ``triton_plans.split_work`` lays it along the
+contiguous axis (HW for NCHW, C for channels_last) so loads coalesce.
 
 Why one file of ~640 lines (over the project's ~500-line guide): the four kernels share the
-addressing and work split described here, and the launch plan in ``triton_launch`` relies on them
+addressing and work split described here, and the launch plans in ``triton_plans`` rely on them
 agreeing; one file keeps that contract, and its description, in one place.
 
 Work split (every kernel that touches the N*C*H*W elements uses the same one): grid axis 0
