@@ -185,10 +185,12 @@ def report_markdown(report: dict, figure_source: Callable[[str], str]) -> str:
         "",
         "## 1. Source model: visual pre-training",
         "",
-        f"A ResNet-18 trained {pre['epochs']} epochs on the visual modality alone reaches "
-        f"**{percent(pre['eval_acc_visual'])}** test accuracy. Its BatchNorm parameters decay "
-        f"by {pre['bn_weight_decay']:g} per unit of learning rate, the total shrinkage a long "
-        "training run applies to channels whose ReLU never fires (docs/DESIGN.md).",
+        f"A ResNet-18 trained {pre['epochs']} epochs on the visual modality alone (SGD, "
+        f"learning rate {pre['lr']:g} held for {pre['lr_step']} epochs, then a tenth of it) "
+        f"reaches **{percent(pre['eval_acc_visual'])}** test accuracy. Its BatchNorm "
+        f"parameters decay by {pre['bn_weight_decay']:g} per unit of learning rate: on the "
+        "plateau this shrinks the gamma and beta of channels whose ReLU never fires as a long "
+        "training run's plateau does (docs/DESIGN.md, the demo's source).",
         "",
         "## 2. Cross-modal initialisation of the audio encoder",
         "",
