@@ -136,7 +136,7 @@ def test_report_has_dead_channels_three_ways_per_layer_and_abri_claims(quick_run
         assert summary["relative_threshold"] == RELATIVE_ABNORMAL
         assert len(summary["per_layer"]) == summary["layers"]
         for row in summary["per_layer"].values():
-            assert set(row) == {"channels", *(key for key, _ in THREE_WAYS), "overlap_absolute"}
+            assert set(row) == {"channels", *(key for key, _ in THREE_WAYS), "overlap_relative"}
             # a channel abnormal and dead is counted in both criteria
             assert row["overlap_relative"] <= min(row["abnormal_relative"], row["activation_dead"])
             assert row["overlap_absolute"] <= min(row["abnormal_absolute"], row["activation_dead"])

@@ -29,8 +29,8 @@ def _three_ways(tr: dict) -> list:
     lines = [
         "Dead channels three ways, per layer: abnormal parameters (|gamma|, |beta| below "
         f"1e-10, or below {first['relative_threshold']:g} x the layer's median |gamma|), "
-        "dead on the audio inputs, and the overlap of the relative criterion with the "
-        "activation one (share of the layer's channels; columns are abnormal absolute / "
+        "dead on the audio inputs, and the overlap of the absolute criterion (the paper's) "
+        "with the activation one (share of the layer's channels; columns are abnormal absolute / "
         "abnormal relative / dead / overlap):",
         "",
     ]
@@ -43,7 +43,7 @@ def _three_ways(tr: dict) -> list:
                     "abnormal_absolute",
                     "abnormal_relative",
                     "activation_dead",
-                    "overlap_relative",
+                    "overlap_absolute",
                 )
             )
             for d in diagnoses.values()
