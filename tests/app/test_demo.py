@@ -24,6 +24,7 @@ import torch
 from avkernels.app.cli import main
 from avkernels.app.demo.figures import THREE_WAYS
 from avkernels.app.demo.findings import DEAD_RATIOS
+from avkernels.app.demo.settings import settings as demo_settings
 from avkernels.app.demo.steps import RELATIVE_ABNORMAL, dead_three_ways
 from tests.app.cli_helpers import last_line, run_main  # noqa: E402
 
@@ -135,10 +136,10 @@ def test_report_has_dead_channels_three_ways_per_layer_and_abri_claims(quick_run
         assert summary["relative_threshold"] == RELATIVE_ABNORMAL
         assert len(summary["per_layer"]) == summary["layers"]
         for row in summary["per_layer"].values():
-            assert set(row) == {"channels", *(key for key, _ in THREE_WAYS), "overlap_absolute"}
+            assert set(row) == {"channels", *(key for key, _ in THREE_WAYS), "overlap_relative"}
             # a channel abnormal and dead is counted in both criteria
             assert row["overlap_relative"] <= min(row["abnormal_relative"], row["activation_dead"])
-            assert row["abnormal_absolute"] <= row["abnormal_relative"] or row["channels"] == 0
+            assert row["overlap_absolute"] <= min(row["abnormal_absolute"], row["activation_dead"])
     names = {claim["name"] for claim in report["claims"]}
     for variant in ("pretrained_abri", "pretrained_abri_channel"):
         assert f"audio accuracy final: {variant} vs pre-trained" in names
@@ -147,6 +148,19 @@ def test_report_has_dead_channels_three_ways_per_layer_and_abri_claims(quick_run
             assert f"{label} after fine-tuning: {variant} vs pre-trained" in names
     figures = report["per_seed"]["0"]["transfer"]["figures"]
     assert {"dead_three_ways", "dead_maps"} <= set(figures)
+
+
+def test_the_source_alone_drops_its_learning_rate_tenfold_after_source_lr_step(quick_run):
+    settings = demo_settings(quick=True)
+    runs = quick_run / "seed-0" / "runs"
+    rows = [json.loads(line) for line in (runs / "pretrain_visual" / "metrics.jsonl").open()]
+    rates = [row["lr"] for row in rows if row["split"] == "train"]
+    base = settings.optimizer["lr"]
+    expected = [base if epoch < settings.source_lr_step else base / 10 for epoch in range(2)]
+    assert rates == pytest.approx(expected)
+    # the fine-tuning runs keep the demo's cosine schedule
+    config = json.loads((runs / "audio_pretrained" / "config.json").read_text())
+    assert config["schedule"] == settings.optimizer["schedule"] == "cosine"
 
 
 def test_dead_three_ways_on_a_hand_built_batchnorm():

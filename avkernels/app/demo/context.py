@@ -76,14 +76,14 @@ class Demo:
         return self.out / "steps" / f"{step}.json"
 
     def base_config(self, **fields):
+        """A run's TrainConfig: the settings' sizes and optimizer, ``fields`` overriding them."""
         s = self.settings
         return TrainConfig(
             num_classes=self.train.num_classes,
             batch_size=s.batch_size,
             seed=s.seed,
             width=s.width,
-            **s.optimizer,
-            **fields,
+            **{**s.optimizer, **fields},
         )
 
     def train_run(self, name: str, config):

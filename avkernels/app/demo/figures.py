@@ -53,7 +53,7 @@ THREE_WAYS = (
     ("abnormal_absolute", "abnormal, |gamma|,|beta| < 1e-10"),
     ("abnormal_relative", "abnormal, relative"),
     ("activation_dead", "dead on audio"),
-    ("overlap_relative", "relative abnormal and dead"),
+    ("overlap_absolute", "abnormal (1e-10) and dead"),
 )
 
 

@@ -29,8 +29,8 @@ def _three_ways(tr: dict) -> list:
     lines = [
         "Dead channels three ways, per layer: abnormal parameters (|gamma|, |beta| below "
         f"1e-10, or below {first['relative_threshold']:g} x the layer's median |gamma|), "
-        "dead on the audio inputs, and the overlap of the relative criterion with the "
-        "activation one (share of the layer's channels; columns are abnormal absolute / "
+        "dead on the audio inputs, and the overlap of the absolute criterion (the paper's) "
+        "with the activation one (share of the layer's channels; columns are abnormal absolute / "
         "abnormal relative / dead / overlap):",
         "",
     ]
@@ -43,7 +43,7 @@ def _three_ways(tr: dict) -> list:
                     "abnormal_absolute",
                     "abnormal_relative",
                     "activation_dead",
-                    "overlap_relative",
+                    "overlap_absolute",
                 )
             )
             for d in diagnoses.values()
@@ -185,10 +185,12 @@ def report_markdown(report: dict, figure_source: Callable[[str], str]) -> str:
         "",
         "## 1. Source model: visual pre-training",
         "",
-        f"A ResNet-18 trained {pre['epochs']} epochs on the visual modality alone reaches "
-        f"**{percent(pre['eval_acc_visual'])}** test accuracy. Its BatchNorm parameters decay "
-        f"by {pre['bn_weight_decay']:g} per unit of learning rate, the total shrinkage a long "
-        "training run applies to channels whose ReLU never fires (docs/DESIGN.md).",
+        f"A ResNet-18 trained {pre['epochs']} epochs on the visual modality alone (SGD, "
+        f"learning rate {pre['lr']:g} held for {pre['lr_step']} epochs, then a tenth of it) "
+        f"reaches **{percent(pre['eval_acc_visual'])}** test accuracy. Its BatchNorm "
+        f"parameters decay by {pre['bn_weight_decay']:g} per unit of learning rate: on the "
+        "plateau this shrinks the gamma and beta of channels whose ReLU never fires as a long "
+        "training run's plateau does (docs/DESIGN.md, the demo's source).",
         "",
         "## 2. Cross-modal initialisation of the audio encoder",
         "",

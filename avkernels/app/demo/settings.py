@@ -24,9 +24,12 @@ class DemoSettings:
     diagnosis_batches: int
     kernel_shapes: tuple
     kernel_time: float  # seconds of timing per measurement
-    # The source's BatchNorm weight decay: the decay a long training run applies to channels
-    # whose ReLU never fires, given in this short one (docs/DESIGN.md, the demo's source).
+    # The source's BatchNorm weight decay, and its learning rate: held for source_lr_step
+    # epochs, then divided by 10 (a step schedule): the decay a long training run applies to
+    # channels whose ReLU never fires, given in this short one (docs/DESIGN.md, the demo's
+    # source).
     source_bn_weight_decay: float = 0.05
+    source_lr_step: int = 25
     seed: int = 0
     optimizer: dict = field(
         default_factory=lambda: {
@@ -68,6 +71,7 @@ def settings(quick: bool = False, seed: int = 0) -> DemoSettings:
             width=8,
             batch_size=32,
             pretrain_epochs=2,
+            source_lr_step=1,
             finetune_epochs=2,
             stage1_epochs=1,
             stage2_epochs=1,
@@ -82,7 +86,7 @@ def settings(quick: bool = False, seed: int = 0) -> DemoSettings:
         data=AVDigitsConfig(held_out_rotation=seed),
         width=16,
         batch_size=32,
-        pretrain_epochs=25,
+        pretrain_epochs=30,
         finetune_epochs=4,
         stage1_epochs=3,
         stage2_epochs=3,

@@ -62,6 +62,9 @@ def step_pretrain(demo: Demo) -> dict:
             modalities=("visual",),
             epochs=demo.settings.pretrain_epochs,
             bn_weight_decay=demo.settings.source_bn_weight_decay,
+            schedule="step",
+            lr_step=demo.settings.source_lr_step,
+            lr_gamma=0.1,
         ),
     )
     source = demo.out / "source" / "visual_encoder.pt"
@@ -71,6 +74,8 @@ def step_pretrain(demo: Demo) -> dict:
         "encoder": str(source),
         "epochs": demo.settings.pretrain_epochs,
         "bn_weight_decay": demo.settings.source_bn_weight_decay,
+        "lr": trainer.config.lr,
+        "lr_step": demo.settings.source_lr_step,
         "eval_acc_visual": last_row(trainer.history, "eval")["acc_visual"],
         "curve": curve(trainer.history, "acc_visual"),
     }
