@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from avkernels.distributed import _tracked_layers
 
-__all__ = ["LayerDeadStats", "dead_stats", "reset_dead_stats"]
+__all__ = ["LayerDeadStats", "counting_layers", "dead_stats", "reset_dead_stats"]
 
 
 class LayerDeadStats(NamedTuple):
@@ -26,8 +26,14 @@ class LayerDeadStats(NamedTuple):
     samples: int  # samples counted
 
 
-def _counting_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    layers = [(name, layer) for name, layer in _tracked_layers(model) if layer.track_dead]
+def counting_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The TrackedBN layers of ``model`` that count dead outputs, by qualified module name
+    (empty when there are none)."""
+    return {name: layer for name, layer in _tracked_layers(model) if layer.track_dead}
+
+
+def _required_counting_layers(model: nn.Module) -> dict[str, nn.Module]:
+    layers = counting_layers(model)
     if not layers:
         raise ValueError(
             f"model ({type(model).__name__}) has no TrackedBN that counts dead channels: swap "
@@ -51,7 +57,7 @@ def dead_stats(model: nn.Module) -> dict[str, LayerDeadStats]:
             int(layer.seen[0]),
             int(layer.seen[1]),
         )
-        for name, layer in _counting_layers(model)
+        for name, layer in _required_counting_layers(model).items()
     }
 
 
@@ -60,5 +66,5 @@ def reset_dead_stats(model: nn.Module) -> None:
 
     Raises ``ValueError`` when no TrackedBN of the model counts.
     """
-    for _, layer in _counting_layers(model):
+    for layer in _required_counting_layers(model).values():
         layer.reset_dead_stats()

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import avkernels
+from avkernels.model_stats import counting_layers
 
 
 def make_models() -> tuple[nn.Module, nn.Module]:
@@ -80,3 +81,11 @@ def test_a_model_without_counting_layers_is_refused():
     untracked = avkernels.convert(nn.Sequential(nn.BatchNorm2d(4)), track_dead=False)
     with pytest.raises(ValueError, match="no TrackedBN that counts"):
         avkernels.reset_dead_stats(untracked)
+
+
+def test_counting_layers_names_the_layers_that_count_and_may_be_empty():
+    inner = nn.Sequential(avkernels.TrackedBN(4), avkernels.TrackedBN(4, track_dead=False))
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), inner)
+    assert list(counting_layers(model)) == ["1.0"]
+    assert counting_layers(model)["1.0"] is model[1][0]
+    assert counting_layers(nn.Sequential(nn.Conv2d(3, 4, 3))) == {}

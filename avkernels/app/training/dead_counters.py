@@ -7,16 +7,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from avkernels.distributed import all_reduce_dead_stats
-from avkernels.nn.tracked_bn import TrackedBN
-
-
-def counting_layers(model: nn.Module) -> dict[str, TrackedBN]:
-    """The TrackedBN layers of ``model`` that count dead outputs, by module name."""
-    return {
-        name: module
-        for name, module in model.named_modules()
-        if isinstance(module, TrackedBN) and module.track_dead
-    }
+from avkernels.model_stats import counting_layers
 
 
 def reset_counters(model: nn.Module) -> None:
