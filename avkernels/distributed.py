@@ -127,10 +127,11 @@ def all_reduce_dead_stats(model: nn.Module, group: dist.ProcessGroup | None = No
     A collective: every rank of ``group`` must call it at the same point, with the same model.
     Call it once per counting window (e.g. after ``reset_dead_stats()`` and an epoch, before
     reading): it sums whatever the counters hold, so a second call would count everything once
-    more per rank. Layers with ``sync=True`` are left alone: their training forwards already
-    all-reduce their counts (their eval forwards count each rank's own batches, as eval never
-    communicates). ``model`` may be the DDP wrapper or the wrapped module. One collective for
-    the whole model; without an initialised process group it does nothing.
+    more per rank. Layers with ``sync=True`` are left alone: their training steps already
+    all-reduce their counts, in the backward's collective (their eval forwards count each
+    rank's own batches, as eval never communicates). ``model`` may be the DDP wrapper or the
+    wrapped module. One collective for the whole model; without an initialised process group
+    it does nothing.
     """
     if not (dist.is_available() and dist.is_initialized()):
         return

@@ -59,8 +59,9 @@ class TrackedBN(nn.BatchNorm2d):
             (``dead_count``, ``dead_sample_count``, ``seen`` = [elements per channel, samples]).
         sync: in training, normalise with the statistics of the whole batch spread over the
             ranks of ``process_group`` (``nn.SyncBatchNorm``'s protocol, see
-            :mod:`avkernels.ops.batch_norm.sync`), dead counts included: after each training forward
-            every rank holds the global counts.
+            :mod:`avkernels.ops.batch_norm.sync`), dead counts included: after each training
+            step's ``backward()`` (at once for a forward without autograd) every rank holds the
+            global counts.
             Runs locally while ``torch.distributed`` is not initialised or the group has one
             rank; eval forwards never communicate.
         process_group: the ``torch.distributed`` group to synchronise over; ``None`` is the

@@ -154,11 +154,14 @@ def batch_norm_forward(a, input_checked: bool = False) -> None:
         )
 
 
-def batch_norm_backward(a, inputs_checked: bool = False, op: str = "batch_norm_bwd") -> None:
+def batch_norm_backward(
+    a, statistics_dtype: torch.dtype, inputs_checked: bool = False, op: str = "batch_norm_bwd"
+) -> None:
     """The checks of ``batch_norm_bwd`` (or of its part ``op``, ``batch_norm_bwd_reduce`` /
     ``batch_norm_bwd_elemt``, which take batch statistics: K = 1) on a
-    :class:`~avkernels.ops.batch_norm.BackwardArgs`; ``inputs_checked``: as ``input_checked``
-    of :func:`batch_norm_forward`, for x and grad_y."""
+    :class:`~avkernels.ops.batch_norm.BackwardArgs`. ``statistics_dtype``: the dtype ``mean``
+    and ``invstd`` must have (x's accumulation dtype); ``inputs_checked``: as
+    ``input_checked`` of :func:`batch_norm_forward`, for x and grad_y."""
     if not inputs_checked:
         batch_norm_input(f"{op}: x", a.x)
     channels, device = a.x.shape[1], a.x.device
@@ -175,12 +178,13 @@ def batch_norm_backward(a, inputs_checked: bool = False, op: str = "batch_norm_b
         or mean.shape[0] not in ((1,) if op != "batch_norm_bwd" else (1, 2))
         or mean.shape[1] != channels
         or invstd.shape != mean.shape
-        or mean.dtype not in (torch.float32, torch.float64)
+        or mean.dtype != statistics_dtype
         or invstd.dtype != mean.dtype
     ):
         _reject(
-            f"{op}: mean and invstd must be the forward's (K, C) float32/float64 statistics, "
-            f"got {tuple(mean.shape)} {mean.dtype} and {tuple(invstd.shape)} {invstd.dtype}"
+            f"{op}: mean and invstd must be the forward's (K, C) statistics in "
+            f"{statistics_dtype} (the accumulation dtype of a {a.x.dtype} x), got "
+            f"{tuple(mean.shape)} {mean.dtype} and {tuple(invstd.shape)} {invstd.dtype}"
         )
     for name, t in (("grad_y", a.grad_y), ("mean", mean), ("invstd", invstd)):
         if t.device != device:

@@ -243,6 +243,14 @@ def _check_tiny_batches(rank: int) -> dict:
         results["one value in all"] = None
     except ValueError as error:
         results["one value in all"] = str(error)
+    running = (synced.running_mean.clone(), synced.running_var.clone())
+    empty = x[:0].requires_grad_()
+    y = synced(empty)
+    y.sum().backward()
+    results["no value in all"] = (
+        (tuple(y.shape), tuple(empty.grad.shape), synced.running_mean, synced.running_var),
+        ((0, CHANNELS, 1, 1), (0, CHANNELS, 1, 1), *running),
+    )
     return results
 
 
@@ -413,6 +421,14 @@ def test_synced_batch_size_check_is_global(group_results):
         torch.testing.assert_close(actual.detach(), expected.detach())
         message = results["tiny"]["one value in all"]
         assert message and "Expected more than 1 value per channel when training" in message
+        # As nn.BatchNorm2d: an empty global batch gives an empty output and keeps the running
+        # statistics.
+        (shape, grad_shape, *running), (expected_shape, expected_grad_shape, *kept) = results[
+            "tiny"
+        ]["no value in all"]
+        assert (shape, grad_shape) == (expected_shape, expected_grad_shape)
+        for actual, expected in zip(running, kept):
+            assert torch.equal(actual, expected)
 
 
 def test_one_collective_per_layer_and_direction_without_host_sync(group_results):

@@ -166,6 +166,11 @@ def test_elemt_with_global_means_differs_from_the_local_backward(parts):
         ("grad_means shape", lambda a: dict(grad_means=a["grad_means"][:1]), "grad_means"),
         ("grad_means dtype", lambda a: dict(grad_means=a["grad_means"].double()), "grad_means"),
         (
+            "statistics dtype",
+            lambda a: dict(mean=a["mean"].double(), invstd=a["invstd"].double()),
+            "accumulation dtype",
+        ),
+        (
             "two statistics rows",
             lambda a: dict(mean=a["mean"].repeat(2, 1), invstd=a["invstd"].repeat(2, 1)),
             "(K, C)",
@@ -194,3 +199,8 @@ def test_parts_pass_opcheck():
     torch.library.opcheck(ops.batch_norm_bwd_reduce.default, args)
     grad_means = torch.randn(2, 3)
     torch.library.opcheck(ops.batch_norm_bwd_elemt.default, (*args[:-1], grad_means, args[-1]))
+
+
+def test_stats_refuses_a_non_4d_input_under_its_own_name(parts):
+    with pytest.raises((ValueError, RuntimeError), match="batch_norm_stats"):
+        parts.stats(torch.randn(2, 3, 4, device=parts.device))

@@ -53,7 +53,9 @@ def test_launch_plans_are_made_once_per_geometry(launches, monkeypatch):
         monkeypatch.setattr(
             triton_launch,
             name,
-            lambda *args, build=build, name=name: made.append(name) or build(*args),
+            lambda *args, build=build, name=name, **kwargs: (
+                made.append(name) or build(*args, **kwargs)
+            ),
         )
     x = torch.randn(SHAPE)
     for _ in range(3):

@@ -26,7 +26,7 @@ from avkernels.ops.batch_norm.schema import (
     BackwardElemtArgs,
     ForwardArgs,
     accumulation_dtype,
-    batch_stats_backward,
+    batch_stats_backward_args,
     output_memory_format,
 )
 
@@ -39,7 +39,7 @@ def reference_forward(*args):
 
 def reference_backward(*args):
     a = BackwardArgs(*args)
-    checks.batch_norm_backward(a)
+    checks.batch_norm_backward(a, accumulation_dtype(a.x))
     return reference.backward(a)
 
 
@@ -49,15 +49,15 @@ def reference_stats(x):
 
 
 def reference_backward_reduce(*args):
-    a = batch_stats_backward(*args)
-    checks.batch_norm_backward(a, op=BACKWARD_REDUCE.name)
+    a = batch_stats_backward_args(*args)
+    checks.batch_norm_backward(a, accumulation_dtype(a.x), op=BACKWARD_REDUCE.name)
     return reference.backward_reduce(a)
 
 
 def reference_backward_elemt(*args):
     e = BackwardElemtArgs(*args)
-    a = batch_stats_backward(*args[:-2], e.relu)
-    checks.batch_norm_backward(a, op=BACKWARD_ELEMT.name)
+    a = batch_stats_backward_args(*args[:-2], e.relu)
+    checks.batch_norm_backward(a, accumulation_dtype(a.x), op=BACKWARD_ELEMT.name)
     checks.batch_norm_grad_means(a, e.grad_means)
     return reference.backward_elemt(a, e.grad_means)
 
@@ -108,7 +108,7 @@ def _stats_fake(x):
 
 @torch.library.register_fake(f"avkernels::{BACKWARD_REDUCE.name}")
 def _backward_reduce_fake(*args):
-    a = batch_stats_backward(*args)
+    a = batch_stats_backward_args(*args)
     sums = a.mean.new_empty((2, a.x.shape[1]))
     return (sums, *_backward_fake(*a)[1:])
 

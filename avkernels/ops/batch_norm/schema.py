@@ -128,7 +128,7 @@ BackwardArgs = BACKWARD.record
 BackwardElemtArgs = BACKWARD_ELEMT.record
 
 
-def batch_stats_backward(*args) -> BackwardArgs:
+def batch_stats_backward_args(*args) -> BackwardArgs:
     """The :class:`BackwardArgs` of a ``batch_norm_bwd_reduce`` call (``use_batch_stats=True``)."""
     *tensors, relu = args
     return BackwardArgs(*tensors, True, relu)

@@ -73,16 +73,17 @@ def sync_enabled(process_group: dist.ProcessGroup | None) -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1
 
 
-def _merge_rank_stats(x: Tensor, process_group) -> tuple[Tensor, Tensor, Tensor]:
+def _merge_rank_stats(x: Tensor, process_group) -> tuple[Tensor, Tensor, Tensor, bool]:
     """``(mean, biased var)`` per channel of the batch of every rank, in ``x``'s accumulation
-    dtype, and the global number of elements per channel (a float64 0-d tensor, exact below
-    2**53): one all-gather of each rank's ``[count, mean, M2]``, merged on the device."""
+    dtype, the global number of elements per channel (a float64 0-d tensor, exact below 2**53),
+    and whether that global batch is empty (then the statistics are NaN): one all-gather of each
+    rank's ``[count, mean, M2]``, merged on the device."""
     n, channels, h, w = x.shape
     count = n * h * w
     if count:
         mean, var = batch_norm_stats(x)
-        local = torch.cat([mean.new_full((1,), count), mean, var]).double()
-        local[1 + channels :] *= count  # M2 = n * biased var
+        exact_count = torch.full((1,), count, dtype=torch.float64, device=x.device)
+        local = torch.cat([exact_count, mean.double(), var.double() * count])  # M2 = n * var
     else:  # an empty local batch contributes nothing (its statistics are NaN)
         local = torch.zeros(1 + 2 * channels, dtype=torch.float64, device=x.device)
     gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(process_group))]
@@ -91,16 +92,21 @@ def _merge_rank_stats(x: Tensor, process_group) -> tuple[Tensor, Tensor, Tensor]
     counts, means, m2s = stats[:, :1], stats[:, 1 : 1 + channels], stats[:, 1 + channels :]
     total = counts.sum()
     # More than one local value makes the global batch valid: only a rank with at most one
-    # value asks for the total, the one host synchronisation, and only in that rare case.
-    if count <= 1 and int(total.item()) <= 1:
-        raise ValueError(
-            "Expected more than 1 value per channel when training, got "
-            f"{int(total.item())} over all ranks (local input size {tuple(x.shape)})"
-        )
+    # value asks for the total, the one host synchronisation, and only in that rare case (then
+    # every rank has at most one, so all of them read it and agree).
+    empty = False
+    if count <= 1:
+        values = int(total.item())
+        if values == 1:
+            raise ValueError(
+                "Expected more than 1 value per channel when training, got 1 over all ranks "
+                f"(local input size {tuple(x.shape)})"
+            )
+        empty = values == 0  # as nn.BatchNorm2d: an empty output, the running statistics kept
     mean = (counts * means).sum(dim=0) / total
     m2 = (m2s + counts * (means - mean).square()).sum(dim=0)
     acc = accumulation_dtype(x)
-    return mean.to(acc), (m2 / total).to(acc), total
+    return mean.to(acc), (m2 / total).to(acc), total, empty
 
 
 def will_backward(args: ForwardArgs) -> bool:
@@ -113,7 +119,8 @@ def will_backward(args: ForwardArgs) -> bool:
 class SyncTrackedBNFunction(torch.autograd.Function):
     """Autograd of synchronized tracked BN (training, batch statistics): see the module docstring.
 
-    Saves ``x``, the parameters and the global ``(mean, invstd)``, like ``tracked_batch_norm``.
+    Saves ``x``, the parameters, the global ``(mean, invstd)`` (like ``tracked_batch_norm``) and
+    the global element count; the dead counts of the batch wait in ``ctx`` for the backward.
     """
 
     @staticmethod
@@ -121,14 +128,15 @@ class SyncTrackedBNFunction(torch.autograd.Function):
         *args, backward_follows, process_group = args_and_group
         a = ForwardArgs(*args)
         x, weight, bias, abri_weight, abri_bias, abri_alpha = (a.x, *parameters(a))
-        mean, var, count = _merge_rank_stats(x, process_group)
-        update_running_stats(
-            ((a.running_mean, a.running_var), (a.abri_running_mean, a.abri_running_var)),
-            mean,
-            var,
-            count,
-            a.momentum,
-        )
+        mean, var, count, empty = _merge_rank_stats(x, process_group)
+        if not empty:
+            update_running_stats(
+                ((a.running_mean, a.running_var), (a.abri_running_mean, a.abri_running_var)),
+                mean,
+                var,
+                count,
+                a.momentum,
+            )
         abri_stats = (mean.clone(), var.clone()) if abri_alpha is not None else (None, None)
         counters = (a.dead_count, a.dead_sample_count, a.seen)
         channels = x.shape[1]
@@ -195,8 +203,10 @@ class SyncTrackedBNFunction(torch.autograd.Function):
         if ctx.pending_counts is not None:
             _add_counts(ctx.counters, buffer[2 * channels :].round().long(), channels)
             ctx.pending_counts = None
-        grad_means = (buffer[: 2 * channels].view(2, channels) / count).to(sums.dtype)
-        grad_x = batch_norm_bwd_elemt(grad_y, x, *params, mean, invstd, grad_means, ctx.relu)
+        grad_x = None
+        if ctx.needs_input_grad[0]:  # else (a data input) the collective was for the others
+            grad_means = (buffer[: 2 * channels].view(2, channels) / count).to(sums.dtype)
+            grad_x = batch_norm_bwd_elemt(grad_y, x, *params, mean, invstd, grad_means, ctx.relu)
         # Parameter gradients come from the local sums (DDP averages them over the ranks).
         grads = [None if p is None else g for p, g in zip(params, grads)]
         # No gradient for the buffers, flags, the backward flag and the process group.

@@ -27,7 +27,8 @@ from avkernels.ops.batch_norm.schema import (
     BackwardArgs,
     BackwardElemtArgs,
     ForwardArgs,
-    batch_stats_backward,
+    accumulation_dtype,
+    batch_stats_backward_args,
 )
 from avkernels.ops.batch_norm.triton_kernels import (
     bwd_grad_x_kernel,
@@ -89,15 +90,6 @@ def _keep_plan(plans: dict, key: tuple, plan):
     return plan
 
 
-def _forward_plan_for(a, key: tuple, store_var: bool = False) -> ForwardPlan:
-    """The cached forward plan of ``key``, after the forward's argument checks."""
-    plan = _FORWARD_PLANS.get(key)
-    checks.batch_norm_forward(a, input_checked=plan is not None)
-    if plan is None:
-        plan = _keep_plan(_FORWARD_PLANS, key, forward_plan(a, store_var))
-    return plan
-
-
 def forward(*args) -> tuple[Tensor, Tensor, Tensor]:
     """``avkernels::batch_norm_fwd`` on CUDA: returns ``(y, mean, invstd)``."""
     a = ForwardArgs(*args)
@@ -112,7 +104,10 @@ def forward(*args) -> tuple[Tensor, Tensor, Tensor]:
         tuple(map(_IS_NONE, args[1:13])),
         alpha is not None and alpha.numel() > 1,
     )
-    plan = _forward_plan_for(a, key)
+    plan = _FORWARD_PLANS.get(key)
+    checks.batch_norm_forward(a, input_checked=plan is not None)
+    if plan is None:
+        plan = _keep_plan(_FORWARD_PLANS, key, forward_plan(a))
     with _device_guard(x.device):
         return _launch_forward(a, plan, _scratch(x.device, plan.scratch_size), launch_directly)
 
@@ -121,7 +116,11 @@ def stats(x: Tensor) -> tuple[Tensor, Tensor]:
     """``avkernels::batch_norm_stats`` on CUDA: the training forward's statistics kernel, storing
     ``(mean, biased var)`` of shape (C,)."""
     a = ForwardArgs(x, *(None,) * 12, True, 0.0, 0.0, False)
-    plan = _forward_plan_for(a, (x.shape, x.stride(), x.dtype, x.device, "stats"), store_var=True)
+    key = (x.shape, x.stride(), x.dtype, x.device, "stats")
+    plan = _FORWARD_PLANS.get(key)
+    if plan is None:  # x is all there is to check
+        checks.batch_norm_input("batch_norm_stats: x", x)
+        plan = _keep_plan(_FORWARD_PLANS, key, forward_plan(a, store_var=True))
     if x.numel() == 0:  # no values: NaN statistics, as the other kernels give
         nan = torch.full_like(plan.stats[0], float("nan"))
         return nan, nan.clone()
@@ -150,7 +149,7 @@ def _backward_plan_for(a, op: str = "batch_norm_bwd") -> BackwardPlan:
         alpha is not None and alpha.numel() > 1,
     )
     plan = _BACKWARD_PLANS.get(key)
-    checks.batch_norm_backward(a, inputs_checked=plan is not None, op=op)
+    checks.batch_norm_backward(a, accumulation_dtype(a.x), inputs_checked=plan is not None, op=op)
     if plan is None:
         plan = _keep_plan(_BACKWARD_PLANS, key, backward_plan(a))
     return plan
@@ -168,11 +167,11 @@ def backward(*args) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
 def backward_reduce(*args) -> tuple[Tensor, ...]:
     """``avkernels::batch_norm_bwd_reduce`` on CUDA: the batch-statistics backward's sums kernel,
     returning ``(sums, *parameter gradients)``."""
-    a = batch_stats_backward(*args)
+    a = batch_stats_backward_args(*args)
     plan = _backward_plan_for(a, "batch_norm_bwd_reduce")
     with _device_guard(a.x.device):
         scratch = _scratch(a.x.device, plan.scratch_size)
-        _, sums, grads = _launch_sums(a, plan, _affine_arguments(a), scratch, launch_directly)
+        sums, grads = _launch_sums(a, plan, _affine_arguments(a), scratch, launch_directly)
     return sums, *grads
 
 
@@ -180,7 +179,7 @@ def backward_elemt(*args) -> Tensor:
     """``avkernels::batch_norm_bwd_elemt`` on CUDA: the batch-statistics backward's grad_x
     kernel, fed ``grad_means`` (already divided by the global element count)."""
     e = BackwardElemtArgs(*args)
-    a = batch_stats_backward(*args[:-2], e.relu)
+    a = batch_stats_backward_args(*args[:-2], e.relu)
     plan = _backward_plan_for(a, "batch_norm_bwd_elemt")
     checks.batch_norm_grad_means(a, e.grad_means)
     grad_x = torch.empty_like(a.x, memory_format=plan.grad_x_format)
@@ -205,7 +204,7 @@ def traced_forward(*args) -> tuple[Tensor, Tensor, Tensor]:
 def traced_backward(*args) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``batch_norm_bwd`` on CUDA as Inductor traces it (see :func:`traced_forward`)."""
     a = BackwardArgs(*args)
-    checks.batch_norm_backward(a)
+    checks.batch_norm_backward(a, accumulation_dtype(a.x))
     plan = backward_plan(a)
     scratch = torch.zeros(plan.scratch_size, dtype=torch.int32, device=a.x.device)
     return _launch_backward(a, plan, scratch, torch.library.wrap_triton)
@@ -264,7 +263,8 @@ def _launch_statistics(a, plan: ForwardPlan, scratch: Tensor, launch) -> tuple[T
 def _launch_backward(a, plan: BackwardPlan, scratch: Tensor, launch):
     """The backward's allocations and launches, as :func:`_launch_forward`."""
     affine = _affine_arguments(a)
-    grad_x, sums, grads = _launch_sums(a, plan, affine, scratch, launch)
+    grad_x = torch.empty_like(a.x, memory_format=plan.grad_x_format)
+    sums, grads = _launch_sums(a, plan, affine, scratch, launch, grad_x)
     if a.use_batch_stats:
         _launch_grad_x(a, plan, affine, grad_x, sums, plan.count, launch)
     return grad_x, *grads
@@ -281,12 +281,11 @@ def _affine_arguments(a) -> tuple[Tensor, Tensor, list[Tensor]]:
     return mean, invstd, [mean if p is None else p.contiguous() for p in tuple(a)[2:7]]
 
 
-def _launch_sums(a, plan: BackwardPlan, affine: tuple, scratch: Tensor, launch):
-    """The sums kernel: ``(grad_x, sums, parameter gradients)``; grad_x is written here only
-    with running statistics (else it is allocated for :func:`_launch_grad_x`). ``affine``:
-    :func:`_affine_arguments`."""
+def _launch_sums(a, plan: BackwardPlan, affine: tuple, scratch: Tensor, launch, grad_x=None):
+    """The sums kernel: ``(sums, parameter gradients)``; with running statistics it also writes
+    ``grad_x`` (else the kernel never touches it: None, as for ``batch_norm_bwd_reduce``).
+    ``affine``: :func:`_affine_arguments`."""
     mean, invstd, params = affine
-    grad_x = torch.empty_like(a.x, memory_format=plan.grad_x_format)
     grads = [
         torch.empty_like(p) if has else torch.empty_like(plan.no_grad)
         for p, has in zip(params, plan.has_grads)
@@ -300,7 +299,7 @@ def _launch_sums(a, plan: BackwardPlan, affine: tuple, scratch: Tensor, launch):
     launch(bwd_partial_sums_kernel)[plan.grid](
         a.grad_y,
         a.x,
-        grad_x,
+        a.x if grad_x is None else grad_x,  # any pointer when not written
         mean,
         invstd,
         *params,
@@ -313,7 +312,7 @@ def _launch_sums(a, plan: BackwardPlan, affine: tuple, scratch: Tensor, launch):
         *plan.partial_ints,
         **plan.partial_options,
     )
-    return grad_x, sums, (*grads, grad_alpha_total)
+    return sums, (*grads, grad_alpha_total)
 
 
 def _launch_grad_x(

@@ -287,6 +287,3 @@ def backward_plan(a) -> BackwardPlan:
         count=batch * x.shape[2] * width,
         grad_x_options=dict(RELU=a.relu, **flags, **tile),
     )
-
-
-# --- launchers -----------------------------------------------------------------------------------

@@ -670,8 +670,8 @@ Tensor batch_stats_grad_input(const Tensor& dy, const Tensor& x,
   GradCoefficients<acc_t> coef = saved.coefficients();
   coef.coef_xc = coef_xc.data();
   coef.coef_const = coef_const.data();
-  const Geometry g(x.size(0), C, x.size(2) * x.size(3),
-                   output_format(x) == at::MemoryFormat::ChannelsLast);
+  const Geometry g = Geometry::spanning_samples(x.size(0), C, x.size(2) * x.size(3),
+                                                output_format(x) == at::MemoryFormat::ChannelsLast);
   const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
