@@ -257,7 +257,7 @@ def environment(
     return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": shlex.join(["pytest", *config.invocation_params.args]),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_average_at_start": [round(load, 2) for load in load_at_start],
@@ -348,7 +348,8 @@ def write(
     return written
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU model name (Linux), else what the platform module knows."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             for line in cpuinfo:

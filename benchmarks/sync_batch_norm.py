@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
+import os
 import statistics
 import sys
 import tempfile
@@ -37,6 +37,7 @@ if __package__ in (None, ""):  # run as a script (and in the spawned ranks): thi
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.package_under_test import import_avkernels  # noqa: E402
+from benchmarks.report import cpu_model  # noqa: E402
 
 TrackedBN = import_avkernels().TrackedBN
 
@@ -132,7 +133,7 @@ def main() -> None:
         meta = {
             "date": datetime.date.today().isoformat(),
             "torch": torch.__version__,
-            "machine": f"{platform.processor() or platform.machine()}, 1 torch thread per rank",
+            "machine": f"{cpu_model()}, {os.cpu_count()} cores, 1 torch thread per rank",
             "backend": "gloo",
         }
         args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
