@@ -144,7 +144,7 @@ class SyncTrackedBNFunction(torch.autograd.Function):
         batch_counts, batch_dead = None, (None,) * 3
         if a.dead_count is not None:
             batch_counts = torch.zeros(2 * channels + 2, dtype=torch.long, device=x.device)
-            batch_dead = batch_counts.split([channels, channels, 2])
+            batch_dead = _counter_parts(batch_counts, channels)
         y, mean_rows, invstd_rows = batch_norm_fwd(
             x,
             weight,
@@ -213,9 +213,15 @@ class SyncTrackedBNFunction(torch.autograd.Function):
         return (grad_x, *grads) + (None,) * (len(ForwardArgs._fields) - len(params) + 1)
 
 
+def _counter_parts(flat: Tensor, channels: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``flat`` (``2C + 2`` values) as views shaped like ``(dead_count, dead_sample_count,
+    seen)``: the layout in which one collective carries a batch's dead counts."""
+    return flat.split([channels, channels, 2])
+
+
 def _add_counts(counters: tuple, totals: Tensor, channels: int) -> None:
-    """Adds ``totals`` (``[dead (C), dead samples (C), seen (2)]``) to the dead counters."""
-    for buffer, total in zip(counters, totals.split([channels, channels, 2])):
+    """Adds ``totals`` (see :func:`_counter_parts`) to the dead counters."""
+    for buffer, total in zip(counters, _counter_parts(totals, channels)):
         buffer += total
 
 

@@ -415,15 +415,20 @@ void add_dead_counts(const Geometry& g, const RunCount* counts, const Tensor& de
 
 // --- forward -------------------------------------------------------------------------------------
 
+// The run layout of the reductions and of grad_x: runs span samples where x's layout allows.
+Geometry sample_spanning_geometry(const Tensor& x) {
+  return Geometry::spanning_samples(x.size(0), x.size(1), x.size(2) * x.size(3),
+                                    output_format(x) == at::MemoryFormat::ChannelsLast);
+}
+
 // Per-channel mean and biased variance of the batch in x (NaN for an empty batch).
 template <typename scalar_t>
-void batch_statistics(const Tensor& x, bool channels_last, std::vector<double>& mean,
-                      std::vector<double>& var) {
-  const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3);
+void batch_statistics(const Tensor& x, std::vector<double>& mean, std::vector<double>& var) {
+  const int64_t C = x.size(1);
   mean.assign(C, std::numeric_limits<double>::quiet_NaN());
   var.assign(C, std::numeric_limits<double>::quiet_NaN());
   if (x.numel() == 0) return;
-  const Geometry g = Geometry::spanning_samples(N, C, HW, channels_last);
+  const Geometry g = sample_spanning_geometry(x);
   auto run_mean = per_run<double>(g), run_m2 = per_run<double>(g);
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   for_runs(g, [&](int64_t begin, int64_t end) {
@@ -435,7 +440,6 @@ void batch_statistics(const Tensor& x, bool channels_last, std::vector<double>& 
 // batch_norm_stats: (mean, biased var) per channel, in the accumulation dtype.
 std::tuple<Tensor, Tensor> batch_norm_stats_cpu(const Tensor& input) {
   check_input(kStats, "input", input);
-  const bool channels_last = output_format(input) == at::MemoryFormat::ChannelsLast;
   const Tensor x = input.contiguous(output_format(input));
   const int64_t C = x.size(1);
   Tensor mean = at::empty({C}, x.options().dtype(accumulation_dtype(x)));
@@ -443,7 +447,7 @@ std::tuple<Tensor, Tensor> batch_norm_stats_cpu(const Tensor& input) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), kStats, [&] {
     using acc_t = acc_type_t<scalar_t>;
     std::vector<double> batch_mean, batch_var;
-    batch_statistics<scalar_t>(x, channels_last, batch_mean, batch_var);
+    batch_statistics<scalar_t>(x, batch_mean, batch_var);
     acc_t* mean_p = mean.mutable_data_ptr<acc_t>();
     acc_t* var_p = var.mutable_data_ptr<acc_t>();
     for (int64_t c = 0; c < C; ++c) {
@@ -472,7 +476,7 @@ std::tuple<Tensor, Tensor, Tensor> forward_impl(
 
   if (a.use_batch_stats) {
     std::vector<double> batch_mean, batch_var;
-    batch_statistics<scalar_t>(x, channels_last, batch_mean, batch_var);
+    batch_statistics<scalar_t>(x, batch_mean, batch_var);
     std::vector<acc_t> var(C);
     for (int64_t c = 0; c < C; ++c) {
       mean_p[c] = static_cast<acc_t>(batch_mean[c]);
@@ -629,6 +633,19 @@ struct SavedForward {
   }
 };
 
+// Runs pass(begin, end, run_dy, run_dy_xc) over the runs of g, which writes per-run sums of dy'
+// and dy' * (x - mean[0]), and merges them in run order into sum_dy and sum_dy_xc.
+template <typename Pass>
+void summed_runs(const Geometry& g, const Pass& pass, std::vector<double>& sum_dy,
+                 std::vector<double>& sum_dy_xc) {
+  auto run_dy = per_run<double>(g), run_dy_xc = per_run<double>(g);
+  for_runs(g, [&](int64_t begin, int64_t end) {
+    pass(begin, end, run_dy.get(), run_dy_xc.get());
+  });
+  merge_sums(g, run_dy.get(), sum_dy);
+  merge_sums(g, run_dy_xc.get(), sum_dy_xc);
+}
+
 // Batch statistics: sum_dy = sum(dy'), sum_dy_xc = sum(dy' * (x - mean[0])) over the batch, dy'
 // the ReLU-masked dy.
 template <typename scalar_t>
@@ -637,18 +654,13 @@ void batch_grad_sums(const Tensor& dy, const Tensor& x, const SavedForward<acc_t
   sum_dy.assign(saved.channels, 0.0);
   sum_dy_xc.assign(saved.channels, 0.0);
   if (x.numel() == 0) return;
-  const Geometry g = Geometry::spanning_samples(x.size(0), x.size(1), x.size(2) * x.size(3),
-                                                output_format(x) == at::MemoryFormat::ChannelsLast);
-  auto run_dy = per_run<double>(g), run_dy_xc = per_run<double>(g);
+  const Geometry g = sample_spanning_geometry(x);
   const auto coef = saved.coefficients();
   const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
-  for_runs(g, [&](int64_t begin, int64_t end) {
-    kernels<scalar_t>().grad_sums(g, dyp, xp, coef, relu, begin, end, run_dy.get(),
-                                  run_dy_xc.get());
-  });
-  merge_sums(g, run_dy.get(), sum_dy);
-  merge_sums(g, run_dy_xc.get(), sum_dy_xc);
+  summed_runs(g, [&](int64_t begin, int64_t end, double* run_dy, double* run_dy_xc) {
+    kernels<scalar_t>().grad_sums(g, dyp, xp, coef, relu, begin, end, run_dy, run_dy_xc);
+  }, sum_dy, sum_dy_xc);
 }
 
 // Batch statistics: grad_x = scale * (dy' - mean_dy - xhat * mean_dy_xhat), from the per-channel
@@ -670,8 +682,7 @@ Tensor batch_stats_grad_input(const Tensor& dy, const Tensor& x,
   GradCoefficients<acc_t> coef = saved.coefficients();
   coef.coef_xc = coef_xc.data();
   coef.coef_const = coef_const.data();
-  const Geometry g = Geometry::spanning_samples(x.size(0), C, x.size(2) * x.size(3),
-                                                output_format(x) == at::MemoryFormat::ChannelsLast);
+  const Geometry g = sample_spanning_geometry(x);
   const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
@@ -692,20 +703,16 @@ Tensor running_stats_grad_input(const Tensor& dy, const Tensor& x,
   sum_dy.assign(saved.channels, 0.0);
   sum_dy_xc.assign(saved.channels, 0.0);
   if (x.numel() == 0) return dx;
-  const Geometry g = Geometry::spanning_samples(x.size(0), x.size(1), x.size(2) * x.size(3),
-                                                output_format(x) == at::MemoryFormat::ChannelsLast);
-  auto run_dy = per_run<double>(g), run_dy_xc = per_run<double>(g);
+  const Geometry g = sample_spanning_geometry(x);
   const auto coef = saved.coefficients();
   const scalar_t* dyp = dy.const_data_ptr<scalar_t>();
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   scalar_t* dxp = dx.mutable_data_ptr<scalar_t>();
   const bool stream = stream_output(g, dx, 3 * dx.nbytes());
-  for_runs(g, [&](int64_t begin, int64_t end) {
+  summed_runs(g, [&](int64_t begin, int64_t end, double* run_dy, double* run_dy_xc) {
     kernels<scalar_t>().grad_input(g, dyp, xp, dxp, coef, relu, /*batch_stats=*/false, stream,
-                                   begin, end, run_dy.get(), run_dy_xc.get());
-  });
-  merge_sums(g, run_dy.get(), sum_dy);
-  merge_sums(g, run_dy_xc.get(), sum_dy_xc);
+                                   begin, end, run_dy, run_dy_xc);
+  }, sum_dy, sum_dy_xc);
   return dx;
 }
 
